@@ -1,0 +1,60 @@
+//! `kiln`: inspect what Kiln recorded.
+//!
+//! Results go to stdout (a table, or JSON with `--json`); diagnostics go to stderr, and a
+//! failure exits non-zero.
+
+mod runs;
+mod table;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "Inspect Kiln's flow runs, task runs and logs")]
+struct Cli {
+    /// Kiln's home folder, holding kiln.db [default: ~/.kiln]
+    #[arg(long, global = true, env = "KILN_HOME", value_name = "DIR")]
+    home: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Flow runs and task runs.
+    #[command(subcommand)]
+    Runs(runs::RunsCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let home = match cli.home.filter(|h| !h.as_os_str().is_empty()) {
+        Some(home) => home,
+        None => match kiln::home_dir() {
+            Ok(home) => home,
+            Err(e) => return fail(&e.into()),
+        },
+    };
+    let outcome = match cli.command {
+        Command::Runs(cmd) => runs::run(&home, cmd),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(e: &anyhow::Error) -> ExitCode {
+    // A closed pipe (`kiln runs ls | head`) is not an error worth reporting.
+    if e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    }) {
+        return ExitCode::SUCCESS;
+    }
+    eprintln!("error: {e:#}");
+    ExitCode::FAILURE
+}

@@ -1,0 +1,302 @@
+//! `kiln runs ...`: list, show and read the logs of flow runs and task runs.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use kiln::store::model::{FlowRun, RunRef, StateRecord, TaskRun};
+use kiln::store::{SqliteStore, Store};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::table;
+
+#[derive(Subcommand)]
+pub(crate) enum RunsCommand {
+    /// List flow runs, newest first.
+    Ls {
+        /// How many to show.
+        #[arg(long, short = 'n', default_value_t = 20)]
+        limit: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a flow run (its task runs, edges and subflows) or a task run (its state history).
+    Show {
+        /// A flow run or task run id, or an unambiguous prefix of one.
+        id: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the logs captured in a run (for a flow run: its own and its task runs').
+    Logs {
+        /// A flow run or task run id, or an unambiguous prefix of one.
+        id: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub(crate) fn run(home: &Path, cmd: RunsCommand) -> Result<()> {
+    let db = home.join("kiln.db");
+    let mut out = std::io::stdout().lock();
+    if !db.exists() {
+        return match cmd {
+            RunsCommand::Ls { json, .. } => {
+                eprintln!("no runs recorded yet: {} does not exist", db.display());
+                if json {
+                    writeln!(out, "[]")?;
+                }
+                Ok(())
+            }
+            RunsCommand::Show { id, .. } | RunsCommand::Logs { id, .. } => Err(anyhow::anyhow!(
+                "no flow run or task run with id '{id}': nothing is recorded in {} yet",
+                db.display()
+            )),
+        };
+    }
+    let store = SqliteStore::open_existing(&db).with_context(|| format!("reading {}", db.display()))?;
+    match cmd {
+        RunsCommand::Ls { limit, json } => ls(&store, &mut out, limit, json),
+        RunsCommand::Show { id, json } => match store.resolve(&id)? {
+            RunRef::Flow(id) => show_flow(&store, &mut out, id, json),
+            RunRef::Task(id) => show_task(&store, &mut out, id, json),
+        },
+        RunsCommand::Logs { id, json } => {
+            let id = match store.resolve(&id)? {
+                RunRef::Flow(id) | RunRef::Task(id) => id,
+            };
+            logs(&store, &mut out, id, json)
+        }
+    }
+}
+
+fn json_line(out: &mut impl Write, value: &impl Serialize) -> Result<()> {
+    serde_json::to_writer_pretty(&mut *out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn ls(store: &SqliteStore, out: &mut impl Write, limit: usize, json: bool) -> Result<()> {
+    let runs = store.flow_runs(limit)?;
+    if json {
+        return json_line(out, &runs);
+    }
+    let rows: Vec<Vec<String>> = runs
+        .iter()
+        .map(|r| {
+            vec![
+                r.id.to_string(),
+                r.name.clone(),
+                r.state.to_string(),
+                table::time(r.start_time.or(Some(r.created))),
+                table::duration(r.start_time, r.end_time),
+                r.task_count.to_string(),
+            ]
+        })
+        .collect();
+    table::print(out, &["ID", "NAME", "STATE", "START (UTC)", "DURATION", "TASKS"], &rows)?;
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct TaskRunDetail {
+    #[serde(flatten)]
+    run: TaskRun,
+    states: Vec<StateRecord>,
+}
+
+#[derive(Serialize)]
+struct FlowRunDetail {
+    flow_run: FlowRun,
+    states: Vec<StateRecord>,
+    task_runs: Vec<TaskRunDetail>,
+    edges: Vec<kiln::store::model::Edge>,
+    subflow_runs: Vec<FlowRun>,
+}
+
+fn show_flow(store: &SqliteStore, out: &mut impl Write, id: Uuid, json: bool) -> Result<()> {
+    let flow = store
+        .flow_run(id)?
+        .ok_or_else(|| anyhow::anyhow!("flow run {id} vanished while reading"))?;
+    let tasks = store.task_runs(id)?;
+    let edges = store.edges(id)?;
+    let subflows = store.subflow_runs(id)?;
+    if json {
+        let task_runs = tasks
+            .into_iter()
+            .map(|run| {
+                Ok(TaskRunDetail {
+                    states: store.states(run.id)?,
+                    run,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        return json_line(
+            out,
+            &FlowRunDetail {
+                states: store.states(id)?,
+                flow_run: flow,
+                task_runs,
+                edges,
+                subflow_runs: subflows,
+            },
+        );
+    }
+    writeln!(out, "flow run   {}", flow.id)?;
+    writeln!(out, "name       {}", flow.name)?;
+    writeln!(
+        out,
+        "state      {}{}",
+        flow.state,
+        message_suffix(flow.state_message.as_deref())
+    )?;
+    if let Some(parent) = flow.parent_id {
+        writeln!(out, "parent     {parent}")?;
+    }
+    writeln!(out, "started    {}", table::time(flow.start_time))?;
+    writeln!(out, "duration   {}", table::duration(flow.start_time, flow.end_time))?;
+    writeln!(out, "attempts   {}", flow.attempt)?;
+    writeln!(out, "parameters {}", flow.parameters)?;
+    if !flow.tags.is_empty() {
+        writeln!(out, "tags       {}", flow.tags.join(", "))?;
+    }
+    let names: HashMap<Uuid, &str> = tasks.iter().map(|t| (t.id, t.name.as_str())).collect();
+    let mut upstreams: HashMap<Uuid, Vec<String>> = HashMap::new();
+    for e in &edges {
+        let name = names.get(&e.upstream).copied().unwrap_or("?");
+        upstreams
+            .entry(e.downstream)
+            .or_default()
+            .push(format!("{name} ({})", short(e.upstream)));
+    }
+    writeln!(out, "\ntask runs ({})", tasks.len())?;
+    let rows: Vec<Vec<String>> = tasks
+        .iter()
+        .map(|t| {
+            vec![
+                t.id.to_string(),
+                t.name.clone(),
+                t.state.to_string(),
+                t.attempt.to_string(),
+                table::duration(t.start_time, t.end_time),
+                upstreams.get(&t.id).map(|u| u.join(", ")).unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    table::print(
+        out,
+        &["ID", "NAME", "STATE", "ATTEMPTS", "DURATION", "WAITS FOR"],
+        &rows,
+    )?;
+    let failed: Vec<&TaskRun> = tasks
+        .iter()
+        .filter(|t| t.state_message.is_some() && !t.state.is_success())
+        .collect();
+    if !failed.is_empty() {
+        writeln!(out, "\nmessages")?;
+        for t in failed {
+            writeln!(
+                out,
+                "{} {} ({}): {}",
+                t.state,
+                t.name,
+                short(t.id),
+                t.state_message.as_deref().unwrap_or("")
+            )?;
+        }
+    }
+    if !subflows.is_empty() {
+        writeln!(out, "\nsubflow runs ({})", subflows.len())?;
+        let rows: Vec<Vec<String>> = subflows
+            .iter()
+            .map(|f| {
+                vec![
+                    f.id.to_string(),
+                    f.name.clone(),
+                    f.state.to_string(),
+                    table::duration(f.start_time, f.end_time),
+                    f.task_count.to_string(),
+                ]
+            })
+            .collect();
+        table::print(out, &["ID", "NAME", "STATE", "DURATION", "TASKS"], &rows)?;
+    }
+    Ok(())
+}
+
+fn show_task(store: &SqliteStore, out: &mut impl Write, id: Uuid, json: bool) -> Result<()> {
+    let run = store
+        .task_run(id)?
+        .ok_or_else(|| anyhow::anyhow!("task run {id} vanished while reading"))?;
+    let states = store.states(id)?;
+    if json {
+        return json_line(out, &TaskRunDetail { run, states });
+    }
+    writeln!(out, "task run   {}", run.id)?;
+    writeln!(out, "name       {}", run.name)?;
+    writeln!(out, "task       {}", run.task_key)?;
+    writeln!(
+        out,
+        "flow run   {}",
+        run.flow_run_id.map_or("-".into(), |f| f.to_string())
+    )?;
+    writeln!(out, "state      {}", run.state)?;
+    writeln!(out, "attempts   {}", run.attempt)?;
+    writeln!(out, "duration   {}", table::duration(run.start_time, run.end_time))?;
+    writeln!(out, "inputs     {}", run.inputs)?;
+    if !run.tags.is_empty() {
+        writeln!(out, "tags       {}", run.tags.join(", "))?;
+    }
+    writeln!(out, "\nstates")?;
+    let rows: Vec<Vec<String>> = states
+        .iter()
+        .map(|s| {
+            vec![
+                table::time(Some(s.timestamp)),
+                s.state.to_string(),
+                s.attempt.to_string(),
+                s.message.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    table::print(out, &["TIME (UTC)", "STATE", "ATTEMPT", "MESSAGE"], &rows)?;
+    Ok(())
+}
+
+fn logs(store: &SqliteStore, out: &mut impl Write, id: Uuid, json: bool) -> Result<()> {
+    let logs = store.logs(id)?;
+    if json {
+        return json_line(out, &logs);
+    }
+    for l in &logs {
+        writeln!(
+            out,
+            "{} {:<5} {} [{}] {}",
+            table::time(Some(l.timestamp)),
+            l.level,
+            l.target,
+            short(l.run_id),
+            l.message
+        )?;
+    }
+    if logs.is_empty() {
+        eprintln!("no logs captured for {id}");
+    }
+    Ok(())
+}
+
+fn message_suffix(message: Option<&str>) -> String {
+    message.map(|m| format!(" ({m})")).unwrap_or_default()
+}
+
+/// The id's random tail: distinct for runs created in the same millisecond.
+fn short(id: Uuid) -> String {
+    let s = id.simple().to_string();
+    s[s.len() - 8..].to_owned()
+}

@@ -1,0 +1,278 @@
+//! Parsing and checking the options of `#[task(...)]` and `#[flow(...)]`.
+
+use proc_macro2::TokenStream;
+use quote::{ToTokens, quote, quote_spanned};
+use syn::punctuated::Punctuated;
+use syn::spanned::Spanned;
+use syn::{Expr, Lit, Meta, Token};
+
+const KNOWN: &str = "name, retries, retry_delay, retry_if, timeout, tags";
+
+/// The options as checked, each kept as the tokens that build it.
+#[derive(Default)]
+pub(crate) struct Options {
+    name: Option<syn::LitStr>,
+    retries: Option<u32>,
+    retry_delay: Option<TokenStream>,
+    retry_if: Option<Expr>,
+    timeout: Option<TokenStream>,
+    tags: Option<Vec<syn::LitStr>>,
+}
+
+impl Options {
+    pub(crate) fn parse(attr: TokenStream) -> syn::Result<Options> {
+        let metas = syn::parse::Parser::parse2(Punctuated::<Meta, Token![,]>::parse_terminated, attr)?;
+        let mut out = Options::default();
+        let mut seen: Vec<String> = Vec::new();
+        for meta in metas {
+            let key = meta.path().get_ident().map(ToString::to_string).ok_or_else(|| {
+                syn::Error::new(meta.path().span(), format!("unknown option; expected one of: {KNOWN}"))
+            })?;
+            if seen.contains(&key) {
+                return Err(syn::Error::new(
+                    meta.path().span(),
+                    format!("option `{key}` is given twice"),
+                ));
+            }
+            seen.push(key.clone());
+            let value = match &meta {
+                Meta::NameValue(nv) => &nv.value,
+                _ if KNOWN.split(", ").any(|k| k == key) => {
+                    return Err(syn::Error::new(
+                        meta.span(),
+                        format!("option `{key}` needs a value: `{key} = ...`"),
+                    ));
+                }
+                _ => return Err(unknown(&meta, &key)),
+            };
+            match key.as_str() {
+                "name" => {
+                    let lit = string(value, "name", "`name = \"nightly-report\"`")?;
+                    if lit.value().trim().is_empty() {
+                        return Err(syn::Error::new(lit.span(), "`name` must not be empty"));
+                    }
+                    out.name = Some(lit);
+                }
+                "retries" => out.retries = Some(retries(value)?),
+                "retry_delay" => out.retry_delay = Some(retry_delay(value)?),
+                "retry_if" => match value {
+                    Expr::Path(_) | Expr::Closure(_) => out.retry_if = Some(value.clone()),
+                    _ => {
+                        return Err(syn::Error::new(
+                            value.span(),
+                            "`retry_if` takes a function `fn(&E) -> bool`, like `retry_if = is_transient`",
+                        ));
+                    }
+                },
+                "timeout" => {
+                    let d = duration(value, "timeout", false)?;
+                    out.timeout = Some(quote_spanned!(value.span()=> ::std::time::Duration::from_nanos(#d)));
+                }
+                "tags" => out.tags = Some(tags(value)?),
+                _ => return Err(unknown(&meta, &key)),
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn name(&self) -> Option<&syn::LitStr> {
+        self.name.as_ref()
+    }
+
+    /// An expression building `kiln::Options<E>`.
+    pub(crate) fn builder(&self) -> TokenStream {
+        let mut calls = TokenStream::new();
+        if let Some(n) = &self.name {
+            calls.extend(quote!(.name(#n)));
+        }
+        if let Some(r) = self.retries {
+            calls.extend(quote!(.retries(#r)));
+        }
+        if let Some(d) = &self.retry_delay {
+            calls.extend(quote!(.retry_delay(#d)));
+        }
+        if let Some(f) = &self.retry_if {
+            calls.extend(quote_spanned!(f.span()=> .retry_if(#f)));
+        }
+        if let Some(t) = &self.timeout {
+            calls.extend(quote!(.timeout(#t)));
+        }
+        if let Some(tags) = &self.tags {
+            calls.extend(quote!(.tags([#(#tags),*])));
+        }
+        quote!(::kiln::Options::new() #calls)
+    }
+}
+
+fn unknown(meta: &Meta, key: &str) -> syn::Error {
+    let hint = KNOWN
+        .split(", ")
+        .find(|k| close(k, key))
+        .map(|k| format!("; did you mean `{k}`?"))
+        .unwrap_or_default();
+    syn::Error::new(
+        meta.path().span(),
+        format!("unknown option `{key}`{hint} (options: {KNOWN})"),
+    )
+}
+
+/// Two option names that differ by a typo (at most two edits).
+fn close(a: &str, b: &str) -> bool {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur.push((prev[j] + usize::from(ca != cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()] <= 2
+}
+
+fn string(value: &Expr, key: &str, example: &str) -> syn::Result<syn::LitStr> {
+    match value {
+        Expr::Lit(l) => match &l.lit {
+            Lit::Str(s) => Ok(s.clone()),
+            _ => Err(syn::Error::new(
+                value.span(),
+                format!("`{key}` takes a string, like {example}"),
+            )),
+        },
+        _ => Err(syn::Error::new(
+            value.span(),
+            format!("`{key}` takes a string, like {example}"),
+        )),
+    }
+}
+
+fn retries(value: &Expr) -> syn::Result<u32> {
+    let msg = "`retries` takes a whole number from 0 to 1000, like `retries = 3`";
+    match value {
+        Expr::Lit(l) => match &l.lit {
+            Lit::Int(i) => i
+                .base10_parse::<u32>()
+                .ok()
+                .filter(|n| *n <= 1000)
+                .ok_or_else(|| syn::Error::new(i.span(), msg)),
+            _ => Err(syn::Error::new(value.span(), msg)),
+        },
+        _ => Err(syn::Error::new(value.span(), msg)),
+    }
+}
+
+/// Seconds (an integer or float literal) or a human duration string, as nanoseconds.
+fn duration(value: &Expr, key: &str, zero_ok: bool) -> syn::Result<u64> {
+    let msg = format!("`{key}` takes seconds (`{key} = 2.5`) or a duration string (`{key} = \"1m 30s\"`)");
+    let secs = match value {
+        Expr::Lit(l) => match &l.lit {
+            Lit::Int(i) => i.base10_parse::<f64>()?,
+            Lit::Float(f) => f.base10_parse::<f64>()?,
+            Lit::Str(s) => humantime::parse_duration(&s.value())
+                .map_err(|e| {
+                    syn::Error::new(
+                        s.span(),
+                        format!("`{key}`: cannot read \"{}\" as a duration: {e}", s.value()),
+                    )
+                })?
+                .as_secs_f64(),
+            _ => return Err(syn::Error::new(value.span(), msg)),
+        },
+        Expr::Unary(u) if matches!(u.op, syn::UnOp::Neg(_)) => {
+            return Err(syn::Error::new(value.span(), format!("`{key}` must not be negative")));
+        }
+        _ => return Err(syn::Error::new(value.span(), msg)),
+    };
+    if !secs.is_finite() || secs > 1e9 {
+        return Err(syn::Error::new(value.span(), format!("`{key}` is too large")));
+    }
+    if secs == 0.0 && !zero_ok {
+        return Err(syn::Error::new(value.span(), format!("`{key}` must be more than zero")));
+    }
+    Ok((secs * 1e9).round() as u64)
+}
+
+fn nanos(n: u64) -> TokenStream {
+    quote!(::std::time::Duration::from_nanos(#n))
+}
+
+fn retry_delay(value: &Expr) -> syn::Result<TokenStream> {
+    match value {
+        Expr::Array(a) => {
+            if a.elems.is_empty() {
+                return Err(syn::Error::new(a.span(), "`retry_delay` list must not be empty"));
+            }
+            let items = a
+                .elems
+                .iter()
+                .map(|e| duration(e, "retry_delay", true).map(nanos))
+                .collect::<syn::Result<Vec<_>>>()?;
+            Ok(quote!(::kiln::RetryDelay::List(::std::vec![#(#items),*])))
+        }
+        Expr::Call(call) => {
+            let is_exp = matches!(&*call.func, Expr::Path(p) if p.path.is_ident("exponential"));
+            if !is_exp {
+                return Err(syn::Error::new(
+                    call.func.span(),
+                    "`retry_delay` takes seconds, a list `[1, 5, 30]`, or `exponential(base, max = 600, jitter = 0.2)`",
+                ));
+            }
+            let mut args = call.args.iter();
+            let base = args.next().ok_or_else(|| {
+                syn::Error::new(
+                    call.span(),
+                    "`exponential` needs a base delay in seconds: `exponential(0.5)`",
+                )
+            })?;
+            let base = nanos(duration(base, "retry_delay", false)?);
+            let mut max = nanos(600_000_000_000);
+            let mut jitter = quote!(0.2);
+            for arg in args {
+                let Expr::Assign(assign) = arg else {
+                    return Err(syn::Error::new(
+                        arg.span(),
+                        "expected `max = seconds` or `jitter = fraction`",
+                    ));
+                };
+                match &*assign.left {
+                    Expr::Path(p) if p.path.is_ident("max") => max = nanos(duration(&assign.right, "max", false)?),
+                    Expr::Path(p) if p.path.is_ident("jitter") => {
+                        let j = match &*assign.right {
+                            Expr::Lit(l) => match &l.lit {
+                                Lit::Float(f) => f.base10_parse::<f64>().ok(),
+                                Lit::Int(i) => i.base10_parse::<f64>().ok(),
+                                _ => None,
+                            },
+                            _ => None,
+                        }
+                        .filter(|j| (0.0..=1.0).contains(j))
+                        .ok_or_else(|| syn::Error::new(assign.right.span(), "`jitter` is a fraction from 0 to 1"))?;
+                        jitter = j.to_token_stream();
+                    }
+                    other => {
+                        return Err(syn::Error::new(
+                            other.span(),
+                            "expected `max = seconds` or `jitter = fraction`",
+                        ));
+                    }
+                }
+            }
+            Ok(quote!(::kiln::RetryDelay::Exponential { base: #base, max: #max, jitter: #jitter }))
+        }
+        _ => {
+            let d = duration(value, "retry_delay", true)?;
+            Ok(quote!(::kiln::RetryDelay::Fixed(::std::time::Duration::from_nanos(#d))))
+        }
+    }
+}
+
+fn tags(value: &Expr) -> syn::Result<Vec<syn::LitStr>> {
+    let msg = "`tags` takes a list of strings, like `tags = [\"nightly\", \"images\"]`";
+    let Expr::Array(a) = value else {
+        return Err(syn::Error::new(value.span(), msg));
+    };
+    a.elems
+        .iter()
+        .map(|e| string(e, "tags", "`tags = [\"nightly\"]`"))
+        .collect()
+}

@@ -1,0 +1,549 @@
+//! The embedded backend: one SQLite file, one background writer thread.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::thread::JoinHandle;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
+use uuid::Uuid;
+
+use crate::model::*;
+use crate::state::StateType;
+use crate::{FlushDone, Store, StoreError};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[include_str!("../migrations/sqlite/0001_runs.sql")];
+
+/// Most writes applied in one transaction; bounds the latency of a flush behind a flood.
+const MAX_BATCH: usize = 8192;
+
+enum Msg {
+    Write(Write),
+    Flush(FlushDone),
+}
+
+/// The embedded state store: a SQLite database file written by one background thread.
+///
+/// Readers use their own connection (WAL mode), so the CLI can read while a flow writes.
+pub struct SqliteStore {
+    path: PathBuf,
+    tx: Mutex<Option<Sender<Msg>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    reader: Mutex<Option<Connection>>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").field("path", &self.path).finish()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating it and its folder if needed) the database at `path` and migrates it.
+    pub fn open(path: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let path = path.into();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+                path: path.clone(),
+                source: rusqlite::Error::InvalidPath(format!("{}: {e}", dir.display()).into()),
+            })?;
+        }
+        let mut conn = connect(&path, OpenFlags::default())?;
+        migrate(&mut conn, &path)?;
+        let (tx, rx) = channel();
+        let writer = std::thread::Builder::new()
+            .name("kiln-store-writer".into())
+            .spawn(move || write_loop(conn, rx))
+            .map_err(|e| StoreError::WriterGone(format!("cannot start the writer thread: {e}")))?;
+        Ok(SqliteStore {
+            path,
+            tx: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(writer)),
+            reader: Mutex::new(None),
+        })
+    }
+
+    /// Opens an existing database for reading only (the CLI's view): never creates a file.
+    pub fn open_existing(path: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let path = path.into();
+        if !path.exists() {
+            return Err(StoreError::Open {
+                source: rusqlite::Error::InvalidPath(
+                    format!(
+                        "{} does not exist (no flow has run with this KILN_HOME yet)",
+                        path.display()
+                    )
+                    .into(),
+                ),
+                path,
+            });
+        }
+        Self::open(path)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Flushes and stops the writer thread; later writes fail with [`StoreError::WriterGone`].
+    pub fn close(&self) -> Result<(), StoreError> {
+        let flushed = self.flush();
+        drop(self.tx.lock().unwrap_or_else(|p| p.into_inner()).take());
+        if let Some(h) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            h.join()
+                .map_err(|_| StoreError::WriterGone("the writer thread panicked".into()))?;
+        }
+        flushed
+    }
+
+    fn sender(&self) -> Result<Sender<Msg>, StoreError> {
+        self.tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| StoreError::WriterGone("the store was closed".into()))
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let mut guard = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            *guard = Some(connect(&self.path, OpenFlags::SQLITE_OPEN_READ_ONLY)?);
+        }
+        f(guard.as_ref().expect("reader connection was just opened"))
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+fn connect(path: &Path, flags: OpenFlags) -> Result<Connection, StoreError> {
+    let open = |flags| -> rusqlite::Result<Connection> {
+        let conn = Connection::open_with_flags(path, flags)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        if !flags.contains(OpenFlags::SQLITE_OPEN_READ_ONLY) {
+            // WAL: readers never block the writer; NORMAL: a commit survives a process crash.
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+        }
+        Ok(conn)
+    };
+    open(flags).map_err(|source| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let known = MIGRATIONS.len() as i64;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > known {
+        return Err(StoreError::TooNew {
+            path: path.to_owned(),
+            found: version,
+            known,
+        });
+    }
+    for sql in &MIGRATIONS[version as usize..] {
+        tx.execute_batch(sql)?;
+    }
+    tx.pragma_update(None, "user_version", known)?;
+    tx.commit()?;
+    Ok(())
+}
+
+fn write_loop(mut conn: Connection, rx: Receiver<Msg>) {
+    // A failed write is reported to the next flush rather than dropped silently.
+    let mut failure: Option<String> = None;
+    let mut batch = Vec::with_capacity(256);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let mut waiting = Vec::new();
+        match apply_batch(&mut conn, &mut batch, &mut waiting) {
+            Ok(None) => {}
+            Ok(Some(e)) | Err(e) => {
+                failure.get_or_insert(e);
+            }
+        }
+        for done in waiting {
+            match failure.take() {
+                None => done(Ok(())),
+                Some(e) => done(Err(StoreError::WriterGone(format!(
+                    "a write to the state database failed: {e}"
+                )))),
+            }
+        }
+    }
+}
+
+/// Applies the writes in one transaction; returns the first per-write error, if any.
+fn apply_batch(
+    conn: &mut Connection,
+    batch: &mut Vec<Msg>,
+    waiting: &mut Vec<FlushDone>,
+) -> Result<Option<String>, String> {
+    let tx = conn.transaction().map_err(|e| e.to_string())?;
+    let mut first_err = None;
+    for msg in batch.drain(..) {
+        match msg {
+            Msg::Flush(done) => waiting.push(done),
+            Msg::Write(w) => {
+                if let Err(e) = apply(&tx, &w) {
+                    first_err.get_or_insert_with(|| format!("{e} (while recording {})", describe(&w)));
+                }
+            }
+        }
+    }
+    tx.commit().map_err(|e| e.to_string())?;
+    Ok(first_err)
+}
+
+fn describe(w: &Write) -> String {
+    match w {
+        Write::FlowRun(r) => format!("flow run {}", r.id),
+        Write::TaskRun(r) => format!("task run {}", r.id),
+        Write::State { record, .. } => format!("state {} of run {}", record.state, record.run_id),
+        Write::Edge { edge, .. } => format!("edge {} -> {}", edge.upstream, edge.downstream),
+        Write::Log(l) => format!("a log of run {}", l.run_id),
+    }
+}
+
+fn apply(tx: &rusqlite::Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
+    match w {
+        Write::FlowRun(r) => {
+            tx.prepare_cached(
+                "INSERT INTO flow_runs (id, name, parent_id, parameters, tags, state, created)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                r.id.to_string(),
+                r.name,
+                r.parent_id.map(|p| p.to_string()),
+                r.parameters.to_string(),
+                tags_json(&r.tags),
+                r.initial_state.as_str(),
+                r.created
+            ])?;
+            insert_state(tx, r.id, r.initial_state, None, 0, r.created)
+        }
+        Write::TaskRun(r) => {
+            tx.prepare_cached(
+                "INSERT INTO task_runs (id, flow_run_id, name, task_key, inputs, tags, state, created)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?
+            .execute(params![
+                r.id.to_string(),
+                r.flow_run_id.map(|p| p.to_string()),
+                r.name,
+                r.task_key,
+                r.inputs.to_string(),
+                tags_json(&r.tags),
+                r.initial_state.as_str(),
+                r.created
+            ])?;
+            insert_state(tx, r.id, r.initial_state, None, 0, r.created)
+        }
+        Write::State { kind, record: s } => {
+            insert_state(tx, s.run_id, s.state, s.message.as_deref(), s.attempt, s.timestamp)?;
+            let sql = match kind {
+                RunKind::Flow => {
+                    "UPDATE flow_runs SET state = ?2, state_message = ?3, attempt = ?4,
+                     start_time = COALESCE(start_time, ?5), end_time = ?6 WHERE id = ?1"
+                }
+                RunKind::Task => {
+                    "UPDATE task_runs SET state = ?2, state_message = ?3, attempt = ?4,
+                     start_time = COALESCE(start_time, ?5), end_time = ?6 WHERE id = ?1"
+                }
+            };
+            let start = (s.state == StateType::Running).then_some(s.timestamp);
+            let end = s.state.is_terminal().then_some(s.timestamp);
+            tx.prepare_cached(sql)?.execute(params![
+                s.run_id.to_string(),
+                s.state.as_str(),
+                s.message,
+                s.attempt,
+                start,
+                end
+            ])?;
+            Ok(())
+        }
+        Write::Edge { flow_run_id, edge } => {
+            tx.prepare_cached("INSERT OR IGNORE INTO edges (upstream, downstream, flow_run_id) VALUES (?1, ?2, ?3)")?
+                .execute(params![
+                    edge.upstream.to_string(),
+                    edge.downstream.to_string(),
+                    flow_run_id.map(|f| f.to_string())
+                ])?;
+            Ok(())
+        }
+        Write::Log(l) => {
+            tx.prepare_cached(
+                "INSERT INTO logs (run_id, flow_run_id, timestamp, level, target, message)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                l.run_id.to_string(),
+                l.flow_run_id.map(|f| f.to_string()),
+                l.timestamp,
+                l.level,
+                l.target,
+                l.message
+            ])?;
+            Ok(())
+        }
+    }
+}
+
+fn insert_state(
+    tx: &rusqlite::Transaction<'_>,
+    run_id: Uuid,
+    state: StateType,
+    message: Option<&str>,
+    attempt: u32,
+    timestamp: Micros,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached("INSERT INTO states (run_id, state, message, attempt, timestamp) VALUES (?1, ?2, ?3, ?4, ?5)")?
+        .execute(params![run_id.to_string(), state.as_str(), message, attempt, timestamp])?;
+    Ok(())
+}
+
+fn tags_json(tags: &[String]) -> String {
+    serde_json::to_string(tags).unwrap_or_else(|_| "[]".into())
+}
+
+fn uuid_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<Uuid> {
+    let s: String = row.get(idx)?;
+    Uuid::parse_str(&s)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e)))
+}
+
+fn opt_uuid_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<Uuid>> {
+    let s: Option<String> = row.get(idx)?;
+    s.map(|s| Uuid::parse_str(&s))
+        .transpose()
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e)))
+}
+
+fn json_col<T: serde::de::DeserializeOwned>(row: &Row<'_>, idx: usize) -> rusqlite::Result<T> {
+    let s: String = row.get(idx)?;
+    serde_json::from_str(&s)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e)))
+}
+
+fn state_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<StateType> {
+    let s: String = row.get(idx)?;
+    s.parse().map_err(|e: StoreError| {
+        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+const FLOW_COLUMNS: &str = "f.id, f.name, f.parent_id, f.parameters, f.tags, f.state, f.state_message, f.attempt,
+     f.created, f.start_time, f.end_time,
+     (SELECT COUNT(*) FROM task_runs t WHERE t.flow_run_id = f.id)";
+
+fn flow_row(row: &Row<'_>) -> rusqlite::Result<FlowRun> {
+    Ok(FlowRun {
+        id: uuid_col(row, 0)?,
+        name: row.get(1)?,
+        parent_id: opt_uuid_col(row, 2)?,
+        parameters: json_col(row, 3)?,
+        tags: json_col(row, 4)?,
+        state: state_col(row, 5)?,
+        state_message: row.get(6)?,
+        attempt: row.get(7)?,
+        created: row.get(8)?,
+        start_time: row.get(9)?,
+        end_time: row.get(10)?,
+        task_count: row.get::<_, i64>(11)? as u64,
+    })
+}
+
+const TASK_COLUMNS: &str = "id, flow_run_id, name, task_key, inputs, tags, state, state_message, attempt,
+     created, start_time, end_time";
+
+fn task_row(row: &Row<'_>) -> rusqlite::Result<TaskRun> {
+    Ok(TaskRun {
+        id: uuid_col(row, 0)?,
+        flow_run_id: opt_uuid_col(row, 1)?,
+        name: row.get(2)?,
+        task_key: row.get(3)?,
+        inputs: json_col(row, 4)?,
+        tags: json_col(row, 5)?,
+        state: state_col(row, 6)?,
+        state_message: row.get(7)?,
+        attempt: row.get(8)?,
+        created: row.get(9)?,
+        start_time: row.get(10)?,
+        end_time: row.get(11)?,
+    })
+}
+
+fn collect<T>(rows: impl Iterator<Item = rusqlite::Result<T>>) -> Result<Vec<T>, StoreError> {
+    rows.collect::<rusqlite::Result<Vec<T>>>().map_err(StoreError::from)
+}
+
+impl Store for SqliteStore {
+    fn send(&self, write: Write) -> Result<(), StoreError> {
+        self.sender()?
+            .send(Msg::Write(write))
+            .map_err(|_| StoreError::WriterGone("the writer thread has exited".into()))
+    }
+
+    fn flush_then(&self, done: FlushDone) {
+        match self.sender() {
+            Ok(tx) => {
+                if let Err(std::sync::mpsc::SendError(Msg::Flush(done))) = tx.send(Msg::Flush(done)) {
+                    done(Err(StoreError::WriterGone("the writer thread has exited".into())));
+                }
+            }
+            Err(e) => done(Err(e)),
+        }
+    }
+
+    fn flow_runs(&self, limit: usize) -> Result<Vec<FlowRun>, StoreError> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {FLOW_COLUMNS} FROM flow_runs f ORDER BY f.id DESC LIMIT ?1"
+            ))?;
+            collect(st.query_map([limit as i64], flow_row)?)
+        })
+    }
+
+    fn flow_run(&self, id: Uuid) -> Result<Option<FlowRun>, StoreError> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(&format!("SELECT {FLOW_COLUMNS} FROM flow_runs f WHERE f.id = ?1"))?;
+            Ok(st.query_row([id.to_string()], flow_row).optional()?)
+        })
+    }
+
+    fn subflow_runs(&self, parent: Uuid) -> Result<Vec<FlowRun>, StoreError> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {FLOW_COLUMNS} FROM flow_runs f WHERE f.parent_id = ?1 ORDER BY f.id"
+            ))?;
+            collect(st.query_map([parent.to_string()], flow_row)?)
+        })
+    }
+
+    fn task_runs(&self, flow_run_id: Uuid) -> Result<Vec<TaskRun>, StoreError> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {TASK_COLUMNS} FROM task_runs WHERE flow_run_id = ?1 ORDER BY id"
+            ))?;
+            collect(st.query_map([flow_run_id.to_string()], task_row)?)
+        })
+    }
+
+    fn task_run(&self, id: Uuid) -> Result<Option<TaskRun>, StoreError> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM task_runs WHERE id = ?1"))?;
+            Ok(st.query_row([id.to_string()], task_row).optional()?)
+        })
+    }
+
+    fn states(&self, run_id: Uuid) -> Result<Vec<StateRecord>, StoreError> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT run_id, state, message, attempt, timestamp FROM states WHERE run_id = ?1 ORDER BY seq",
+            )?;
+            collect(st.query_map([run_id.to_string()], |r| {
+                Ok(StateRecord {
+                    run_id: uuid_col(r, 0)?,
+                    state: state_col(r, 1)?,
+                    message: r.get(2)?,
+                    attempt: r.get(3)?,
+                    timestamp: r.get(4)?,
+                })
+            })?)
+        })
+    }
+
+    fn edges(&self, flow_run_id: Uuid) -> Result<Vec<Edge>, StoreError> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT upstream, downstream FROM edges WHERE flow_run_id = ?1 ORDER BY downstream, upstream",
+            )?;
+            collect(st.query_map([flow_run_id.to_string()], |r| {
+                Ok(Edge {
+                    upstream: uuid_col(r, 0)?,
+                    downstream: uuid_col(r, 1)?,
+                })
+            })?)
+        })
+    }
+
+    fn logs(&self, run_id: Uuid) -> Result<Vec<LogRecord>, StoreError> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT run_id, flow_run_id, timestamp, level, target, message FROM logs
+                 WHERE run_id = ?1 OR flow_run_id = ?1 ORDER BY timestamp, seq",
+            )?;
+            collect(st.query_map([run_id.to_string()], |r| {
+                Ok(LogRecord {
+                    run_id: uuid_col(r, 0)?,
+                    flow_run_id: opt_uuid_col(r, 1)?,
+                    timestamp: r.get(2)?,
+                    level: r.get(3)?,
+                    target: r.get(4)?,
+                    message: r.get(5)?,
+                })
+            })?)
+        })
+    }
+
+    fn resolve(&self, id_or_prefix: &str) -> Result<RunRef, StoreError> {
+        let wanted = id_or_prefix.trim().to_ascii_lowercase();
+        if wanted.is_empty() || !wanted.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            return Err(StoreError::UnknownRun(id_or_prefix.to_owned()));
+        }
+        let tables = [
+            ("flow_runs", RunRef::Flow as fn(Uuid) -> RunRef),
+            ("task_runs", RunRef::Task),
+        ];
+        self.read(|c| {
+            // An exact id, else a prefix, else the id's tail (what the CLI prints in short form).
+            let exact = Uuid::parse_str(&wanted).ok().map(|u| u.to_string());
+            let queries: [(&str, String); 3] = [
+                ("id = ?1", exact.clone().unwrap_or_default()),
+                ("id >= ?1 AND id < ?1 || 'g'", wanted.clone()),
+                ("id LIKE '%' || ?1", wanted.clone()),
+            ];
+            for (condition, arg) in queries {
+                if arg.is_empty() {
+                    continue;
+                }
+                let mut found = Vec::new();
+                for (table, make) in tables {
+                    let mut st = c.prepare_cached(&format!(
+                        "SELECT id FROM {table} WHERE {condition} ORDER BY id LIMIT 100"
+                    ))?;
+                    for id in st.query_map([&arg], |r| uuid_col(r, 0))? {
+                        found.push(make(id?));
+                    }
+                }
+                match found.len() {
+                    0 => continue,
+                    1 => return Ok(found[0]),
+                    count => {
+                        return Err(StoreError::AmbiguousRun {
+                            prefix: id_or_prefix.to_owned(),
+                            count,
+                        });
+                    }
+                }
+            }
+            Err(StoreError::UnknownRun(id_or_prefix.to_owned()))
+        })
+    }
+}

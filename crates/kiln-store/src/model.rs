@@ -1,0 +1,200 @@
+//! What the store records: runs, states, edges and logs.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::state::StateType;
+
+/// Microseconds since the Unix epoch (UTC): the store's clock unit.
+pub type Micros = i64;
+
+/// The current time in [`Micros`].
+pub fn now_micros() -> Micros {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as Micros)
+}
+
+/// Which kind of run a state or log belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunKind {
+    /// A flow run.
+    Flow,
+    /// A task run.
+    Task,
+}
+
+/// A new flow run.
+#[derive(Debug, Clone)]
+pub struct NewFlowRun {
+    /// Its id (UUIDv7).
+    pub id: Uuid,
+    /// The flow's name.
+    pub name: String,
+    /// The flow run that called this one, for a subflow.
+    pub parent_id: Option<Uuid>,
+    /// The flow's parameters as JSON.
+    pub parameters: serde_json::Value,
+    /// User tags.
+    pub tags: Vec<String>,
+    /// Creation time.
+    pub created: Micros,
+    /// The state it starts in (recorded as the first entry of its history).
+    pub initial_state: StateType,
+}
+
+/// A new task run.
+#[derive(Debug, Clone)]
+pub struct NewTaskRun {
+    /// Its id (UUIDv7).
+    pub id: Uuid,
+    /// The flow run it belongs to; `None` for a task called outside any flow.
+    pub flow_run_id: Option<Uuid>,
+    /// The task's name.
+    pub name: String,
+    /// Identifies the task's code (module path and function).
+    pub task_key: String,
+    /// A description of its inputs as JSON (values, or references to upstream runs).
+    pub inputs: serde_json::Value,
+    /// User tags.
+    pub tags: Vec<String>,
+    /// Creation time.
+    pub created: Micros,
+    /// The state it starts in (recorded as the first entry of its history).
+    pub initial_state: StateType,
+}
+
+/// One entry of a run's state history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateRecord {
+    /// The run that entered the state.
+    pub run_id: Uuid,
+    /// The state entered.
+    pub state: StateType,
+    /// Why (an error chain for Failed, the delay for AwaitingRetry, ...).
+    pub message: Option<String>,
+    /// The attempt number, from 1 (0 before the first attempt starts).
+    pub attempt: u32,
+    /// When.
+    pub timestamp: Micros,
+}
+
+/// A dependency: `downstream` consumed the result of `upstream`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Edge {
+    /// The producing task run.
+    pub upstream: Uuid,
+    /// The consuming task run.
+    pub downstream: Uuid,
+}
+
+/// A log event captured inside a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogRecord {
+    /// The task run or flow run that emitted it.
+    pub run_id: Uuid,
+    /// The flow run it happened in (the run itself for a flow run).
+    pub flow_run_id: Option<Uuid>,
+    /// When.
+    pub timestamp: Micros,
+    /// `ERROR`, `WARN`, `INFO`, `DEBUG` or `TRACE`.
+    pub level: String,
+    /// The module that emitted it.
+    pub target: String,
+    /// The message with its fields.
+    pub message: String,
+}
+
+/// One write to the store. Writes are applied in the order they are sent.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Write {
+    /// Record a new flow run (its first state follows as a [`Write::State`]).
+    FlowRun(NewFlowRun),
+    /// Record a new task run.
+    TaskRun(NewTaskRun),
+    /// A run entered a state (already checked against the transition rules).
+    State {
+        /// Flow or task run.
+        kind: RunKind,
+        /// The state entered.
+        record: StateRecord,
+    },
+    /// A dependency edge inside a flow run.
+    Edge {
+        /// The flow run both runs belong to.
+        flow_run_id: Option<Uuid>,
+        /// The edge.
+        edge: Edge,
+    },
+    /// A captured log event.
+    Log(LogRecord),
+}
+
+/// A flow run as read back from the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlowRun {
+    /// Its id.
+    pub id: Uuid,
+    /// The flow's name.
+    pub name: String,
+    /// The calling flow run, for a subflow.
+    pub parent_id: Option<Uuid>,
+    /// Parameters as JSON.
+    pub parameters: serde_json::Value,
+    /// User tags.
+    pub tags: Vec<String>,
+    /// Current state.
+    pub state: StateType,
+    /// The message of the current state.
+    pub state_message: Option<String>,
+    /// The latest attempt number.
+    pub attempt: u32,
+    /// Creation time.
+    pub created: Micros,
+    /// When the first attempt started running.
+    pub start_time: Option<Micros>,
+    /// When it reached a final state.
+    pub end_time: Option<Micros>,
+    /// How many task runs it recorded directly.
+    pub task_count: u64,
+}
+
+/// A task run as read back from the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRun {
+    /// Its id.
+    pub id: Uuid,
+    /// Its flow run, if any.
+    pub flow_run_id: Option<Uuid>,
+    /// The task's name.
+    pub name: String,
+    /// Identifies the task's code.
+    pub task_key: String,
+    /// Inputs as JSON.
+    pub inputs: serde_json::Value,
+    /// User tags.
+    pub tags: Vec<String>,
+    /// Current state.
+    pub state: StateType,
+    /// The message of the current state.
+    pub state_message: Option<String>,
+    /// The latest attempt number.
+    pub attempt: u32,
+    /// Creation time.
+    pub created: Micros,
+    /// When the first attempt started running.
+    pub start_time: Option<Micros>,
+    /// When it reached a final state.
+    pub end_time: Option<Micros>,
+}
+
+/// What a user-given id (or id prefix) refers to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunRef {
+    /// A flow run.
+    Flow(Uuid),
+    /// A task run.
+    Task(Uuid),
+}

@@ -1,0 +1,200 @@
+//! Who is running: the current engine, flow run and run (for log capture).
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use crate::Engine;
+
+tokio::task_local! {
+    /// The engine set by [`Engine::scope`].
+    pub(crate) static ENGINE: Engine;
+    /// The flow run whose body is executing.
+    pub(crate) static FLOW: Arc<FlowContext>;
+}
+
+/// What a flow run shares with the task runs and subflows it starts.
+#[derive(Debug)]
+pub(crate) struct FlowContext {
+    pub(crate) engine: Engine,
+    pub(crate) flow_run_id: Uuid,
+    /// Submitted task runs, joined (or aborted) before the flow run ends.
+    children: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl FlowContext {
+    pub(crate) fn new(engine: Engine, flow_run_id: Uuid) -> Arc<Self> {
+        Arc::new(FlowContext {
+            engine,
+            flow_run_id,
+            children: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub(crate) fn adopt(&self, child: JoinHandle<()>) {
+        self.children.lock().unwrap_or_else(|p| p.into_inner()).push(child);
+    }
+
+    /// Waits for every submitted task run, including ones submitted while waiting.
+    pub(crate) async fn join_children(&self) {
+        loop {
+            let batch = std::mem::take(&mut *self.children.lock().unwrap_or_else(|p| p.into_inner()));
+            if batch.is_empty() {
+                return;
+            }
+            for child in batch {
+                // A child's outcome is recorded by the child itself; a panic was caught there.
+                let _ = child.await;
+            }
+        }
+    }
+
+    /// Stops submitted task runs still going and waits until they have recorded Cancelled.
+    pub(crate) async fn cancel_children(&self) {
+        let children = std::mem::take(&mut *self.children.lock().unwrap_or_else(|p| p.into_inner()));
+        for child in &children {
+            child.abort();
+        }
+        for child in children {
+            let _ = child.await;
+        }
+    }
+}
+
+pub(crate) fn current_flow() -> Option<Arc<FlowContext>> {
+    FLOW.try_with(Arc::clone).ok()
+}
+
+pub(crate) fn scoped_engine() -> Option<Engine> {
+    current_flow()
+        .map(|f| f.engine.clone())
+        .or_else(|| ENGINE.try_with(Clone::clone).ok())
+}
+
+/// The run whose code is executing on this thread (read by the log capture layer).
+#[derive(Debug)]
+pub(crate) struct RunScope {
+    pub(crate) run_id: Uuid,
+    pub(crate) flow_run_id: Option<Uuid>,
+    pub(crate) engine: Engine,
+}
+
+thread_local! {
+    static CURRENT_RUN: RefCell<Option<Arc<RunScope>>> = const { RefCell::new(None) };
+}
+
+pub(crate) fn current_run() -> Option<Arc<RunScope>> {
+    CURRENT_RUN.with(|c| c.borrow().clone())
+}
+
+/// Runs `f` with `scope` as this thread's current run.
+pub(crate) fn with_run<R>(scope: Option<Arc<RunScope>>, f: impl FnOnce() -> R) -> R {
+    let previous = CURRENT_RUN.with(|c| c.replace(scope));
+    struct Restore(Option<Option<Arc<RunScope>>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let previous = self.0.take().flatten();
+            CURRENT_RUN.with(|c| *c.borrow_mut() = previous);
+        }
+    }
+    let _restore = Restore(Some(previous));
+    f()
+}
+
+/// A future that is the current run on whichever thread polls it.
+pub(crate) struct InRun<F> {
+    pub(crate) scope: Arc<RunScope>,
+    pub(crate) inner: Pin<Box<F>>,
+}
+
+impl<F: Future> Future for InRun<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = &mut *self;
+        with_run(Some(this.scope.clone()), || this.inner.as_mut().poll(cx))
+    }
+}
+
+/// Runs a synchronous body on tokio's blocking pool, carrying the run and flow context along.
+pub async fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+    let run = current_run();
+    let flow = current_flow();
+    let engine = ENGINE.try_with(Clone::clone).ok();
+    let handle = tokio::task::spawn_blocking(move || {
+        with_run(run, || match (flow, engine) {
+            (Some(flow), _) => FLOW.sync_scope(flow, f),
+            (None, Some(engine)) => ENGINE.sync_scope(engine, f),
+            (None, None) => f(),
+        })
+    });
+    match handle.await {
+        Ok(r) => r,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => panic!("a blocking task body was cancelled by the runtime: {e}"),
+    }
+}
+
+/// Blocks the current thread on `fut`, inside or outside a tokio runtime.
+pub(crate) fn block_on<F>(fut: F) -> F::Output
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    use std::sync::OnceLock;
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    let flow = current_flow();
+    let engine = ENGINE.try_with(Clone::clone).ok();
+    let fut = async move {
+        match (flow, engine) {
+            (Some(flow), _) => FLOW.scope(flow, fut).await,
+            (None, Some(engine)) => ENGINE.scope(engine, fut).await,
+            (None, None) => fut.await,
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => match handle.runtime_flavor() {
+            // On a blocking-pool thread (a sync task or flow body) this is allowed directly;
+            // on a worker thread, step off it first.
+            tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(|| handle.block_on(fut)),
+            _ => std::thread::scope(|s| {
+                s.spawn(|| {
+                    RUNTIME
+                        .get_or_init(|| tokio::runtime::Runtime::new().expect("cannot start a tokio runtime"))
+                        .block_on(fut)
+                })
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))
+            }),
+        },
+        Err(_) => RUNTIME
+            .get_or_init(|| tokio::runtime::Runtime::new().expect("cannot start a tokio runtime"))
+            .block_on(fut),
+    }
+}
+
+/// Spawns `job` on the current runtime with the current flow and engine; inside a flow, the
+/// flow run adopts it (joins it before ending, aborts it on timeout).
+pub(crate) fn spawn(job: impl Future<Output = ()> + Send + 'static) -> Result<(), crate::Error> {
+    let handle = tokio::runtime::Handle::try_current().map_err(|_| {
+        crate::Error::Setup(
+            "submitting a task run needs a tokio runtime: call it inside a flow, an async main, or use .wait()".into(),
+        )
+    })?;
+    match current_flow() {
+        Some(flow) => {
+            let child = handle.spawn(FLOW.scope(flow.clone(), job));
+            flow.adopt(child);
+        }
+        None => match ENGINE.try_with(Clone::clone) {
+            Ok(engine) => drop(handle.spawn(ENGINE.scope(engine, job))),
+            Err(_) => drop(handle.spawn(job)),
+        },
+    }
+    Ok(())
+}

@@ -1,0 +1,112 @@
+//! The engine: which state store runs are recorded in, found from the environment.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use kiln_store::{SqliteStore, Store};
+
+use crate::Error;
+use crate::context;
+
+/// Where runs are recorded. Cheap to clone.
+///
+/// Flows and tasks use the engine of the scope they run in ([`Engine::scope`]) or, outside
+/// any scope, the default one opened from the environment on first use
+/// ([`Engine::from_env`]): the SQLite file `$KILN_HOME/kiln.db`.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), kiln::Error> {
+/// let home = tempfile::tempdir().unwrap();
+/// let engine = kiln::Engine::open(home.path())?;
+/// let flows = engine.scope(async { kiln::Engine::current().unwrap().store().flow_runs(10) }).await?;
+/// assert!(flows.is_empty());
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    home: PathBuf,
+    store: Arc<dyn Store>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("home", &self.inner.home)
+            .field("store", &self.inner.store)
+            .finish()
+    }
+}
+
+static DEFAULT: OnceLock<Result<Engine, Error>> = OnceLock::new();
+
+impl Engine {
+    /// Opens the embedded store in `home` (created if missing).
+    pub fn open(home: impl AsRef<Path>) -> Result<Engine, Error> {
+        let home = home.as_ref().to_path_buf();
+        let store = SqliteStore::open(home.join("kiln.db"))?;
+        Ok(Engine::with_store(home, Arc::new(store)))
+    }
+
+    /// An engine over any store (the seam for the server backend).
+    pub fn with_store(home: PathBuf, store: Arc<dyn Store>) -> Engine {
+        crate::log::install_default_subscriber();
+        Engine {
+            inner: Arc::new(Inner { home, store }),
+        }
+    }
+
+    /// Opens the embedded store in [`home_dir`].
+    pub fn from_env() -> Result<Engine, Error> {
+        Engine::open(home_dir()?)
+    }
+
+    /// The engine of the current scope, else the process-wide default from the environment.
+    pub fn current() -> Result<Engine, Error> {
+        if let Some(engine) = context::scoped_engine() {
+            return Ok(engine);
+        }
+        DEFAULT.get_or_init(Engine::from_env).clone()
+    }
+
+    /// Runs `fut` with this engine as the current one (for flows and tasks started inside).
+    pub async fn scope<F: Future>(&self, fut: F) -> F::Output {
+        context::ENGINE.scope(self.clone(), fut).await
+    }
+
+    /// The folder holding the database (and, later, local results).
+    pub fn home(&self) -> &Path {
+        &self.inner.home
+    }
+
+    /// The state store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// Waits until everything recorded so far is durable.
+    pub async fn flush(&self) -> Result<(), Error> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.inner.store.flush_then(Box::new(move |r| {
+            let _ = tx.send(r);
+        }));
+        rx.await
+            .map_err(|_| Error::Setup("the state store dropped a flush request".into()))?
+            .map_err(Error::from)
+    }
+}
+
+/// Kiln's home folder: `$KILN_HOME`, else `~/.kiln`.
+pub fn home_dir() -> Result<PathBuf, Error> {
+    if let Some(home) = std::env::var_os("KILN_HOME").filter(|h| !h.is_empty()) {
+        return Ok(PathBuf::from(home));
+    }
+    std::env::home_dir()
+        .filter(|h| !h.as_os_str().is_empty())
+        .map(|h| h.join(".kiln"))
+        .ok_or_else(|| Error::Setup("cannot find a home folder for Kiln's state; set KILN_HOME".into()))
+}

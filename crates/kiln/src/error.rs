@@ -1,0 +1,119 @@
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_store::StoreError;
+use kiln_store::model::RunKind;
+use uuid::Uuid;
+
+/// Names a run in messages: `task run 'make_image' (0193…)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunLabel {
+    /// Flow run or task run.
+    pub kind: RunKind,
+    /// The task's or flow's name.
+    pub name: Arc<str>,
+    /// The run's id.
+    pub id: Uuid,
+}
+
+impl fmt::Display for RunLabel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            RunKind::Flow => "flow run",
+            RunKind::Task => "task run",
+        };
+        write!(f, "{kind} '{}' ({})", self.name, self.id)
+    }
+}
+
+/// Errors of Kiln's engine.
+///
+/// A task that returns `Result<T, E>` gives its own `E` back to its caller when its body
+/// fails; this type describes everything else (timeouts, panics, cancellation, upstream
+/// failures, the state store). `E` must therefore implement `From<kiln::Error>`, which
+/// `anyhow::Error` and `Box<dyn Error + Send + Sync>` do.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The run's body returned an error on its last attempt.
+    #[error("{run} failed after {attempts} attempt(s): {message}")]
+    Failed {
+        /// The run.
+        run: RunLabel,
+        /// How many attempts ran.
+        attempts: u32,
+        /// The body's error with its chain of causes.
+        message: String,
+    },
+    /// The run's body ran longer than its `timeout` on its last attempt.
+    #[error("{run} timed out after {after:?}; raise its `timeout` option if it needs longer")]
+    TimedOut {
+        /// The run.
+        run: RunLabel,
+        /// The timeout that elapsed.
+        after: Duration,
+    },
+    /// The run's body panicked.
+    #[error("{run} crashed: the task panicked: {message}")]
+    Crashed {
+        /// The run.
+        run: RunLabel,
+        /// The panic message.
+        message: String,
+    },
+    /// The run was stopped before it finished.
+    #[error("{run} was cancelled: {reason}")]
+    Cancelled {
+        /// The run.
+        run: RunLabel,
+        /// Why.
+        reason: String,
+    },
+    /// A task run could not start because a run it takes input from did not complete.
+    #[error("{run} did not start: its input from {upstream} did not complete")]
+    UpstreamFailed {
+        /// The run that did not start.
+        run: RunLabel,
+        /// The upstream run.
+        upstream: RunLabel,
+        /// What happened upstream.
+        #[source]
+        cause: Box<Error>,
+    },
+    /// The state store failed.
+    #[error("state store: {0}")]
+    Store(Arc<StoreError>),
+    /// Kiln is not set up to run here (no state directory, no async runtime, ...).
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl Error {
+    /// Whether the same run may succeed when tried again.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Failed { .. } | Error::TimedOut { .. } | Error::Crashed { .. } => true,
+            Error::Store(e) => e.is_retryable(),
+            Error::Cancelled { .. } | Error::UpstreamFailed { .. } | Error::Setup(_) => false,
+        }
+    }
+
+    /// The run this error is about, if it is about one.
+    pub fn run(&self) -> Option<&RunLabel> {
+        match self {
+            Error::Failed { run, .. }
+            | Error::TimedOut { run, .. }
+            | Error::Crashed { run, .. }
+            | Error::Cancelled { run, .. }
+            | Error::UpstreamFailed { run, .. } => Some(run),
+            Error::Store(_) | Error::Setup(_) => None,
+        }
+    }
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        Error::Store(Arc::new(e))
+    }
+}

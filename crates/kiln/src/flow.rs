@@ -1,0 +1,109 @@
+//! Flow runs: the top of a pipeline, and subflows called from other flows.
+
+use std::future::IntoFuture;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use kiln_store::model::{NewFlowRun, RunKind, Write, now_micros};
+use kiln_store::state::StateType;
+use tracing::Instrument;
+
+use crate::context::{self, FLOW, FlowContext};
+use crate::run::{self, Body, Failure, Tracker};
+use crate::{Engine, Error};
+
+/// A function marked `#[flow]`. Implemented by the macro, never by hand.
+pub trait Flow: Body + Clone {
+    /// The parameters as JSON (values that implement `Serialize`, else their type names).
+    fn parameters(args: &Self::Args) -> serde_json::Value;
+}
+
+/// A call of a flow with its arguments, not started yet: `.await` it, or [`wait`](Self::wait)
+/// for it from synchronous code.
+#[must_use = "a flow call does nothing until it is awaited or waited for"]
+pub struct FlowCall<F: Flow> {
+    flow: F,
+    args: F::Args,
+}
+
+impl<F: Flow> std::fmt::Debug for FlowCall<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlowCall")
+            .field("flow", &F::NAME)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F: Flow> FlowCall<F> {
+    #[doc(hidden)]
+    pub fn new(flow: F, args: F::Args) -> Self {
+        FlowCall { flow, args }
+    }
+
+    /// Runs the flow run to completion, blocking this thread (for synchronous code).
+    pub fn wait(self) -> Result<F::Output, F::Error> {
+        context::block_on(self.into_future())
+    }
+}
+
+impl<F: Flow> IntoFuture for FlowCall<F> {
+    type Output = Result<F::Output, F::Error>;
+    type IntoFuture = BoxFuture<'static, Self::Output>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move { run_flow(self.flow, self.args).await.map_err(Failure::into_declared) })
+    }
+}
+
+async fn run_flow<F: Flow>(flow: F, args: F::Args) -> Result<F::Output, Failure<F::Error>> {
+    let parent = context::current_flow();
+    let engine = match &parent {
+        Some(p) => p.engine.clone(),
+        None => Engine::current()?,
+    };
+    let options = flow.options();
+    let name = options.name.clone().unwrap_or_else(|| Arc::from(F::NAME));
+    let mut tracker = Tracker::new(RunKind::Flow, name, engine.clone(), StateType::Pending);
+    let id = tracker.id();
+    engine
+        .store()
+        .send(Write::FlowRun(NewFlowRun {
+            id,
+            name: tracker.label.name.to_string(),
+            parent_id: parent.as_ref().map(|p| p.flow_run_id),
+            parameters: F::parameters(&args),
+            tags: options.tag_list(),
+            created: now_micros(),
+            initial_state: StateType::Pending,
+        }))
+        .map_err(Error::from)?;
+    let label = tracker.label.clone();
+    tracing::info!("{label} started");
+    let ctx = FlowContext::new(engine.clone(), id);
+    let span = tracing::info_span!("flow_run", name = %label.name, id = %id);
+    let outcome = run::attempts::<F>(&mut tracker, &options, args, Some(id), |body| {
+        let ctx = ctx.clone();
+        Box::pin(async move {
+            let result = FLOW.scope(ctx.clone(), body).await;
+            // Submitted task runs nobody awaited still belong to this attempt.
+            ctx.join_children().await;
+            result
+        })
+    })
+    .instrument(span)
+    .await;
+    // After a timeout or crash, stop what the body left running (those runs record Cancelled).
+    ctx.cancel_children().await;
+    let state = tracker.state;
+    drop(tracker);
+    if let Err(e) = engine.flush().await {
+        tracing::error!("{label} finished but its records may not be durable: {e}");
+    }
+    tracing::info!("{label} finished in state {}", state.map_or("?", StateType::as_str));
+    outcome
+}
+
+/// The id of the flow run whose body is executing, if any.
+pub fn current_flow_run_id() -> Option<uuid::Uuid> {
+    context::current_flow().map(|f: Arc<FlowContext>| f.flow_run_id)
+}

@@ -1,0 +1,218 @@
+//! Kiln runs pipelines written as plain Rust functions and records everything they do.
+//!
+//! Mark functions with [`#[task]`](macro@task) and [`#[flow]`](macro@flow). Calling a task
+//! inside a flow runs it as a *task run*: its states (Pending, Running, Completed, Failed,
+//! ...), attempts, logs and dependency edges are recorded in the state store, by default a
+//! SQLite file in `$KILN_HOME` (`~/.kiln`), which `kiln runs ls` reads.
+//!
+//! ```
+//! use kiln::prelude::*;
+//!
+//! #[task]
+//! fn double(x: u64) -> u64 {
+//!     x * 2
+//! }
+//!
+//! #[task(retries = 2, retry_delay = 0.01)]
+//! async fn add(a: u64, b: u64) -> anyhow::Result<u64> {
+//!     Ok(a + b)
+//! }
+//!
+//! #[flow]
+//! async fn arithmetic(n: u64) -> anyhow::Result<u64> {
+//!     let a = double.submit(n);              // runs concurrently
+//!     let b = double.submit(n + 1);
+//!     let sum = add.submit(&a, &b).await?;   // waits for both, records two edges
+//!     let doubled: Vec<u64> = kiln::join_all(double.map([1, 2, 3])).await?;
+//!     Ok(sum + doubled.iter().sum::<u64>())
+//! }
+//!
+//! # #[tokio::main] async fn main() -> anyhow::Result<()> {
+//! # let home = tempfile::tempdir()?;
+//! # let engine = kiln::Engine::open(home.path())?;
+//! # engine.scope(async {
+//! assert_eq!(arithmetic(10).await?, 42 + 12);
+//! # Ok::<_, anyhow::Error>(()) }).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! A task's return value is handed to the next task in memory, without copies. A task
+//! returns a plain `T` or a `Result<T, E>`; awaiting a call gives back exactly the declared
+//! type, so `?` works as in any Rust function. Synchronous (`fn`) bodies run on tokio's
+//! blocking pool and never stall the async executor.
+//!
+//! # Options
+//! On `#[task(...)]` and `#[flow(...)]`, and at call time with `with_options`:
+//!
+//! | option | value | effect |
+//! |---|---|---|
+//! | `name` | string | the run's name (default: the function's) |
+//! | `retries` | integer | retries after a failed or timed-out attempt |
+//! | `retry_delay` | seconds, `[s, s, ...]`, or `exponential(base)` / `exponential(base, max = s, jitter = f)` | wait before each retry |
+//! | `retry_if` | a function `fn(&E) -> bool` | retry only the errors it accepts |
+//! | `timeout` | seconds, or a string like `"1m 30s"` | an attempt running longer ends as TimedOut |
+//! | `tags` | `["a", "b"]` | recorded with the run |
+#![warn(missing_docs)]
+
+mod context;
+mod engine;
+mod error;
+mod flow;
+pub mod log;
+mod options;
+mod run;
+mod task;
+
+pub use engine::{Engine, home_dir};
+pub use error::{Error, RunLabel};
+pub use flow::{Flow, FlowCall, current_flow_run_id};
+pub use kiln_macros::{flow, task};
+pub use kiln_store as store;
+pub use kiln_store::state::StateType;
+pub use options::{Options, RetryDelay, RetryIf};
+pub use run::Body;
+pub use task::{Input, Task, TaskCall, TaskFuture, join_all};
+
+/// The names a pipeline file needs: `use kiln::prelude::*;`.
+pub mod prelude {
+    pub use crate::{Options, RetryDelay, TaskFuture, flow, task};
+}
+
+/// Support for the code `#[task]` and `#[flow]` generate. Not a public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::context::blocking;
+    pub use crate::task::{Arg, Inputs};
+    pub use futures::future::BoxFuture;
+    pub use serde_json;
+    pub use std::sync::{Arc, OnceLock};
+
+    /// Splits a declared return type into its value and error types.
+    pub trait Outcome {
+        /// The value type.
+        type Ok;
+        /// The error type.
+        type Err;
+        /// As a `Result`.
+        fn into_result(self) -> Result<Self::Ok, Self::Err>;
+    }
+
+    impl<T, E> Outcome for Result<T, E> {
+        type Ok = T;
+        type Err = E;
+        fn into_result(self) -> Result<T, E> {
+            self
+        }
+    }
+
+    /// Wraps a value for autoref-based dispatch on its concrete type (see the `Via*` traits).
+    #[allow(missing_debug_implementations)]
+    pub struct Probe<'a, T>(pub &'a T);
+
+    /// `Clone` arguments can be retried: `(&&Probe(&args)).kiln_clone()`.
+    pub trait ViaClone<T> {
+        /// A copy, if the type is `Clone`.
+        fn kiln_clone(&self) -> Option<T>;
+    }
+    impl<T: Clone> ViaClone<T> for &Probe<'_, T> {
+        fn kiln_clone(&self) -> Option<T> {
+            Some(self.0.clone())
+        }
+    }
+    /// Fallback of [`ViaClone`].
+    pub trait NoClone<T> {
+        /// `None`: the type is not `Clone`.
+        fn kiln_clone(&self) -> Option<T>;
+    }
+    impl<T> NoClone<T> for Probe<'_, T> {
+        fn kiln_clone(&self) -> Option<T> {
+            None
+        }
+    }
+
+    /// Flow parameters that implement `Serialize` are recorded as JSON:
+    /// `(&&Probe(&value)).kiln_param()`.
+    pub trait ViaSerialize {
+        /// The value as JSON.
+        fn kiln_param(&self) -> serde_json::Value;
+    }
+    impl<T: serde::Serialize> ViaSerialize for &Probe<'_, T> {
+        fn kiln_param(&self) -> serde_json::Value {
+            serde_json::to_value(self.0).unwrap_or_else(
+                |e| serde_json::json!({ "type": std::any::type_name::<T>(), "unrecorded": e.to_string() }),
+            )
+        }
+    }
+    /// Fallback of [`ViaSerialize`]: the type's name.
+    pub trait ViaTypeName {
+        /// `{"type": "<type name>"}`.
+        fn kiln_param(&self) -> serde_json::Value;
+    }
+    impl<T> ViaTypeName for Probe<'_, T> {
+        fn kiln_param(&self) -> serde_json::Value {
+            serde_json::json!({ "type": std::any::type_name::<T>() })
+        }
+    }
+
+    /// Errors with a chain of causes keep the chain: `(&&&Probe(&error)).kiln_chain()`.
+    pub trait ViaKnownError {
+        /// The error and its causes, joined by `": "`.
+        fn kiln_chain(&self) -> String;
+    }
+    impl ViaKnownError for &&Probe<'_, anyhow::Error> {
+        fn kiln_chain(&self) -> String {
+            format!("{:#}", self.0)
+        }
+    }
+    impl ViaKnownError for &&Probe<'_, Box<dyn std::error::Error + Send + Sync>> {
+        fn kiln_chain(&self) -> String {
+            chain(&**self.0)
+        }
+    }
+    /// Any `std::error::Error`: walks `source()`.
+    pub trait ViaStdError {
+        /// The error and its causes, joined by `": "`.
+        fn kiln_chain(&self) -> String;
+    }
+    impl<E: std::error::Error> ViaStdError for &Probe<'_, E> {
+        fn kiln_chain(&self) -> String {
+            chain(self.0)
+        }
+    }
+    /// Anything else that can be displayed.
+    pub trait ViaDisplay {
+        /// The error's `Display`.
+        fn kiln_chain(&self) -> String;
+    }
+    impl<E: std::fmt::Display> ViaDisplay for Probe<'_, E> {
+        fn kiln_chain(&self) -> String {
+            self.0.to_string()
+        }
+    }
+
+    fn chain(error: &dyn std::error::Error) -> String {
+        let mut out = error.to_string();
+        let mut next = error.source();
+        while let Some(cause) = next {
+            let text = cause.to_string();
+            // Errors that print their source inline would otherwise repeat it.
+            if !out.ends_with(&text) {
+                out.push_str(": ");
+                out.push_str(&text);
+            }
+            next = cause.source();
+        }
+        out
+    }
+
+    /// The options given on the attribute, built once per function.
+    pub fn defaults<E>(
+        cell: &'static OnceLock<Arc<crate::Options<E>>>,
+        make: fn() -> crate::Options<E>,
+    ) -> Arc<crate::Options<E>>
+    where
+        E: 'static,
+    {
+        cell.get_or_init(|| Arc::new(make())).clone()
+    }
+}

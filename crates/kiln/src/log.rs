@@ -1,0 +1,106 @@
+//! Log capture: `tracing` events emitted inside a task run or flow run are recorded with it.
+//!
+//! Kiln installs a global subscriber on first use (human-readable output on stderr, filtered
+//! by `KILN_LOG`, default `info`, plus this capture) unless the program installed one first.
+//! A program with its own subscriber adds [`layer`] to it to keep run logs:
+//!
+//! ```
+//! use tracing_subscriber::prelude::*;
+//! tracing_subscriber::registry().with(kiln::log::layer()).init();
+//! ```
+
+use std::fmt::Write as _;
+
+use kiln_store::model::{LogRecord, Write};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::layer::Context;
+
+use crate::context;
+
+/// The capture layer: records events at INFO and above that happen inside a run.
+pub fn layer() -> CaptureLayer {
+    CaptureLayer { max_level: Level::INFO }
+}
+
+/// A `tracing_subscriber` layer that records events into the current run's log.
+#[derive(Debug, Clone)]
+pub struct CaptureLayer {
+    max_level: Level,
+}
+
+impl CaptureLayer {
+    /// Also capture events up to `level` (`Level::DEBUG` captures DEBUG and above).
+    pub fn with_max_level(mut self, level: Level) -> Self {
+        self.max_level = level;
+        self
+    }
+}
+
+impl<S: Subscriber> tracing_subscriber::Layer<S> for CaptureLayer {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        let meta = event.metadata();
+        if *meta.level() > self.max_level {
+            return;
+        }
+        let Some(run) = context::current_run() else { return };
+        let mut message = MessageVisitor(String::new());
+        event.record(&mut message);
+        let record = LogRecord {
+            run_id: run.run_id,
+            flow_run_id: run.flow_run_id,
+            timestamp: kiln_store::model::now_micros(),
+            level: meta.level().to_string(),
+            target: meta.target().to_owned(),
+            message: message.0,
+        };
+        // A store that is gone cannot take logs; the run's own state write reports that.
+        let _ = run.engine.store().send(Write::Log(record));
+    }
+}
+
+struct MessageVisitor(String);
+
+impl Visit for MessageVisitor {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.push_sep();
+            self.0.push_str(value);
+        } else {
+            self.push_sep();
+            let _ = write!(self.0, "{}={value:?}", field.name());
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.push_sep();
+        if field.name() == "message" {
+            let _ = write!(self.0, "{value:?}");
+        } else {
+            let _ = write!(self.0, "{}={value:?}", field.name());
+        }
+    }
+}
+
+impl MessageVisitor {
+    fn push_sep(&mut self) {
+        if !self.0.is_empty() {
+            self.0.push(' ');
+        }
+    }
+}
+
+/// Installs stderr output plus capture as the global subscriber, unless one is set.
+pub(crate) fn install_default_subscriber() {
+    use std::sync::Once;
+    use tracing_subscriber::prelude::*;
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        let stderr = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(filter);
+        let _ = tracing_subscriber::registry().with(stderr).with(layer()).try_init();
+    });
+}

@@ -1,0 +1,240 @@
+//! What task runs and flow runs share: the body contract, state tracking, the attempt loop.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use kiln_store::Store;
+use kiln_store::model::RunKind;
+use kiln_store::state::StateType;
+use uuid::Uuid;
+
+use crate::context::{InRun, RunScope};
+use crate::error::RunLabel;
+use crate::{Engine, Error, Options};
+
+/// A function Kiln runs: what `#[task]` and `#[flow]` generate. Not implemented by hand.
+pub trait Body: Send + Sync + 'static {
+    /// The arguments, as a tuple.
+    type Args: Send + 'static;
+    /// The value a successful run returns.
+    type Output: Send + 'static;
+    /// The error type the function declares (`kiln::Error` for functions that return a plain value).
+    type Error: From<Error> + Send + 'static;
+
+    /// The default name of its runs (the function's name).
+    const NAME: &'static str;
+    /// Identifies the code: module path and function name.
+    const KEY: &'static str;
+
+    /// The options in effect (attribute defaults merged with any override).
+    fn options(&self) -> Arc<Options<Self::Error>>;
+    /// Runs the body once.
+    fn run(args: Self::Args) -> BoxFuture<'static, Result<Self::Output, Self::Error>>;
+    /// A copy of the arguments for another attempt, or `None` when they are not `Clone`.
+    fn clone_args(args: &Self::Args) -> Option<Self::Args>;
+    /// The error with its chain of causes, for the Failed state's message.
+    fn describe_error(error: &Self::Error) -> String;
+}
+
+/// How a run ended, when it did not produce a value.
+pub(crate) enum Failure<E> {
+    /// The body returned an error (after all attempts).
+    Body { error: E, message: String, attempts: u32 },
+    /// Everything else.
+    Kiln(Error),
+}
+
+impl<E> Failure<E> {
+    /// For callers that declared `E`: the body's own error, or ours converted into it.
+    pub(crate) fn into_declared(self) -> E
+    where
+        E: From<Error>,
+    {
+        match self {
+            Failure::Body { error, .. } => error,
+            Failure::Kiln(e) => E::from(e),
+        }
+    }
+
+    /// For callers that share the outcome (futures, upstream inputs): our error type.
+    pub(crate) fn into_kiln(self, run: &RunLabel) -> Error {
+        match self {
+            Failure::Body { message, attempts, .. } => Error::Failed {
+                run: run.clone(),
+                attempts,
+                message,
+            },
+            Failure::Kiln(e) => e,
+        }
+    }
+}
+
+impl<E> From<Error> for Failure<E> {
+    fn from(e: Error) -> Self {
+        Failure::Kiln(e)
+    }
+}
+
+/// A run's current state, moved only through the store's transition rules.
+///
+/// Dropped before reaching a final state (its future was cancelled, its flow ended), it
+/// records Cancelled, so no run is left Running forever.
+pub(crate) struct Tracker {
+    pub(crate) label: RunLabel,
+    pub(crate) engine: Engine,
+    pub(crate) state: Option<StateType>,
+    pub(crate) attempt: u32,
+}
+
+impl Tracker {
+    pub(crate) fn new(kind: RunKind, name: Arc<str>, engine: Engine, initial: StateType) -> Tracker {
+        Tracker {
+            label: RunLabel {
+                kind,
+                name,
+                id: Uuid::now_v7(),
+            },
+            engine,
+            state: Some(initial),
+            attempt: 0,
+        }
+    }
+
+    pub(crate) fn id(&self) -> Uuid {
+        self.label.id
+    }
+
+    pub(crate) fn store(&self) -> &Arc<dyn Store> {
+        self.engine.store()
+    }
+
+    pub(crate) fn to(&mut self, state: StateType, message: Option<String>) -> Result<(), Error> {
+        tracing::debug!(run = %self.label, %state, message = message.as_deref().unwrap_or(""), "state");
+        self.engine
+            .store()
+            .transition(self.label.kind, self.label.id, self.state, state, message, self.attempt)?;
+        self.state = Some(state);
+        Ok(())
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        if self.state.is_some_and(|s| !s.is_terminal()) {
+            let _ = self.to(
+                StateType::Cancelled,
+                Some("stopped before it finished: its caller was cancelled or its flow run ended".into()),
+            );
+        }
+    }
+}
+
+/// Runs attempts of `B` until one succeeds, the retries are spent, or retry_if says no.
+pub(crate) async fn attempts<B: Body>(
+    tracker: &mut Tracker,
+    options: &Options<B::Error>,
+    args: B::Args,
+    flow_run_id: Option<Uuid>,
+    // Wraps each attempt's body (flows run theirs inside their context and join children).
+    wrap: impl Fn(BoxFuture<'static, Result<B::Output, B::Error>>) -> BoxFuture<'static, Result<B::Output, B::Error>>,
+) -> Result<B::Output, Failure<B::Error>> {
+    let mut max_attempts = options.max_attempts();
+    if max_attempts > 1 && B::clone_args(&args).is_none() {
+        tracing::warn!(
+            "{} has retries={} but its arguments are not Clone, so it cannot be retried; running it once",
+            tracker.label,
+            max_attempts - 1
+        );
+        max_attempts = 1;
+    }
+    let scope = Arc::new(RunScope {
+        run_id: tracker.id(),
+        flow_run_id,
+        engine: tracker.engine.clone(),
+    });
+    let mut args = Some(args);
+    loop {
+        tracker.attempt += 1;
+        tracker.to(StateType::Running, None)?;
+        let last = tracker.attempt >= max_attempts;
+        let attempt_args = if last {
+            args.take().expect("arguments are kept until the last attempt")
+        } else {
+            B::clone_args(args.as_ref().expect("arguments are kept until the last attempt"))
+                .expect("arguments were Clone before the first attempt")
+        };
+        let body = InRun {
+            scope: scope.clone(),
+            inner: Box::pin(wrap(B::run(attempt_args))),
+        };
+        let guarded = AssertUnwindSafe(body).catch_unwind();
+        let outcome = match options.timeout {
+            Some(limit) => tokio::time::timeout(limit, guarded).await.ok(),
+            None => Some(guarded.await),
+        };
+        let retry_message = match outcome {
+            Some(Ok(Ok(value))) => {
+                tracker.to(StateType::Completed, None)?;
+                return Ok(value);
+            }
+            Some(Ok(Err(error))) => {
+                let message = B::describe_error(&error);
+                if last || !options.should_retry(&error) {
+                    tracker.to(StateType::Failed, Some(message.clone()))?;
+                    return Err(Failure::Body {
+                        error,
+                        message,
+                        attempts: tracker.attempt,
+                    });
+                }
+                message
+            }
+            Some(Err(panic)) => {
+                let message = panic_message(&*panic);
+                tracker.to(StateType::Crashed, Some(format!("panicked: {message}")))?;
+                return Err(Failure::Kiln(Error::Crashed {
+                    run: tracker.label.clone(),
+                    message,
+                }));
+            }
+            None => {
+                let after = options.timeout.unwrap_or_default();
+                if last {
+                    tracker.to(StateType::TimedOut, Some(format!("exceeded its timeout of {after:?}")))?;
+                    return Err(Failure::Kiln(Error::TimedOut {
+                        run: tracker.label.clone(),
+                        after,
+                    }));
+                }
+                format!("exceeded its timeout of {after:?}")
+            }
+        };
+        let delay = options.delay_before(tracker.attempt);
+        tracker.to(
+            StateType::AwaitingRetry,
+            Some(format!(
+                "attempt {} of {max_attempts} failed: {retry_message}; retrying in {}",
+                tracker.attempt,
+                human(delay)
+            )),
+        )?;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+fn human(d: Duration) -> String {
+    if d.is_zero() { "0s".into() } else { format!("{d:?}") }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(a panic payload that is not a string)".into())
+}

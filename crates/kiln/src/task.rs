@@ -1,0 +1,425 @@
+//! Task runs: calling, submitting and mapping tasks, and the futures that carry their results.
+
+use std::future::{Future, IntoFuture};
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use kiln_store::model::{Edge, NewTaskRun, RunKind, Write, now_micros};
+use kiln_store::state::StateType;
+use tokio::sync::{Mutex, oneshot};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::context::{self, FlowContext};
+use crate::error::RunLabel;
+use crate::run::{self, Body, Failure, Tracker};
+use crate::{Engine, Error, Options};
+
+/// A function marked `#[task]`. Implemented by the macro, never by hand.
+pub trait Task: Body + Clone {
+    /// The arguments as given by the caller: each a value or a [`TaskFuture`].
+    type Inputs: Inputs<Values = Self::Args>;
+    /// The parameter names, in order.
+    const ARG_NAMES: &'static [&'static str];
+}
+
+/// One argument as given by a caller: a value, or the future result of another task run.
+#[doc(hidden)]
+pub enum Arg<T> {
+    /// A value, moved in.
+    Value(T),
+    /// Another task run's result; `clone` copies it when the future is shared.
+    Future(TaskFuture<T>, fn(&T) -> T),
+}
+
+impl<T> std::fmt::Debug for Arg<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Arg::Value(_) => f.write_str("Arg::Value(..)"),
+            Arg::Future(fut, _) => write!(f, "Arg::Future({})", fut.label),
+        }
+    }
+}
+
+/// What a task accepts for a parameter of type `T`: a `T`, or a [`TaskFuture<T>`] (by value
+/// or by reference), which makes the task wait for it and records the dependency edge.
+pub trait Input<T>: Send {
+    /// Converts into the argument form.
+    #[doc(hidden)]
+    fn into_arg(self) -> Arg<T>;
+}
+
+impl<T: Send> Input<T> for T {
+    fn into_arg(self) -> Arg<T> {
+        Arg::Value(self)
+    }
+}
+
+impl<T: Clone + Send + Sync + 'static> Input<T> for TaskFuture<T> {
+    fn into_arg(self) -> Arg<T> {
+        Arg::Future(self, T::clone)
+    }
+}
+
+impl<T: Clone + Send + Sync + 'static> Input<T> for &TaskFuture<T> {
+    fn into_arg(self) -> Arg<T> {
+        Arg::Future(self.clone(), T::clone)
+    }
+}
+
+/// An upstream run whose result a task needed did not complete.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct UpstreamError {
+    upstream: RunLabel,
+    cause: Error,
+}
+
+impl<T: Send + Sync + 'static> Arg<T> {
+    fn upstream(&self) -> Option<&RunLabel> {
+        match self {
+            Arg::Value(_) => None,
+            Arg::Future(f, _) => Some(&f.label),
+        }
+    }
+
+    async fn resolve(self) -> Result<T, UpstreamError> {
+        match self {
+            Arg::Value(v) => Ok(v),
+            Arg::Future(f, clone) => {
+                let upstream = f.label.clone();
+                f.take_with(clone)
+                    .await
+                    .map_err(|cause| UpstreamError { upstream, cause })
+            }
+        }
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        match self {
+            Arg::Value(_) => serde_json::json!({ "type": std::any::type_name::<T>() }),
+            Arg::Future(f, _) => serde_json::json!({
+                "type": std::any::type_name::<T>(),
+                "upstream": f.label.id.to_string(),
+                "upstream_name": &*f.label.name,
+            }),
+        }
+    }
+}
+
+/// A tuple of [`Arg`]s: resolved together before a task run starts.
+#[doc(hidden)]
+pub trait Inputs: Send + 'static {
+    /// The tuple of values.
+    type Values: Send + 'static;
+    /// The runs these inputs come from.
+    fn upstreams(&self) -> Vec<&RunLabel>;
+    /// Waits for the upstream runs and takes their values.
+    fn resolve(self) -> impl Future<Output = Result<Self::Values, UpstreamError>> + Send;
+    /// A JSON description (types and upstream run ids), keyed by parameter name.
+    fn describe(&self, names: &[&str]) -> serde_json::Value;
+}
+
+macro_rules! impl_inputs {
+    ($($t:ident $i:tt),*) => {
+        impl<$($t: Send + Sync + 'static),*> Inputs for ($(Arg<$t>,)*) {
+            type Values = ($($t,)*);
+            fn upstreams(&self) -> Vec<&RunLabel> {
+                #[allow(unused_mut)]
+                let mut v = Vec::new();
+                $(v.extend(self.$i.upstream());)*
+                v
+            }
+            #[allow(clippy::manual_async_fn)]
+            fn resolve(self) -> impl Future<Output = Result<Self::Values, UpstreamError>> + Send {
+                async move { Ok(($(self.$i.resolve().await?,)*)) }
+            }
+            #[allow(unused_variables, unused_mut)]
+            fn describe(&self, names: &[&str]) -> serde_json::Value {
+                let mut map = serde_json::Map::new();
+                $(map.insert(names.get($i).copied().unwrap_or("?").to_owned(), self.$i.describe());)*
+                serde_json::Value::Object(map)
+            }
+        }
+    };
+}
+impl_inputs!();
+impl_inputs!(A 0);
+impl_inputs!(A 0, B 1);
+impl_inputs!(A 0, B 1, C 2);
+impl_inputs!(A 0, B 1, C 2, D 3);
+impl_inputs!(A 0, B 1, C 2, D 3, E 4);
+impl_inputs!(A 0, B 1, C 2, D 3, E 4, F 5);
+impl_inputs!(A 0, B 1, C 2, D 3, E 4, F 5, G 6);
+impl_inputs!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7);
+impl_inputs!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8);
+impl_inputs!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9);
+impl_inputs!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10);
+impl_inputs!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11);
+
+/// A call of a task with its arguments, not started yet.
+///
+/// `.await` it to run the task run in the current async task and get the task's declared
+/// return value; [`submit`](Self::submit) it to run it concurrently; [`wait`](Self::wait)
+/// for it from synchronous code.
+#[must_use = "a task call does nothing until it is awaited, submitted or waited for"]
+pub struct TaskCall<T: Task> {
+    task: T,
+    inputs: T::Inputs,
+}
+
+impl<T: Task> std::fmt::Debug for TaskCall<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskCall")
+            .field("task", &T::NAME)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: Task> TaskCall<T> {
+    #[doc(hidden)]
+    pub fn new(task: T, inputs: T::Inputs) -> Self {
+        TaskCall { task, inputs }
+    }
+
+    /// Starts the task run concurrently and returns a future of its result.
+    ///
+    /// Inside a flow, the flow run waits for it before it ends even if nobody awaits it.
+    pub fn submit(self) -> TaskFuture<T::Output>
+    where
+        T::Output: Sync,
+    {
+        let prepared = match prepare(&self.task, &self.inputs) {
+            Ok(p) => p,
+            Err(e) => return TaskFuture::failed(T::NAME, e),
+        };
+        let label = prepared.tracker.label.clone();
+        let (tx, rx) = oneshot::channel();
+        let inputs = self.inputs;
+        let run_label = label.clone();
+        let job = async move {
+            let outcome = execute::<T>(prepared, inputs)
+                .await
+                .map_err(|f| f.into_kiln(&run_label));
+            let _ = tx.send(outcome);
+        };
+        if let Err(e) = context::spawn(job) {
+            return TaskFuture::failed(T::NAME, e);
+        }
+        TaskFuture {
+            label,
+            slot: Arc::new(Mutex::new(Slot::Waiting(rx))),
+        }
+    }
+
+    /// Runs the task run to completion, blocking this thread (for synchronous code).
+    pub fn wait(self) -> Result<T::Output, T::Error> {
+        context::block_on(self.into_future())
+    }
+}
+
+impl<T: Task> IntoFuture for TaskCall<T> {
+    type Output = Result<T::Output, T::Error>;
+    type IntoFuture = BoxFuture<'static, Self::Output>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let prepared = prepare(&self.task, &self.inputs).map_err(T::Error::from)?;
+            execute::<T>(prepared, self.inputs)
+                .await
+                .map_err(Failure::into_declared)
+        })
+    }
+}
+
+struct Prepared<E> {
+    tracker: Tracker,
+    options: Arc<Options<E>>,
+    flow: Option<Arc<FlowContext>>,
+}
+
+/// Creates the task run (Pending) and its edges; nothing waits here.
+fn prepare<T: Task>(task: &T, inputs: &T::Inputs) -> Result<Prepared<T::Error>, Error> {
+    let flow = context::current_flow();
+    let engine = match &flow {
+        Some(f) => f.engine.clone(),
+        None => Engine::current()?,
+    };
+    let options = task.options();
+    let name = options.name.clone().unwrap_or_else(|| Arc::from(T::NAME));
+    let tracker = Tracker::new(RunKind::Task, name, engine, StateType::Pending);
+    let flow_run_id = flow.as_ref().map(|f| f.flow_run_id);
+    let store = tracker.store();
+    store.send(Write::TaskRun(NewTaskRun {
+        id: tracker.id(),
+        flow_run_id,
+        name: tracker.label.name.to_string(),
+        task_key: T::KEY.to_owned(),
+        inputs: inputs.describe(T::ARG_NAMES),
+        tags: options.tag_list(),
+        created: now_micros(),
+        initial_state: StateType::Pending,
+    }))?;
+    for upstream in inputs.upstreams() {
+        store.send(Write::Edge {
+            flow_run_id,
+            edge: Edge {
+                upstream: upstream.id,
+                downstream: tracker.id(),
+            },
+        })?;
+    }
+    Ok(Prepared { tracker, options, flow })
+}
+
+/// Waits for the inputs, then runs the attempts.
+async fn execute<T: Task>(prepared: Prepared<T::Error>, inputs: T::Inputs) -> Result<T::Output, Failure<T::Error>> {
+    let Prepared {
+        mut tracker,
+        options,
+        flow,
+    } = prepared;
+    let span = tracing::debug_span!("task_run", name = %tracker.label.name, id = %tracker.id());
+    let flow_run_id = flow.as_ref().map(|f| f.flow_run_id);
+    let outcome = async {
+        let args = match inputs.resolve().await {
+            Ok(args) => args,
+            Err(UpstreamError { upstream, cause }) => {
+                tracker.to(
+                    StateType::Failed,
+                    Some(format!("its input from {upstream} did not complete: {cause}")),
+                )?;
+                return Err(Failure::Kiln(Error::UpstreamFailed {
+                    run: tracker.label.clone(),
+                    upstream,
+                    cause: Box::new(cause),
+                }));
+            }
+        };
+        run::attempts::<T>(&mut tracker, &options, args, flow_run_id, |body| body).await
+    }
+    .instrument(span)
+    .await;
+    if flow.is_none() {
+        // A task run outside any flow is its own top-level run: durable when it returns.
+        if let Err(e) = tracker.engine.flush().await {
+            tracing::error!("{} finished but its records may not be durable: {e}", tracker.label);
+        }
+    }
+    outcome
+}
+
+enum Slot<T> {
+    Waiting(oneshot::Receiver<Result<T, Error>>),
+    Ready(Result<Arc<T>, Error>),
+}
+
+/// The result of a submitted task run, to await or to pass to other tasks.
+///
+/// Cheap to clone: clones share one result. Awaiting the last handle takes the value without
+/// copying it; awaiting one of several shared handles clones it (hence `T: Clone`; wrap
+/// non-`Clone` values in an `Arc`).
+pub struct TaskFuture<T> {
+    label: RunLabel,
+    slot: Arc<Mutex<Slot<T>>>,
+}
+
+impl<T> Clone for TaskFuture<T> {
+    fn clone(&self) -> Self {
+        TaskFuture {
+            label: self.label.clone(),
+            slot: self.slot.clone(),
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for TaskFuture<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskFuture")
+            .field("run", &self.label)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: Send + Sync + 'static> TaskFuture<T> {
+    fn failed(name: &str, error: Error) -> Self {
+        let label = RunLabel {
+            kind: RunKind::Task,
+            name: Arc::from(name),
+            id: Uuid::nil(),
+        };
+        TaskFuture {
+            label,
+            slot: Arc::new(Mutex::new(Slot::Ready(Err(error)))),
+        }
+    }
+
+    /// The task run's id.
+    pub fn id(&self) -> Uuid {
+        self.label.id
+    }
+
+    /// The task run's name.
+    pub fn name(&self) -> &str {
+        &self.label.name
+    }
+
+    /// Waits for the run to finish and returns a shared handle to its value.
+    pub async fn shared(&self) -> Result<Arc<T>, Error> {
+        let mut slot = self.slot.lock().await;
+        Self::settle(&mut slot).await;
+        match &*slot {
+            Slot::Ready(r) => r.clone(),
+            Slot::Waiting(_) => unreachable!("settled above"),
+        }
+    }
+
+    /// Waits for the run to finish, leaving its value in place.
+    pub async fn wait(&self) -> Result<(), Error> {
+        self.shared().await.map(drop)
+    }
+
+    async fn settle(slot: &mut Slot<T>) {
+        if let Slot::Waiting(rx) = slot {
+            // Awaiting `&mut rx` is cancellation safe: the receiver stays in the slot.
+            let outcome = rx.await.unwrap_or_else(|_| {
+                Err(Error::Setup(
+                    "a submitted task run ended without reporting (its runtime shut down)".into(),
+                ))
+            });
+            *slot = Slot::Ready(outcome.map(Arc::new));
+        }
+    }
+
+    async fn take_with(self, clone: fn(&T) -> T) -> Result<T, Error> {
+        Self::settle(&mut *self.slot.lock().await).await;
+        // The last handle owns the value: move it out, no copy.
+        match Arc::try_unwrap(self.slot) {
+            Ok(slot) => match slot.into_inner() {
+                Slot::Ready(Ok(value)) => Ok(Arc::try_unwrap(value).unwrap_or_else(|shared| clone(&shared))),
+                Slot::Ready(Err(e)) => Err(e),
+                Slot::Waiting(_) => unreachable!("settled above"),
+            },
+            Err(shared) => match &*shared.lock().await {
+                Slot::Ready(Ok(value)) => Ok(clone(value)),
+                Slot::Ready(Err(e)) => Err(e.clone()),
+                Slot::Waiting(_) => unreachable!("settled above"),
+            },
+        }
+    }
+}
+
+impl<T: Clone + Send + Sync + 'static> IntoFuture for TaskFuture<T> {
+    type Output = Result<T, Error>;
+    type IntoFuture = BoxFuture<'static, Self::Output>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.take_with(T::clone))
+    }
+}
+
+/// Waits for all futures, in order; the first failure is returned after all have finished.
+pub async fn join_all<T: Clone + Send + Sync + 'static>(futures: Vec<TaskFuture<T>>) -> Result<Vec<T>, Error> {
+    let results = futures::future::join_all(futures.into_iter().map(IntoFuture::into_future)).await;
+    results.into_iter().collect()
+}
