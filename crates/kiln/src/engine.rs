@@ -1,6 +1,6 @@
 //! The engine: which state store runs are recorded in, found from the environment.
 
-use std::future::Future;
+use std::future::IntoFuture;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
@@ -74,8 +74,8 @@ impl Engine {
     }
 
     /// Runs `fut` with this engine as the current one (for flows and tasks started inside).
-    pub async fn scope<F: Future>(&self, fut: F) -> F::Output {
-        context::ENGINE.scope(self.clone(), fut).await
+    pub async fn scope<F: IntoFuture>(&self, fut: F) -> F::Output {
+        context::ENGINE.scope(self.clone(), fut.into_future()).await
     }
 
     /// The folder holding the database (and, later, local results).

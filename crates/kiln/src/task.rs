@@ -55,13 +55,13 @@ impl<T: Send> Input<T> for T {
     }
 }
 
-impl<T: Clone + Send + Sync + 'static> Input<T> for TaskFuture<T> {
+impl<T: Clone + Send + 'static> Input<T> for TaskFuture<T> {
     fn into_arg(self) -> Arg<T> {
         Arg::Future(self, T::clone)
     }
 }
 
-impl<T: Clone + Send + Sync + 'static> Input<T> for &TaskFuture<T> {
+impl<T: Clone + Send + 'static> Input<T> for &TaskFuture<T> {
     fn into_arg(self) -> Arg<T> {
         Arg::Future(self.clone(), T::clone)
     }
@@ -75,7 +75,7 @@ pub struct UpstreamError {
     cause: Error,
 }
 
-impl<T: Send + Sync + 'static> Arg<T> {
+impl<T: Send + 'static> Arg<T> {
     fn upstream(&self) -> Option<&RunLabel> {
         match self {
             Arg::Value(_) => None,
@@ -122,7 +122,7 @@ pub trait Inputs: Send + 'static {
 
 macro_rules! impl_inputs {
     ($($t:ident $i:tt),*) => {
-        impl<$($t: Send + Sync + 'static),*> Inputs for ($(Arg<$t>,)*) {
+        impl<$($t: Send + 'static),*> Inputs for ($(Arg<$t>,)*) {
             type Values = ($($t,)*);
             fn upstreams(&self) -> Vec<&RunLabel> {
                 #[allow(unused_mut)]
@@ -185,10 +185,7 @@ impl<T: Task> TaskCall<T> {
     /// Starts the task run concurrently and returns a future of its result.
     ///
     /// Inside a flow, the flow run waits for it before it ends even if nobody awaits it.
-    pub fn submit(self) -> TaskFuture<T::Output>
-    where
-        T::Output: Sync,
-    {
+    pub fn submit(self) -> TaskFuture<T::Output> {
         let prepared = match prepare(&self.task, &self.inputs) {
             Ok(p) => p,
             Err(e) => return TaskFuture::failed(T::NAME, e),
@@ -311,14 +308,15 @@ async fn execute<T: Task>(prepared: Prepared<T::Error>, inputs: T::Inputs) -> Re
 
 enum Slot<T> {
     Waiting(oneshot::Receiver<Result<T, Error>>),
-    Ready(Result<Arc<T>, Error>),
+    Ready(Result<T, Error>),
+    Taken,
 }
 
 /// The result of a submitted task run, to await or to pass to other tasks.
 ///
-/// Cheap to clone: clones share one result. Awaiting the last handle takes the value without
-/// copying it; awaiting one of several shared handles clones it (hence `T: Clone`; wrap
-/// non-`Clone` values in an `Arc`).
+/// Cheap to clone: clones share one result. Awaiting the last handle moves the value out
+/// without copying it; awaiting one of several shared handles clones it (hence `T: Clone`
+/// for awaiting; wrap values that are not `Clone` in an `Arc`).
 pub struct TaskFuture<T> {
     label: RunLabel,
     slot: Arc<Mutex<Slot<T>>>,
@@ -341,7 +339,7 @@ impl<T> std::fmt::Debug for TaskFuture<T> {
     }
 }
 
-impl<T: Send + Sync + 'static> TaskFuture<T> {
+impl<T: Send + 'static> TaskFuture<T> {
     fn failed(name: &str, error: Error) -> Self {
         let label = RunLabel {
             kind: RunKind::Task,
@@ -364,19 +362,15 @@ impl<T: Send + Sync + 'static> TaskFuture<T> {
         &self.label.name
     }
 
-    /// Waits for the run to finish and returns a shared handle to its value.
-    pub async fn shared(&self) -> Result<Arc<T>, Error> {
+    /// Waits for the run to finish, leaving its value in place for others.
+    pub async fn wait(&self) -> Result<(), Error> {
         let mut slot = self.slot.lock().await;
         Self::settle(&mut slot).await;
         match &*slot {
-            Slot::Ready(r) => r.clone(),
+            Slot::Ready(Ok(_)) | Slot::Taken => Ok(()),
+            Slot::Ready(Err(e)) => Err(e.clone()),
             Slot::Waiting(_) => unreachable!("settled above"),
         }
-    }
-
-    /// Waits for the run to finish, leaving its value in place.
-    pub async fn wait(&self) -> Result<(), Error> {
-        self.shared().await.map(drop)
     }
 
     async fn settle(slot: &mut Slot<T>) {
@@ -387,29 +381,28 @@ impl<T: Send + Sync + 'static> TaskFuture<T> {
                     "a submitted task run ended without reporting (its runtime shut down)".into(),
                 ))
             });
-            *slot = Slot::Ready(outcome.map(Arc::new));
+            *slot = Slot::Ready(outcome);
         }
     }
 
     async fn take_with(self, clone: fn(&T) -> T) -> Result<T, Error> {
-        Self::settle(&mut *self.slot.lock().await).await;
-        // The last handle owns the value: move it out, no copy.
-        match Arc::try_unwrap(self.slot) {
-            Ok(slot) => match slot.into_inner() {
-                Slot::Ready(Ok(value)) => Ok(Arc::try_unwrap(value).unwrap_or_else(|shared| clone(&shared))),
-                Slot::Ready(Err(e)) => Err(e),
-                Slot::Waiting(_) => unreachable!("settled above"),
+        let mut slot = self.slot.lock().await;
+        Self::settle(&mut slot).await;
+        // The last handle owns the value: move it out, no copy. Other handles copy it.
+        let last = Arc::strong_count(&self.slot) == 1;
+        match &*slot {
+            Slot::Ready(Ok(_)) if last => match std::mem::replace(&mut *slot, Slot::Taken) {
+                Slot::Ready(Ok(value)) => Ok(value),
+                _ => unreachable!("matched above"),
             },
-            Err(shared) => match &*shared.lock().await {
-                Slot::Ready(Ok(value)) => Ok(clone(value)),
-                Slot::Ready(Err(e)) => Err(e.clone()),
-                Slot::Waiting(_) => unreachable!("settled above"),
-            },
+            Slot::Ready(Ok(value)) => Ok(clone(value)),
+            Slot::Ready(Err(e)) => Err(e.clone()),
+            Slot::Taken | Slot::Waiting(_) => unreachable!("only the last handle takes the value"),
         }
     }
 }
 
-impl<T: Clone + Send + Sync + 'static> IntoFuture for TaskFuture<T> {
+impl<T: Clone + Send + 'static> IntoFuture for TaskFuture<T> {
     type Output = Result<T, Error>;
     type IntoFuture = BoxFuture<'static, Self::Output>;
 
@@ -419,7 +412,7 @@ impl<T: Clone + Send + Sync + 'static> IntoFuture for TaskFuture<T> {
 }
 
 /// Waits for all futures, in order; the first failure is returned after all have finished.
-pub async fn join_all<T: Clone + Send + Sync + 'static>(futures: Vec<TaskFuture<T>>) -> Result<Vec<T>, Error> {
+pub async fn join_all<T: Clone + Send + 'static>(futures: Vec<TaskFuture<T>>) -> Result<Vec<T>, Error> {
     let results = futures::future::join_all(futures.into_iter().map(IntoFuture::into_future)).await;
     results.into_iter().collect()
 }

@@ -1,0 +1,56 @@
+//! Shared helpers of the integration tests: a fresh Kiln home per test.
+#![allow(dead_code)]
+
+use kiln::Engine;
+use kiln::store::model::{FlowRun, TaskRun};
+use kiln::{StateType, store::Store};
+use uuid::Uuid;
+
+/// A temporary home with its engine; the folder lives as long as the guard.
+pub struct Home {
+    pub dir: tempfile::TempDir,
+    pub engine: Engine,
+}
+
+pub fn home() -> Home {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let engine = Engine::open(dir.path()).expect("open engine");
+    Home { dir, engine }
+}
+
+impl Home {
+    pub fn store(&self) -> &dyn Store {
+        &**self.engine.store()
+    }
+
+    /// The newest flow run with this name.
+    pub fn flow(&self, name: &str) -> FlowRun {
+        self.store()
+            .flow_runs(1000)
+            .unwrap()
+            .into_iter()
+            .find(|f| f.name == name)
+            .unwrap_or_else(|| panic!("no flow run named {name}"))
+    }
+
+    pub fn tasks(&self, flow: Uuid) -> Vec<TaskRun> {
+        self.store().task_runs(flow).unwrap()
+    }
+
+    pub fn task(&self, flow: Uuid, name: &str) -> TaskRun {
+        self.tasks(flow)
+            .into_iter()
+            .find(|t| t.name == name)
+            .unwrap_or_else(|| panic!("no task run named {name}"))
+    }
+
+    /// The state history as (state, attempt) pairs.
+    pub fn history(&self, run: Uuid) -> Vec<(StateType, u32)> {
+        self.store()
+            .states(run)
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.state, s.attempt))
+            .collect()
+    }
+}
