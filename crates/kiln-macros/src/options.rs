@@ -183,6 +183,9 @@ fn duration(value: &Expr, key: &str, zero_ok: bool) -> syn::Result<u64> {
         }
         _ => return Err(syn::Error::new(value.span(), msg)),
     };
+    if secs < 0.0 {
+        return Err(syn::Error::new(value.span(), format!("`{key}` must not be negative")));
+    }
     if !secs.is_finite() || secs > 1e9 {
         return Err(syn::Error::new(value.span(), format!("`{key}` is too large")));
     }

@@ -1,11 +1,12 @@
 //! The embedded backend: one SQLite file, one background writer thread.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
+use rusqlite::{CachedStatement, Connection, OpenFlags, OptionalExtension, Row, params};
 use uuid::Uuid;
 
 use crate::model::*;
@@ -187,7 +188,158 @@ fn write_loop(mut conn: Connection, rx: Receiver<Msg>) {
     }
 }
 
+/// A run created in the current batch: its row is written once, with the latest state.
+struct NewRow {
+    run: Write,
+    state: StateType,
+    message: Option<String>,
+    attempt: u32,
+    start: Option<Micros>,
+    end: Option<Micros>,
+}
+
+impl NewRow {
+    fn apply(&mut self, s: &StateRecord) {
+        self.state = s.state;
+        self.message.clone_from(&s.message);
+        self.attempt = s.attempt;
+        if s.state == StateType::Running {
+            self.start = self.start.or(Some(s.timestamp));
+        }
+        if s.state.is_terminal() {
+            self.end = Some(s.timestamp);
+        }
+    }
+}
+
+/// The statements of a batch, prepared once per transaction rather than looked up per write.
+struct Statements<'t> {
+    state: CachedStatement<'t>,
+    flow_run: CachedStatement<'t>,
+    task_run: CachedStatement<'t>,
+    flow_state: CachedStatement<'t>,
+    task_state: CachedStatement<'t>,
+    edge: CachedStatement<'t>,
+    log: CachedStatement<'t>,
+}
+
+impl<'t> Statements<'t> {
+    fn prepare(tx: &'t rusqlite::Transaction<'_>) -> rusqlite::Result<Self> {
+        Ok(Statements {
+            state: tx.prepare_cached(
+                "INSERT INTO states (run_id, seq, state, message, attempt, timestamp) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?,
+            flow_run: tx.prepare_cached(
+                "INSERT INTO flow_runs (id, name, parent_id, parameters, tags, state, state_message, attempt,
+                                        created, start_time, end_time)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )?,
+            task_run: tx.prepare_cached(
+                "INSERT INTO task_runs (id, flow_run_id, name, task_key, inputs, tags, state, state_message, attempt,
+                                        created, start_time, end_time)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )?,
+            flow_state: tx.prepare_cached(
+                "UPDATE flow_runs SET state = ?2, state_message = ?3, attempt = ?4,
+                 start_time = COALESCE(start_time, ?5), end_time = COALESCE(?6, end_time) WHERE id = ?1",
+            )?,
+            task_state: tx.prepare_cached(
+                "UPDATE task_runs SET state = ?2, state_message = ?3, attempt = ?4,
+                 start_time = COALESCE(start_time, ?5), end_time = COALESCE(?6, end_time) WHERE id = ?1",
+            )?,
+            edge: tx.prepare_cached(
+                "INSERT OR IGNORE INTO edges (upstream, downstream, flow_run_id) VALUES (?1, ?2, ?3)",
+            )?,
+            log: tx.prepare_cached(
+                "INSERT INTO logs (run_id, flow_run_id, timestamp, level, target, message)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?,
+        })
+    }
+
+    fn insert_state(&mut self, s: &StateRecord) -> rusqlite::Result<()> {
+        self.state.execute(params![
+            s.run_id,
+            s.seq,
+            s.state.as_str(),
+            s.message,
+            s.attempt,
+            s.timestamp
+        ])?;
+        Ok(())
+    }
+
+    fn update_state(&mut self, kind: RunKind, s: &StateRecord) -> rusqlite::Result<()> {
+        let stmt = match kind {
+            RunKind::Flow => &mut self.flow_state,
+            RunKind::Task => &mut self.task_state,
+        };
+        let start = (s.state == StateType::Running).then_some(s.timestamp);
+        let end = s.state.is_terminal().then_some(s.timestamp);
+        stmt.execute(params![s.run_id, s.state.as_str(), s.message, s.attempt, start, end])?;
+        Ok(())
+    }
+
+    fn insert_run(&mut self, row: &NewRow) -> rusqlite::Result<()> {
+        match &row.run {
+            Write::FlowRun(r) => self.flow_run.execute(params![
+                r.id,
+                r.name,
+                r.parent_id,
+                r.parameters.to_string(),
+                tags_json(&r.tags),
+                row.state.as_str(),
+                row.message,
+                row.attempt,
+                r.created,
+                row.start,
+                row.end
+            ])?,
+            Write::TaskRun(r) => self.task_run.execute(params![
+                r.id,
+                r.flow_run_id,
+                r.name,
+                r.task_key,
+                r.inputs.to_string(),
+                tags_json(&r.tags),
+                row.state.as_str(),
+                row.message,
+                row.attempt,
+                r.created,
+                row.start,
+                row.end
+            ])?,
+            _ => unreachable!("only run creations are kept as new rows"),
+        };
+        Ok(())
+    }
+
+    fn insert_other(&mut self, w: &Write) -> rusqlite::Result<()> {
+        match w {
+            Write::Edge { flow_run_id, edge } => {
+                self.edge
+                    .execute(params![edge.upstream, edge.downstream, flow_run_id])?;
+            }
+            Write::Log(l) => {
+                self.log.execute(params![
+                    l.run_id,
+                    l.flow_run_id,
+                    l.timestamp,
+                    l.level,
+                    l.target,
+                    l.message
+                ])?;
+            }
+            Write::FlowRun(_) | Write::TaskRun(_) | Write::State { .. } => unreachable!("handled by apply_batch"),
+        }
+        Ok(())
+    }
+}
+
 /// Applies the writes in one transaction; returns the first per-write error, if any.
+///
+/// Most runs are created and finished within one batch: their state changes are folded
+/// into the one row insert instead of costing an UPDATE each (the history rows are kept).
 fn apply_batch(
     conn: &mut Connection,
     batch: &mut Vec<Msg>,
@@ -195,13 +347,66 @@ fn apply_batch(
 ) -> Result<Option<String>, String> {
     let tx = conn.transaction().map_err(|e| e.to_string())?;
     let mut first_err = None;
-    for msg in batch.drain(..) {
-        match msg {
-            Msg::Flush(done) => waiting.push(done),
-            Msg::Write(w) => {
-                if let Err(e) = apply(&tx, &w) {
-                    first_err.get_or_insert_with(|| format!("{e} (while recording {})", describe(&w)));
+    {
+        let mut st = Statements::prepare(&tx).map_err(|e| e.to_string())?;
+        let mut new_rows: Vec<NewRow> = Vec::new();
+        let mut new_index: HashMap<Uuid, usize> = HashMap::new();
+        for msg in batch.drain(..) {
+            let w = match msg {
+                Msg::Flush(done) => {
+                    waiting.push(done);
+                    continue;
                 }
+                Msg::Write(w) => w,
+            };
+            let outcome = match &w {
+                Write::FlowRun(NewFlowRun {
+                    id,
+                    initial_state,
+                    created,
+                    ..
+                })
+                | Write::TaskRun(NewTaskRun {
+                    id,
+                    initial_state,
+                    created,
+                    ..
+                }) => {
+                    new_index.insert(*id, new_rows.len());
+                    st.insert_state(&StateRecord::created(*id, *initial_state, *created))
+                }
+                Write::State { kind, record } => {
+                    st.insert_state(record)
+                        .and_then(|()| match new_index.get(&record.run_id) {
+                            Some(&i) => {
+                                new_rows[i].apply(record);
+                                Ok(())
+                            }
+                            None => st.update_state(*kind, record),
+                        })
+                }
+                Write::Edge { .. } | Write::Log(_) => st.insert_other(&w),
+            };
+            if let Err(e) = outcome {
+                first_err.get_or_insert_with(|| format!("{e} (while recording {})", describe(&w)));
+            }
+            if let Write::FlowRun(NewFlowRun { initial_state, .. }) | Write::TaskRun(NewTaskRun { initial_state, .. }) =
+                &w
+            {
+                let state = *initial_state;
+                new_rows.push(NewRow {
+                    run: w,
+                    state,
+                    message: None,
+                    attempt: 0,
+                    start: None,
+                    end: None,
+                });
+            }
+        }
+        for row in &new_rows {
+            if let Err(e) = st.insert_run(row) {
+                first_err.get_or_insert_with(|| format!("{e} (while recording {})", describe(&row.run)));
             }
         }
     }
@@ -219,120 +424,8 @@ fn describe(w: &Write) -> String {
     }
 }
 
-fn apply(tx: &rusqlite::Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
-    match w {
-        Write::FlowRun(r) => {
-            tx.prepare_cached(
-                "INSERT INTO flow_runs (id, name, parent_id, parameters, tags, state, created)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?
-            .execute(params![
-                r.id.to_string(),
-                r.name,
-                r.parent_id.map(|p| p.to_string()),
-                r.parameters.to_string(),
-                tags_json(&r.tags),
-                r.initial_state.as_str(),
-                r.created
-            ])?;
-            insert_state(tx, r.id, r.initial_state, None, 0, r.created)
-        }
-        Write::TaskRun(r) => {
-            tx.prepare_cached(
-                "INSERT INTO task_runs (id, flow_run_id, name, task_key, inputs, tags, state, created)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )?
-            .execute(params![
-                r.id.to_string(),
-                r.flow_run_id.map(|p| p.to_string()),
-                r.name,
-                r.task_key,
-                r.inputs.to_string(),
-                tags_json(&r.tags),
-                r.initial_state.as_str(),
-                r.created
-            ])?;
-            insert_state(tx, r.id, r.initial_state, None, 0, r.created)
-        }
-        Write::State { kind, record: s } => {
-            insert_state(tx, s.run_id, s.state, s.message.as_deref(), s.attempt, s.timestamp)?;
-            let sql = match kind {
-                RunKind::Flow => {
-                    "UPDATE flow_runs SET state = ?2, state_message = ?3, attempt = ?4,
-                     start_time = COALESCE(start_time, ?5), end_time = ?6 WHERE id = ?1"
-                }
-                RunKind::Task => {
-                    "UPDATE task_runs SET state = ?2, state_message = ?3, attempt = ?4,
-                     start_time = COALESCE(start_time, ?5), end_time = ?6 WHERE id = ?1"
-                }
-            };
-            let start = (s.state == StateType::Running).then_some(s.timestamp);
-            let end = s.state.is_terminal().then_some(s.timestamp);
-            tx.prepare_cached(sql)?.execute(params![
-                s.run_id.to_string(),
-                s.state.as_str(),
-                s.message,
-                s.attempt,
-                start,
-                end
-            ])?;
-            Ok(())
-        }
-        Write::Edge { flow_run_id, edge } => {
-            tx.prepare_cached("INSERT OR IGNORE INTO edges (upstream, downstream, flow_run_id) VALUES (?1, ?2, ?3)")?
-                .execute(params![
-                    edge.upstream.to_string(),
-                    edge.downstream.to_string(),
-                    flow_run_id.map(|f| f.to_string())
-                ])?;
-            Ok(())
-        }
-        Write::Log(l) => {
-            tx.prepare_cached(
-                "INSERT INTO logs (run_id, flow_run_id, timestamp, level, target, message)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute(params![
-                l.run_id.to_string(),
-                l.flow_run_id.map(|f| f.to_string()),
-                l.timestamp,
-                l.level,
-                l.target,
-                l.message
-            ])?;
-            Ok(())
-        }
-    }
-}
-
-fn insert_state(
-    tx: &rusqlite::Transaction<'_>,
-    run_id: Uuid,
-    state: StateType,
-    message: Option<&str>,
-    attempt: u32,
-    timestamp: Micros,
-) -> rusqlite::Result<()> {
-    tx.prepare_cached("INSERT INTO states (run_id, state, message, attempt, timestamp) VALUES (?1, ?2, ?3, ?4, ?5)")?
-        .execute(params![run_id.to_string(), state.as_str(), message, attempt, timestamp])?;
-    Ok(())
-}
-
 fn tags_json(tags: &[String]) -> String {
     serde_json::to_string(tags).unwrap_or_else(|_| "[]".into())
-}
-
-fn uuid_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<Uuid> {
-    let s: String = row.get(idx)?;
-    Uuid::parse_str(&s)
-        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e)))
-}
-
-fn opt_uuid_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<Uuid>> {
-    let s: Option<String> = row.get(idx)?;
-    s.map(|s| Uuid::parse_str(&s))
-        .transpose()
-        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e)))
 }
 
 fn json_col<T: serde::de::DeserializeOwned>(row: &Row<'_>, idx: usize) -> rusqlite::Result<T> {
@@ -354,9 +447,9 @@ const FLOW_COLUMNS: &str = "f.id, f.name, f.parent_id, f.parameters, f.tags, f.s
 
 fn flow_row(row: &Row<'_>) -> rusqlite::Result<FlowRun> {
     Ok(FlowRun {
-        id: uuid_col(row, 0)?,
+        id: row.get(0)?,
         name: row.get(1)?,
-        parent_id: opt_uuid_col(row, 2)?,
+        parent_id: row.get(2)?,
         parameters: json_col(row, 3)?,
         tags: json_col(row, 4)?,
         state: state_col(row, 5)?,
@@ -374,8 +467,8 @@ const TASK_COLUMNS: &str = "id, flow_run_id, name, task_key, inputs, tags, state
 
 fn task_row(row: &Row<'_>) -> rusqlite::Result<TaskRun> {
     Ok(TaskRun {
-        id: uuid_col(row, 0)?,
-        flow_run_id: opt_uuid_col(row, 1)?,
+        id: row.get(0)?,
+        flow_run_id: row.get(1)?,
         name: row.get(2)?,
         task_key: row.get(3)?,
         inputs: json_col(row, 4)?,
@@ -423,7 +516,7 @@ impl Store for SqliteStore {
     fn flow_run(&self, id: Uuid) -> Result<Option<FlowRun>, StoreError> {
         self.read(|c| {
             let mut st = c.prepare_cached(&format!("SELECT {FLOW_COLUMNS} FROM flow_runs f WHERE f.id = ?1"))?;
-            Ok(st.query_row([id.to_string()], flow_row).optional()?)
+            Ok(st.query_row([id], flow_row).optional()?)
         })
     }
 
@@ -432,7 +525,7 @@ impl Store for SqliteStore {
             let mut st = c.prepare_cached(&format!(
                 "SELECT {FLOW_COLUMNS} FROM flow_runs f WHERE f.parent_id = ?1 ORDER BY f.id"
             ))?;
-            collect(st.query_map([parent.to_string()], flow_row)?)
+            collect(st.query_map([parent], flow_row)?)
         })
     }
 
@@ -441,29 +534,30 @@ impl Store for SqliteStore {
             let mut st = c.prepare_cached(&format!(
                 "SELECT {TASK_COLUMNS} FROM task_runs WHERE flow_run_id = ?1 ORDER BY id"
             ))?;
-            collect(st.query_map([flow_run_id.to_string()], task_row)?)
+            collect(st.query_map([flow_run_id], task_row)?)
         })
     }
 
     fn task_run(&self, id: Uuid) -> Result<Option<TaskRun>, StoreError> {
         self.read(|c| {
             let mut st = c.prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM task_runs WHERE id = ?1"))?;
-            Ok(st.query_row([id.to_string()], task_row).optional()?)
+            Ok(st.query_row([id], task_row).optional()?)
         })
     }
 
     fn states(&self, run_id: Uuid) -> Result<Vec<StateRecord>, StoreError> {
         self.read(|c| {
             let mut st = c.prepare_cached(
-                "SELECT run_id, state, message, attempt, timestamp FROM states WHERE run_id = ?1 ORDER BY seq",
+                "SELECT run_id, seq, state, message, attempt, timestamp FROM states WHERE run_id = ?1 ORDER BY seq",
             )?;
-            collect(st.query_map([run_id.to_string()], |r| {
+            collect(st.query_map([run_id], |r| {
                 Ok(StateRecord {
-                    run_id: uuid_col(r, 0)?,
-                    state: state_col(r, 1)?,
-                    message: r.get(2)?,
-                    attempt: r.get(3)?,
-                    timestamp: r.get(4)?,
+                    run_id: r.get(0)?,
+                    seq: r.get(1)?,
+                    state: state_col(r, 2)?,
+                    message: r.get(3)?,
+                    attempt: r.get(4)?,
+                    timestamp: r.get(5)?,
                 })
             })?)
         })
@@ -474,10 +568,10 @@ impl Store for SqliteStore {
             let mut st = c.prepare_cached(
                 "SELECT upstream, downstream FROM edges WHERE flow_run_id = ?1 ORDER BY downstream, upstream",
             )?;
-            collect(st.query_map([flow_run_id.to_string()], |r| {
+            collect(st.query_map([flow_run_id], |r| {
                 Ok(Edge {
-                    upstream: uuid_col(r, 0)?,
-                    downstream: uuid_col(r, 1)?,
+                    upstream: r.get(0)?,
+                    downstream: r.get(1)?,
                 })
             })?)
         })
@@ -489,10 +583,10 @@ impl Store for SqliteStore {
                 "SELECT run_id, flow_run_id, timestamp, level, target, message FROM logs
                  WHERE run_id = ?1 OR flow_run_id = ?1 ORDER BY timestamp, seq",
             )?;
-            collect(st.query_map([run_id.to_string()], |r| {
+            collect(st.query_map([run_id], |r| {
                 Ok(LogRecord {
-                    run_id: uuid_col(r, 0)?,
-                    flow_run_id: opt_uuid_col(r, 1)?,
+                    run_id: r.get(0)?,
+                    flow_run_id: r.get(1)?,
                     timestamp: r.get(2)?,
                     level: r.get(3)?,
                     target: r.get(4)?,
@@ -503,8 +597,13 @@ impl Store for SqliteStore {
     }
 
     fn resolve(&self, id_or_prefix: &str) -> Result<RunRef, StoreError> {
-        let wanted = id_or_prefix.trim().to_ascii_lowercase();
-        if wanted.is_empty() || !wanted.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+        let hex: String = id_or_prefix
+            .trim()
+            .chars()
+            .filter(|c| *c != '-')
+            .collect::<String>()
+            .to_ascii_uppercase();
+        if hex.is_empty() || hex.len() > 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
             return Err(StoreError::UnknownRun(id_or_prefix.to_owned()));
         }
         let tables = [
@@ -513,22 +612,20 @@ impl Store for SqliteStore {
         ];
         self.read(|c| {
             // An exact id, else a prefix, else the id's tail (what the CLI prints in short form).
-            let exact = Uuid::parse_str(&wanted).ok().map(|u| u.to_string());
-            let queries: [(&str, String); 3] = [
-                ("id = ?1", exact.clone().unwrap_or_default()),
-                ("id >= ?1 AND id < ?1 || 'g'", wanted.clone()),
-                ("id LIKE '%' || ?1", wanted.clone()),
-            ];
-            for (condition, arg) in queries {
-                if arg.is_empty() {
-                    continue;
+            if let Ok(id) = Uuid::parse_str(&hex) {
+                for (table, make) in tables {
+                    let mut st = c.prepare_cached(&format!("SELECT id FROM {table} WHERE id = ?1"))?;
+                    if let Some(id) = st.query_row([id], |r| r.get::<_, Uuid>(0)).optional()? {
+                        return Ok(make(id));
+                    }
                 }
+            }
+            for pattern in [format!("{hex}%"), format!("%{hex}")] {
                 let mut found = Vec::new();
                 for (table, make) in tables {
-                    let mut st = c.prepare_cached(&format!(
-                        "SELECT id FROM {table} WHERE {condition} ORDER BY id LIMIT 100"
-                    ))?;
-                    for id in st.query_map([&arg], |r| uuid_col(r, 0))? {
+                    let mut st =
+                        c.prepare_cached(&format!("SELECT id FROM {table} WHERE hex(id) LIKE ?1 LIMIT 100"))?;
+                    for id in st.query_map([&pattern], |r| r.get::<_, Uuid>(0))? {
                         found.push(make(id?));
                     }
                 }

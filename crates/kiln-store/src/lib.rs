@@ -22,7 +22,15 @@
 //!     created: now_micros(),
 //!     initial_state: StateType::Pending,
 //! }))?;
-//! store.transition(RunKind::Flow, id, Some(StateType::Pending), StateType::Running, None, 1)?;
+//! let running = StateRecord {
+//!     run_id: id,
+//!     seq: 1,
+//!     state: StateType::Running,
+//!     message: None,
+//!     attempt: 1,
+//!     timestamp: now_micros(),
+//! };
+//! store.transition(RunKind::Flow, Some(StateType::Pending), running)?;
 //! store.flush()?;
 //! assert_eq!(store.flow_run(id)?.unwrap().state, StateType::Running);
 //! # Ok::<_, Box<dyn std::error::Error>>(())
@@ -67,26 +75,9 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     }
 
     /// Checks a transition against the rules of [`state`] and queues it.
-    fn transition(
-        &self,
-        kind: RunKind,
-        run_id: Uuid,
-        from: Option<StateType>,
-        to: StateType,
-        message: Option<String>,
-        attempt: u32,
-    ) -> Result<(), StoreError> {
-        state::check_transition(from, to)?;
-        self.send(Write::State {
-            kind,
-            record: StateRecord {
-                run_id,
-                state: to,
-                message,
-                attempt,
-                timestamp: model::now_micros(),
-            },
-        })
+    fn transition(&self, kind: RunKind, from: Option<StateType>, to: StateRecord) -> Result<(), StoreError> {
+        state::check_transition(from, to.state)?;
+        self.send(Write::State { kind, record: to })
     }
 
     /// The newest flow runs first, at most `limit`.

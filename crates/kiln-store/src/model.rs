@@ -70,6 +70,8 @@ pub struct NewTaskRun {
 pub struct StateRecord {
     /// The run that entered the state.
     pub run_id: Uuid,
+    /// Its position in the run's history (0 is the state the run was created in).
+    pub seq: u32,
     /// The state entered.
     pub state: StateType,
     /// Why (an error chain for Failed, the delay for AwaitingRetry, ...).
@@ -78,6 +80,20 @@ pub struct StateRecord {
     pub attempt: u32,
     /// When.
     pub timestamp: Micros,
+}
+
+impl StateRecord {
+    /// The first entry of a run's history: the state it was created in.
+    pub fn created(run_id: Uuid, state: StateType, timestamp: Micros) -> Self {
+        StateRecord {
+            run_id,
+            seq: 0,
+            state,
+            message: None,
+            attempt: 0,
+            timestamp,
+        }
+    }
 }
 
 /// A dependency: `downstream` consumed the result of `upstream`.

@@ -13,7 +13,9 @@ use std::fmt::Write as _;
 
 use kiln_store::model::{LogRecord, Write};
 use tracing::field::{Field, Visit};
-use tracing::{Event, Level, Subscriber};
+use tracing::level_filters::LevelFilter;
+use tracing::subscriber::Interest;
+use tracing::{Event, Level, Metadata, Subscriber};
 use tracing_subscriber::layer::Context;
 
 use crate::context;
@@ -30,6 +32,10 @@ pub struct CaptureLayer {
 }
 
 impl CaptureLayer {
+    fn wants(&self, meta: &Metadata<'_>) -> bool {
+        meta.is_event() && *meta.level() <= self.max_level
+    }
+
     /// Also capture events up to `level` (`Level::DEBUG` captures DEBUG and above).
     pub fn with_max_level(mut self, level: Level) -> Self {
         self.max_level = level;
@@ -38,9 +44,27 @@ impl CaptureLayer {
 }
 
 impl<S: Subscriber> tracing_subscriber::Layer<S> for CaptureLayer {
+    // Declaring what it wants lets tracing skip disabled callsites entirely (spans included:
+    // capture needs none), so engine-internal DEBUG events cost nothing by default.
+    fn register_callsite(&self, meta: &'static Metadata<'static>) -> Interest {
+        if self.wants(meta) {
+            Interest::always()
+        } else {
+            Interest::never()
+        }
+    }
+
+    fn enabled(&self, meta: &Metadata<'_>, _ctx: Context<'_, S>) -> bool {
+        self.wants(meta)
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        Some(LevelFilter::from_level(self.max_level))
+    }
+
     fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
         let meta = event.metadata();
-        if *meta.level() > self.max_level {
+        if !self.wants(meta) {
             return;
         }
         let Some(run) = context::current_run() else { return };

@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use kiln_store::Store;
-use kiln_store::model::RunKind;
+use kiln_store::model::{RunKind, StateRecord};
 use kiln_store::state::StateType;
 use uuid::Uuid;
 
@@ -87,6 +87,8 @@ pub(crate) struct Tracker {
     pub(crate) engine: Engine,
     pub(crate) state: Option<StateType>,
     pub(crate) attempt: u32,
+    /// How many states the run has entered (its creation state is number 0).
+    seq: u32,
 }
 
 impl Tracker {
@@ -100,6 +102,7 @@ impl Tracker {
             engine,
             state: Some(initial),
             attempt: 0,
+            seq: 0,
         }
     }
 
@@ -113,9 +116,16 @@ impl Tracker {
 
     pub(crate) fn to(&mut self, state: StateType, message: Option<String>) -> Result<(), Error> {
         tracing::debug!(run = %self.label, %state, message = message.as_deref().unwrap_or(""), "state");
-        self.engine
-            .store()
-            .transition(self.label.kind, self.label.id, self.state, state, message, self.attempt)?;
+        let record = StateRecord {
+            run_id: self.label.id,
+            seq: self.seq + 1,
+            state,
+            message,
+            attempt: self.attempt,
+            timestamp: kiln_store::model::now_micros(),
+        };
+        self.engine.store().transition(self.label.kind, self.state, record)?;
+        self.seq += 1;
         self.state = Some(state);
         Ok(())
     }

@@ -169,8 +169,16 @@ fn illegal_transitions_are_refused_by_the_store() {
     let home = support::home();
     let id = uuid::Uuid::now_v7();
     let store = home.store();
+    let record = kiln::store::model::StateRecord {
+        run_id: id,
+        seq: 3,
+        state: Running,
+        message: None,
+        attempt: 2,
+        timestamp: kiln::store::model::now_micros(),
+    };
     let err = store
-        .transition(kiln::store::model::RunKind::Task, id, Some(Completed), Running, None, 1)
+        .transition(kiln::store::model::RunKind::Task, Some(Completed), record)
         .unwrap_err();
     assert!(err.to_string().contains("Completed -> Running"), "{err}");
 }

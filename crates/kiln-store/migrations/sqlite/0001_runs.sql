@@ -1,11 +1,11 @@
--- Flow runs, task runs, their state history, dependency edges and captured logs.
--- Ids are UUIDv7 text (time-ordered, so `ORDER BY id` is creation order);
--- timestamps are microseconds since the Unix epoch (UTC).
+-- Flow runs, task runs, their state histories, dependency edges and captured logs.
+-- Ids are UUIDv7 as 16-byte blobs (time-ordered: `ORDER BY id` is creation order, and new
+-- rows land at the end of each index); timestamps are microseconds since the Unix epoch (UTC).
 
 CREATE TABLE flow_runs (
-    id            TEXT PRIMARY KEY NOT NULL,
+    id            BLOB PRIMARY KEY NOT NULL,
     name          TEXT NOT NULL,
-    parent_id     TEXT,
+    parent_id     BLOB,
     parameters    TEXT NOT NULL,
     tags          TEXT NOT NULL,
     state         TEXT NOT NULL,
@@ -14,12 +14,12 @@ CREATE TABLE flow_runs (
     created       INTEGER NOT NULL,
     start_time    INTEGER,
     end_time      INTEGER
-);
-CREATE INDEX flow_runs_parent ON flow_runs (parent_id);
+) WITHOUT ROWID;
+CREATE INDEX flow_runs_parent ON flow_runs (parent_id) WHERE parent_id IS NOT NULL;
 
 CREATE TABLE task_runs (
-    id            TEXT PRIMARY KEY NOT NULL,
-    flow_run_id   TEXT,
+    id            BLOB PRIMARY KEY NOT NULL,
+    flow_run_id   BLOB,
     name          TEXT NOT NULL,
     task_key      TEXT NOT NULL,
     inputs        TEXT NOT NULL,
@@ -30,31 +30,32 @@ CREATE TABLE task_runs (
     created       INTEGER NOT NULL,
     start_time    INTEGER,
     end_time      INTEGER
-);
+) WITHOUT ROWID;
 CREATE INDEX task_runs_flow ON task_runs (flow_run_id);
 
+-- One row per transition; `seq` is the position in the run's history (0: creation).
 CREATE TABLE states (
-    seq       INTEGER PRIMARY KEY,
-    run_id    TEXT NOT NULL,
+    run_id    BLOB NOT NULL,
+    seq       INTEGER NOT NULL,
     state     TEXT NOT NULL,
     message   TEXT,
     attempt   INTEGER NOT NULL,
-    timestamp INTEGER NOT NULL
-);
-CREATE INDEX states_run ON states (run_id);
+    timestamp INTEGER NOT NULL,
+    PRIMARY KEY (run_id, seq)
+) WITHOUT ROWID;
 
 CREATE TABLE edges (
-    upstream    TEXT NOT NULL,
-    downstream  TEXT NOT NULL,
-    flow_run_id TEXT,
+    upstream    BLOB NOT NULL,
+    downstream  BLOB NOT NULL,
+    flow_run_id BLOB,
     PRIMARY KEY (upstream, downstream)
 ) WITHOUT ROWID;
 CREATE INDEX edges_flow ON edges (flow_run_id);
 
 CREATE TABLE logs (
     seq         INTEGER PRIMARY KEY,
-    run_id      TEXT NOT NULL,
-    flow_run_id TEXT,
+    run_id      BLOB NOT NULL,
+    flow_run_id BLOB,
     timestamp   INTEGER NOT NULL,
     level       TEXT NOT NULL,
     target      TEXT NOT NULL,
