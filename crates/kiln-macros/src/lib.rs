@@ -124,22 +124,22 @@ fn expand(kind: Kind, attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
                     let t = types[0];
                     quote! {
                         /// Submits one task run per item (each a value or a `TaskFuture`).
-                        #vis fn map<I>(&self, items: I) -> ::std::vec::Vec<::kiln::TaskFuture<#out_ty>>
+                        #vis fn map<__KilnItems>(&self, __kiln_items: __KilnItems) -> ::std::vec::Vec<::kiln::TaskFuture<#out_ty>>
                         where
-                            I: ::core::iter::IntoIterator,
-                            I::Item: ::kiln::Input<#t>,
+                            __KilnItems: ::core::iter::IntoIterator,
+                            __KilnItems::Item: ::kiln::Input<#t>,
                         {
-                            items.into_iter().map(|item| self.submit(item)).collect()
+                            __kiln_items.into_iter().map(|__kiln_item| self.submit(__kiln_item)).collect()
                         }
                     }
                 }
                 _ => quote! {
                     /// Submits one task run per tuple of arguments.
-                    #vis fn map<I>(&self, items: I) -> ::std::vec::Vec<::kiln::TaskFuture<#out_ty>>
+                    #vis fn map<__KilnItems>(&self, __kiln_items: __KilnItems) -> ::std::vec::Vec<::kiln::TaskFuture<#out_ty>>
                     where
-                        I: ::core::iter::IntoIterator<Item = (#(#types,)*)>,
+                        __KilnItems: ::core::iter::IntoIterator<Item = (#(#types,)*)>,
                     {
-                        items.into_iter().map(|(#(#names,)*)| self.submit(#(#names),*)).collect()
+                        __kiln_items.into_iter().map(|(#(#names,)*)| self.submit(#(#names),*)).collect()
                     }
                 },
             };
@@ -169,19 +169,19 @@ fn expand(kind: Kind, attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
     };
     let kind_impl = match kind {
         Kind::Task => quote! {
-            impl<const CONFIGURED: bool> ::kiln::Task for #ident<CONFIGURED> {
+            impl<const __KILN_CONFIGURED: bool> ::kiln::Task for #ident<__KILN_CONFIGURED> {
                 type Inputs = (#(::kiln::__private::Arg<#types>,)*);
                 const ARG_NAMES: &'static [&'static str] = &[#(#name_strs),*];
             }
         },
         Kind::Flow => quote! {
-            impl<const CONFIGURED: bool> ::kiln::Flow for #ident<CONFIGURED> {
+            impl<const __KILN_CONFIGURED: bool> ::kiln::Flow for #ident<__KILN_CONFIGURED> {
                 #[allow(unused_variables, unused_imports, unused_mut)]
-                fn parameters(args: &Self::Args) -> ::kiln::__private::serde_json::Value {
+                fn parameters(__kiln_args: &Self::Args) -> ::kiln::__private::serde_json::Value {
                     use ::kiln::__private::{ViaSerialize as _, ViaTypeName as _};
-                    let mut map = ::kiln::__private::serde_json::Map::new();
-                    #(map.insert(::std::string::String::from(#name_strs), (&&::kiln::__private::Probe(&args.#indices)).kiln_param());)*
-                    ::kiln::__private::serde_json::Value::Object(map)
+                    let mut __kiln_map = ::kiln::__private::serde_json::Map::new();
+                    #(__kiln_map.insert(::std::string::String::from(#name_strs), (&&::kiln::__private::Probe(&__kiln_args.#indices)).kiln_param());)*
+                    ::kiln::__private::serde_json::Value::Object(__kiln_map)
                 }
             }
         },
@@ -199,8 +199,8 @@ fn expand(kind: Kind, attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
         #(#docs)*
         #[doc = ""]
         #[doc = #struct_doc]
-        #[allow(non_camel_case_types)]
-        #vis struct #ident<const CONFIGURED: bool = false> {
+        #[allow(non_camel_case_types, clippy::type_complexity)]
+        #vis struct #ident<const __KILN_CONFIGURED: bool = false> {
             __kiln_options: ::core::option::Option<::kiln::__private::Arc<::kiln::Options<#err_ty>>>,
         }
 
@@ -208,28 +208,28 @@ fn expand(kind: Kind, attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
         #[allow(non_upper_case_globals)]
         #vis const #ident: #ident = #ident { __kiln_options: ::core::option::Option::None };
 
-        impl<const CONFIGURED: bool> ::core::clone::Clone for #ident<CONFIGURED> {
+        impl<const __KILN_CONFIGURED: bool> ::core::clone::Clone for #ident<__KILN_CONFIGURED> {
             fn clone(&self) -> Self {
                 #ident { __kiln_options: ::core::clone::Clone::clone(&self.__kiln_options) }
             }
         }
 
-        impl<const CONFIGURED: bool> ::core::fmt::Debug for #ident<CONFIGURED> {
-            fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
-                f.debug_struct(#fn_name).field("options", &::kiln::Body::options(self)).finish()
+        impl<const __KILN_CONFIGURED: bool> ::core::fmt::Debug for #ident<__KILN_CONFIGURED> {
+            fn fmt(&self, __kiln_f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+                __kiln_f.debug_struct(#fn_name).field("options", &::kiln::Body::options(self)).finish()
             }
         }
 
-        #[allow(dead_code)]
-        impl<const CONFIGURED: bool> #ident<CONFIGURED> {
+        #[allow(dead_code, clippy::type_complexity)]
+        impl<const __KILN_CONFIGURED: bool> #ident<__KILN_CONFIGURED> {
             #[allow(clippy::too_many_arguments)]
             #body_fn
 
             /// This with `options` set over the current ones (fields left unset keep their value).
             /// Call the result with `.call(...)`.
-            #vis fn with_options(&self, options: ::kiln::Options<#err_ty>) -> #ident<true> {
-                let current = ::kiln::Body::options(self);
-                #ident { __kiln_options: ::core::option::Option::Some(::kiln::__private::Arc::new(options.over(&current))) }
+            #vis fn with_options(&self, __kiln_new: ::kiln::Options<#err_ty>) -> #ident<true> {
+                let __kiln_current = ::kiln::Body::options(self);
+                #ident { __kiln_options: ::core::option::Option::Some(::kiln::__private::Arc::new(__kiln_new.over(&__kiln_current))) }
             }
 
             #kind_methods
@@ -241,15 +241,17 @@ fn expand(kind: Kind, attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
             }
         }
 
+        #[allow(clippy::type_complexity)]
         impl ::core::ops::Deref for #ident<false> {
             type Target = fn(#(#types),*) -> #call_ty<#ident>;
             fn deref(&self) -> &Self::Target {
-                const DIRECT: fn(#(#types),*) -> #call_ty<#ident> = #ident::__kiln_direct;
-                &DIRECT
+                const __KILN_DIRECT: fn(#(#types),*) -> #call_ty<#ident> = #ident::__kiln_direct;
+                &__KILN_DIRECT
             }
         }
 
-        impl<const CONFIGURED: bool> ::kiln::Body for #ident<CONFIGURED> {
+        #[allow(clippy::type_complexity)]
+        impl<const __KILN_CONFIGURED: bool> ::kiln::Body for #ident<__KILN_CONFIGURED> {
             type Args = (#(#types,)*);
             type Output = #out_ty;
             type Error = #err_ty;
@@ -257,30 +259,30 @@ fn expand(kind: Kind, attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
             const KEY: &'static str = ::core::concat!(::core::module_path!(), "::", #fn_name);
 
             fn options(&self) -> ::kiln::__private::Arc<::kiln::Options<#err_ty>> {
-                static DEFAULTS: ::kiln::__private::OnceLock<::kiln::__private::Arc<::kiln::Options<#err_ty>>> =
+                static __KILN_DEFAULTS: ::kiln::__private::OnceLock<::kiln::__private::Arc<::kiln::Options<#err_ty>>> =
                     ::kiln::__private::OnceLock::new();
                 match &self.__kiln_options {
-                    ::core::option::Option::Some(o) => ::core::clone::Clone::clone(o),
-                    ::core::option::Option::None => ::kiln::__private::defaults(&DEFAULTS, || #defaults),
+                    ::core::option::Option::Some(__kiln_o) => ::core::clone::Clone::clone(__kiln_o),
+                    ::core::option::Option::None => ::kiln::__private::defaults(&__KILN_DEFAULTS, || #defaults),
                 }
             }
 
             #[allow(unused_variables)]
-            fn run(args: Self::Args) -> ::kiln::__private::BoxFuture<'static, ::core::result::Result<#out_ty, #err_ty>> {
-                let (#(#names,)*) = args;
+            fn run(__kiln_args: Self::Args) -> ::kiln::__private::BoxFuture<'static, ::core::result::Result<#out_ty, #err_ty>> {
+                let (#(#names,)*) = __kiln_args;
                 #run_body
             }
 
             #[allow(unused_imports)]
-            fn clone_args(args: &Self::Args) -> ::core::option::Option<Self::Args> {
+            fn clone_args(__kiln_args: &Self::Args) -> ::core::option::Option<Self::Args> {
                 use ::kiln::__private::{NoClone as _, ViaClone as _};
-                (&&::kiln::__private::Probe(args)).kiln_clone()
+                (&&::kiln::__private::Probe(__kiln_args)).kiln_clone()
             }
 
             #[allow(unused_imports)]
-            fn describe_error(error: &Self::Error) -> ::std::string::String {
+            fn describe_error(__kiln_error: &Self::Error) -> ::std::string::String {
                 use ::kiln::__private::{ViaDisplay as _, ViaKnownError as _, ViaStdError as _};
-                (&&&::kiln::__private::Probe(error)).kiln_chain()
+                (&&&::kiln::__private::Probe(__kiln_error)).kiln_chain()
             }
         }
 

@@ -3,7 +3,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::RwLock;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 
 use rusqlite::{CachedStatement, Connection, OpenFlags, OptionalExtension, Row, params};
@@ -19,6 +20,11 @@ const MIGRATIONS: &[&str] = &[include_str!("../migrations/sqlite/0001_runs.sql")
 /// Most writes applied in one transaction; bounds the latency of a flush behind a flood.
 const MAX_BATCH: usize = 8192;
 
+/// Writes queued ahead of the writer at most. A producer faster than SQLite waits for room
+/// (microseconds) instead of growing memory without bound: a flow of a million task runs
+/// holds at most this many pending writes (a few MiB), not a million.
+const QUEUE: usize = 4 * MAX_BATCH;
+
 enum Msg {
     Write(Write),
     Flush(FlushDone),
@@ -29,7 +35,7 @@ enum Msg {
 /// Readers use their own connection (WAL mode), so the CLI can read while a flow writes.
 pub struct SqliteStore {
     path: PathBuf,
-    tx: Mutex<Option<Sender<Msg>>>,
+    tx: RwLock<Option<SyncSender<Msg>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     reader: Mutex<Option<Connection>>,
 }
@@ -52,14 +58,14 @@ impl SqliteStore {
         }
         let mut conn = connect(&path, OpenFlags::default())?;
         migrate(&mut conn, &path)?;
-        let (tx, rx) = channel();
+        let (tx, rx) = sync_channel(QUEUE);
         let writer = std::thread::Builder::new()
             .name("kiln-store-writer".into())
             .spawn(move || write_loop(conn, rx))
             .map_err(|e| StoreError::WriterGone(format!("cannot start the writer thread: {e}")))?;
         Ok(SqliteStore {
             path,
-            tx: Mutex::new(Some(tx)),
+            tx: RwLock::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
             reader: Mutex::new(None),
         })
@@ -91,7 +97,7 @@ impl SqliteStore {
     /// Flushes and stops the writer thread; later writes fail with [`StoreError::WriterGone`].
     pub fn close(&self) -> Result<(), StoreError> {
         let flushed = self.flush();
-        drop(self.tx.lock().unwrap_or_else(|p| p.into_inner()).take());
+        drop(self.tx.write().unwrap_or_else(|p| p.into_inner()).take());
         if let Some(h) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
             h.join()
                 .map_err(|_| StoreError::WriterGone("the writer thread panicked".into()))?;
@@ -99,12 +105,12 @@ impl SqliteStore {
         flushed
     }
 
-    fn sender(&self) -> Result<Sender<Msg>, StoreError> {
-        self.tx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or_else(|| StoreError::WriterGone("the store was closed".into()))
+    /// Queues a message; gives it back (boxed: the failure path is rare) when the writer is gone.
+    fn post(&self, msg: Msg) -> Result<(), Box<Msg>> {
+        match &*self.tx.read().unwrap_or_else(|p| p.into_inner()) {
+            Some(tx) => tx.send(msg).map_err(|e| Box::new(e.0)),
+            None => Err(Box::new(msg)),
+        }
     }
 
     fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
@@ -488,19 +494,17 @@ fn collect<T>(rows: impl Iterator<Item = rusqlite::Result<T>>) -> Result<Vec<T>,
 
 impl Store for SqliteStore {
     fn send(&self, write: Write) -> Result<(), StoreError> {
-        self.sender()?
-            .send(Msg::Write(write))
-            .map_err(|_| StoreError::WriterGone("the writer thread has exited".into()))
+        self.post(Msg::Write(write))
+            .map_err(|_| StoreError::WriterGone("the store was closed or its writer thread exited".into()))
     }
 
     fn flush_then(&self, done: FlushDone) {
-        match self.sender() {
-            Ok(tx) => {
-                if let Err(std::sync::mpsc::SendError(Msg::Flush(done))) = tx.send(Msg::Flush(done)) {
-                    done(Err(StoreError::WriterGone("the writer thread has exited".into())));
-                }
-            }
-            Err(e) => done(Err(e)),
+        if let Err(msg) = self.post(Msg::Flush(done))
+            && let Msg::Flush(done) = *msg
+        {
+            done(Err(StoreError::WriterGone(
+                "the store was closed or its writer thread exited".into(),
+            )));
         }
     }
 

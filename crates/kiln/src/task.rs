@@ -195,7 +195,9 @@ impl<T: Task> TaskCall<T> {
         let inputs = self.inputs;
         let run_label = label.clone();
         let job = async move {
-            let outcome = execute::<T>(prepared, inputs)
+            // Boxed when it starts: a submitted run still waiting for a worker holds only its
+            // inputs and records, not the state machine of a running one (1.2 KB).
+            let outcome = Box::pin(execute::<T>(prepared, inputs))
                 .await
                 .map_err(|f| f.into_kiln(&run_label));
             let _ = tx.send(outcome);

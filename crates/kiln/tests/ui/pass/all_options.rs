@@ -37,7 +37,19 @@ fn sync_flow((a, b): (u32, u32)) -> u32 {
     a + b
 }
 
+// Task names that are also common identifiers inside generated code.
+#[task]
+fn f(items: u32, options: u32) -> u32 {
+    items + options
+}
+
+#[flow]
+async fn args(error: u32) -> Result<u32, kiln::Error> {
+    f(error, 1).await
+}
+
 fn main() {
+    let _ = args(1);
     let _ = fetch;
     let _ = crawl(vec![]);
     let _ = sync_flow((1, 2));
