@@ -68,6 +68,7 @@ fn expand(kind: Kind, attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
     })?;
     check_signature(kind, &func)?;
     let params = params(kind, &func)?;
+    opts.check_storage_key(&params.iter().map(|p| p.name.to_string()).collect::<Vec<_>>())?;
 
     let ident = &func.sig.ident;
     let vis = &func.vis;
@@ -110,6 +111,15 @@ fn expand(kind: Kind, attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
         quote!(::std::boxed::Box::pin(::kiln::__private::blocking(move || #finish(Self::__kiln_body(#(#names),*)))))
     };
     let defaults = opts.builder();
+    let serializer = match opts.serializer() {
+        Some(expr) => quote_spanned! {expr.span()=>
+            ::core::option::Option::Some(::kiln::__private::serializer_for::<#out_ty, _>(#expr))
+        },
+        None => quote! {
+            use ::kiln::__private::{NoSerde as _, ViaSerde as _};
+            (&&::kiln::__private::TypeProbe::<#out_ty>::new()).kiln_serializer(__kiln_default)
+        },
+    };
     let run_name = opts.name().map_or_else(|| quote!(#fn_name), |n| quote!(#n));
 
     let call_ty = match kind {
@@ -175,15 +185,7 @@ fn expand(kind: Kind, attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
             }
         },
         Kind::Flow => quote! {
-            impl<const __KILN_CONFIGURED: bool> ::kiln::Flow for #ident<__KILN_CONFIGURED> {
-                #[allow(unused_variables, unused_imports, unused_mut)]
-                fn parameters(__kiln_args: &Self::Args) -> ::kiln::__private::serde_json::Value {
-                    use ::kiln::__private::{ViaSerialize as _, ViaTypeName as _};
-                    let mut __kiln_map = ::kiln::__private::serde_json::Map::new();
-                    #(__kiln_map.insert(::std::string::String::from(#name_strs), (&&::kiln::__private::Probe(&__kiln_args.#indices)).kiln_param());)*
-                    ::kiln::__private::serde_json::Value::Object(__kiln_map)
-                }
-            }
+            impl<const __KILN_CONFIGURED: bool> ::kiln::Flow for #ident<__KILN_CONFIGURED> {}
         },
     };
     let what = match kind {
@@ -277,6 +279,22 @@ fn expand(kind: Kind, attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
             fn clone_args(__kiln_args: &Self::Args) -> ::core::option::Option<Self::Args> {
                 use ::kiln::__private::{NoClone as _, ViaClone as _};
                 (&&::kiln::__private::Probe(__kiln_args)).kiln_clone()
+            }
+
+            #[allow(unused_variables, unused_imports, unused_mut)]
+            fn parameters(__kiln_args: &Self::Args) -> ::kiln::__private::serde_json::Value {
+                use ::kiln::__private::{ViaSerialize as _, ViaTypeName as _};
+                let mut __kiln_map = ::kiln::__private::serde_json::Map::new();
+                #(__kiln_map.insert(::std::string::String::from(#name_strs), (&&::kiln::__private::Probe(&__kiln_args.#indices)).kiln_param());)*
+                ::kiln::__private::serde_json::Value::Object(__kiln_map)
+            }
+
+            #[allow(unused_variables, unused_imports)]
+            fn serializer(
+                &self,
+                __kiln_default: &str,
+            ) -> ::core::option::Option<::kiln::__private::Arc<dyn ::kiln::serializer::Serializer<#out_ty>>> {
+                #serializer
             }
 
             #[allow(unused_imports)]

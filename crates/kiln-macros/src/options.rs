@@ -6,7 +6,7 @@ use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
 use syn::{Expr, Lit, Meta, Token};
 
-const KNOWN: &str = "name, retries, retry_delay, retry_if, timeout, tags";
+const KNOWN: &str = "name, retries, retry_delay, retry_if, timeout, tags, persist, storage, serializer, storage_key";
 
 /// The options as checked, each kept as the tokens that build it.
 #[derive(Default)]
@@ -17,6 +17,10 @@ pub(crate) struct Options {
     retry_if: Option<Expr>,
     timeout: Option<TokenStream>,
     tags: Option<Vec<syn::LitStr>>,
+    persist: Option<bool>,
+    storage: Option<syn::LitStr>,
+    serializer: Option<Expr>,
+    storage_key: Option<syn::LitStr>,
 }
 
 impl Options {
@@ -35,6 +39,10 @@ impl Options {
                 ));
             }
             seen.push(key.clone());
+            if let (Meta::Path(_), "persist") = (&meta, key.as_str()) {
+                out.persist = Some(true);
+                continue;
+            }
             let value = match &meta {
                 Meta::NameValue(nv) => &nv.value,
                 _ if KNOWN.split(", ").any(|k| k == key) => {
@@ -69,6 +77,32 @@ impl Options {
                     out.timeout = Some(quote_spanned!(value.span()=> ::std::time::Duration::from_nanos(#d)));
                 }
                 "tags" => out.tags = Some(tags(value)?),
+                "persist" => match value {
+                    Expr::Lit(syn::ExprLit { lit: Lit::Bool(b), .. }) => out.persist = Some(b.value),
+                    _ => {
+                        return Err(syn::Error::new(
+                            value.span(),
+                            "`persist` takes true or false (or stands alone)",
+                        ));
+                    }
+                },
+                "storage" => {
+                    let lit = string(value, "storage", "`storage = \"my-results\"`")?;
+                    let name = lit.value();
+                    let ok =
+                        !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+                    if !ok {
+                        return Err(syn::Error::new(
+                            lit.span(),
+                            "a storage name uses letters, digits, '-' and '_'",
+                        ));
+                    }
+                    out.storage = Some(lit);
+                }
+                "serializer" => out.serializer = Some(value.clone()),
+                "storage_key" => {
+                    out.storage_key = Some(string(value, "storage_key", "`storage_key = \"images/{run.id}.png\"`")?)
+                }
                 _ => return Err(unknown(&meta, &key)),
             }
         }
@@ -77,6 +111,58 @@ impl Options {
 
     pub(crate) fn name(&self) -> Option<&syn::LitStr> {
         self.name.as_ref()
+    }
+
+    pub(crate) fn serializer(&self) -> Option<&Expr> {
+        self.serializer.as_ref()
+    }
+
+    /// Checks the storage_key template's fields against the function's parameters.
+    pub(crate) fn check_storage_key(&self, params: &[String]) -> syn::Result<()> {
+        let Some(lit) = &self.storage_key else { return Ok(()) };
+        let template = lit.value();
+        let mut rest = template.as_str();
+        while let Some(open) = rest.find('{') {
+            let Some(len) = rest[open..].find('}') else {
+                return Err(syn::Error::new(lit.span(), "`storage_key`: a '{' is never closed"));
+            };
+            let field = &rest[open + 1..open + len];
+            let known = matches!(
+                field,
+                "run.id" | "run.name" | "task_run.id" | "task_run.name" | "flow_run.id" | "flow_run.name"
+            );
+            if !known {
+                match field.strip_prefix("parameters.") {
+                    Some(p) if params.iter().any(|n| n == p) => {}
+                    Some(p) => {
+                        return Err(syn::Error::new(
+                            lit.span(),
+                            format!(
+                                "`storage_key`: there is no parameter `{p}` (parameters: {})",
+                                params.join(", ")
+                            ),
+                        ));
+                    }
+                    None => {
+                        return Err(syn::Error::new(
+                            lit.span(),
+                            format!(
+                                "`storage_key`: unknown field {{{field}}}; fields: run.id, run.name, flow_run.id, \
+                                 flow_run.name, parameters.<name>"
+                            ),
+                        ));
+                    }
+                }
+            }
+            rest = &rest[open + len + 1..];
+        }
+        if template.starts_with('/') || template.split('/').any(|s| s == "..") {
+            return Err(syn::Error::new(
+                lit.span(),
+                "`storage_key` must be relative and must not contain '..'",
+            ));
+        }
+        Ok(())
     }
 
     /// An expression building `kiln::Options<E>`.
@@ -99,6 +185,15 @@ impl Options {
         }
         if let Some(tags) = &self.tags {
             calls.extend(quote!(.tags([#(#tags),*])));
+        }
+        if let Some(p) = self.persist {
+            calls.extend(quote!(.persist(#p)));
+        }
+        if let Some(s) = &self.storage {
+            calls.extend(quote!(.storage(#s)));
+        }
+        if let Some(k) = &self.storage_key {
+            calls.extend(quote!(.storage_key(#k)));
         }
         quote!(::kiln::Options::new() #calls)
     }

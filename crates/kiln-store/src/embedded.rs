@@ -15,7 +15,10 @@ use crate::state::StateType;
 use crate::{FlushDone, Store, StoreError};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/sqlite/0001_runs.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/sqlite/0001_runs.sql"),
+    include_str!("../migrations/sqlite/0002_results.sql"),
+];
 
 /// Most writes applied in one transaction; bounds the latency of a flush behind a flood.
 const MAX_BATCH: usize = 8192;
@@ -202,12 +205,16 @@ struct NewRow {
     attempt: u32,
     start: Option<Micros>,
     end: Option<Micros>,
+    result: Option<String>,
 }
 
 impl NewRow {
     fn apply(&mut self, s: &StateRecord) {
         self.state = s.state;
         self.message.clone_from(&s.message);
+        if s.result.is_some() {
+            self.result.clone_from(&s.result);
+        }
         self.attempt = s.attempt;
         if s.state == StateType::Running {
             self.start = self.start.or(Some(s.timestamp));
@@ -233,25 +240,28 @@ impl<'t> Statements<'t> {
     fn prepare(tx: &'t rusqlite::Transaction<'_>) -> rusqlite::Result<Self> {
         Ok(Statements {
             state: tx.prepare_cached(
-                "INSERT INTO states (run_id, seq, state, message, attempt, timestamp) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO states (run_id, seq, state, message, attempt, timestamp, result)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?,
             flow_run: tx.prepare_cached(
                 "INSERT INTO flow_runs (id, name, parent_id, parameters, tags, state, state_message, attempt,
-                                        created, start_time, end_time)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                                        created, start_time, end_time, result)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             )?,
             task_run: tx.prepare_cached(
                 "INSERT INTO task_runs (id, flow_run_id, name, task_key, inputs, tags, state, state_message, attempt,
-                                        created, start_time, end_time)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                                        created, start_time, end_time, result, call_key)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             )?,
             flow_state: tx.prepare_cached(
                 "UPDATE flow_runs SET state = ?2, state_message = ?3, attempt = ?4,
-                 start_time = COALESCE(start_time, ?5), end_time = COALESCE(?6, end_time) WHERE id = ?1",
+                 start_time = COALESCE(start_time, ?5), end_time = COALESCE(?6, end_time),
+                 result = COALESCE(?7, result) WHERE id = ?1",
             )?,
             task_state: tx.prepare_cached(
                 "UPDATE task_runs SET state = ?2, state_message = ?3, attempt = ?4,
-                 start_time = COALESCE(start_time, ?5), end_time = COALESCE(?6, end_time) WHERE id = ?1",
+                 start_time = COALESCE(start_time, ?5), end_time = COALESCE(?6, end_time),
+                 result = COALESCE(?7, result) WHERE id = ?1",
             )?,
             edge: tx.prepare_cached(
                 "INSERT OR IGNORE INTO edges (upstream, downstream, flow_run_id) VALUES (?1, ?2, ?3)",
@@ -270,7 +280,8 @@ impl<'t> Statements<'t> {
             s.state.as_str(),
             s.message,
             s.attempt,
-            s.timestamp
+            s.timestamp,
+            s.result
         ])?;
         Ok(())
     }
@@ -282,7 +293,15 @@ impl<'t> Statements<'t> {
         };
         let start = (s.state == StateType::Running).then_some(s.timestamp);
         let end = s.state.is_terminal().then_some(s.timestamp);
-        stmt.execute(params![s.run_id, s.state.as_str(), s.message, s.attempt, start, end])?;
+        stmt.execute(params![
+            s.run_id,
+            s.state.as_str(),
+            s.message,
+            s.attempt,
+            start,
+            end,
+            s.result
+        ])?;
         Ok(())
     }
 
@@ -299,7 +318,8 @@ impl<'t> Statements<'t> {
                 row.attempt,
                 r.created,
                 row.start,
-                row.end
+                row.end,
+                row.result
             ])?,
             Write::TaskRun(r) => self.task_run.execute(params![
                 r.id,
@@ -313,7 +333,9 @@ impl<'t> Statements<'t> {
                 row.attempt,
                 r.created,
                 row.start,
-                row.end
+                row.end,
+                row.result,
+                r.call_key
             ])?,
             _ => unreachable!("only run creations are kept as new rows"),
         };
@@ -407,6 +429,7 @@ fn apply_batch(
                     attempt: 0,
                     start: None,
                     end: None,
+                    result: None,
                 });
             }
         }
@@ -449,7 +472,7 @@ fn state_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<StateType> {
 
 const FLOW_COLUMNS: &str = "f.id, f.name, f.parent_id, f.parameters, f.tags, f.state, f.state_message, f.attempt,
      f.created, f.start_time, f.end_time,
-     (SELECT COUNT(*) FROM task_runs t WHERE t.flow_run_id = f.id)";
+     (SELECT COUNT(*) FROM task_runs t WHERE t.flow_run_id = f.id), f.result";
 
 fn flow_row(row: &Row<'_>) -> rusqlite::Result<FlowRun> {
     Ok(FlowRun {
@@ -465,11 +488,12 @@ fn flow_row(row: &Row<'_>) -> rusqlite::Result<FlowRun> {
         start_time: row.get(9)?,
         end_time: row.get(10)?,
         task_count: row.get::<_, i64>(11)? as u64,
+        result: opt_json_col(row, 12)?,
     })
 }
 
 const TASK_COLUMNS: &str = "id, flow_run_id, name, task_key, inputs, tags, state, state_message, attempt,
-     created, start_time, end_time";
+     created, start_time, end_time, result, call_key";
 
 fn task_row(row: &Row<'_>) -> rusqlite::Result<TaskRun> {
     Ok(TaskRun {
@@ -485,7 +509,18 @@ fn task_row(row: &Row<'_>) -> rusqlite::Result<TaskRun> {
         created: row.get(9)?,
         start_time: row.get(10)?,
         end_time: row.get(11)?,
+        result: opt_json_col(row, 12)?,
+        call_key: row.get(13)?,
     })
+}
+
+fn opt_json_col<T: serde::de::DeserializeOwned>(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<T>> {
+    let s: Option<String> = row.get(idx)?;
+    s.map(|s| {
+        serde_json::from_str(&s)
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e)))
+    })
+    .transpose()
 }
 
 fn collect<T>(rows: impl Iterator<Item = rusqlite::Result<T>>) -> Result<Vec<T>, StoreError> {
@@ -552,7 +587,7 @@ impl Store for SqliteStore {
     fn states(&self, run_id: Uuid) -> Result<Vec<StateRecord>, StoreError> {
         self.read(|c| {
             let mut st = c.prepare_cached(
-                "SELECT run_id, seq, state, message, attempt, timestamp FROM states WHERE run_id = ?1 ORDER BY seq",
+                "SELECT run_id, seq, state, message, attempt, timestamp, result FROM states WHERE run_id = ?1 ORDER BY seq",
             )?;
             collect(st.query_map([run_id], |r| {
                 Ok(StateRecord {
@@ -562,6 +597,7 @@ impl Store for SqliteStore {
                     message: r.get(3)?,
                     attempt: r.get(4)?,
                     timestamp: r.get(5)?,
+                    result: r.get(6)?,
                 })
             })?)
         })

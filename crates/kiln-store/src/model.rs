@@ -63,6 +63,8 @@ pub struct NewTaskRun {
     pub created: Micros,
     /// The state it starts in (recorded as the first entry of its history).
     pub initial_state: StateType,
+    /// Identifies this call of the task inside its flow run across retries (`key#n`).
+    pub call_key: Option<String>,
 }
 
 /// One entry of a run's state history.
@@ -80,6 +82,9 @@ pub struct StateRecord {
     pub attempt: u32,
     /// When.
     pub timestamp: Micros,
+    /// For a Completed or Cached state: the persisted result it refers to, as JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
 }
 
 impl StateRecord {
@@ -92,6 +97,7 @@ impl StateRecord {
             message: None,
             attempt: 0,
             timestamp,
+            result: None,
         }
     }
 }
@@ -175,6 +181,8 @@ pub struct FlowRun {
     pub end_time: Option<Micros>,
     /// How many task runs it recorded directly.
     pub task_count: u64,
+    /// The persisted result of its return value, if any (JSON: storage, key, serializer, ...).
+    pub result: Option<serde_json::Value>,
 }
 
 /// A task run as read back from the store.
@@ -204,6 +212,10 @@ pub struct TaskRun {
     pub start_time: Option<Micros>,
     /// When it reached a final state.
     pub end_time: Option<Micros>,
+    /// The persisted result, if any (JSON: storage, key, serializer, size, hash).
+    pub result: Option<serde_json::Value>,
+    /// Identifies this call of the task inside its flow run across retries.
+    pub call_key: Option<String>,
 }
 
 /// What a user-given id (or id prefix) refers to.

@@ -23,17 +23,73 @@ tokio::task_local! {
 pub(crate) struct FlowContext {
     pub(crate) engine: Engine,
     pub(crate) flow_run_id: Uuid,
+    pub(crate) flow_name: Arc<str>,
+    /// Task results are persisted when possible (the flow run may be retried).
+    pub(crate) persist_tasks: bool,
+    /// How many times each task was called in this attempt: names a call across retries.
+    calls: Mutex<std::collections::HashMap<&'static str, u32>>,
+    /// Results persisted by task runs of earlier attempts, by call key.
+    previous: Mutex<std::collections::HashMap<String, (Uuid, crate::result::ResultRef)>>,
+    attempt: std::sync::atomic::AtomicU32,
     /// Submitted task runs, joined (or aborted) before the flow run ends.
     children: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl FlowContext {
-    pub(crate) fn new(engine: Engine, flow_run_id: Uuid) -> Arc<Self> {
+    pub(crate) fn new(engine: Engine, flow_run_id: Uuid, flow_name: Arc<str>, persist_tasks: bool) -> Arc<Self> {
         Arc::new(FlowContext {
             engine,
             flow_run_id,
+            flow_name,
+            persist_tasks,
+            calls: Mutex::new(Default::default()),
+            previous: Mutex::new(Default::default()),
+            attempt: std::sync::atomic::AtomicU32::new(0),
             children: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Starts an attempt of the flow run's body. From the second on, the results that task
+    /// runs of earlier attempts persisted are loaded instead of computed again.
+    pub(crate) async fn begin_attempt(&self) {
+        let attempt = self.attempt.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        self.calls.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        if attempt == 1 {
+            return;
+        }
+        if let Err(e) = self.engine.flush().await {
+            tracing::warn!("cannot read the results of earlier attempts: {e}");
+            return;
+        }
+        match self.engine.store().task_runs(self.flow_run_id) {
+            Ok(runs) => {
+                let mut previous = self.previous.lock().unwrap_or_else(|p| p.into_inner());
+                for run in runs.into_iter().filter(|r| r.state.is_success()) {
+                    let reference = run.result.and_then(|r| serde_json::from_value(r).ok());
+                    if let (Some(key), Some(reference)) = (run.call_key, reference) {
+                        previous.insert(key, (run.id, reference));
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("cannot read the results of earlier attempts: {e}"),
+        }
+    }
+
+    /// The result an earlier attempt persisted for this call, if any.
+    pub(crate) fn previous_result(&self, call_key: &str) -> Option<(Uuid, crate::result::ResultRef)> {
+        self.previous
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(call_key)
+            .cloned()
+    }
+
+    /// `task_key#n`: the n-th call of this task in the current attempt of the flow run.
+    pub(crate) fn next_call_key(&self, task_key: &'static str) -> String {
+        let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+        let n = calls.entry(task_key).or_insert(0);
+        *n += 1;
+        format!("{task_key}#{}", *n - 1)
     }
 
     pub(crate) fn adopt(&self, child: JoinHandle<()>) {

@@ -1,13 +1,16 @@
 //! The engine: which state store runs are recorded in, found from the environment.
 
+use std::collections::HashMap;
 use std::future::IntoFuture;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use kiln_store::{SqliteStore, Store};
 
 use crate::Error;
 use crate::context;
+use crate::result::{ResultError, ResultStorage, StorageConfig};
+use crate::settings::Settings;
 
 /// Where runs are recorded. Cheap to clone.
 ///
@@ -31,6 +34,8 @@ pub struct Engine {
 struct Inner {
     home: PathBuf,
     store: Arc<dyn Store>,
+    settings: RwLock<Settings>,
+    storages: Mutex<HashMap<String, ResultStorage>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -45,19 +50,115 @@ impl std::fmt::Debug for Engine {
 static DEFAULT: OnceLock<Result<Engine, Error>> = OnceLock::new();
 
 impl Engine {
-    /// Opens the embedded store in `home` (created if missing).
+    /// Opens the embedded store in `home` (created if missing) with the settings found there.
     pub fn open(home: impl AsRef<Path>) -> Result<Engine, Error> {
         let home = home.as_ref().to_path_buf();
+        let settings = Settings::load(&home)?;
         let store = SqliteStore::open(home.join("kiln.db"))?;
-        Ok(Engine::with_store(home, Arc::new(store)))
+        Ok(Engine::with_store(settings, Arc::new(store)))
     }
 
     /// An engine over any store (the seam for the server backend).
-    pub fn with_store(home: PathBuf, store: Arc<dyn Store>) -> Engine {
+    pub fn with_store(settings: Settings, store: Arc<dyn Store>) -> Engine {
         crate::log::install_default_subscriber();
+        let home = settings.home().to_path_buf();
         Engine {
-            inner: Arc::new(Inner { home, store }),
+            inner: Arc::new(Inner {
+                home,
+                store,
+                settings: RwLock::new(settings),
+                storages: Mutex::new(HashMap::new()),
+            }),
         }
+    }
+
+    /// The settings in effect.
+    pub fn settings(&self) -> Settings {
+        self.inner.settings.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn persist_by_default(&self) -> bool {
+        self.inner
+            .settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .persist_by_default
+    }
+
+    pub(crate) fn default_storage(&self) -> Arc<str> {
+        Arc::from(
+            self.inner
+                .settings
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .default_storage
+                .as_str(),
+        )
+    }
+
+    pub(crate) fn default_serializer(&self) -> String {
+        self.inner
+            .settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .default_serializer
+            .clone()
+    }
+
+    /// The storage named `name`, built on first use.
+    pub fn storage(&self, name: &str) -> Result<ResultStorage, ResultError> {
+        let mut built = self.inner.storages.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = built.get(name) {
+            return Ok(s.clone());
+        }
+        let settings = self.inner.settings.read().unwrap_or_else(|p| p.into_inner());
+        let config = settings.storage(name).ok_or_else(|| ResultError::UnknownStorage {
+            name: name.to_owned(),
+            known: settings.storages().into_keys().collect(),
+        })?;
+        let storage = ResultStorage::build(name, &config, &self.inner.home)?;
+        built.insert(name.to_owned(), storage.clone());
+        Ok(storage)
+    }
+
+    /// Loads a persisted result, verifying its hash and that `serializer` wrote it.
+    pub async fn load_result<T: Send + 'static>(
+        &self,
+        reference: &crate::result::ResultRef,
+        serializer: impl crate::serializer::Serializer<T>,
+    ) -> Result<T, ResultError> {
+        crate::result::persist::load(self, reference, Arc::new(serializer), "the caller").await
+    }
+
+    /// Adds (or replaces) a storage and saves it in the settings file.
+    pub fn put_storage(&self, name: &str, config: StorageConfig) -> Result<(), Error> {
+        self.inner
+            .settings
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .put_storage(name, config)?;
+        self.inner
+            .storages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        Ok(())
+    }
+
+    /// Adds a storage unless one of that name exists; returns whether it was added.
+    pub fn ensure_storage(&self, name: &str, config: StorageConfig) -> Result<bool, Error> {
+        if self
+            .inner
+            .settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .storage(name)
+            .is_some()
+        {
+            return Ok(false);
+        }
+        self.put_storage(name, config)?;
+        Ok(true)
     }
 
     /// Opens the embedded store in [`home_dir`].

@@ -84,6 +84,9 @@ pub enum Error {
     /// The state store failed.
     #[error("state store: {0}")]
     Store(Arc<StoreError>),
+    /// Persisting or loading a result failed.
+    #[error("{0}")]
+    Result(Arc<crate::result::ResultError>),
     /// Kiln is not set up to run here (no state directory, no async runtime, ...).
     #[error("{0}")]
     Setup(String),
@@ -95,6 +98,7 @@ impl Error {
         match self {
             Error::Failed { .. } | Error::TimedOut { .. } | Error::Crashed { .. } => true,
             Error::Store(e) => e.is_retryable(),
+            Error::Result(e) => e.is_retryable(),
             Error::Cancelled { .. } | Error::UpstreamFailed { .. } | Error::Setup(_) => false,
         }
     }
@@ -107,8 +111,14 @@ impl Error {
             | Error::Crashed { run, .. }
             | Error::Cancelled { run, .. }
             | Error::UpstreamFailed { run, .. } => Some(run),
-            Error::Store(_) | Error::Setup(_) => None,
+            Error::Store(_) | Error::Result(_) | Error::Setup(_) => None,
         }
+    }
+}
+
+impl From<crate::result::ResultError> for Error {
+    fn from(e: crate::result::ResultError) -> Self {
+        Error::Result(Arc::new(e))
     }
 }
 

@@ -13,10 +13,7 @@ use crate::run::{self, Body, Failure, Tracker};
 use crate::{Engine, Error};
 
 /// A function marked `#[flow]`. Implemented by the macro, never by hand.
-pub trait Flow: Body + Clone {
-    /// The parameters as JSON (values that implement `Serialize`, else their type names).
-    fn parameters(args: &Self::Args) -> serde_json::Value;
-}
+pub trait Flow: Body + Clone {}
 
 /// A call of a flow with its arguments, not started yet: `.await` it, or [`wait`](Self::wait)
 /// for it from synchronous code.
@@ -79,11 +76,23 @@ async fn run_flow<F: Flow>(flow: F, args: F::Args) -> Result<F::Output, Failure<
         .map_err(Error::from)?;
     let label = tracker.label.clone();
     tracing::info!("{label} started");
-    let ctx = FlowContext::new(engine.clone(), id);
+    // A flow that may be retried persists its tasks' results, so a retry loads them.
+    let ctx = FlowContext::new(engine.clone(), id, label.name.clone(), options.max_attempts() > 1);
+    let parent_run = parent.as_ref().map(|p| (p.flow_run_id, &*p.flow_name));
+    let planned = run::persist_plan(&flow, &engine, &options, &label, false)
+        .and_then(|plan| run::persisting::<F>(plan, &label, parent_run, &args));
+    let persisting = match planned {
+        Ok(p) => p,
+        Err(e) => {
+            tracker.to(StateType::Failed, Some(e.to_string()))?;
+            return Err(Failure::Kiln(e.into()));
+        }
+    };
     let span = tracing::info_span!("flow_run", name = %label.name, id = %id);
-    let outcome = run::attempts::<F>(&mut tracker, &options, args, Some(id), |body| {
+    let outcome = run::attempts::<F>(&mut tracker, &options, args, Some(id), persisting, |body| {
         let ctx = ctx.clone();
         Box::pin(async move {
+            ctx.begin_attempt().await;
             let result = FLOW.scope(ctx.clone(), body).await;
             // Submitted task runs nobody awaited still belong to this attempt.
             ctx.join_children().await;

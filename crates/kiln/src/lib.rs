@@ -60,7 +60,10 @@ mod error;
 mod flow;
 pub mod log;
 mod options;
+pub mod result;
 mod run;
+pub mod serializer;
+pub mod settings;
 mod task;
 
 pub use engine::{Engine, home_dir};
@@ -75,6 +78,9 @@ pub use task::{Input, Task, TaskCall, TaskFuture, join_all};
 
 /// The names a pipeline file needs: `use kiln::prelude::*;`.
 pub mod prelude {
+    #[cfg(feature = "images")]
+    pub use crate::serializer::{Jpeg, Png, Qoi};
+    pub use crate::serializer::{Json, MsgPack, Serializer, Zstd};
     pub use crate::{Options, RetryDelay, TaskFuture, flow, task};
 }
 
@@ -203,6 +209,55 @@ pub mod __private {
             next = cause.source();
         }
         out
+    }
+
+    /// A type-only probe: `(&&TypeProbe::<T>::new()).kiln_serializer(default)` is the default
+    /// serializer for serde types and `None` for the rest.
+    #[allow(missing_debug_implementations)]
+    pub struct TypeProbe<T>(std::marker::PhantomData<fn() -> T>);
+
+    impl<T> TypeProbe<T> {
+        /// The probe.
+        pub fn new() -> Self {
+            TypeProbe(std::marker::PhantomData)
+        }
+    }
+
+    impl<T> Default for TypeProbe<T> {
+        fn default() -> Self {
+            Self::new()
+        }
+    }
+
+    /// Serde types persist with the default serializer (`msgpack`, or `json` when set so).
+    pub trait ViaSerde<T> {
+        /// The default serializer.
+        fn kiln_serializer(&self, default: &str) -> Option<Arc<dyn crate::serializer::Serializer<T>>>;
+    }
+    impl<T: serde::Serialize + serde::de::DeserializeOwned + 'static> ViaSerde<T> for &TypeProbe<T> {
+        fn kiln_serializer(&self, default: &str) -> Option<Arc<dyn crate::serializer::Serializer<T>>> {
+            Some(match default {
+                "json" => Arc::new(crate::serializer::Json),
+                _ => Arc::new(crate::serializer::MsgPack),
+            })
+        }
+    }
+    /// Fallback of [`ViaSerde`]: no default serializer.
+    pub trait NoSerde<T> {
+        /// `None`.
+        fn kiln_serializer(&self, default: &str) -> Option<Arc<dyn crate::serializer::Serializer<T>>>;
+    }
+    impl<T> NoSerde<T> for TypeProbe<T> {
+        fn kiln_serializer(&self, _default: &str) -> Option<Arc<dyn crate::serializer::Serializer<T>>> {
+            None
+        }
+    }
+
+    /// The serializer named on an attribute, checked against the function's value type.
+    pub fn serializer_for<T, S: crate::serializer::Serializer<T>>(
+        serializer: S,
+    ) -> Arc<dyn crate::serializer::Serializer<T>> {
+        Arc::new(serializer)
     }
 
     /// The options given on the attribute, built once per function.

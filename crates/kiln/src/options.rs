@@ -83,6 +83,9 @@ pub struct Options<E = anyhow::Error> {
     pub(crate) retry_if: Option<RetryIf<E>>,
     pub(crate) timeout: Option<Duration>,
     pub(crate) tags: Option<Arc<[String]>>,
+    pub(crate) persist: Option<bool>,
+    pub(crate) storage: Option<Arc<str>>,
+    pub(crate) storage_key: Option<Arc<str>>,
 }
 
 impl<E> Options<E> {
@@ -95,6 +98,9 @@ impl<E> Options<E> {
             retry_if: None,
             timeout: None,
             tags: None,
+            persist: None,
+            storage: None,
+            storage_key: None,
         }
     }
 
@@ -134,6 +140,27 @@ impl<E> Options<E> {
         self
     }
 
+    /// Whether to persist the result (default: `KILN_RESULTS_PERSIST_BY_DEFAULT`, or on when
+    /// a storage is named).
+    pub fn persist(mut self, persist: bool) -> Self {
+        self.persist = Some(persist);
+        self
+    }
+
+    /// The storage persisted results go to (default: `KILN_DEFAULT_STORAGE`, else `local`).
+    /// Naming a storage turns persistence on unless `persist(false)` says otherwise.
+    pub fn storage(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.storage = Some(name.into());
+        self
+    }
+
+    /// The key template of persisted results, e.g. `"images/{flow_run.id}/{parameters.name}.png"`.
+    /// Fields: `run.id`, `run.name`, `flow_run.id`, `flow_run.name`, `parameters.<name>`.
+    pub fn storage_key(mut self, template: impl Into<Arc<str>>) -> Self {
+        self.storage_key = Some(template.into());
+        self
+    }
+
     /// Attempts in all: one plus the retries.
     pub fn max_attempts(&self) -> u32 {
         self.retries.unwrap_or(0).saturating_add(1)
@@ -148,6 +175,9 @@ impl<E> Options<E> {
             retry_if: self.retry_if.or_else(|| base.retry_if.clone()),
             timeout: self.timeout.or(base.timeout),
             tags: self.tags.or_else(|| base.tags.clone()),
+            persist: self.persist.or(base.persist),
+            storage: self.storage.or_else(|| base.storage.clone()),
+            storage_key: self.storage_key.or_else(|| base.storage_key.clone()),
         }
     }
 
@@ -179,6 +209,9 @@ impl<E> Clone for Options<E> {
             retry_if: self.retry_if.clone(),
             timeout: self.timeout,
             tags: self.tags.clone(),
+            persist: self.persist,
+            storage: self.storage.clone(),
+            storage_key: self.storage_key.clone(),
         }
     }
 }
@@ -192,6 +225,9 @@ impl<E> fmt::Debug for Options<E> {
             .field("retry_if", &self.retry_if.as_ref().map(|_| "<predicate>"))
             .field("timeout", &self.timeout)
             .field("tags", &self.tags)
+            .field("persist", &self.persist)
+            .field("storage", &self.storage)
+            .field("storage_key", &self.storage_key)
             .finish()
     }
 }

@@ -13,6 +13,9 @@ use uuid::Uuid;
 
 use crate::context::{InRun, RunScope};
 use crate::error::RunLabel;
+use crate::result::persist::{self, KeyFields, Plan};
+use crate::result::{ResultError, ResultRef, StorageKey};
+use crate::serializer::{Serializer, short_type};
 use crate::{Engine, Error, Options};
 
 /// A function Kiln runs: what `#[task]` and `#[flow]` generate. Not implemented by hand.
@@ -37,6 +40,11 @@ pub trait Body: Send + Sync + 'static {
     fn clone_args(args: &Self::Args) -> Option<Self::Args>;
     /// The error with its chain of causes, for the Failed state's message.
     fn describe_error(error: &Self::Error) -> String;
+    /// The serializer that persists results: the one named on the attribute, else `default`
+    /// (`msgpack` or `json`) for serde types, else none.
+    fn serializer(&self, default: &str) -> Option<Arc<dyn Serializer<Self::Output>>>;
+    /// The arguments as JSON: values that implement `Serialize`, others by type name.
+    fn parameters(args: &Self::Args) -> serde_json::Value;
 }
 
 /// How a run ended, when it did not produce a value.
@@ -115,6 +123,16 @@ impl Tracker {
     }
 
     pub(crate) fn to(&mut self, state: StateType, message: Option<String>) -> Result<(), Error> {
+        self.enter_with_result(state, message, None)
+    }
+
+    /// A transition whose state carries a persisted result (Completed, Cached).
+    pub(crate) fn enter_with_result(
+        &mut self,
+        state: StateType,
+        message: Option<String>,
+        result: Option<&ResultRef>,
+    ) -> Result<(), Error> {
         tracing::debug!(run = %self.label, %state, message = message.as_deref().unwrap_or(""), "state");
         let record = StateRecord {
             run_id: self.label.id,
@@ -123,6 +141,7 @@ impl Tracker {
             message,
             attempt: self.attempt,
             timestamp: kiln_store::model::now_micros(),
+            result: result.map(|r| serde_json::to_string(r).expect("a result reference serializes")),
         };
         self.engine.store().transition(self.label.kind, self.state, record)?;
         self.seq += 1;
@@ -142,12 +161,77 @@ impl Drop for Tracker {
     }
 }
 
+/// Decides whether and where a run persists its value; fails before any work when the
+/// storage is unknown or the type has no serializer.
+///
+/// `implied`: a feature needs the result persisted (a flow with retries): persist when
+/// possible, without an error for types that have no serializer.
+pub(crate) fn persist_plan<B: Body>(
+    body: &B,
+    engine: &Engine,
+    options: &Options<B::Error>,
+    label: &RunLabel,
+    implied: bool,
+) -> Result<Option<Plan<B::Output>>, ResultError> {
+    let asked = options
+        .persist
+        .unwrap_or(options.storage.is_some() || engine.persist_by_default());
+    if !(asked || implied && options.persist.is_none()) {
+        return Ok(None);
+    }
+    let Some(serializer) = body.serializer(&engine.default_serializer()) else {
+        if !asked {
+            return Ok(None);
+        }
+        return Err(ResultError::NotPersistable(format!(
+            "{label} must persist its result, but its type {} has no serializer: name one on the task \
+             (`serializer = Png`, or your own) or derive Serialize and Deserialize for the type",
+            short_type::<B::Output>()
+        )));
+    };
+    let storage = options.storage.clone().unwrap_or_else(|| engine.default_storage());
+    engine.storage(&storage)?;
+    Ok(Some(Plan {
+        storage,
+        template: options.storage_key.clone(),
+        serializer,
+    }))
+}
+
+/// What a run needs to persist its value: the plan and the rendered key.
+pub(crate) struct Persisting<T> {
+    plan: Plan<T>,
+    key: StorageKey,
+}
+
+/// Fills in the key of a planned persistence (before the run starts: a bad template fails early).
+pub(crate) fn persisting<B: Body>(
+    plan: Option<Plan<B::Output>>,
+    label: &RunLabel,
+    flow_run: Option<(Uuid, &str)>,
+    args: &B::Args,
+) -> Result<Option<Persisting<B::Output>>, ResultError> {
+    let Some(plan) = plan else { return Ok(None) };
+    let parameters = plan.needs_parameters().then(|| B::parameters(args));
+    let key = persist::render_key(
+        plan.template.as_deref(),
+        &KeyFields {
+            run_id: label.id,
+            run_name: &label.name,
+            flow_run,
+            parameters: parameters.as_ref(),
+        },
+    )?;
+    Ok(Some(Persisting { plan, key }))
+}
+
 /// Runs attempts of `B` until one succeeds, the retries are spent, or retry_if says no.
 pub(crate) async fn attempts<B: Body>(
     tracker: &mut Tracker,
     options: &Options<B::Error>,
     args: B::Args,
     flow_run_id: Option<Uuid>,
+    persisting: Option<Persisting<B::Output>>,
     // Wraps each attempt's body (flows run theirs inside their context and join children).
     wrap: impl Fn(BoxFuture<'static, Result<B::Output, B::Error>>) -> BoxFuture<'static, Result<B::Output, B::Error>>,
 ) -> Result<B::Output, Failure<B::Error>> {
@@ -187,8 +271,26 @@ pub(crate) async fn attempts<B: Body>(
         };
         let retry_message = match outcome {
             Some(Ok(Ok(value))) => {
-                tracker.to(StateType::Completed, None)?;
-                return Ok(value);
+                let Some(p) = &persisting else {
+                    tracker.to(StateType::Completed, None)?;
+                    return Ok(value);
+                };
+                let (id, name) = (tracker.id(), tracker.label.name.clone());
+                return match persist::persist(&tracker.engine, &p.plan, p.key.clone(), id, &name, value).await {
+                    Ok((value, reference)) => {
+                        tracker.enter_with_result(StateType::Completed, None, Some(&reference))?;
+                        Ok(value)
+                    }
+                    Err((_, e)) => {
+                        tracker.to(
+                            StateType::Failed,
+                            Some(format!(
+                                "its body succeeded, but its result could not be persisted: {e}"
+                            )),
+                        )?;
+                        Err(Failure::Kiln(e.into()))
+                    }
+                };
             }
             Some(Ok(Err(error))) => {
                 let message = B::describe_error(&error);

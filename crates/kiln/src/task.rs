@@ -12,6 +12,8 @@ use uuid::Uuid;
 
 use crate::context::{self, FlowContext};
 use crate::error::RunLabel;
+use crate::result::ResultError;
+use crate::result::persist::{self, Plan};
 use crate::run::{self, Body, Failure, Tracker};
 use crate::{Engine, Error, Options};
 
@@ -231,14 +233,16 @@ impl<T: Task> IntoFuture for TaskCall<T> {
     }
 }
 
-struct Prepared<E> {
+struct Prepared<T: Task> {
     tracker: Tracker,
-    options: Arc<Options<E>>,
+    options: Arc<Options<T::Error>>,
     flow: Option<Arc<FlowContext>>,
+    plan: Result<Option<Plan<T::Output>>, ResultError>,
+    call_key: Option<String>,
 }
 
 /// Creates the task run (Pending) and its edges; nothing waits here.
-fn prepare<T: Task>(task: &T, inputs: &T::Inputs) -> Result<Prepared<T::Error>, Error> {
+fn prepare<T: Task>(task: &T, inputs: &T::Inputs) -> Result<Prepared<T>, Error> {
     let flow = context::current_flow();
     let engine = match &flow {
         Some(f) => f.engine.clone(),
@@ -247,6 +251,7 @@ fn prepare<T: Task>(task: &T, inputs: &T::Inputs) -> Result<Prepared<T::Error>, 
     let options = task.options();
     let name = options.name.clone().unwrap_or_else(|| Arc::from(T::NAME));
     let tracker = Tracker::new(RunKind::Task, name, engine, StateType::Pending);
+    let call_key = flow.as_ref().map(|f| f.next_call_key(T::KEY));
     let flow_run_id = flow.as_ref().map(|f| f.flow_run_id);
     let store = tracker.store();
     store.send(Write::TaskRun(NewTaskRun {
@@ -258,6 +263,7 @@ fn prepare<T: Task>(task: &T, inputs: &T::Inputs) -> Result<Prepared<T::Error>, 
         tags: options.tag_list(),
         created: now_micros(),
         initial_state: StateType::Pending,
+        call_key: call_key.clone(),
     }))?;
     for upstream in inputs.upstreams() {
         store.send(Write::Edge {
@@ -268,15 +274,25 @@ fn prepare<T: Task>(task: &T, inputs: &T::Inputs) -> Result<Prepared<T::Error>, 
             },
         })?;
     }
-    Ok(Prepared { tracker, options, flow })
+    let implied = flow.as_ref().is_some_and(|f| f.persist_tasks);
+    let plan = run::persist_plan(task, &tracker.engine, &options, &tracker.label, implied);
+    Ok(Prepared {
+        tracker,
+        options,
+        flow,
+        plan,
+        call_key,
+    })
 }
 
 /// Waits for the inputs, then runs the attempts.
-async fn execute<T: Task>(prepared: Prepared<T::Error>, inputs: T::Inputs) -> Result<T::Output, Failure<T::Error>> {
+async fn execute<T: Task>(prepared: Prepared<T>, inputs: T::Inputs) -> Result<T::Output, Failure<T::Error>> {
     let Prepared {
         mut tracker,
         options,
         flow,
+        plan,
+        call_key,
     } = prepared;
     let span = tracing::debug_span!("task_run", name = %tracker.label.name, id = %tracker.id());
     let flow_run_id = flow.as_ref().map(|f| f.flow_run_id);
@@ -295,7 +311,18 @@ async fn execute<T: Task>(prepared: Prepared<T::Error>, inputs: T::Inputs) -> Re
                 }));
             }
         };
-        run::attempts::<T>(&mut tracker, &options, args, flow_run_id, |body| body).await
+        if let Some(value) = reload::<T>(&mut tracker, flow.as_deref(), call_key.as_deref(), &plan).await? {
+            return Ok(value);
+        }
+        let flow_run = flow.as_ref().map(|f| (f.flow_run_id, &*f.flow_name));
+        let persisting = match plan.and_then(|p| run::persisting::<T>(p, &tracker.label, flow_run, &args)) {
+            Ok(p) => p,
+            Err(e) => {
+                tracker.to(StateType::Failed, Some(e.to_string()))?;
+                return Err(Failure::Kiln(e.into()));
+            }
+        };
+        run::attempts::<T>(&mut tracker, &options, args, flow_run_id, persisting, |body| body).await
     }
     .instrument(span)
     .await;
@@ -306,6 +333,43 @@ async fn execute<T: Task>(prepared: Prepared<T::Error>, inputs: T::Inputs) -> Re
         }
     }
     outcome
+}
+
+/// In a retried flow run: loads the result this call persisted in an earlier attempt, and
+/// ends the task run as Cached. A record that is gone or damaged means running again.
+async fn reload<T: Task>(
+    tracker: &mut Tracker,
+    flow: Option<&FlowContext>,
+    call_key: Option<&str>,
+    plan: &Result<Option<Plan<T::Output>>, ResultError>,
+) -> Result<Option<T::Output>, Failure<T::Error>> {
+    let (Some(flow), Some(call_key), Ok(Some(plan))) = (flow, call_key, plan) else {
+        return Ok(None);
+    };
+    let Some((earlier, reference)) = flow.previous_result(call_key) else {
+        return Ok(None);
+    };
+    match persist::load(
+        &tracker.engine,
+        &reference,
+        plan.serializer.clone(),
+        &tracker.label.name,
+    )
+    .await
+    {
+        Ok(value) => {
+            let message = format!("loaded the result of task run {earlier} from an earlier attempt of this flow run");
+            tracker.enter_with_result(StateType::Cached, Some(message), Some(&reference))?;
+            Ok(Some(value))
+        }
+        Err(e) => {
+            tracing::warn!(
+                "{}: running again, the earlier result cannot be used: {e}",
+                tracker.label
+            );
+            Ok(None)
+        }
+    }
 }
 
 enum Slot<T> {

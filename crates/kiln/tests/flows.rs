@@ -176,6 +176,7 @@ fn illegal_transitions_are_refused_by_the_store() {
         message: None,
         attempt: 2,
         timestamp: kiln::store::model::now_micros(),
+        result: None,
     };
     let err = store
         .transition(kiln::store::model::RunKind::Task, Some(Completed), record)

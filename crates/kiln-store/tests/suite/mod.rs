@@ -55,6 +55,7 @@ fn task(name: &str, flow: Option<Uuid>) -> NewTaskRun {
         tags: vec![],
         created: now_micros(),
         initial_state: Pending,
+        call_key: None,
     }
 }
 
@@ -69,6 +70,7 @@ fn walk(store: &dyn Store, kind: RunKind, id: Uuid, states: &[(StateType, u32, O
             message: message.map(str::to_owned),
             attempt,
             timestamp: now_micros(),
+            result: None,
         };
         store.transition(kind, Some(from), record).unwrap();
         from = state;
@@ -141,6 +143,7 @@ fn walk_from(
             message: message.map(str::to_owned),
             attempt,
             timestamp: now_micros(),
+            result: None,
         };
         store.transition(kind, Some(from), record).unwrap();
         from = state;
@@ -262,6 +265,7 @@ pub fn refuses_illegal_transitions(store: &dyn Store) {
         message: None,
         attempt: 1,
         timestamp: 0,
+        result: None,
     };
     let err = store
         .transition(RunKind::Task, Some(Pending), record(Completed))

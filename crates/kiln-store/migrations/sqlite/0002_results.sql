@@ -1,0 +1,8 @@
+-- A Completed state can carry a reference to a persisted result (JSON: storage, key,
+-- serializer, size, hash); the run rows keep the latest one for quick reads.
+ALTER TABLE states ADD COLUMN result TEXT;
+ALTER TABLE task_runs ADD COLUMN result TEXT;
+ALTER TABLE flow_runs ADD COLUMN result TEXT;
+-- Identifies a task call inside its flow run across retries (task key and call number).
+ALTER TABLE task_runs ADD COLUMN call_key TEXT;
+CREATE INDEX task_runs_call ON task_runs (flow_run_id, call_key);

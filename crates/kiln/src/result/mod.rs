@@ -1,0 +1,149 @@
+//! Persisted results: records in named storages, referenced from the state database.
+//!
+//! A persisted result is one object in a [`storage`] (see `docs/RESULT_FORMAT.md`): a short
+//! header naming its serializer, length and BLAKE3 hash, then the raw payload. The state
+//! database keeps only a [`ResultRef`] (storage, key, serializer, size, hash), never the
+//! bytes, so results of any size stay out of the database. Every load verifies the hash.
+
+pub(crate) mod persist;
+pub mod record;
+pub mod storage;
+
+use serde::{Deserialize, Serialize};
+
+pub use record::{RecordError, RecordHeader};
+pub use storage::{ResultStorage, StorageConfig, StorageKey, StoredObject};
+
+/// Where a persisted result lives: what the state database records for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResultRef {
+    /// The storage's name.
+    pub storage: String,
+    /// The key inside the storage.
+    pub key: String,
+    /// The serializer that wrote it.
+    pub serializer: String,
+    /// The payload's size in bytes.
+    pub size: u64,
+    /// `blake3:<hex>` of the payload.
+    pub hash: String,
+}
+
+impl ResultRef {
+    /// `storage:key`, the form the CLI accepts.
+    pub fn uri(&self) -> String {
+        format!("{}:{}", self.storage, self.key)
+    }
+}
+
+/// Errors of persisting and loading results. Each names the storage and key, the cause and
+/// what to do.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ResultError {
+    /// No storage has this name.
+    #[error(
+        "unknown storage '{name}'{}; add it with `kiln storage add {name} --kind local` or in kiln.toml ([storage.{name}])",
+        known_list(known)
+    )]
+    UnknownStorage {
+        /// The name asked for.
+        name: String,
+        /// The names that exist.
+        known: Vec<String>,
+    },
+    /// The storage's configuration cannot be used.
+    #[error("storage '{storage}' cannot be used: {message}")]
+    Config {
+        /// The storage.
+        storage: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The backend refused or could not be reached.
+    #[error(
+        "storage '{storage}': cannot {op} '{key}': {message}; check its endpoint, bucket and credentials with `kiln storage test {storage}`"
+    )]
+    Backend {
+        /// The storage.
+        storage: String,
+        /// What was attempted.
+        op: &'static str,
+        /// The key.
+        key: String,
+        /// What the backend said.
+        message: String,
+    },
+    /// No object at the key.
+    #[error("result '{key}' in storage '{storage}' does not exist (it was deleted, or never written)")]
+    Missing {
+        /// The storage.
+        storage: String,
+        /// The key.
+        key: String,
+    },
+    /// An object already exists where a create-only write went.
+    #[error("result '{key}' in storage '{storage}' already exists")]
+    AlreadyExists {
+        /// The storage.
+        storage: String,
+        /// The key.
+        key: String,
+    },
+    /// The object is not a valid record (damaged, truncated, foreign).
+    #[error("result '{key}' in storage '{storage}': {source}")]
+    Corrupt {
+        /// The storage.
+        storage: String,
+        /// The key.
+        key: String,
+        /// What is wrong with it.
+        #[source]
+        source: RecordError,
+    },
+    /// The record was written by another serializer than the one reading it.
+    #[error(
+        "result '{key}' in storage '{storage}' was written by serializer '{found}', but {reader} reads it with '{expected}'; use the same serializer for writing and reading"
+    )]
+    WrongSerializer {
+        /// The storage.
+        storage: String,
+        /// The key.
+        key: String,
+        /// The serializer in the record.
+        found: String,
+        /// The serializer reading it.
+        expected: String,
+        /// Who reads it (a task name).
+        reader: String,
+    },
+    /// Encoding or decoding failed.
+    #[error("{run}: {message}")]
+    Serialize {
+        /// The run (task or flow) whose value it was.
+        run: String,
+        /// The serializer's error, with the value's type.
+        message: String,
+    },
+    /// A storage key or key template is not valid.
+    #[error("{0}")]
+    InvalidKey(String),
+    /// A result must be persisted but nothing can persist it.
+    #[error("{0}")]
+    NotPersistable(String),
+}
+
+fn known_list(known: &[String]) -> String {
+    if known.is_empty() {
+        " (no storage is configured)".into()
+    } else {
+        format!(" (configured: {})", known.join(", "))
+    }
+}
+
+impl ResultError {
+    /// Whether trying again may succeed (a backend that failed to answer).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ResultError::Backend { .. })
+    }
+}

@@ -1,0 +1,249 @@
+//! Persisting a run's value as a record, and loading it back.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use kiln_store::model::now_micros;
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::record::{RecordHeader, content_hash};
+use super::{ResultError, ResultRef, StorageKey};
+use crate::Engine;
+use crate::serializer::{Serializer, short_type};
+
+/// How one run persists its value: decided before it runs, so a misconfiguration fails
+/// before any work is done.
+pub(crate) struct Plan<T> {
+    pub(crate) storage: Arc<str>,
+    pub(crate) template: Option<Arc<str>>,
+    pub(crate) serializer: Arc<dyn Serializer<T>>,
+}
+
+impl<T> Plan<T> {
+    pub(crate) fn needs_parameters(&self) -> bool {
+        self.template.as_deref().is_some_and(|t| t.contains("{parameters."))
+    }
+}
+
+/// What a key template may refer to.
+pub(crate) struct KeyFields<'a> {
+    pub(crate) run_id: Uuid,
+    pub(crate) run_name: &'a str,
+    pub(crate) flow_run: Option<(Uuid, &'a str)>,
+    pub(crate) parameters: Option<&'a Value>,
+}
+
+/// The fields a template may use, for messages.
+pub const KEY_FIELDS: &str = "run.id, run.name, flow_run.id, flow_run.name, parameters.<name>";
+
+/// Fills a key template (`{run.name}/{run.id}` when none) and validates the key.
+pub(crate) fn render_key(template: Option<&str>, f: &KeyFields<'_>) -> Result<StorageKey, ResultError> {
+    let template = template.unwrap_or("{run.name}/{run.id}");
+    let bad =
+        |why: String| ResultError::InvalidKey(format!("storage_key template '{template}' of {}: {why}", f.run_name));
+    let mut out = String::with_capacity(template.len() + 40);
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let close = rest[open..]
+            .find('}')
+            .ok_or_else(|| bad("a '{' is never closed".into()))?
+            + open;
+        let field = &rest[open + 1..close];
+        let value = match field {
+            "run.id" | "task_run.id" => f.run_id.to_string(),
+            "run.name" | "task_run.name" => f.run_name.to_owned(),
+            "flow_run.id" | "flow_run.name" => {
+                let (id, name) = f
+                    .flow_run
+                    .ok_or_else(|| bad(format!("{{{field}}} needs a flow run, and this run has none")))?;
+                if field == "flow_run.id" {
+                    id.to_string()
+                } else {
+                    name.to_owned()
+                }
+            }
+            p if p.starts_with("parameters.") => {
+                let name = &p["parameters.".len()..];
+                let value = f.parameters.and_then(|v| v.get(name)).ok_or_else(|| {
+                    bad(format!(
+                        "there is no parameter '{name}' with a value that can be written (it must implement Serialize)"
+                    ))
+                })?;
+                match value {
+                    Value::String(s) => s.clone(),
+                    Value::Object(o) if o.contains_key("type") && o.len() == 1 => {
+                        return Err(bad(format!(
+                            "parameter '{name}' does not implement Serialize, so it cannot be part of a key"
+                        )));
+                    }
+                    other => other.to_string(),
+                }
+            }
+            other => return Err(bad(format!("unknown field {{{other}}}; fields: {KEY_FIELDS}"))),
+        };
+        out.push_str(&value);
+        rest = &rest[close + 1..];
+    }
+    out.push_str(rest);
+    StorageKey::new(out).map_err(bad)
+}
+
+/// Encodes `value` off the async executor, writes the record, and gives the value back.
+pub(crate) async fn persist<T: Send + 'static>(
+    engine: &Engine,
+    plan: &Plan<T>,
+    key: StorageKey,
+    run_id: Uuid,
+    run_name: &str,
+    value: T,
+) -> Result<(T, ResultRef), (Option<T>, ResultError)> {
+    let storage = match engine.storage(&plan.storage) {
+        Ok(s) => s,
+        Err(e) => return Err((Some(value), e)),
+    };
+    let serializer = plan.serializer.clone();
+    let name = serializer.name().into_owned();
+    // The value moves to a blocking thread and back: encoding a large image must not stall
+    // the executor, and moving is not copying.
+    let encoded = tokio::task::spawn_blocking(move || {
+        let mut payload = Vec::new();
+        let outcome = serializer.encode(&value, &mut payload).map(|()| {
+            let hash = content_hash(&payload);
+            (Bytes::from(payload), hash)
+        });
+        (value, outcome)
+    })
+    .await;
+    let (value, (payload, hash)) = match encoded {
+        Ok((value, Ok(done))) => (value, done),
+        Ok((value, Err(e))) => {
+            let message = format!("cannot persist its {} result: {e}", short_type::<T>());
+            return Err((
+                Some(value),
+                ResultError::Serialize {
+                    run: run_name.to_owned(),
+                    message,
+                },
+            ));
+        }
+        Err(join) => {
+            let message = format!(
+                "the serializer panicked while encoding its {} result: {join}",
+                short_type::<T>()
+            );
+            return Err((
+                None,
+                ResultError::Serialize {
+                    run: run_name.to_owned(),
+                    message,
+                },
+            ));
+        }
+    };
+    let header = RecordHeader {
+        serializer: name.clone(),
+        value_type: short_type::<T>(),
+        hash: hash.clone(),
+        length: payload.len() as u64,
+        created: now_micros(),
+        expires: None,
+        run_id: Some(run_id),
+        run_name: run_name.to_owned(),
+    };
+    let size = payload.len() as u64;
+    if let Err(e) = storage.put_record(&key, &header, payload, false).await {
+        return Err((Some(value), e));
+    }
+    Ok((
+        value,
+        ResultRef {
+            storage: plan.storage.to_string(),
+            key: key.to_string(),
+            serializer: name,
+            size,
+            hash,
+        },
+    ))
+}
+
+/// Loads a persisted value, verifying the record and that `serializer` wrote it.
+pub(crate) async fn load<T: Send + 'static>(
+    engine: &Engine,
+    reference: &ResultRef,
+    serializer: Arc<dyn Serializer<T>>,
+    reader: &str,
+) -> Result<T, ResultError> {
+    let storage = engine.storage(&reference.storage)?;
+    let key = StorageKey::new(reference.key.clone()).map_err(ResultError::InvalidKey)?;
+    let (header, payload) = storage.get_record(&key).await?;
+    let expected = serializer.name();
+    if header.serializer != expected {
+        return Err(ResultError::WrongSerializer {
+            storage: reference.storage.clone(),
+            key: reference.key.clone(),
+            found: header.serializer,
+            expected: expected.into_owned(),
+            reader: format!("task '{reader}'"),
+        });
+    }
+    let reader = reader.to_owned();
+    tokio::task::spawn_blocking(move || {
+        serializer.decode(&payload).map_err(|e| ResultError::Serialize {
+            run: reader,
+            message: format!("cannot load its {} result from '{}': {e}", short_type::<T>(), key),
+        })
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(ResultError::Serialize {
+            run: "a task".into(),
+            message: format!("the serializer panicked while decoding: {e}"),
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(params: &Value) -> KeyFields<'_> {
+        KeyFields {
+            run_id: Uuid::nil(),
+            run_name: "resize",
+            flow_run: Some((Uuid::max(), "nightly")),
+            parameters: Some(params),
+        }
+    }
+
+    #[test]
+    fn templates_fill_in_run_and_parameter_fields() {
+        let params = serde_json::json!({ "name": "cat", "size": 512 });
+        let key = render_key(
+            Some("images/{flow_run.name}/{parameters.name}-{parameters.size}.png"),
+            &fields(&params),
+        );
+        assert_eq!(key.unwrap().as_str(), "images/nightly/cat-512.png");
+        let default = render_key(None, &fields(&params)).unwrap();
+        assert_eq!(default.as_str(), format!("resize/{}", Uuid::nil()));
+    }
+
+    #[test]
+    fn keys_that_escape_the_root_are_refused() {
+        let params = serde_json::json!({ "name": "../../etc/passwd", "abs": "/etc" });
+        for (template, why) in [
+            ("{parameters.name}", "'..'"),
+            ("/abs/{run.id}", "absolute"),
+            ("{parameters.abs}/x", "absolute"),
+            ("a//b", "empty segment"),
+            ("{unknown}", "unknown field {unknown}"),
+            ("{parameters.missing}", "no parameter 'missing'"),
+            ("open{run.id", "never closed"),
+        ] {
+            let err = render_key(Some(template), &fields(&params)).unwrap_err().to_string();
+            assert!(err.contains(why), "{template}: {err}");
+            assert!(err.contains("storage_key template"), "{err}");
+        }
+    }
+}

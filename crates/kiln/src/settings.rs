@@ -1,0 +1,240 @@
+//! Settings: `kiln.toml` (in the working directory, else in `$KILN_HOME`) and `KILN_*`
+//! variables, which win over the file.
+//!
+//! | variable | `kiln.toml` | default | meaning |
+//! |---|---|---|---|
+//! | `KILN_HOME` | – | `~/.kiln` | state database, default local storages, `kiln.toml` |
+//! | `KILN_RESULTS_PERSIST_BY_DEFAULT` | `[results] persist_by_default` | `false` | persist every task's result |
+//! | `KILN_DEFAULT_STORAGE` | `[results] default_storage` | `local` | storage of results that name none |
+//! | `KILN_DEFAULT_SERIALIZER` | `[results] default_serializer` | `msgpack` | `msgpack` or `json` for serde values |
+//! | `KILN_RESULTS_INLINE_MAX` | `[results] inline_max` | `4096` | bytes; larger values never go into the database |
+//! | `KILN_LOG` | – | `info` | filter of Kiln's stderr output |
+//!
+//! Storages are the `[storage.NAME]` tables (see [`crate::result::storage`]). A storage named
+//! `local` always exists: a folder under `$KILN_HOME/storage/local` unless configured.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::Error;
+use crate::result::StorageConfig;
+
+/// Kiln's settings, as read from the file and the environment.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    home: PathBuf,
+    file: PathBuf,
+    storages: BTreeMap<String, StorageConfig>,
+    /// Persist every task's result unless the task says otherwise.
+    pub persist_by_default: bool,
+    /// The storage of results whose task names none.
+    pub default_storage: String,
+    /// The serializer of serde values whose task names none (`msgpack` or `json`).
+    pub default_serializer: String,
+    /// Values encoded larger than this are never written into the database.
+    pub inline_max: u64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    results: ResultsSection,
+    #[serde(default)]
+    storage: BTreeMap<String, StorageConfig>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResultsSection {
+    persist_by_default: Option<bool>,
+    default_storage: Option<String>,
+    default_serializer: Option<String>,
+    inline_max: Option<u64>,
+}
+
+impl Settings {
+    /// Reads `kiln.toml` from the working directory, else from `home`, and the environment.
+    pub fn load(home: &Path) -> Result<Settings, Error> {
+        let local = std::env::current_dir()
+            .map(|d| d.join("kiln.toml"))
+            .ok()
+            .filter(|p| p.is_file());
+        let file = local.unwrap_or_else(|| home.join("kiln.toml"));
+        Settings::load_file(home, &file)
+    }
+
+    /// Reads settings from a given file (which may not exist yet) and the environment.
+    pub fn load_file(home: &Path, file: &Path) -> Result<Settings, Error> {
+        let parsed: File = match std::fs::read_to_string(file) {
+            Ok(text) => {
+                toml::from_str(&text).map_err(|e| Error::Setup(format!("{} is not valid: {e}", file.display())))?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => File::default(),
+            Err(e) => return Err(Error::Setup(format!("cannot read {}: {e}", file.display()))),
+        };
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let persist_by_default = match env("KILN_RESULTS_PERSIST_BY_DEFAULT") {
+            Some(v) => parse_bool("KILN_RESULTS_PERSIST_BY_DEFAULT", &v)?,
+            None => parsed.results.persist_by_default.unwrap_or(false),
+        };
+        let inline_max = match env("KILN_RESULTS_INLINE_MAX") {
+            Some(v) => v
+                .trim()
+                .parse()
+                .map_err(|_| Error::Setup(format!("KILN_RESULTS_INLINE_MAX must be a number of bytes, not '{v}'")))?,
+            None => parsed.results.inline_max.unwrap_or(4096),
+        };
+        let default_serializer = env("KILN_DEFAULT_SERIALIZER")
+            .or(parsed.results.default_serializer)
+            .unwrap_or_else(|| "msgpack".into());
+        if !["msgpack", "json"].contains(&default_serializer.as_str()) {
+            return Err(Error::Setup(format!(
+                "the default serializer '{default_serializer}' is not one Kiln can pick for any serde value; \
+                 use msgpack or json (other serializers are named on the task: `serializer = ...`)"
+            )));
+        }
+        Ok(Settings {
+            home: home.to_owned(),
+            file: file.to_owned(),
+            storages: parsed.storage,
+            persist_by_default,
+            default_storage: env("KILN_DEFAULT_STORAGE")
+                .or(parsed.results.default_storage)
+                .unwrap_or_else(|| "local".into()),
+            default_serializer,
+            inline_max,
+        })
+    }
+
+    /// Kiln's home folder.
+    pub fn home(&self) -> &Path {
+        &self.home
+    }
+
+    /// The settings file (it may not exist yet).
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// A storage's configuration; `local` exists even when not configured.
+    pub fn storage(&self, name: &str) -> Option<StorageConfig> {
+        self.storages
+            .get(name)
+            .cloned()
+            .or_else(|| (name == "local").then_some(StorageConfig::Local { path: None }))
+    }
+
+    /// Every storage by name, `local` included.
+    pub fn storages(&self) -> BTreeMap<String, StorageConfig> {
+        let mut all = self.storages.clone();
+        all.entry("local".into()).or_insert(StorageConfig::Local { path: None });
+        all
+    }
+
+    /// Adds or replaces a storage and writes the settings file (other content is kept).
+    pub fn put_storage(&mut self, name: &str, config: StorageConfig) -> Result<(), Error> {
+        check_name(name)?;
+        self.edit_file(|doc| {
+            let storage = doc
+                .entry("storage")
+                .or_insert_with(|| toml::Value::Table(Default::default()));
+            let table = storage.as_table_mut().ok_or("[storage] is not a table")?;
+            table.insert(
+                name.to_owned(),
+                toml::Value::try_from(&config).map_err(|e| e.to_string())?,
+            );
+            Ok(())
+        })?;
+        self.storages.insert(name.to_owned(), config);
+        Ok(())
+    }
+
+    /// Removes a storage from the settings file; `Ok(false)` when it was not there.
+    pub fn remove_storage(&mut self, name: &str) -> Result<bool, Error> {
+        if !self.storages.contains_key(name) {
+            return Ok(false);
+        }
+        self.edit_file(|doc| {
+            if let Some(t) = doc.get_mut("storage").and_then(toml::Value::as_table_mut) {
+                t.remove(name);
+            }
+            Ok(())
+        })?;
+        self.storages.remove(name);
+        Ok(true)
+    }
+
+    fn edit_file(&self, edit: impl FnOnce(&mut toml::Table) -> Result<(), String>) -> Result<(), Error> {
+        let fail = |e: String| Error::Setup(format!("cannot update {}: {e}", self.file.display()));
+        let mut doc: toml::Table = match std::fs::read_to_string(&self.file) {
+            Ok(text) => text.parse().map_err(|e: toml::de::Error| fail(e.to_string()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => toml::Table::new(),
+            Err(e) => return Err(fail(e.to_string())),
+        };
+        edit(&mut doc).map_err(fail)?;
+        if let Some(dir) = self.file.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+        }
+        // Write beside, then rename: a crash never leaves a half-written settings file.
+        let tmp = self.file.with_extension("toml.tmp");
+        std::fs::write(&tmp, toml::to_string_pretty(&doc).map_err(|e| fail(e.to_string()))?)
+            .and_then(|()| std::fs::rename(&tmp, &self.file))
+            .map_err(|e| fail(e.to_string()))
+    }
+}
+
+fn parse_bool(name: &str, v: &str) -> Result<bool, Error> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(Error::Setup(format!("{name} must be true or false, not '{v}'"))),
+    }
+}
+
+fn check_name(name: &str) -> Result<(), Error> {
+    let ok =
+        !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Setup(format!(
+            "'{name}' is not a valid storage name: use letters, digits, '-' and '_' (at most 64)"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storages_are_written_and_read_back_keeping_other_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kiln.toml");
+        std::fs::write(&file, "[results]\ninline_max = 100\n").unwrap();
+        let mut s = Settings::load_file(dir.path(), &file).unwrap();
+        s.put_storage("lake", StorageConfig::Memory).unwrap();
+        let again = Settings::load_file(dir.path(), &file).unwrap();
+        assert_eq!(again.storage("lake"), Some(StorageConfig::Memory));
+        assert_eq!(again.inline_max, 100);
+        assert!(again.storages().contains_key("local"));
+        let mut again = again;
+        assert!(again.remove_storage("lake").unwrap());
+        assert!(!again.remove_storage("lake").unwrap());
+        assert_eq!(Settings::load_file(dir.path(), &file).unwrap().storage("lake"), None);
+    }
+
+    #[test]
+    fn bad_files_and_names_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kiln.toml");
+        std::fs::write(&file, "[storage.x]\nkind = \"ftp\"\n").unwrap();
+        let err = Settings::load_file(dir.path(), &file).unwrap_err().to_string();
+        assert!(err.contains("kiln.toml is not valid") && err.contains("ftp"), "{err}");
+        let mut ok = Settings::load_file(dir.path(), &dir.path().join("none.toml")).unwrap();
+        assert!(ok.put_storage("../evil", StorageConfig::Memory).is_err());
+    }
+}

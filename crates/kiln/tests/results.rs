@@ -1,0 +1,219 @@
+//! Persisted results: records, references in the state database, reloads and errors.
+
+mod support;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use kiln::StateType::*;
+use kiln::prelude::*;
+use kiln::result::{ResultError, ResultRef, StorageConfig, StorageKey};
+
+fn reference(run: &kiln::store::model::TaskRun) -> ResultRef {
+    serde_json::from_value(run.result.clone().expect("a persisted result")).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persisted_result_is_a_verified_record_referenced_by_the_database() {
+    #[task(storage = "scratch", storage_key = "numbers/{parameters.n}.bin")]
+    fn numbers(n: u32) -> Vec<u32> {
+        (0..n).collect()
+    }
+    #[flow]
+    async fn counting() -> Result<usize, kiln::Error> {
+        Ok(numbers(5).await?.len())
+    }
+    let home = support::home();
+    home.engine.put_storage("scratch", StorageConfig::Memory).unwrap();
+    assert_eq!(home.engine.scope(counting()).await.unwrap(), 5);
+    let run = home.task(home.flow("counting").id, "numbers");
+    let r = reference(&run);
+    assert_eq!(
+        (r.storage.as_str(), r.key.as_str(), r.serializer.as_str()),
+        ("scratch", "numbers/5.bin", "msgpack")
+    );
+    let completed = home.store().states(run.id).unwrap().pop().unwrap();
+    assert_eq!(completed.state, Completed);
+    assert!(
+        completed.result.unwrap().contains("numbers/5.bin"),
+        "the Completed state carries the reference"
+    );
+    let loaded: Vec<u32> = home.engine.load_result(&r, MsgPack).await.unwrap();
+    assert_eq!(loaded, [0, 1, 2, 3, 4]);
+    let err = home.engine.load_result::<Vec<u32>>(&r, Json).await.unwrap_err();
+    assert!(matches!(err, ResultError::WrongSerializer { .. }), "{err}");
+    assert!(err.to_string().contains("written by serializer 'msgpack'"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_retry_loads_completed_results_instead_of_running_again() {
+    static EXPENSIVE: AtomicU32 = AtomicU32::new(0);
+    static FLAKY: AtomicU32 = AtomicU32::new(0);
+    #[task]
+    fn expensive(x: u64) -> u64 {
+        EXPENSIVE.fetch_add(1, Ordering::SeqCst);
+        x * 10
+    }
+    #[task]
+    fn flaky(x: u64) -> anyhow::Result<u64> {
+        anyhow::ensure!(FLAKY.fetch_add(1, Ordering::SeqCst) > 0, "first try fails");
+        Ok(x + 1)
+    }
+    #[flow(retries = 1)]
+    async fn resumable() -> anyhow::Result<u64> {
+        let a = expensive(1).await?;
+        let b = expensive(2).await?;
+        flaky(a + b).await
+    }
+    let home = support::home();
+    assert_eq!(home.engine.scope(resumable()).await.unwrap(), 31);
+    assert_eq!(EXPENSIVE.load(Ordering::SeqCst), 2, "each expensive call ran once");
+    assert_eq!(FLAKY.load(Ordering::SeqCst), 2);
+    let flow = home.flow("resumable");
+    assert_eq!((flow.state, flow.attempt), (Completed, 2));
+    let states: Vec<_> = home.tasks(flow.id).iter().map(|t| (t.name.clone(), t.state)).collect();
+    assert_eq!(
+        states,
+        [
+            ("expensive".to_string(), Completed),
+            ("expensive".to_string(), Completed),
+            ("flaky".to_string(), Failed),
+            ("expensive".to_string(), Cached),
+            ("expensive".to_string(), Cached),
+            ("flaky".to_string(), Completed),
+        ]
+    );
+    let cached = &home.tasks(flow.id)[3];
+    assert!(
+        cached
+            .state_message
+            .as_deref()
+            .unwrap()
+            .contains("from an earlier attempt")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_result_stays_out_of_the_database() {
+    #[task(persist)]
+    fn big() -> Vec<u8> {
+        (0..50 * 1024 * 1024).map(|i| (i % 251) as u8).collect()
+    }
+    #[flow]
+    async fn heavy() -> Result<usize, kiln::Error> {
+        Ok(big().await?.len())
+    }
+    let home = support::home();
+    assert_eq!(home.engine.scope(heavy()).await.unwrap(), 50 * 1024 * 1024);
+    let run = home.task(home.flow("heavy").id, "big");
+    let r = reference(&run);
+    assert!(r.size > 50 * 1024 * 1024, "msgpack of 50 MiB: {}", r.size);
+    let db: u64 = ["kiln.db", "kiln.db-wal"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(home.dir.path().join(f)).ok())
+        .map(|m| m.len())
+        .sum();
+    assert!(db < 1024 * 1024, "the database grew to {db} bytes");
+    let record = home.dir.path().join("storage/local").join(&r.key);
+    assert!(
+        std::fs::metadata(record).unwrap().len() > r.size,
+        "the record is in the local storage"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misconfigured_persistence_fails_before_the_body_runs() {
+    static RAN: AtomicU32 = AtomicU32::new(0);
+    #[task(storage = "nowhere")]
+    fn unknown_storage() -> u32 {
+        RAN.fetch_add(1, Ordering::SeqCst);
+        1
+    }
+    struct Opaque;
+    #[task(persist)]
+    fn no_serializer() -> Opaque {
+        RAN.fetch_add(1, Ordering::SeqCst);
+        Opaque
+    }
+    #[task(persist, storage_key = "x/{parameters.name}")]
+    fn escaping(name: String) -> u32 {
+        RAN.fetch_add(1, Ordering::SeqCst);
+        name.len() as u32
+    }
+    #[flow]
+    async fn misconfigured() -> Result<Vec<String>, kiln::Error> {
+        let a = unknown_storage().await.unwrap_err().to_string();
+        let b = no_serializer().await.err().unwrap().to_string();
+        let c = escaping("../../etc".into()).await.unwrap_err().to_string();
+        Ok(vec![a, b, c])
+    }
+    let home = support::home();
+    let errors = home.engine.scope(misconfigured()).await.unwrap();
+    assert_eq!(RAN.load(Ordering::SeqCst), 0, "no body ran");
+    assert!(
+        errors[0].contains("unknown storage 'nowhere'") && errors[0].contains("kiln storage add nowhere"),
+        "{}",
+        errors[0]
+    );
+    assert!(
+        errors[1].contains("no_serializer") && errors[1].contains("Opaque") && errors[1].contains("has no serializer"),
+        "{}",
+        errors[1]
+    );
+    assert!(
+        errors[2].contains("'..'") && errors[2].contains("storage_key template"),
+        "{}",
+        errors[2]
+    );
+    let runs = home.tasks(home.flow("misconfigured").id);
+    assert!(runs.iter().all(|r| r.state == Failed && r.attempt == 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_and_missing_records_are_reported_with_their_key() {
+    #[task(persist, storage = "files")]
+    fn greeting() -> String {
+        "hello".repeat(100)
+    }
+    #[flow]
+    async fn writing() -> Result<String, kiln::Error> {
+        greeting().await
+    }
+    let home = support::home();
+    let folder = home.dir.path().join("files");
+    home.engine
+        .put_storage(
+            "files",
+            StorageConfig::Local {
+                path: Some(folder.clone()),
+            },
+        )
+        .unwrap();
+    home.engine.scope(writing()).await.unwrap();
+    let r = reference(&home.task(home.flow("writing").id, "greeting"));
+    let path = folder.join(&r.key);
+    let mut bytes = std::fs::read(&path).unwrap();
+    *bytes.last_mut().unwrap() ^= 0x20;
+    std::fs::write(&path, &bytes).unwrap();
+    let err = home.engine.load_result::<String>(&r, MsgPack).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.starts_with(&format!(
+            "result '{}' in storage 'files': hash mismatch (expected blake3:",
+            r.key
+        )),
+        "{text}"
+    );
+    std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
+    let err = home
+        .engine
+        .load_result::<String>(&r, MsgPack)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("truncated"), "{err}");
+    std::fs::remove_file(&path).unwrap();
+    let err = home.engine.load_result::<String>(&r, MsgPack).await.unwrap_err();
+    assert!(matches!(err, ResultError::Missing { .. }), "{err}");
+    let storage = home.engine.storage("files").unwrap();
+    assert!(!storage.exists(&StorageKey::new(r.key.clone()).unwrap()).await.unwrap());
+}
