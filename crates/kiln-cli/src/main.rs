@@ -3,7 +3,9 @@
 //! Results go to stdout (a table, or JSON with `--json`); diagnostics go to stderr, and a
 //! failure exits non-zero.
 
+mod result;
 mod runs;
+mod storage;
 mod table;
 
 use std::path::PathBuf;
@@ -27,6 +29,12 @@ enum Command {
     /// Flow runs and task runs.
     #[command(subcommand)]
     Runs(runs::RunsCommand),
+    /// Persisted results.
+    #[command(subcommand)]
+    Result(result::ResultCommand),
+    /// Named result storages.
+    #[command(subcommand)]
+    Storage(storage::StorageCommand),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +48,8 @@ fn main() -> ExitCode {
     };
     let outcome = match cli.command {
         Command::Runs(cmd) => runs::run(&home, cmd),
+        Command::Result(cmd) => result::run(&home, cmd),
+        Command::Storage(cmd) => storage::run(&home, cmd),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,148 @@
+//! `kiln result ...`: inspect persisted results.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use kiln::result::{ResultRef, ResultStorage, StorageKey, record};
+use kiln::serializer::{Rendered, render};
+use kiln::settings::Settings;
+use kiln::store::model::RunRef;
+use kiln::store::{SqliteStore, Store};
+use serde::Serialize;
+
+use crate::table;
+
+#[derive(Subcommand)]
+pub(crate) enum ResultCommand {
+    /// Show a result record's metadata and verify its hash.
+    Show {
+        /// A task run or flow run id (or unique prefix), or `storage:key`.
+        target: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a result's value to a file: images as image files, serde values as JSON,
+    /// anything else as its raw payload.
+    Get {
+        /// A task run or flow run id (or unique prefix), or `storage:key`.
+        target: String,
+        /// The file to write (`-` for standard output).
+        #[arg(long, short = 'o', value_name = "FILE")]
+        output: PathBuf,
+    },
+}
+
+#[derive(Serialize)]
+struct Shown {
+    storage: String,
+    key: String,
+    #[serde(flatten)]
+    header: record::RecordHeader,
+    verified: bool,
+}
+
+pub(crate) fn run(home: &Path, cmd: ResultCommand) -> Result<()> {
+    let settings = Settings::load(home)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    match cmd {
+        ResultCommand::Show { target, json } => {
+            let (storage, key) = locate(home, &settings, &target)?;
+            let bytes = rt.block_on(storage.get_bytes(&key))?;
+            let (header, _) = record::decode_unverified(bytes.clone())
+                .with_context(|| format!("result '{key}' in storage '{}'", storage.name()))?;
+            let verified = record::decode(bytes);
+            let mut out = std::io::stdout().lock();
+            if json {
+                let shown = Shown {
+                    storage: storage.name().into(),
+                    key: key.to_string(),
+                    header,
+                    verified: verified.is_ok(),
+                };
+                serde_json::to_writer_pretty(&mut out, &shown)?;
+                writeln!(out)?;
+            } else {
+                writeln!(out, "storage    {} ({})", storage.name(), storage.kind())?;
+                writeln!(out, "key        {key}")?;
+                writeln!(out, "serializer {}", header.serializer)?;
+                if !header.value_type.is_empty() {
+                    writeln!(out, "type       {}", header.value_type)?;
+                }
+                writeln!(out, "size       {} bytes", header.length)?;
+                writeln!(out, "hash       {}", header.hash)?;
+                writeln!(out, "created    {}", table::time(Some(header.created)))?;
+                if let Some(run) = header.run_id {
+                    writeln!(out, "run        {} ({run})", header.run_name)?;
+                }
+                match &verified {
+                    Ok(_) => writeln!(out, "verified   yes: the payload matches its hash")?,
+                    Err(_) => writeln!(out, "verified   NO")?,
+                }
+            }
+            verified
+                .map(drop)
+                .with_context(|| format!("result '{key}' in storage '{}'", storage.name()))
+        }
+        ResultCommand::Get { target, output } => {
+            let (storage, key) = locate(home, &settings, &target)?;
+            let (header, payload) = rt.block_on(storage.get_record(&key))?;
+            let rendered = render(&header.serializer, &payload).map_err(|e| {
+                anyhow::anyhow!("result '{key}' in storage '{}': cannot decode it: {e}", storage.name())
+            })?;
+            let (bytes, what) = match rendered {
+                Rendered::Json(v) => (serde_json::to_vec_pretty(&v)?, "JSON".to_string()),
+                Rendered::Image { extension, bytes } => (bytes, format!("a {extension} image")),
+                Rendered::Raw(bytes) => (bytes, format!("the raw '{}' payload", header.serializer)),
+                _ => bail!("this kind of result cannot be written yet"),
+            };
+            if output.as_os_str() == "-" {
+                std::io::stdout().lock().write_all(&bytes)?;
+            } else {
+                std::fs::write(&output, &bytes).with_context(|| format!("writing {}", output.display()))?;
+                eprintln!("wrote {} ({} bytes, {what})", output.display(), bytes.len());
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A run id (its result) or `storage:key`.
+fn locate(home: &Path, settings: &Settings, target: &str) -> Result<(ResultStorage, StorageKey)> {
+    let reference: ResultRef = match target.split_once(':') {
+        Some((storage, key)) if !storage.is_empty() && !key.is_empty() => ResultRef {
+            storage: storage.into(),
+            key: key.into(),
+            serializer: String::new(),
+            size: 0,
+            hash: String::new(),
+        },
+        _ => {
+            let db = home.join("kiln.db");
+            if !db.exists() {
+                bail!("no run '{target}': nothing is recorded in {} yet", db.display());
+            }
+            let store = SqliteStore::open_existing(&db)?;
+            let result = match store.resolve(target)? {
+                RunRef::Task(id) => store.task_run(id)?.and_then(|r| r.result),
+                RunRef::Flow(id) => store.flow_run(id)?.and_then(|r| r.result),
+            };
+            let Some(result) = result else {
+                bail!("run '{target}' has no persisted result (persist it with `#[task(persist)]`)");
+            };
+            serde_json::from_value(result).context("the run's result reference cannot be read")?
+        }
+    };
+    let config = settings.storage(&reference.storage).ok_or_else(|| {
+        anyhow::anyhow!(
+            "unknown storage '{}' (configured: {}); it is defined in kiln.toml of the program that wrote it",
+            reference.storage,
+            settings.storages().into_keys().collect::<Vec<_>>().join(", ")
+        )
+    })?;
+    let storage = ResultStorage::build(&reference.storage, &config, settings.home())?;
+    let key = StorageKey::new(reference.key).map_err(anyhow::Error::msg)?;
+    Ok((storage, key))
+}
