@@ -14,7 +14,7 @@ use crate::table;
 #[derive(Subcommand)]
 pub(crate) enum StorageCommand {
     /// Add (or replace) a storage in kiln.toml.
-    Add(AddArgs),
+    Add(Box<AddArgs>),
     /// List the storages (secrets are never shown).
     Ls {
         /// Print JSON instead of a table.
@@ -138,7 +138,7 @@ pub(crate) fn run(home: &Path, cmd: StorageCommand) -> Result<()> {
     match cmd {
         StorageCommand::Add(args) => {
             let name = args.name.clone();
-            let config = args.config()?;
+            let config = (*args).config()?;
             let location = config.location(&name, home);
             settings.put_storage(&name, config)?;
             eprintln!("storage '{name}' ({location}) saved in {}", settings.file().display());
