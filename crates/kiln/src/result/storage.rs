@@ -367,9 +367,20 @@ impl ResultStorage {
             } => {
                 let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
                     .with_container_name(container)
-                    .with_use_emulator(*use_emulator)
                     .with_allow_http(*allow_http)
                     .with_retry(retry_config());
+                match (use_emulator, endpoint) {
+                    // object_store reads an emulator's address only from the environment;
+                    // with an explicit endpoint, give it the emulator's public account instead.
+                    (true, Some(_)) => {
+                        b = b
+                            .with_account(AZURITE_ACCOUNT)
+                            .with_access_key(AZURITE_KEY)
+                            .with_allow_http(true);
+                    }
+                    (true, None) => b = b.with_use_emulator(true),
+                    (false, _) => {}
+                }
                 if let Some(a) = account {
                     b = b.with_account(a);
                 }
@@ -425,6 +436,14 @@ impl ResultStorage {
 
     fn backend(&self, op: &'static str, key: &StorageKey, source: object_store::Error) -> ResultError {
         match source {
+            // A write cannot find its key: what is missing is the bucket or container.
+            object_store::Error::NotFound { source, .. } if op == "write" => ResultError::Config {
+                storage: self.name.to_string(),
+                message: format!(
+                    "writing '{key}' failed because its bucket or container does not exist ({source}); \
+                     create it, or correct its name in kiln.toml"
+                ),
+            },
             object_store::Error::NotFound { .. } => ResultError::Missing {
                 storage: self.name.to_string(),
                 key: key.to_string(),
@@ -528,12 +547,7 @@ impl ResultStorage {
             .store
             .list(base.as_ref())
             .map_ok(|m| StoredObject {
-                key: m
-                    .location
-                    .as_ref()
-                    .strip_prefix(&strip)
-                    .unwrap_or(m.location.as_ref())
-                    .to_owned(),
+                key: percent_decode(m.location.as_ref().strip_prefix(&strip).unwrap_or(m.location.as_ref())),
                 size: m.size,
                 modified: m.last_modified.timestamp_micros(),
             })
@@ -550,6 +564,31 @@ impl ResultStorage {
     }
 }
 
+/// object_store percent-encodes characters outside a safe set in paths; keys are shown as given.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| s.to_owned())
+}
+
 /// In-process storages are shared by name, so a record written by one task is there for the next.
 fn memory_store(name: &str) -> Arc<dyn ObjectStore> {
     use std::sync::{Mutex, OnceLock};
@@ -563,6 +602,12 @@ fn memory_store(name: &str) -> Arc<dyn ObjectStore> {
         .or_insert_with(|| Arc::new(object_store::memory::InMemory::new()))
         .clone()
 }
+
+/// Azurite's documented development account and key (public; the emulator only).
+#[cfg(feature = "azure")]
+const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+#[cfg(feature = "azure")]
+const AZURITE_KEY: &str = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
 /// Few, quick retries: a missing bucket or a dead endpoint should fail in seconds, not minutes.
 #[cfg(any(feature = "aws", feature = "gcp", feature = "azure"))]
