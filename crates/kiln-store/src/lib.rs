@@ -29,6 +29,7 @@
 //!     message: None,
 //!     attempt: 1,
 //!     timestamp: now_micros(),
+//!     result: None,
 //! };
 //! store.transition(RunKind::Flow, Some(StateType::Pending), running)?;
 //! store.flush()?;
