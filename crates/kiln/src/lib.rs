@@ -79,7 +79,7 @@ pub use task::{Input, Task, TaskCall, TaskFuture, join_all};
 /// The names a pipeline file needs: `use kiln::prelude::*;`.
 pub mod prelude {
     #[cfg(feature = "images")]
-    pub use crate::serializer::{Jpeg, Png, Qoi};
+    pub use crate::serializer::{Jpeg, Png, Qoi, RawPixels};
     pub use crate::serializer::{Json, MsgPack, Serializer, Zstd};
     pub use crate::{Options, RetryDelay, TaskFuture, flow, task};
 }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use image::{DynamicImage, GrayImage, ImageBuffer, Luma, Rgb, RgbImage, Rgba, RgbaImage};
-use kiln::serializer::{Jpeg, Json, MsgPack, Png, PngCompression, Qoi, Serializer, Zstd};
+use kiln::serializer::{Jpeg, Json, MsgPack, Png, PngCompression, Qoi, RawPixels, Serializer, Zstd};
 use proptest::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -174,6 +174,10 @@ fn sixteen_bit_and_gray_images_round_trip_as_png() {
     let deep: ImageBuffer<Rgb<u16>, Vec<u16>> =
         ImageBuffer::from_fn(6, 4, |x, y| Rgb([x as u16 * 9000, y as u16 * 7000, 65535]));
     assert_eq!(round_trip(&Png::default(), &deep), deep);
+    assert_eq!(round_trip(&RawPixels, &deep), deep);
+    let float: ImageBuffer<Rgb<f32>, Vec<f32>> =
+        ImageBuffer::from_fn(3, 2, |x, y| Rgb([x as f32 / 3.0, y as f32, -1.5]));
+    assert_eq!(round_trip(&RawPixels, &float), float);
     let dynamic = DynamicImage::ImageRgba8(ImageBuffer::from_fn(3, 3, |x, _| Rgba([x as u8, 0, 0, 128])));
     assert_eq!(round_trip(&Png::default(), &dynamic), dynamic);
 }
@@ -206,6 +210,7 @@ fn names_are_stable() {
     assert_eq!(Serializer::<RgbImage>::name(&Png::default()), "png");
     assert_eq!(Serializer::<RgbImage>::name(&Qoi), "qoi");
     assert_eq!(Serializer::<RgbImage>::name(&Jpeg::default()), "jpeg");
+    assert_eq!(Serializer::<RgbImage>::name(&RawPixels), "raw-pixels");
 }
 
 #[test]

@@ -48,6 +48,8 @@ buffer_value! {
     image::Rgba<u16> => ImageRgba16, Rgba16;
     image::Luma<u16> => ImageLuma16, L16;
     image::LumaA<u16> => ImageLumaA16, La16;
+    image::Rgb<f32> => ImageRgb32F, Rgb32F;
+    image::Rgba<f32> => ImageRgba32F, Rgba32F;
 }
 
 impl ImageValue for DynamicImage {
@@ -172,9 +174,100 @@ impl<T: ImageValue> Serializer<T> for Jpeg {
     }
 }
 
-/// Re-encodes a QOI payload as PNG for viewers that do not read QOI.
-pub(crate) fn qoi_to_png(payload: &[u8]) -> Result<Vec<u8>, String> {
-    let image = image::load_from_memory_with_format(payload, ImageFormat::Qoi).map_err(|e| format!("qoi: {e}"))?;
+/// Raw pixels behind a 14-byte header (magic, width, height, color type): no compression,
+/// so it encodes and decodes at memory speed; exact for every color type, 16-bit and float
+/// included. Wrap it in [`Zstd`](super::Zstd) for flat images (screenshots, renders).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawPixels;
+
+const RAW_MAGIC: &[u8; 4] = b"KRAW";
+
+fn color_code(c: ExtendedColorType) -> Option<u8> {
+    Some(match c {
+        ExtendedColorType::L8 => 1,
+        ExtendedColorType::La8 => 2,
+        ExtendedColorType::Rgb8 => 3,
+        ExtendedColorType::Rgba8 => 4,
+        ExtendedColorType::L16 => 5,
+        ExtendedColorType::La16 => 6,
+        ExtendedColorType::Rgb16 => 7,
+        ExtendedColorType::Rgba16 => 8,
+        ExtendedColorType::Rgb32F => 9,
+        ExtendedColorType::Rgba32F => 10,
+        _ => return None,
+    })
+}
+
+impl<T: ImageValue> Serializer<T> for RawPixels {
+    fn name(&self) -> Cow<'static, str> {
+        "raw-pixels".into()
+    }
+    fn encode(&self, value: &T, out: &mut Vec<u8>) -> Result<(), SerializeError> {
+        let (w, h, color, bytes) = value.raw();
+        let code = color_code(color)
+            .ok_or_else(|| SerializeError::encode("raw-pixels", format!("unsupported color type {color:?}")))?;
+        out.reserve(14 + bytes.len());
+        out.extend_from_slice(RAW_MAGIC);
+        out.extend_from_slice(&w.to_le_bytes());
+        out.extend_from_slice(&h.to_le_bytes());
+        out.extend_from_slice(&[code, 0]);
+        out.extend_from_slice(bytes);
+        Ok(())
+    }
+    fn decode(&self, bytes: &[u8]) -> Result<T, SerializeError> {
+        let fail = |why: String| SerializeError::decode("raw-pixels", why);
+        if bytes.len() < 14 || &bytes[..4] != RAW_MAGIC {
+            return Err(fail("not raw-pixels data".into()));
+        }
+        let w = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes"));
+        let h = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+        let px = &bytes[14..];
+        let (w_us, h_us) = (w as usize, h as usize);
+        let expect = |channels: usize, size: usize| w_us.checked_mul(h_us).and_then(|n| n.checked_mul(channels * size));
+        let sized = |channels, size| match expect(channels, size) {
+            Some(n) if n == px.len() => Ok(()),
+            _ => Err(fail(format!("{}x{} pixels do not match {} bytes", w, h, px.len()))),
+        };
+        let u16s = |px: &[u8]| {
+            px.chunks_exact(2)
+                .map(|c| u16::from_ne_bytes([c[0], c[1]]))
+                .collect::<Vec<_>>()
+        };
+        let f32s = |px: &[u8]| {
+            px.chunks_exact(4)
+                .map(|c| f32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+                .collect::<Vec<_>>()
+        };
+        let image = match bytes[12] {
+            1 => sized(1, 1).map(|()| ImageBuffer::from_raw(w, h, px.to_vec()).map(DynamicImage::ImageLuma8)),
+            2 => sized(2, 1).map(|()| ImageBuffer::from_raw(w, h, px.to_vec()).map(DynamicImage::ImageLumaA8)),
+            3 => sized(3, 1).map(|()| ImageBuffer::from_raw(w, h, px.to_vec()).map(DynamicImage::ImageRgb8)),
+            4 => sized(4, 1).map(|()| ImageBuffer::from_raw(w, h, px.to_vec()).map(DynamicImage::ImageRgba8)),
+            5 => sized(1, 2).map(|()| ImageBuffer::from_raw(w, h, u16s(px)).map(DynamicImage::ImageLuma16)),
+            6 => sized(2, 2).map(|()| ImageBuffer::from_raw(w, h, u16s(px)).map(DynamicImage::ImageLumaA16)),
+            7 => sized(3, 2).map(|()| ImageBuffer::from_raw(w, h, u16s(px)).map(DynamicImage::ImageRgb16)),
+            8 => sized(4, 2).map(|()| ImageBuffer::from_raw(w, h, u16s(px)).map(DynamicImage::ImageRgba16)),
+            9 => sized(3, 4).map(|()| ImageBuffer::from_raw(w, h, f32s(px)).map(DynamicImage::ImageRgb32F)),
+            10 => sized(4, 4).map(|()| ImageBuffer::from_raw(w, h, f32s(px)).map(DynamicImage::ImageRgba32F)),
+            c => return Err(fail(format!("unknown color code {c}"))),
+        }?
+        .ok_or_else(|| fail("inconsistent dimensions".into()))?;
+        let color = image.color();
+        T::from_dynamic(image).ok_or_else(|| {
+            fail(format!(
+                "the record holds a {color:?} image; read it as that type or as a DynamicImage"
+            ))
+        })
+    }
+}
+
+/// Re-encodes a QOI or raw-pixels payload as PNG for viewers.
+pub(crate) fn to_png(serializer: &str, payload: &[u8]) -> Result<Vec<u8>, String> {
+    let image: DynamicImage = if serializer == "qoi" {
+        image::load_from_memory_with_format(payload, ImageFormat::Qoi).map_err(|e| format!("qoi: {e}"))?
+    } else {
+        RawPixels.decode(payload).map_err(|e| e.to_string())?
+    };
     let mut out = Cursor::new(Vec::new());
     image
         .write_to(&mut out, ImageFormat::Png)

@@ -10,6 +10,7 @@
 //! | [`Json`] | `json` | any `Serialize + DeserializeOwned` | human-readable |
 //! | [`Png`] | `png` | `image` buffers and `DynamicImage` (feature `images`) | what users expect; fast compression by default |
 //! | [`Qoi`] | `qoi` | 8-bit RGB and RGBA images (feature `images`) | the fastest exact round trip measured |
+//! | [`RawPixels`] | `raw-pixels` | any `image` buffer, 16-bit and float included (feature `images`) | no compression: memory speed; wrap in `Zstd` for flat images |
 //! | [`Jpeg`] | `jpeg` | 8-bit RGB and gray images (feature `images`) | lossy: opt in only |
 //! | [`Zstd`] | `zstd(<inner>)` | whatever the inner serializer takes | compression around any other |
 //!
@@ -184,7 +185,7 @@ impl<T: 'static, S: Serializer<T>> Serializer<T> for Zstd<S> {
 #[cfg(feature = "images")]
 mod images;
 #[cfg(feature = "images")]
-pub use images::{ImageValue, Jpeg, Png, PngCompression, Qoi};
+pub use images::{ImageValue, Jpeg, Png, PngCompression, Qoi, RawPixels};
 
 /// Decodes a record's payload without the Rust type, for tools (`kiln result get`):
 /// self-describing formats become JSON, images become PNG, anything else stays as it is.
@@ -210,7 +211,7 @@ pub fn render(serializer: &str, payload: &[u8]) -> Result<Rendered, String> {
             bytes: payload.to_vec(),
         }),
         #[cfg(feature = "images")]
-        "qoi" => images::qoi_to_png(payload).map(|bytes| Rendered::Image {
+        "qoi" | "raw-pixels" => images::to_png(serializer, payload).map(|bytes| Rendered::Image {
             extension: "png",
             bytes,
         }),
