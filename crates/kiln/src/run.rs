@@ -164,8 +164,9 @@ impl Drop for Tracker {
 /// Decides whether and where a run persists its value; fails before any work when the
 /// storage is unknown or the type has no serializer.
 ///
-/// `implied`: a feature needs the result persisted (a flow with retries): persist when
-/// possible, without an error for types that have no serializer.
+/// `implied`: a feature needs the result persisted (a flow with retries). Like
+/// `persist_by_default`, it applies where the type has a serializer and is silent elsewhere;
+/// only `persist`/`storage` on the task make a missing serializer an error.
 pub(crate) fn persist_plan<B: Body>(
     body: &B,
     engine: &Engine,
@@ -173,14 +174,19 @@ pub(crate) fn persist_plan<B: Body>(
     label: &RunLabel,
     implied: bool,
 ) -> Result<Option<Plan<B::Output>>, ResultError> {
-    let asked = options
-        .persist
-        .unwrap_or(options.storage.is_some() || engine.persist_by_default());
-    if !(asked || implied && options.persist.is_none()) {
+    // Asked for on the task (or at call time): a type without a serializer is an error.
+    // Wanted by a setting or a feature: applied where the type allows it.
+    let explicit = options.persist.unwrap_or(options.storage.is_some());
+    let wanted = explicit || (options.persist.is_none() && (implied || engine.persist_by_default()));
+    if !wanted {
         return Ok(None);
     }
     let Some(serializer) = body.serializer(&engine.default_serializer()) else {
-        if !asked {
+        if !explicit {
+            tracing::debug!(
+                "{label}: not persisted, its type {} has no serializer",
+                short_type::<B::Output>()
+            );
             return Ok(None);
         }
         return Err(ResultError::NotPersistable(format!(

@@ -217,3 +217,43 @@ async fn damaged_and_missing_records_are_reported_with_their_key() {
     let storage = home.engine.storage("files").unwrap();
     assert!(!storage.exists(&StorageKey::new(r.key.clone()).unwrap()).await.unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_turn_persistence_on_and_choose_storage_and_serializer() {
+    #[task]
+    fn listed() -> Vec<u32> {
+        vec![1, 2, 3]
+    }
+    struct Handle;
+    #[task]
+    fn opaque() -> std::sync::Arc<Handle> {
+        std::sync::Arc::new(Handle)
+    }
+    #[flow]
+    async fn defaults() -> Result<usize, kiln::Error> {
+        let a = listed().await?;
+        let _ = opaque().await?; // no serializer: the default cannot apply, and that is fine
+        let b = listed.with_options(Options::new().persist(false)).call().await?;
+        Ok(a.len() + b.len())
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("kiln.toml"),
+        "[results]\npersist_by_default = true\ndefault_serializer = \"json\"\ndefault_storage = \"shelf\"\n\n\
+         [storage.shelf]\nkind = \"memory\"\n",
+    )
+    .unwrap();
+    let engine = kiln::Engine::open(dir.path()).unwrap();
+    assert_eq!(engine.scope(defaults()).await.unwrap(), 6);
+    let flow = engine.store().flow_runs(1).unwrap().pop().unwrap();
+    let runs = engine.store().task_runs(flow.id).unwrap();
+    let r = reference(&runs[0]);
+    assert_eq!((r.storage.as_str(), r.serializer.as_str()), ("shelf", "json"));
+    assert!(
+        runs[1].result.is_none() && runs[1].state == Completed,
+        "opaque ran, unpersisted"
+    );
+    assert!(runs[2].result.is_none(), "persist(false) wins over the default");
+    let back: Vec<u32> = engine.load_result(&r, Json).await.unwrap();
+    assert_eq!(back, [1, 2, 3]);
+}

@@ -92,6 +92,23 @@ fn azure() -> Option<Backend> {
     })
 }
 
+fn gcs() -> Option<Backend> {
+    // No emulator speaks the XML API object_store uses: real credentials and bucket only.
+    let Some(bucket) = env("KILN_TEST_GCS_BUCKET") else {
+        eprintln!("skipped: KILN_TEST_GCS_BUCKET is not set (GCS needs a real bucket and credentials)");
+        return None;
+    };
+    let config = StorageConfig::Gcs {
+        bucket,
+        service_account_path: None,
+        prefix: Some(format!("suite/{}", unique())),
+    };
+    Some(Backend {
+        storage: ResultStorage::build("gcs-test", &config, "/nonexistent".as_ref()).unwrap(),
+        _dir: None,
+    })
+}
+
 fn header(payload: &[u8]) -> RecordHeader {
     RecordHeader {
         serializer: "raw".into(),
@@ -242,7 +259,7 @@ macro_rules! storage_suite {
     )*};
 }
 
-storage_suite!(local, memory, s3, azure);
+storage_suite!(local, memory, s3, azure, gcs);
 
 #[tokio::test]
 async fn an_unreachable_endpoint_fails_fast_with_advice() {
