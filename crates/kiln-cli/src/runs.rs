@@ -32,6 +32,12 @@ pub(crate) enum RunsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Run a failed flow run again in the program that ran it: task runs that completed
+    /// with persisted results are loaded instead of run again.
+    Retry {
+        /// The flow run's id (or an unambiguous prefix).
+        id: String,
+    },
     /// Print the logs captured in a run (for a flow run: its own and its task runs').
     Logs {
         /// A flow run or task run id, or an unambiguous prefix of one.
@@ -54,10 +60,12 @@ pub(crate) fn run(home: &Path, cmd: RunsCommand) -> Result<()> {
                 }
                 Ok(())
             }
-            RunsCommand::Show { id, .. } | RunsCommand::Logs { id, .. } => Err(anyhow::anyhow!(
-                "no flow run or task run with id '{id}': nothing is recorded in {} yet",
-                db.display()
-            )),
+            RunsCommand::Show { id, .. } | RunsCommand::Logs { id, .. } | RunsCommand::Retry { id } => {
+                Err(anyhow::anyhow!(
+                    "no flow run or task run with id '{id}': nothing is recorded in {} yet",
+                    db.display()
+                ))
+            }
         };
     }
     let store = SqliteStore::open_existing(&db).with_context(|| format!("reading {}", db.display()))?;
@@ -67,6 +75,7 @@ pub(crate) fn run(home: &Path, cmd: RunsCommand) -> Result<()> {
             RunRef::Flow(id) => show_flow(&store, &mut out, id, json),
             RunRef::Task(id) => show_task(&store, &mut out, id, json),
         },
+        RunsCommand::Retry { id } => retry(&store, &id),
         RunsCommand::Logs { id, json } => {
             let id = match store.resolve(&id)? {
                 RunRef::Flow(id) | RunRef::Task(id) => id,
@@ -287,6 +296,49 @@ fn logs(store: &SqliteStore, out: &mut impl Write, id: Uuid, json: bool) -> Resu
     }
     if logs.is_empty() {
         eprintln!("no logs captured for {id}");
+    }
+    Ok(())
+}
+
+fn retry(store: &SqliteStore, id: &str) -> Result<()> {
+    let RunRef::Flow(id) = store.resolve(id)? else {
+        anyhow::bail!("'{id}' is a task run; retry the flow run it belongs to (see `kiln runs show {id}`)");
+    };
+    let run = store
+        .flow_run(id)?
+        .ok_or_else(|| anyhow::anyhow!("flow run {id} vanished while reading"))?;
+    if !run.state.is_terminal() || run.state.is_success() {
+        anyhow::bail!(
+            "flow run {id} is {}; only a run that ended without success can be retried",
+            run.state
+        );
+    }
+    let Some(command) = run.command else {
+        anyhow::bail!(
+            "flow run {id} does not record how it was started (it is a subflow, or older than this Kiln); \
+             retry its top-level flow run"
+        );
+    };
+    let argv: Vec<String> = serde_json::from_value(command["argv"].clone()).unwrap_or_default();
+    let cwd = command["cwd"].as_str().unwrap_or(".");
+    let Some((program, args)) = argv.split_first() else {
+        anyhow::bail!("flow run {id} recorded an empty command");
+    };
+    eprintln!("retrying flow run {id} ('{}'): {}", run.name, argv.join(" "));
+    let status = std::process::Command::new(program)
+        .args(args)
+        .current_dir(cwd)
+        .env("KILN_RETRY_OF", id.to_string())
+        .status()
+        .with_context(|| format!("cannot start {program} (from {cwd}); was the program moved or rebuilt elsewhere?"))?;
+    store.flush().ok();
+    let retried = store.flow_runs(200)?.into_iter().find(|f| f.retry_of == Some(id));
+    match retried {
+        Some(new) => eprintln!("flow run {} retried {id} and ended {}", new.id, new.state),
+        None => eprintln!("the program did not start a flow run named '{}'", run.name),
+    }
+    if !status.success() {
+        anyhow::bail!("the program exited with {status}");
     }
     Ok(())
 }

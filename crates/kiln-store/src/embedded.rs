@@ -245,8 +245,8 @@ impl<'t> Statements<'t> {
             )?,
             flow_run: tx.prepare_cached(
                 "INSERT INTO flow_runs (id, name, parent_id, parameters, tags, state, state_message, attempt,
-                                        created, start_time, end_time, result)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                                        created, start_time, end_time, result, command, retry_of)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             )?,
             task_run: tx.prepare_cached(
                 "INSERT INTO task_runs (id, flow_run_id, name, task_key, inputs, tags, state, state_message, attempt,
@@ -319,7 +319,9 @@ impl<'t> Statements<'t> {
                 r.created,
                 row.start,
                 row.end,
-                row.result
+                row.result,
+                r.command,
+                r.retry_of
             ])?,
             Write::TaskRun(r) => self.task_run.execute(params![
                 r.id,
@@ -472,7 +474,7 @@ fn state_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<StateType> {
 
 const FLOW_COLUMNS: &str = "f.id, f.name, f.parent_id, f.parameters, f.tags, f.state, f.state_message, f.attempt,
      f.created, f.start_time, f.end_time,
-     (SELECT COUNT(*) FROM task_runs t WHERE t.flow_run_id = f.id), f.result";
+     (SELECT COUNT(*) FROM task_runs t WHERE t.flow_run_id = f.id), f.result, f.command, f.retry_of";
 
 fn flow_row(row: &Row<'_>) -> rusqlite::Result<FlowRun> {
     Ok(FlowRun {
@@ -489,6 +491,8 @@ fn flow_row(row: &Row<'_>) -> rusqlite::Result<FlowRun> {
         end_time: row.get(10)?,
         task_count: row.get::<_, i64>(11)? as u64,
         result: opt_json_col(row, 12)?,
+        command: opt_json_col(row, 13)?,
+        retry_of: row.get(14)?,
     })
 }
 

@@ -42,6 +42,10 @@ pub struct NewFlowRun {
     pub created: Micros,
     /// The state it starts in (recorded as the first entry of its history).
     pub initial_state: StateType,
+    /// How the process was started (JSON: `argv`, `cwd`), for top-level flow runs.
+    pub command: Option<String>,
+    /// The flow run this one retries.
+    pub retry_of: Option<Uuid>,
 }
 
 /// A new task run.
@@ -183,6 +187,10 @@ pub struct FlowRun {
     pub task_count: u64,
     /// The persisted result of its return value, if any (JSON: storage, key, serializer, ...).
     pub result: Option<serde_json::Value>,
+    /// How its process was started (JSON: `argv`, `cwd`), for top-level flow runs.
+    pub command: Option<serde_json::Value>,
+    /// The flow run this one retries.
+    pub retry_of: Option<Uuid>,
 }
 
 /// A task run as read back from the store.

@@ -61,7 +61,16 @@ impl FlowContext {
             tracing::warn!("cannot read the results of earlier attempts: {e}");
             return;
         }
-        match self.engine.store().task_runs(self.flow_run_id) {
+        self.add_previous(self.flow_run_id);
+    }
+
+    /// Takes the persisted results of another flow run (the one this run retries).
+    pub(crate) fn preload_from(&self, earlier: Uuid) {
+        self.add_previous(earlier);
+    }
+
+    fn add_previous(&self, flow_run: Uuid) {
+        match self.engine.store().task_runs(flow_run) {
             Ok(runs) => {
                 let mut previous = self.previous.lock().unwrap_or_else(|p| p.into_inner());
                 for run in runs.into_iter().filter(|r| r.state.is_success()) {
@@ -71,7 +80,7 @@ impl FlowContext {
                     }
                 }
             }
-            Err(e) => tracing::warn!("cannot read the results of earlier attempts: {e}"),
+            Err(e) => tracing::warn!("cannot read the results of flow run {flow_run}: {e}"),
         }
     }
 

@@ -60,6 +60,13 @@ async fn run_flow<F: Flow>(flow: F, args: F::Args) -> Result<F::Output, Failure<
     };
     let options = flow.options();
     let name = options.name.clone().unwrap_or_else(|| Arc::from(F::NAME));
+    // A top-level flow run in a process that `kiln runs retry` started takes over the
+    // results of the run it retries.
+    let retry_of = if parent.is_none() {
+        retry_request(&engine, &name)
+    } else {
+        None
+    };
     let mut tracker = Tracker::new(RunKind::Flow, name, engine.clone(), StateType::Pending);
     let id = tracker.id();
     engine
@@ -72,12 +79,18 @@ async fn run_flow<F: Flow>(flow: F, args: F::Args) -> Result<F::Output, Failure<
             tags: options.tag_list(),
             created: now_micros(),
             initial_state: StateType::Pending,
+            command: parent.is_none().then(command_line),
+            retry_of,
         }))
         .map_err(Error::from)?;
     let label = tracker.label.clone();
     tracing::info!("{label} started");
     // A flow that may be retried persists its tasks' results, so a retry loads them.
     let ctx = FlowContext::new(engine.clone(), id, label.name.clone(), options.max_attempts() > 1);
+    if let Some(earlier) = retry_of {
+        tracing::info!("{label} retries flow run {earlier}: its completed results are loaded, not computed again");
+        ctx.preload_from(earlier);
+    }
     let parent_run = parent.as_ref().map(|p| (p.flow_run_id, &*p.flow_name));
     let planned = run::persist_plan(&flow, &engine, &options, &label, false)
         .and_then(|plan| run::persisting::<F>(plan, &label, parent_run, &args));
@@ -110,6 +123,34 @@ async fn run_flow<F: Flow>(flow: F, args: F::Args) -> Result<F::Output, Failure<
     }
     tracing::info!("{label} finished in state {}", state.map_or("?", StateType::as_str));
     outcome
+}
+
+/// How this process was started, as `kiln runs retry` needs it: JSON `{argv, cwd}`.
+fn command_line() -> String {
+    let argv: Vec<String> = std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect();
+    let cwd = std::env::current_dir()
+        .map(|d| d.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    serde_json::json!({ "argv": argv, "cwd": cwd }).to_string()
+}
+
+/// `KILN_RETRY_OF=<flow run id>`, taken by the first top-level flow run of the same name.
+fn retry_request(engine: &Engine, name: &str) -> Option<uuid::Uuid> {
+    use std::sync::Mutex;
+    static PENDING: Mutex<Option<Option<uuid::Uuid>>> = Mutex::new(None);
+    let mut pending = PENDING.lock().unwrap_or_else(|p| p.into_inner());
+    let wanted = pending.get_or_insert_with(|| {
+        std::env::var("KILN_RETRY_OF")
+            .ok()
+            .and_then(|v| uuid::Uuid::parse_str(v.trim()).ok())
+    });
+    let id = (*wanted)?;
+    let earlier = engine.store().flow_run(id).ok().flatten()?;
+    if earlier.name != name {
+        return None;
+    }
+    *wanted = None;
+    Some(id)
 }
 
 /// The id of the flow run whose body is executing, if any.

@@ -358,7 +358,7 @@ async fn reload<T: Task>(
     .await
     {
         Ok(value) => {
-            let message = format!("loaded the result of task run {earlier} from an earlier attempt of this flow run");
+            let message = format!("loaded the result of task run {earlier} instead of running again");
             tracker.enter_with_result(StateType::Cached, Some(message), Some(&reference))?;
             Ok(Some(value))
         }
