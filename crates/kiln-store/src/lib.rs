@@ -21,6 +21,8 @@
 //!     tags: vec![],
 //!     created: now_micros(),
 //!     initial_state: StateType::Pending,
+//!     command: None,
+//!     retry_of: None,
 //! }))?;
 //! let running = StateRecord {
 //!     run_id: id,

@@ -88,7 +88,7 @@ async fn a_flow_retry_loads_completed_results_instead_of_running_again() {
             .state_message
             .as_deref()
             .unwrap()
-            .contains("from an earlier attempt")
+            .contains("instead of running again")
     );
 }
 

@@ -42,6 +42,8 @@ fn flow(name: &str, parent: Option<Uuid>) -> NewFlowRun {
         tags: vec!["t1".into()],
         created: now_micros(),
         initial_state: Pending,
+        command: None,
+        retry_of: None,
     }
 }
 
