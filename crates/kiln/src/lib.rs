@@ -73,6 +73,7 @@ pub use kiln_macros::{flow, task};
 pub use kiln_store as store;
 pub use kiln_store::state::StateType;
 pub use options::{Options, RetryDelay, RetryIf};
+pub use result::ObjectRef;
 pub use run::Body;
 pub use task::{Input, Task, TaskCall, TaskFuture, join_all};
 

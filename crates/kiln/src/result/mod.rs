@@ -5,12 +5,14 @@
 //! database keeps only a [`ResultRef`] (storage, key, serializer, size, hash), never the
 //! bytes, so results of any size stay out of the database. Every load verifies the hash.
 
+mod object;
 pub(crate) mod persist;
 pub mod record;
 pub mod storage;
 
 use serde::{Deserialize, Serialize};
 
+pub use object::ObjectRef;
 pub use record::{RecordError, RecordHeader};
 pub use storage::{ResultStorage, StorageConfig, StorageKey, StoredObject};
 
