@@ -36,6 +36,7 @@ struct Inner {
     store: Arc<dyn Store>,
     settings: RwLock<Settings>,
     storages: Mutex<HashMap<String, ResultStorage>>,
+    records: crate::result::cache::RecordCache,
 }
 
 impl std::fmt::Debug for Engine {
@@ -66,10 +67,15 @@ impl Engine {
             inner: Arc::new(Inner {
                 home,
                 store,
+                records: crate::result::cache::RecordCache::new(settings.memory_cache_max),
                 settings: RwLock::new(settings),
                 storages: Mutex::new(HashMap::new()),
             }),
         }
+    }
+
+    pub(crate) fn record_cache(&self) -> &crate::result::cache::RecordCache {
+        &self.inner.records
     }
 
     /// The settings in effect.

@@ -8,6 +8,7 @@
 //! | `KILN_DEFAULT_STORAGE` | `[results] default_storage` | `local` | storage of results that name none |
 //! | `KILN_DEFAULT_SERIALIZER` | `[results] default_serializer` | `msgpack` | `msgpack` or `json` for serde values |
 //! | `KILN_RESULTS_INLINE_MAX` | `[results] inline_max` | `4096` | bytes; larger values never go into the database |
+//! | `KILN_RESULTS_MEMORY_CACHE_MAX` | `[results] memory_cache_max` | `268435456` | bytes of loaded records kept in memory (LRU) |
 //! | `KILN_LOG` | – | `info` | filter of Kiln's stderr output |
 //!
 //! Storages are the `[storage.NAME]` tables (see [`crate::result::storage`]). A storage named
@@ -35,6 +36,8 @@ pub struct Settings {
     pub default_serializer: String,
     /// Values encoded larger than this are never written into the database.
     pub inline_max: u64,
+    /// Bytes of loaded records kept in memory for reuse (least recently used out).
+    pub memory_cache_max: u64,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -53,6 +56,7 @@ struct ResultsSection {
     default_storage: Option<String>,
     default_serializer: Option<String>,
     inline_max: Option<u64>,
+    memory_cache_max: Option<u64>,
 }
 
 impl Settings {
@@ -87,6 +91,14 @@ impl Settings {
                 .map_err(|_| Error::Setup(format!("KILN_RESULTS_INLINE_MAX must be a number of bytes, not '{v}'")))?,
             None => parsed.results.inline_max.unwrap_or(4096),
         };
+        let memory_cache_max = match env("KILN_RESULTS_MEMORY_CACHE_MAX") {
+            Some(v) => v.trim().parse().map_err(|_| {
+                Error::Setup(format!(
+                    "KILN_RESULTS_MEMORY_CACHE_MAX must be a number of bytes, not '{v}'"
+                ))
+            })?,
+            None => parsed.results.memory_cache_max.unwrap_or(256 * 1024 * 1024),
+        };
         let default_serializer = env("KILN_DEFAULT_SERIALIZER")
             .or(parsed.results.default_serializer)
             .unwrap_or_else(|| "msgpack".into());
@@ -106,6 +118,7 @@ impl Settings {
                 .unwrap_or_else(|| "local".into()),
             default_serializer,
             inline_max,
+            memory_cache_max,
         })
     }
 

@@ -257,3 +257,32 @@ async fn settings_turn_persistence_on_and_choose_storage_and_serializer() {
     let back: Vec<u32> = engine.load_result(&r, Json).await.unwrap();
     assert_eq!(back, [1, 2, 3]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loaded_records_are_kept_in_memory_only_within_the_budget() {
+    #[task(persist)]
+    fn payload() -> Vec<u64> {
+        (0..1000).collect()
+    }
+    #[flow]
+    async fn producing() -> Result<usize, kiln::Error> {
+        Ok(payload().await?.len())
+    }
+    for (budget, served_from_memory) in [(1024 * 1024, true), (0, false)] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("kiln.toml"),
+            format!("[results]\nmemory_cache_max = {budget}\n"),
+        )
+        .unwrap();
+        let engine = kiln::Engine::open(dir.path()).unwrap();
+        engine.scope(producing()).await.unwrap();
+        let flow = engine.store().flow_runs(1).unwrap().pop().unwrap();
+        let r = reference(&engine.store().task_runs(flow.id).unwrap()[0]);
+        let first: Vec<u64> = engine.load_result(&r, MsgPack).await.unwrap();
+        assert_eq!(first.len(), 1000);
+        std::fs::remove_file(dir.path().join("storage/local").join(&r.key)).unwrap();
+        let second = engine.load_result::<Vec<u64>>(&r, MsgPack).await;
+        assert_eq!(second.is_ok(), served_from_memory, "budget {budget}: {second:?}");
+    }
+}

@@ -5,6 +5,7 @@
 //! database keeps only a [`ResultRef`] (storage, key, serializer, size, hash), never the
 //! bytes, so results of any size stay out of the database. Every load verifies the hash.
 
+pub(crate) mod cache;
 mod object;
 pub(crate) mod persist;
 pub mod record;

@@ -175,9 +175,18 @@ pub(crate) async fn load<T: Send + 'static>(
     serializer: Arc<dyn Serializer<T>>,
     reader: &str,
 ) -> Result<T, ResultError> {
-    let storage = engine.storage(&reference.storage)?;
     let key = StorageKey::new(reference.key.clone()).map_err(ResultError::InvalidKey)?;
-    let (header, payload) = storage.get_record(&key).await?;
+    let cache = engine.record_cache();
+    let (header, payload) = match cache.get(&reference.storage, &reference.key, &reference.hash) {
+        Some(hit) => hit,
+        None => {
+            let (header, payload) = engine.storage(&reference.storage)?.get_record(&key).await?;
+            if header.hash == reference.hash {
+                cache.put(&reference.storage, &reference.key, &header, &payload);
+            }
+            (header, payload)
+        }
+    };
     let expected = serializer.name();
     if header.serializer != expected {
         return Err(ResultError::WrongSerializer {
