@@ -16,6 +16,11 @@ use super::{SerializeError, Serializer};
 /// `RgbaImage`, `GrayImage`, 16-bit and float buffers) and for `DynamicImage`. Decoding into
 /// a buffer type whose color type differs from the stored one is an error, never a silent
 /// conversion.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an image that Png, Qoi, Jpeg or RawPixels can store",
+    label = "an image serializer for a value that is not an `image` buffer",
+    note = "use MsgPack or Json for serde values, or implement `kiln::serializer::Serializer` for your type"
+)]
 pub trait ImageValue: Sized + Send + 'static {
     /// The width, height, color type and raw bytes of the pixels.
     fn raw(&self) -> (u32, u32, ExtendedColorType, &[u8]);
