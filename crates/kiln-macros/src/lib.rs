@@ -68,7 +68,11 @@ fn expand(kind: Kind, attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
     })?;
     check_signature(kind, &func)?;
     let params = params(kind, &func)?;
-    opts.check_storage_key(&params.iter().map(|p| p.name.to_string()).collect::<Vec<_>>())?;
+    let param_names: Vec<String> = params.iter().map(|p| p.name.to_string()).collect();
+    opts.check_storage_key(&param_names)?;
+    opts.check_cache(&param_names)?;
+    // The task_source policy: a hash of the function as written (its tokens).
+    let source_hash = blake3::hash(quote!(#func).to_string().as_bytes()).to_hex().to_string();
 
     let ident = &func.sig.ident;
     let vis = &func.vis;
@@ -287,6 +291,14 @@ fn expand(kind: Kind, attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
                 let mut __kiln_map = ::kiln::__private::serde_json::Map::new();
                 #(__kiln_map.insert(::std::string::String::from(#name_strs), (&&::kiln::__private::Probe(&__kiln_args.#indices)).kiln_param());)*
                 ::kiln::__private::serde_json::Value::Object(__kiln_map)
+            }
+
+            const SOURCE_HASH: &'static str = #source_hash;
+
+            #[allow(unused_variables, unused_imports)]
+            fn input_hashes(__kiln_args: &Self::Args) -> ::std::vec::Vec<(&'static str, ::kiln::cache::InputHash)> {
+                use ::kiln::__private::{NoHash as _, ViaImageHash as _, ViaSerdeHash as _};
+                ::std::vec![#((#name_strs, (&&&::kiln::__private::Probe(&__kiln_args.#indices)).kiln_hash())),*]
             }
 
             #[allow(unused_variables, unused_imports)]

@@ -6,7 +6,7 @@ use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
 use syn::{Expr, Lit, Meta, Token};
 
-const KNOWN: &str = "name, retries, retry_delay, retry_if, timeout, tags, persist, storage, serializer, storage_key";
+const KNOWN: &str = "name, retries, retry_delay, retry_if, timeout, tags, persist, storage, serializer, storage_key, cache, cache_key_fn, cache_expiration, refresh_cache";
 
 /// The options as checked, each kept as the tokens that build it.
 #[derive(Default)]
@@ -21,6 +21,11 @@ pub(crate) struct Options {
     storage: Option<syn::LitStr>,
     serializer: Option<Expr>,
     storage_key: Option<syn::LitStr>,
+    cache: Option<TokenStream>,
+    cache_expr: Option<Expr>,
+    cache_key_fn: Option<Expr>,
+    cache_expiration: Option<TokenStream>,
+    refresh_cache: Option<bool>,
 }
 
 impl Options {
@@ -100,6 +105,27 @@ impl Options {
                     out.storage = Some(lit);
                 }
                 "serializer" => out.serializer = Some(value.clone()),
+                "cache" => {
+                    out.cache = Some(cache_policy(value)?);
+                    out.cache_expr = Some(value.clone());
+                }
+                "cache_key_fn" => match value {
+                    Expr::Path(_) => out.cache_key_fn = Some(value.clone()),
+                    _ => {
+                        return Err(syn::Error::new(
+                            value.span(),
+                            "`cache_key_fn` takes a function `fn(&kiln::CacheContext) -> Option<String>`",
+                        ));
+                    }
+                },
+                "cache_expiration" => {
+                    let d = duration(value, "cache_expiration", false)?;
+                    out.cache_expiration = Some(quote_spanned!(value.span()=> ::std::time::Duration::from_nanos(#d)));
+                }
+                "refresh_cache" => match value {
+                    Expr::Lit(syn::ExprLit { lit: Lit::Bool(b), .. }) => out.refresh_cache = Some(b.value),
+                    _ => return Err(syn::Error::new(value.span(), "`refresh_cache` takes true or false")),
+                },
                 "storage_key" => {
                     out.storage_key = Some(string(value, "storage_key", "`storage_key = \"images/{run.id}.png\"`")?)
                 }
@@ -115,6 +141,25 @@ impl Options {
 
     pub(crate) fn serializer(&self) -> Option<&Expr> {
         self.serializer.as_ref()
+    }
+
+    /// Checks that the inputs a cache policy leaves out are parameters.
+    pub(crate) fn check_cache(&self, params: &[String]) -> syn::Result<()> {
+        let Some(expr) = &self.cache_expr else { return Ok(()) };
+        let mut excluded = Vec::new();
+        excluded_inputs(expr, &mut excluded);
+        for name in excluded {
+            if !params.iter().any(|p| name == p) {
+                return Err(syn::Error::new(
+                    name.span(),
+                    format!(
+                        "`cache`: there is no input `{name}` to leave out (inputs: {})",
+                        params.join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Checks the storage_key template's fields against the function's parameters.
@@ -194,6 +239,22 @@ impl Options {
         }
         if let Some(k) = &self.storage_key {
             calls.extend(quote!(.storage_key(#k)));
+        }
+        let key_fn = self
+            .cache_key_fn
+            .as_ref()
+            .map(|f| quote!(::kiln::CachePolicy::key_fn(#f)));
+        match (&self.cache, key_fn) {
+            (Some(c), Some(f)) => calls.extend(quote!(.cache((#c).and(#f)))),
+            (Some(c), None) => calls.extend(quote!(.cache(#c))),
+            (None, Some(f)) => calls.extend(quote!(.cache(#f))),
+            (None, None) => {}
+        }
+        if let Some(e) = &self.cache_expiration {
+            calls.extend(quote!(.cache_expiration(#e)));
+        }
+        if let Some(r) = self.refresh_cache {
+            calls.extend(quote!(.refresh_cache(#r)));
         }
         quote!(::kiln::Options::new() #calls)
     }
@@ -361,6 +422,70 @@ fn retry_delay(value: &Expr) -> syn::Result<TokenStream> {
             let d = duration(value, "retry_delay", true)?;
             Ok(quote!(::kiln::RetryDelay::Fixed(::std::time::Duration::from_nanos(#d))))
         }
+    }
+}
+
+/// `inputs`, `task_source`, `flow_parameters`, `run_id`, `none`, joined with `+`, and `- name`
+/// to leave an input out: `inputs + task_source - client`.
+fn cache_policy(value: &Expr) -> syn::Result<TokenStream> {
+    match value {
+        Expr::Binary(b) => {
+            let left = cache_policy(&b.left)?;
+            match b.op {
+                syn::BinOp::Add(_) => {
+                    let right = cache_policy(&b.right)?;
+                    Ok(quote!((#left).and(#right)))
+                }
+                syn::BinOp::Sub(_) => match &*b.right {
+                    Expr::Path(p) if p.path.get_ident().is_some() => {
+                        let name = p.path.get_ident().map(ToString::to_string);
+                        Ok(quote!((#left).without(#name)))
+                    }
+                    other => Err(syn::Error::new(
+                        other.span(),
+                        "after `-` comes the name of an input to leave out",
+                    )),
+                },
+                _ => Err(syn::Error::new(
+                    b.op.span(),
+                    "cache policies combine with `+` (and `- input`)",
+                )),
+            }
+        }
+        Expr::Path(p) => {
+            let name = p.path.get_ident().map(ToString::to_string).unwrap_or_default();
+            match name.as_str() {
+                "inputs" | "task_source" | "flow_parameters" | "run_id" | "none" => {
+                    let f = syn::Ident::new(&name, p.span());
+                    Ok(quote!(::kiln::CachePolicy::#f()))
+                }
+                _ => Err(syn::Error::new(
+                    p.span(),
+                    "unknown cache policy; use inputs, task_source, flow_parameters, run_id or none, joined with `+`",
+                )),
+            }
+        }
+        Expr::Paren(p) => cache_policy(&p.expr),
+        _ => Err(syn::Error::new(
+            value.span(),
+            "`cache` takes a policy such as `inputs + task_source`",
+        )),
+    }
+}
+
+/// The input names a policy leaves out, for checking against the parameters.
+pub(crate) fn excluded_inputs(value: &Expr, out: &mut Vec<syn::Ident>) {
+    match value {
+        Expr::Binary(b) => {
+            excluded_inputs(&b.left, out);
+            if let (syn::BinOp::Sub(_), Expr::Path(p)) = (&b.op, &*b.right)
+                && let Some(i) = p.path.get_ident()
+            {
+                out.push(i.clone());
+            }
+        }
+        Expr::Paren(p) => excluded_inputs(&p.expr, out),
+        _ => {}
     }
 }
 

@@ -24,6 +24,8 @@ pub(crate) struct FlowContext {
     pub(crate) engine: Engine,
     pub(crate) flow_run_id: Uuid,
     pub(crate) flow_name: Arc<str>,
+    /// The flow run's parameters (the `flow_parameters` cache policy).
+    pub(crate) parameters: Arc<serde_json::Value>,
     /// Task results are persisted when possible (the flow run may be retried).
     pub(crate) persist_tasks: bool,
     /// How many times each task was called in this attempt: names a call across retries.
@@ -36,11 +38,18 @@ pub(crate) struct FlowContext {
 }
 
 impl FlowContext {
-    pub(crate) fn new(engine: Engine, flow_run_id: Uuid, flow_name: Arc<str>, persist_tasks: bool) -> Arc<Self> {
+    pub(crate) fn new(
+        engine: Engine,
+        flow_run_id: Uuid,
+        flow_name: Arc<str>,
+        parameters: Arc<serde_json::Value>,
+        persist_tasks: bool,
+    ) -> Arc<Self> {
         Arc::new(FlowContext {
             engine,
             flow_run_id,
             flow_name,
+            parameters,
             persist_tasks,
             calls: Mutex::new(Default::default()),
             previous: Mutex::new(Default::default()),

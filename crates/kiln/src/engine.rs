@@ -91,6 +91,11 @@ impl Engine {
             .persist_by_default
     }
 
+    pub(crate) fn cache_defaults(&self) -> (crate::cache::CachePolicy, bool) {
+        let s = self.inner.settings.read().unwrap_or_else(|p| p.into_inner());
+        (s.default_cache_policy.clone(), s.refresh_cache)
+    }
+
     pub(crate) fn default_storage(&self) -> Arc<str> {
         Arc::from(
             self.inner

@@ -67,6 +67,7 @@ async fn run_flow<F: Flow>(flow: F, args: F::Args) -> Result<F::Output, Failure<
     } else {
         None
     };
+    let parameters = Arc::new(F::parameters(&args));
     let mut tracker = Tracker::new(RunKind::Flow, name, engine.clone(), StateType::Pending);
     let id = tracker.id();
     engine
@@ -75,7 +76,7 @@ async fn run_flow<F: Flow>(flow: F, args: F::Args) -> Result<F::Output, Failure<
             id,
             name: tracker.label.name.to_string(),
             parent_id: parent.as_ref().map(|p| p.flow_run_id),
-            parameters: F::parameters(&args),
+            parameters: (*parameters).clone(),
             tags: options.tag_list(),
             created: now_micros(),
             initial_state: StateType::Pending,
@@ -86,13 +87,19 @@ async fn run_flow<F: Flow>(flow: F, args: F::Args) -> Result<F::Output, Failure<
     let label = tracker.label.clone();
     tracing::info!("{label} started");
     // A flow that may be retried persists its tasks' results, so a retry loads them.
-    let ctx = FlowContext::new(engine.clone(), id, label.name.clone(), options.max_attempts() > 1);
+    let ctx = FlowContext::new(
+        engine.clone(),
+        id,
+        label.name.clone(),
+        parameters,
+        options.max_attempts() > 1,
+    );
     if let Some(earlier) = retry_of {
         tracing::info!("{label} retries flow run {earlier}: its completed results are loaded, not computed again");
         ctx.preload_from(earlier);
     }
     let parent_run = parent.as_ref().map(|p| (p.flow_run_id, &*p.flow_name));
-    let planned = run::persist_plan(&flow, &engine, &options, &label, false)
+    let planned = run::persist_plan(&flow, &engine, &options, &label, false, false)
         .and_then(|plan| run::persisting::<F>(plan, &label, parent_run, &args));
     let persisting = match planned {
         Ok(p) => p,

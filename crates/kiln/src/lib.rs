@@ -54,6 +54,7 @@
 //! | `tags` | `["a", "b"]` | recorded with the run |
 #![warn(missing_docs)]
 
+pub mod cache;
 mod context;
 mod engine;
 mod error;
@@ -66,6 +67,7 @@ pub mod serializer;
 pub mod settings;
 mod task;
 
+pub use cache::{CacheContext, CachePolicy};
 pub use engine::{Engine, home_dir};
 pub use error::{Error, RunLabel};
 pub use flow::{Flow, FlowCall, current_flow_run_id};
@@ -82,7 +84,7 @@ pub mod prelude {
     #[cfg(feature = "images")]
     pub use crate::serializer::{Jpeg, Png, Qoi, RawPixels};
     pub use crate::serializer::{Json, MsgPack, Serializer, Zstd};
-    pub use crate::{Options, RetryDelay, TaskFuture, flow, task};
+    pub use crate::{CachePolicy, Options, RetryDelay, TaskFuture, flow, task};
 }
 
 /// Support for the code `#[task]` and `#[flow]` generate. Not a public API.
@@ -259,6 +261,48 @@ pub mod __private {
         serializer: S,
     ) -> Arc<dyn crate::serializer::Serializer<T>> {
         Arc::new(serializer)
+    }
+
+    /// Images hash their dimensions, color type and pixels: `(&&&Probe(&v)).kiln_hash()`.
+    pub trait ViaImageHash {
+        /// The hash.
+        fn kiln_hash(&self) -> crate::cache::InputHash;
+    }
+    #[cfg(feature = "images")]
+    impl<T: crate::serializer::ImageValue> ViaImageHash for &&Probe<'_, T> {
+        fn kiln_hash(&self) -> crate::cache::InputHash {
+            let (w, h, color, bytes) = self.0.raw();
+            let mut hasher = blake3::Hasher::new();
+            hasher
+                .update(&w.to_le_bytes())
+                .update(&h.to_le_bytes())
+                .update(format!("{color:?}").as_bytes());
+            hasher.update(bytes);
+            Ok(*hasher.finalize().as_bytes())
+        }
+    }
+    /// Serde values hash their canonical JSON form.
+    pub trait ViaSerdeHash {
+        /// The hash.
+        fn kiln_hash(&self) -> crate::cache::InputHash;
+    }
+    impl<T: serde::Serialize> ViaSerdeHash for &Probe<'_, T> {
+        fn kiln_hash(&self) -> crate::cache::InputHash {
+            crate::cache::hash_serde(self.0)
+        }
+    }
+    /// Anything else cannot be hashed.
+    pub trait NoHash {
+        /// Why not.
+        fn kiln_hash(&self) -> crate::cache::InputHash;
+    }
+    impl<T> NoHash for Probe<'_, T> {
+        fn kiln_hash(&self) -> crate::cache::InputHash {
+            Err(format!(
+                "{} implements neither Serialize nor an image type",
+                crate::serializer::short_type::<T>()
+            ))
+        }
     }
 
     /// The options given on the attribute, built once per function.

@@ -4,6 +4,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::cache::CachePolicy;
+
 /// How long to wait before a retry.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -86,6 +88,9 @@ pub struct Options<E = anyhow::Error> {
     pub(crate) persist: Option<bool>,
     pub(crate) storage: Option<Arc<str>>,
     pub(crate) storage_key: Option<Arc<str>>,
+    pub(crate) cache: Option<Arc<CachePolicy>>,
+    pub(crate) cache_expiration: Option<Duration>,
+    pub(crate) refresh_cache: Option<bool>,
 }
 
 impl<E> Options<E> {
@@ -101,6 +106,9 @@ impl<E> Options<E> {
             persist: None,
             storage: None,
             storage_key: None,
+            cache: None,
+            cache_expiration: None,
+            refresh_cache: None,
         }
     }
 
@@ -161,6 +169,25 @@ impl<E> Options<E> {
         self
     }
 
+    /// The cache policy (default: `KILN_TASKS_DEFAULT_CACHE_POLICY`, else none). Caching
+    /// turns persistence on: the cache key is the result's storage key.
+    pub fn cache(mut self, policy: CachePolicy) -> Self {
+        self.cache = Some(Arc::new(policy));
+        self
+    }
+
+    /// How long a cached record counts (default: for ever).
+    pub fn cache_expiration(mut self, expiration: Duration) -> Self {
+        self.cache_expiration = Some(expiration);
+        self
+    }
+
+    /// Run even on a cache hit, and overwrite the record (default: `KILN_TASKS_REFRESH_CACHE`).
+    pub fn refresh_cache(mut self, refresh: bool) -> Self {
+        self.refresh_cache = Some(refresh);
+        self
+    }
+
     /// Attempts in all: one plus the retries.
     pub fn max_attempts(&self) -> u32 {
         self.retries.unwrap_or(0).saturating_add(1)
@@ -178,6 +205,9 @@ impl<E> Options<E> {
             persist: self.persist.or(base.persist),
             storage: self.storage.or_else(|| base.storage.clone()),
             storage_key: self.storage_key.or_else(|| base.storage_key.clone()),
+            cache: self.cache.or_else(|| base.cache.clone()),
+            cache_expiration: self.cache_expiration.or(base.cache_expiration),
+            refresh_cache: self.refresh_cache.or(base.refresh_cache),
         }
     }
 
@@ -212,6 +242,9 @@ impl<E> Clone for Options<E> {
             persist: self.persist,
             storage: self.storage.clone(),
             storage_key: self.storage_key.clone(),
+            cache: self.cache.clone(),
+            cache_expiration: self.cache_expiration,
+            refresh_cache: self.refresh_cache,
         }
     }
 }
@@ -228,6 +261,9 @@ impl<E> fmt::Debug for Options<E> {
             .field("persist", &self.persist)
             .field("storage", &self.storage)
             .field("storage_key", &self.storage_key)
+            .field("cache", &self.cache)
+            .field("cache_expiration", &self.cache_expiration)
+            .field("refresh_cache", &self.refresh_cache)
             .finish()
     }
 }

@@ -45,6 +45,10 @@ pub trait Body: Send + Sync + 'static {
     fn serializer(&self, default: &str) -> Option<Arc<dyn Serializer<Self::Output>>>;
     /// The arguments as JSON: values that implement `Serialize`, others by type name.
     fn parameters(args: &Self::Args) -> serde_json::Value;
+    /// A BLAKE3 hash of the function's tokens (the `task_source` cache policy).
+    const SOURCE_HASH: &'static str;
+    /// Each argument's hash, by name (the `inputs` cache policy).
+    fn input_hashes(args: &Self::Args) -> Vec<(&'static str, crate::cache::InputHash)>;
 }
 
 /// How a run ended, when it did not produce a value.
@@ -173,10 +177,11 @@ pub(crate) fn persist_plan<B: Body>(
     options: &Options<B::Error>,
     label: &RunLabel,
     implied: bool,
+    caching: bool,
 ) -> Result<Option<Plan<B::Output>>, ResultError> {
     // Asked for on the task (or at call time): a type without a serializer is an error.
     // Wanted by a setting or a feature: applied where the type allows it.
-    let explicit = options.persist.unwrap_or(options.storage.is_some());
+    let explicit = caching || options.persist.unwrap_or(options.storage.is_some());
     let wanted = explicit || (options.persist.is_none() && (implied || engine.persist_by_default()));
     if !wanted {
         return Ok(None);
@@ -206,8 +211,12 @@ pub(crate) fn persist_plan<B: Body>(
 
 /// What a run needs to persist its value: the plan and the rendered key.
 pub(crate) struct Persisting<T> {
-    plan: Plan<T>,
-    key: StorageKey,
+    pub(crate) plan: Plan<T>,
+    pub(crate) key: StorageKey,
+    /// When the record stops counting (cached results).
+    pub(crate) expires: Option<i64>,
+    /// Said on the Completed state (why a cached record was not used).
+    pub(crate) note: Option<String>,
 }
 
 /// Fills in the key of a planned persistence (before the run starts: a bad template fails early).
@@ -228,7 +237,12 @@ pub(crate) fn persisting<B: Body>(
             parameters: parameters.as_ref(),
         },
     )?;
-    Ok(Some(Persisting { plan, key }))
+    Ok(Some(Persisting {
+        plan,
+        key,
+        expires: None,
+        note: None,
+    }))
 }
 
 /// Runs attempts of `B` until one succeeds, the retries are spent, or retry_if says no.
@@ -282,9 +296,11 @@ pub(crate) async fn attempts<B: Body>(
                     return Ok(value);
                 };
                 let (id, name) = (tracker.id(), tracker.label.name.clone());
-                return match persist::persist(&tracker.engine, &p.plan, p.key.clone(), id, &name, value).await {
+                return match persist::persist(&tracker.engine, &p.plan, p.key.clone(), p.expires, id, &name, value)
+                    .await
+                {
                     Ok((value, reference)) => {
-                        tracker.enter_with_result(StateType::Completed, None, Some(&reference))?;
+                        tracker.enter_with_result(StateType::Completed, p.note.clone(), Some(&reference))?;
                         Ok(value)
                     }
                     Err((_, e)) => {

@@ -9,6 +9,8 @@
 //! | `KILN_DEFAULT_SERIALIZER` | `[results] default_serializer` | `msgpack` | `msgpack` or `json` for serde values |
 //! | `KILN_RESULTS_INLINE_MAX` | `[results] inline_max` | `4096` | bytes; larger values never go into the database |
 //! | `KILN_RESULTS_MEMORY_CACHE_MAX` | `[results] memory_cache_max` | `268435456` | bytes of loaded records kept in memory (LRU) |
+//! | `KILN_TASKS_DEFAULT_CACHE_POLICY` | `[tasks] default_cache_policy` | `none` | cache policy of tasks that name none (`inputs`, `inputs+task_source`, ...) |
+//! | `KILN_TASKS_REFRESH_CACHE` | `[tasks] refresh_cache` | `false` | run cached tasks anyway and overwrite their records |
 //! | `KILN_LOG` | – | `info` | filter of Kiln's stderr output |
 //!
 //! Storages are the `[storage.NAME]` tables (see [`crate::result::storage`]). A storage named
@@ -38,6 +40,10 @@ pub struct Settings {
     pub inline_max: u64,
     /// Bytes of loaded records kept in memory for reuse (least recently used out).
     pub memory_cache_max: u64,
+    /// The cache policy of tasks that name none.
+    pub default_cache_policy: crate::cache::CachePolicy,
+    /// Run cached tasks anyway and overwrite their records.
+    pub refresh_cache: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -46,7 +52,16 @@ struct File {
     #[serde(default)]
     results: ResultsSection,
     #[serde(default)]
+    tasks: TasksSection,
+    #[serde(default)]
     storage: BTreeMap<String, StorageConfig>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TasksSection {
+    default_cache_policy: Option<String>,
+    refresh_cache: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -99,6 +114,15 @@ impl Settings {
             })?,
             None => parsed.results.memory_cache_max.unwrap_or(256 * 1024 * 1024),
         };
+        let default_cache_policy = match env("KILN_TASKS_DEFAULT_CACHE_POLICY").or(parsed.tasks.default_cache_policy) {
+            Some(v) => crate::cache::CachePolicy::parse(&v)
+                .map_err(|e| Error::Setup(format!("KILN_TASKS_DEFAULT_CACHE_POLICY: {e}")))?,
+            None => crate::cache::CachePolicy::none(),
+        };
+        let refresh_cache = match env("KILN_TASKS_REFRESH_CACHE") {
+            Some(v) => parse_bool("KILN_TASKS_REFRESH_CACHE", &v)?,
+            None => parsed.tasks.refresh_cache.unwrap_or(false),
+        };
         let default_serializer = env("KILN_DEFAULT_SERIALIZER")
             .or(parsed.results.default_serializer)
             .unwrap_or_else(|| "msgpack".into());
@@ -119,6 +143,8 @@ impl Settings {
             default_serializer,
             inline_max,
             memory_cache_max,
+            default_cache_policy,
+            refresh_cache,
         })
     }
 

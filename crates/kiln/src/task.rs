@@ -10,10 +10,11 @@ use tokio::sync::{Mutex, oneshot};
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::cache::{self, CachePolicy, KeyParts};
 use crate::context::{self, FlowContext};
 use crate::error::RunLabel;
-use crate::result::ResultError;
 use crate::result::persist::{self, Plan};
+use crate::result::{ResultError, ResultRef, StorageKey};
 use crate::run::{self, Body, Failure, Tracker};
 use crate::{Engine, Error, Options};
 
@@ -239,6 +240,8 @@ struct Prepared<T: Task> {
     flow: Option<Arc<FlowContext>>,
     plan: Result<Option<Plan<T::Output>>, ResultError>,
     call_key: Option<String>,
+    policy: Option<Arc<CachePolicy>>,
+    refresh: bool,
 }
 
 /// Creates the task run (Pending) and its edges; nothing waits here.
@@ -274,14 +277,24 @@ fn prepare<T: Task>(task: &T, inputs: &T::Inputs) -> Result<Prepared<T>, Error> 
             },
         })?;
     }
+    let (default_policy, default_refresh) = tracker.engine.cache_defaults();
+    let policy = options
+        .cache
+        .clone()
+        .or_else(|| Some(Arc::new(default_policy)))
+        .filter(|p| !p.is_none());
+    let refresh = options.refresh_cache.unwrap_or(default_refresh);
+    let caching = policy.is_some();
     let implied = flow.as_ref().is_some_and(|f| f.persist_tasks);
-    let plan = run::persist_plan(task, &tracker.engine, &options, &tracker.label, implied);
+    let plan = run::persist_plan(task, &tracker.engine, &options, &tracker.label, implied, caching);
     Ok(Prepared {
         tracker,
         options,
         flow,
         plan,
         call_key,
+        policy,
+        refresh,
     })
 }
 
@@ -293,6 +306,8 @@ async fn execute<T: Task>(prepared: Prepared<T>, inputs: T::Inputs) -> Result<T:
         flow,
         plan,
         call_key,
+        policy,
+        refresh,
     } = prepared;
     let span = tracing::debug_span!("task_run", name = %tracker.label.name, id = %tracker.id());
     let flow_run_id = flow.as_ref().map(|f| f.flow_run_id);
@@ -315,13 +330,28 @@ async fn execute<T: Task>(prepared: Prepared<T>, inputs: T::Inputs) -> Result<T:
             return Ok(value);
         }
         let flow_run = flow.as_ref().map(|f| (f.flow_run_id, &*f.flow_name));
-        let persisting = match plan.and_then(|p| run::persisting::<T>(p, &tracker.label, flow_run, &args)) {
+        let mut persisting = match plan.and_then(|p| run::persisting::<T>(p, &tracker.label, flow_run, &args)) {
             Ok(p) => p,
             Err(e) => {
                 tracker.to(StateType::Failed, Some(e.to_string()))?;
                 return Err(Failure::Kiln(e.into()));
             }
         };
+        if let (Some(policy), Some(p)) = (&policy, persisting.as_mut()) {
+            let key = cache_key::<T>(&tracker, flow.as_deref(), policy, &args);
+            match key {
+                Ok(Some(key)) => {
+                    if let Some(value) = lookup::<T>(&mut tracker, refresh, &options, p, key).await? {
+                        return Ok(value);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracker.to(StateType::Failed, Some(e.to_string()))?;
+                    return Err(Failure::Kiln(e.into()));
+                }
+            }
+        }
         run::attempts::<T>(&mut tracker, &options, args, flow_run_id, persisting, |body| body).await
     }
     .instrument(span)
@@ -333,6 +363,114 @@ async fn execute<T: Task>(prepared: Prepared<T>, inputs: T::Inputs) -> Result<T:
         }
     }
     outcome
+}
+
+/// With a cache policy: the key, then a hit (the value, state Cached) or a miss (the run
+/// will write its record at the key). The key's parts that cannot be hashed fail the run.
+/// The cache key of this run under `policy`; reads the arguments (so it is not async:
+/// they need not be Sync).
+fn cache_key<T: Task>(
+    tracker: &Tracker,
+    flow: Option<&FlowContext>,
+    policy: &CachePolicy,
+    args: &T::Args,
+) -> Result<Option<StorageKey>, ResultError> {
+    let parameters = T::parameters(args);
+    let parts = KeyParts {
+        task_key: T::KEY,
+        task_name: &tracker.label.name,
+        source_hash: T::SOURCE_HASH,
+        inputs: T::input_hashes(args),
+        parameters: &parameters,
+        flow_run_id: flow.map(|f| f.flow_run_id),
+        flow_parameters: flow.map(|f| &*f.parameters),
+    };
+    match cache::key(policy, &parts) {
+        Ok(Some(key)) => StorageKey::new(key).map(Some).map_err(ResultError::InvalidKey),
+        Ok(None) => Ok(None),
+        Err(message) => Err(ResultError::CacheKey {
+            run: tracker.label.to_string(),
+            message,
+        }),
+    }
+}
+
+async fn lookup<T: Task>(
+    tracker: &mut Tracker,
+    refresh: bool,
+    options: &Options<T::Error>,
+    persisting: &mut run::Persisting<T::Output>,
+    key: StorageKey,
+) -> Result<Option<T::Output>, Failure<T::Error>> {
+    // The cache key is the storage key, unless the task names its own.
+    if options.storage_key.is_none() {
+        persisting.key = key.clone();
+    }
+    let now = now_micros();
+    persisting.expires = options.cache_expiration.map(|d| now + d.as_micros() as i64);
+    if refresh {
+        persisting.note = Some("refresh_cache: ran and rewrote the cached record".into());
+        return Ok(None);
+    }
+    let plan = &persisting.plan;
+    let storage = match tracker.engine.storage(&plan.storage) {
+        Ok(s) => s,
+        Err(e) => {
+            tracker.to(StateType::Failed, Some(e.to_string()))?;
+            return Err(Failure::Kiln(e.into()));
+        }
+    };
+    let found = storage.get_record(&persisting.key).await;
+    let miss = |why: String| -> Option<String> { Some(format!("cache miss: {why}; ran and rewrote the record")) };
+    let (header, payload) = match found {
+        Ok(record) => record,
+        Err(ResultError::Missing { .. }) => return Ok(None),
+        Err(e) => {
+            tracing::warn!("{}: {e}; running instead", tracker.label);
+            persisting.note = miss(e.to_string());
+            return Ok(None);
+        }
+    };
+    if header.expires.is_some_and(|at| at <= now) {
+        persisting.note = miss("the cached record had expired".into());
+        return Ok(None);
+    }
+    let expected = plan.serializer.name();
+    if header.serializer != expected {
+        persisting.note = miss(format!(
+            "the cached record was written by '{}', not '{expected}'",
+            header.serializer
+        ));
+        return Ok(None);
+    }
+    let serializer = plan.serializer.clone();
+    let decoded = tokio::task::spawn_blocking(move || serializer.decode(&payload)).await;
+    match decoded {
+        Ok(Ok(value)) => {
+            let reference = ResultRef {
+                storage: plan.storage.to_string(),
+                key: persisting.key.to_string(),
+                serializer: header.serializer,
+                size: header.length,
+                hash: header.hash,
+            };
+            let by = header
+                .run_id
+                .map(|r| format!(" written by task run {r}"))
+                .unwrap_or_default();
+            let message = format!("cache hit: loaded '{}'{by}", persisting.key);
+            tracker.enter_with_result(StateType::Cached, Some(message), Some(&reference))?;
+            Ok(Some(value))
+        }
+        Ok(Err(e)) => {
+            persisting.note = miss(format!("the cached record cannot be decoded ({e})"));
+            Ok(None)
+        }
+        Err(e) => {
+            persisting.note = miss(format!("decoding the cached record panicked ({e})"));
+            Ok(None)
+        }
+    }
 }
 
 /// In a retried flow run: loads the result this call persisted in an earlier attempt, and

@@ -134,6 +134,14 @@ pub enum ResultError {
     /// A result must be persisted but nothing can persist it.
     #[error("{0}")]
     NotPersistable(String),
+    /// A cache policy could not make a key for a run.
+    #[error("{run}: cannot compute its cache key: {message}")]
+    CacheKey {
+        /// The run.
+        run: String,
+        /// Which part could not be hashed, and what to do.
+        message: String,
+    },
 }
 
 fn known_list(known: &[String]) -> String {

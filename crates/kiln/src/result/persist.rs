@@ -95,6 +95,7 @@ pub(crate) async fn persist<T: Send + 'static>(
     engine: &Engine,
     plan: &Plan<T>,
     key: StorageKey,
+    expires: Option<i64>,
     run_id: Uuid,
     run_name: &str,
     value: T,
@@ -148,7 +149,7 @@ pub(crate) async fn persist<T: Send + 'static>(
         hash: hash.clone(),
         length: payload.len() as u64,
         created: now_micros(),
-        expires: None,
+        expires,
         run_id: Some(run_id),
         run_name: run_name.to_owned(),
     };

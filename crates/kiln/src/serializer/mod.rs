@@ -94,7 +94,8 @@ impl SerializeError {
 }
 
 /// `image::ImageBuffer<...>` reads better as `ImageBuffer<Rgb<u8>, Vec<u8>>`.
-pub(crate) fn short_type<T: ?Sized>() -> String {
+#[doc(hidden)]
+pub fn short_type<T: ?Sized>() -> String {
     let full = std::any::type_name::<T>();
     let mut out = String::with_capacity(full.len());
     // Drop the module paths inside the (possibly generic) type name.
