@@ -3,6 +3,7 @@
 //! Results go to stdout (a table, or JSON with `--json`); diagnostics go to stderr, and a
 //! failure exits non-zero.
 
+mod cache;
 mod result;
 mod runs;
 mod storage;
@@ -35,6 +36,9 @@ enum Command {
     /// Named result storages.
     #[command(subcommand)]
     Storage(storage::StorageCommand),
+    /// Cached task results.
+    #[command(subcommand)]
+    Cache(cache::CacheCommand),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +54,7 @@ fn main() -> ExitCode {
         Command::Runs(cmd) => runs::run(&home, cmd),
         Command::Result(cmd) => result::run(&home, cmd),
         Command::Storage(cmd) => storage::run(&home, cmd),
+        Command::Cache(cmd) => cache::run(&home, cmd),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -494,6 +494,40 @@ impl ResultStorage {
         })
     }
 
+    /// Reads only a record's header (two range reads), e.g. to list a cache.
+    pub async fn read_header(&self, key: &StorageKey) -> Result<RecordHeader, ResultError> {
+        let path = self.path(key);
+        let corrupt = |source| ResultError::Corrupt {
+            storage: self.name.to_string(),
+            key: key.to_string(),
+            source,
+        };
+        let prefix = self
+            .store
+            .get_range(&path, 0..14)
+            .await
+            .map_err(|e| self.backend("read", key, e))?;
+        if prefix.len() < 14 || &prefix[..8] != record::MAGIC {
+            return Err(corrupt(record::RecordError::NotARecord));
+        }
+        let len = u32::from_le_bytes([prefix[10], prefix[11], prefix[12], prefix[13]]) as u64;
+        if len > 64 * 1024 {
+            return Err(corrupt(record::RecordError::BadHeader(format!(
+                "it declares {len} header bytes"
+            ))));
+        }
+        let json = self
+            .store
+            .get_range(&path, 14..14 + len)
+            .await
+            .map_err(|e| self.backend("read", key, e))?;
+        let mut both = bytes::BytesMut::from(&prefix[..]);
+        both.extend_from_slice(&json);
+        record::decode_unverified(both.freeze())
+            .map(|(h, _)| h)
+            .map_err(corrupt)
+    }
+
     /// Reads an object's bytes as they are.
     pub async fn get_bytes(&self, key: &StorageKey) -> Result<Bytes, ResultError> {
         let got = self
