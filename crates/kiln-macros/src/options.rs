@@ -6,7 +6,7 @@ use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
 use syn::{Expr, Lit, Meta, Token};
 
-const KNOWN: &str = "name, retries, retry_delay, retry_if, timeout, tags, persist, storage, serializer, storage_key, cache, cache_key_fn, cache_expiration, refresh_cache";
+const KNOWN: &str = "name, retries, retry_delay, retry_if, timeout, tags, persist, storage, serializer, storage_key, cache, cache_key_fn, cache_expiration, refresh_cache, isolation";
 
 /// The options as checked, each kept as the tokens that build it.
 #[derive(Default)]
@@ -26,6 +26,7 @@ pub(crate) struct Options {
     cache_key_fn: Option<Expr>,
     cache_expiration: Option<TokenStream>,
     refresh_cache: Option<bool>,
+    isolation: Option<TokenStream>,
 }
 
 impl Options {
@@ -121,6 +122,22 @@ impl Options {
                 "cache_expiration" => {
                     let d = duration(value, "cache_expiration", false)?;
                     out.cache_expiration = Some(quote_spanned!(value.span()=> ::std::time::Duration::from_nanos(#d)));
+                }
+                "isolation" => {
+                    let name = match value {
+                        Expr::Path(p) => p.path.get_ident().map(ToString::to_string),
+                        _ => None,
+                    };
+                    out.isolation = Some(match name.as_deref() {
+                        Some("serializable") => quote!(::kiln::Isolation::Serializable),
+                        Some("read_committed") => quote!(::kiln::Isolation::ReadCommitted),
+                        _ => {
+                            return Err(syn::Error::new(
+                                value.span(),
+                                "`isolation` is `serializable` (one run computes, the others wait) or `read_committed`",
+                            ));
+                        }
+                    });
                 }
                 "refresh_cache" => match value {
                     Expr::Lit(syn::ExprLit { lit: Lit::Bool(b), .. }) => out.refresh_cache = Some(b.value),
@@ -255,6 +272,9 @@ impl Options {
         }
         if let Some(r) = self.refresh_cache {
             calls.extend(quote!(.refresh_cache(#r)));
+        }
+        if let Some(i) = &self.isolation {
+            calls.extend(quote!(.isolation(#i)));
         }
         quote!(::kiln::Options::new() #calls)
     }

@@ -91,6 +91,7 @@ pub struct Options<E = anyhow::Error> {
     pub(crate) cache: Option<Arc<CachePolicy>>,
     pub(crate) cache_expiration: Option<Duration>,
     pub(crate) refresh_cache: Option<bool>,
+    pub(crate) isolation: Option<crate::Isolation>,
 }
 
 impl<E> Options<E> {
@@ -109,6 +110,7 @@ impl<E> Options<E> {
             cache: None,
             cache_expiration: None,
             refresh_cache: None,
+            isolation: None,
         }
     }
 
@@ -188,6 +190,12 @@ impl<E> Options<E> {
         self
     }
 
+    /// How concurrent runs that miss the same cache key behave (default: all run).
+    pub fn isolation(mut self, isolation: crate::Isolation) -> Self {
+        self.isolation = Some(isolation);
+        self
+    }
+
     /// Attempts in all: one plus the retries.
     pub fn max_attempts(&self) -> u32 {
         self.retries.unwrap_or(0).saturating_add(1)
@@ -208,6 +216,7 @@ impl<E> Options<E> {
             cache: self.cache.or_else(|| base.cache.clone()),
             cache_expiration: self.cache_expiration.or(base.cache_expiration),
             refresh_cache: self.refresh_cache.or(base.refresh_cache),
+            isolation: self.isolation.or(base.isolation),
         }
     }
 
@@ -245,6 +254,7 @@ impl<E> Clone for Options<E> {
             cache: self.cache.clone(),
             cache_expiration: self.cache_expiration,
             refresh_cache: self.refresh_cache,
+            isolation: self.isolation,
         }
     }
 }
@@ -264,6 +274,7 @@ impl<E> fmt::Debug for Options<E> {
             .field("cache", &self.cache)
             .field("cache_expiration", &self.cache_expiration)
             .field("refresh_cache", &self.refresh_cache)
+            .field("isolation", &self.isolation)
             .finish()
     }
 }

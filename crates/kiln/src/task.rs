@@ -13,6 +13,7 @@ use uuid::Uuid;
 use crate::cache::{self, CachePolicy, KeyParts};
 use crate::context::{self, FlowContext};
 use crate::error::RunLabel;
+use crate::isolation::{self, Acquired, CacheLock};
 use crate::result::persist::{self, Plan};
 use crate::result::{ResultError, ResultRef, StorageKey};
 use crate::run::{self, Body, Failure, Tracker};
@@ -337,14 +338,14 @@ async fn execute<T: Task>(prepared: Prepared<T>, inputs: T::Inputs) -> Result<T:
                 return Err(Failure::Kiln(e.into()));
             }
         };
+        let mut lock = None;
         if let (Some(policy), Some(p)) = (&policy, persisting.as_mut()) {
             let key = cache_key::<T>(&tracker, flow.as_deref(), policy, &args);
             match key {
-                Ok(Some(key)) => {
-                    if let Some(value) = lookup::<T>(&mut tracker, refresh, &options, p, key).await? {
-                        return Ok(value);
-                    }
-                }
+                Ok(Some(key)) => match lookup::<T>(&mut tracker, refresh, &options, p, key).await? {
+                    Lookup::Hit(value) => return Ok(value),
+                    Lookup::Miss(held) => lock = held,
+                },
                 Ok(None) => {}
                 Err(e) => {
                     tracker.to(StateType::Failed, Some(e.to_string()))?;
@@ -352,7 +353,11 @@ async fn execute<T: Task>(prepared: Prepared<T>, inputs: T::Inputs) -> Result<T:
                 }
             }
         }
-        run::attempts::<T>(&mut tracker, &options, args, flow_run_id, persisting, |body| body).await
+        let outcome = run::attempts::<T>(&mut tracker, &options, args, flow_run_id, persisting, |body| body).await;
+        if let Some(lock) = lock {
+            lock.release().await;
+        }
+        outcome
     }
     .instrument(span)
     .await;
@@ -395,13 +400,19 @@ fn cache_key<T: Task>(
     }
 }
 
+/// What the cache said: a value, or a miss (holding the key's lock under serializable isolation).
+enum Lookup<T> {
+    Hit(T),
+    Miss(Option<CacheLock>),
+}
+
 async fn lookup<T: Task>(
     tracker: &mut Tracker,
     refresh: bool,
     options: &Options<T::Error>,
     persisting: &mut run::Persisting<T::Output>,
     key: StorageKey,
-) -> Result<Option<T::Output>, Failure<T::Error>> {
+) -> Result<Lookup<T::Output>, Failure<T::Error>> {
     // The cache key is the storage key, unless the task names its own.
     if options.storage_key.is_none() {
         persisting.key = key.clone();
@@ -410,16 +421,54 @@ async fn lookup<T: Task>(
     persisting.expires = options.cache_expiration.map(|d| now + d.as_micros() as i64);
     if refresh {
         persisting.note = Some("refresh_cache: ran and rewrote the cached record".into());
-        return Ok(None);
+        return Ok(Lookup::Miss(None));
     }
-    let plan = &persisting.plan;
-    let storage = match tracker.engine.storage(&plan.storage) {
+    let storage = match tracker.engine.storage(&persisting.plan.storage) {
         Ok(s) => s,
         Err(e) => {
             tracker.to(StateType::Failed, Some(e.to_string()))?;
             return Err(Failure::Kiln(e.into()));
         }
     };
+    let hit = try_hit::<T>(tracker, &storage, persisting, now).await?;
+    if let Some(value) = hit {
+        return Ok(Lookup::Hit(value));
+    }
+    if options.isolation != Some(crate::Isolation::Serializable) {
+        return Ok(Lookup::Miss(None));
+    }
+    // Serializable: one run computes the record, the others wait for it and load it.
+    match isolation::acquire(&storage, &persisting.key).await {
+        Ok(Acquired::RecordExists) => Ok(match try_hit::<T>(tracker, &storage, persisting, now).await? {
+            Some(value) => Lookup::Hit(value),
+            None => Lookup::Miss(None),
+        }),
+        Ok(Acquired::Lock(lock)) => match try_hit::<T>(tracker, &storage, persisting, now).await? {
+            Some(value) => {
+                lock.release().await;
+                Ok(Lookup::Hit(value))
+            }
+            None => Ok(Lookup::Miss(Some(lock))),
+        },
+        Err(e) => {
+            tracing::warn!(
+                "{}: cannot take the cache lock ({e}); running without it",
+                tracker.label
+            );
+            Ok(Lookup::Miss(None))
+        }
+    }
+}
+
+/// A verified, unexpired record at the cache key written by the same serializer: the value
+/// (state Cached). Anything else is a miss, and the Completed state will say why.
+async fn try_hit<T: Task>(
+    tracker: &mut Tracker,
+    storage: &crate::result::ResultStorage,
+    persisting: &mut run::Persisting<T::Output>,
+    now: i64,
+) -> Result<Option<T::Output>, Failure<T::Error>> {
+    let plan = &persisting.plan;
     let found = storage.get_record(&persisting.key).await;
     let miss = |why: String| -> Option<String> { Some(format!("cache miss: {why}; ran and rewrote the record")) };
     let (header, payload) = match found {

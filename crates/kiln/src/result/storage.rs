@@ -538,6 +538,16 @@ impl ResultStorage {
         got.bytes().await.map_err(|e| self.backend("read", key, e))
     }
 
+    /// Writes raw bytes at `key` unless something is there; `Ok(false)` when it was.
+    pub async fn put_bytes_if_absent(&self, key: &StorageKey, bytes: Bytes) -> Result<bool, ResultError> {
+        let opts = PutOptions::from(PutMode::Create);
+        match self.store.put_opts(&self.path(key), bytes.into(), opts).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(false),
+            Err(e) => Err(self.backend("write", key, e)),
+        }
+    }
+
     /// Writes raw bytes (not a record) at `key`.
     pub async fn put_bytes(&self, key: &StorageKey, bytes: Bytes) -> Result<(), ResultError> {
         self.store
