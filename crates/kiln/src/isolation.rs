@@ -55,8 +55,11 @@ pub(crate) enum Acquired {
     RecordExists,
 }
 
+/// The in-process locks, by storage and key.
+type LocalLocks = HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>;
+
 fn local_lock(storage: &str, key: &str) -> Arc<tokio::sync::Mutex<()>> {
-    static LOCKS: Mutex<Option<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>> = Mutex::new(None);
+    static LOCKS: Mutex<Option<LocalLocks>> = Mutex::new(None);
     let mut locks = LOCKS.lock().unwrap_or_else(|p| p.into_inner());
     let locks = locks.get_or_insert_with(HashMap::new);
     // Forget locks nobody holds or waits for.
