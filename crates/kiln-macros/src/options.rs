@@ -6,7 +6,7 @@ use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
 use syn::{Expr, Lit, Meta, Token};
 
-const KNOWN: &str = "name, retries, retry_delay, retry_if, timeout, tags, persist, storage, serializer, storage_key, cache, cache_key_fn, cache_expiration, refresh_cache, isolation";
+const KNOWN: &str = "name, retries, retry_delay, retry_if, timeout, tags, persist, storage, serializer, storage_key, cache, cache_key_fn, cache_expiration, refresh_cache, isolation, on_commit, on_rollback";
 
 /// The options as checked, each kept as the tokens that build it.
 #[derive(Default)]
@@ -27,6 +27,8 @@ pub(crate) struct Options {
     cache_expiration: Option<TokenStream>,
     refresh_cache: Option<bool>,
     isolation: Option<TokenStream>,
+    on_commit: Option<Expr>,
+    on_rollback: Option<Expr>,
 }
 
 impl Options {
@@ -122,6 +124,19 @@ impl Options {
                 "cache_expiration" => {
                     let d = duration(value, "cache_expiration", false)?;
                     out.cache_expiration = Some(quote_spanned!(value.span()=> ::std::time::Duration::from_nanos(#d)));
+                }
+                "on_commit" | "on_rollback" => {
+                    if !matches!(value, Expr::Path(_)) {
+                        return Err(syn::Error::new(
+                            value.span(),
+                            format!("`{key}` takes a function `fn(&kiln::TransactionRun)`, like `{key} = undo_upload`"),
+                        ));
+                    }
+                    if key == "on_commit" {
+                        out.on_commit = Some(value.clone());
+                    } else {
+                        out.on_rollback = Some(value.clone());
+                    }
                 }
                 "isolation" => {
                     let name = match value {
@@ -275,6 +290,12 @@ impl Options {
         }
         if let Some(i) = &self.isolation {
             calls.extend(quote!(.isolation(#i)));
+        }
+        if let Some(h) = &self.on_commit {
+            calls.extend(quote_spanned!(h.span()=> .on_commit(#h)));
+        }
+        if let Some(h) = &self.on_rollback {
+            calls.extend(quote_spanned!(h.span()=> .on_rollback(#h)));
         }
         quote!(::kiln::Options::new() #calls)
     }

@@ -260,6 +260,11 @@ pub(crate) fn spawn(job: impl Future<Output = ()> + Send + 'static) -> Result<()
             "submitting a task run needs a tokio runtime: call it inside a flow, an async main, or use .wait()".into(),
         )
     })?;
+    // A submitted run belongs to the caller's transaction, if any.
+    let job: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = match crate::transaction::current() {
+        Some(tx) => Box::pin(crate::transaction::TRANSACTION.scope(tx, job)),
+        None => Box::pin(job),
+    };
     match current_flow() {
         Some(flow) => {
             let child = handle.spawn(FLOW.scope(flow.clone(), job));

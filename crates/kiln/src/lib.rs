@@ -67,6 +67,7 @@ mod run;
 pub mod serializer;
 pub mod settings;
 mod task;
+mod transaction;
 
 pub use cache::{CacheContext, CachePolicy};
 pub use engine::{Engine, home_dir};
@@ -80,6 +81,7 @@ pub use options::{Options, RetryDelay, RetryIf};
 pub use result::ObjectRef;
 pub use run::Body;
 pub use task::{Input, Task, TaskCall, TaskFuture, join_all};
+pub use transaction::{TransactionHook, TransactionRun, transaction};
 
 /// The names a pipeline file needs: `use kiln::prelude::*;`.
 pub mod prelude {

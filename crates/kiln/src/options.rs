@@ -92,6 +92,8 @@ pub struct Options<E = anyhow::Error> {
     pub(crate) cache_expiration: Option<Duration>,
     pub(crate) refresh_cache: Option<bool>,
     pub(crate) isolation: Option<crate::Isolation>,
+    pub(crate) on_commit: Option<crate::TransactionHook>,
+    pub(crate) on_rollback: Option<crate::TransactionHook>,
 }
 
 impl<E> Options<E> {
@@ -111,6 +113,8 @@ impl<E> Options<E> {
             cache_expiration: None,
             refresh_cache: None,
             isolation: None,
+            on_commit: None,
+            on_rollback: None,
         }
     }
 
@@ -196,6 +200,18 @@ impl<E> Options<E> {
         self
     }
 
+    /// Runs after the transaction this task run is in commits.
+    pub fn on_commit(mut self, hook: crate::TransactionHook) -> Self {
+        self.on_commit = Some(hook);
+        self
+    }
+
+    /// Runs when the transaction this task run succeeded in rolls back: undo side effects.
+    pub fn on_rollback(mut self, hook: crate::TransactionHook) -> Self {
+        self.on_rollback = Some(hook);
+        self
+    }
+
     /// Attempts in all: one plus the retries.
     pub fn max_attempts(&self) -> u32 {
         self.retries.unwrap_or(0).saturating_add(1)
@@ -217,6 +233,8 @@ impl<E> Options<E> {
             cache_expiration: self.cache_expiration.or(base.cache_expiration),
             refresh_cache: self.refresh_cache.or(base.refresh_cache),
             isolation: self.isolation.or(base.isolation),
+            on_commit: self.on_commit.or(base.on_commit),
+            on_rollback: self.on_rollback.or(base.on_rollback),
         }
     }
 
@@ -255,6 +273,8 @@ impl<E> Clone for Options<E> {
             cache_expiration: self.cache_expiration,
             refresh_cache: self.refresh_cache,
             isolation: self.isolation,
+            on_commit: self.on_commit,
+            on_rollback: self.on_rollback,
         }
     }
 }
@@ -275,6 +295,8 @@ impl<E> fmt::Debug for Options<E> {
             .field("cache_expiration", &self.cache_expiration)
             .field("refresh_cache", &self.refresh_cache)
             .field("isolation", &self.isolation)
+            .field("on_commit", &self.on_commit.map(|_| "<hook>"))
+            .field("on_rollback", &self.on_rollback.map(|_| "<hook>"))
             .finish()
     }
 }

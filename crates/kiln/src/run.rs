@@ -296,10 +296,19 @@ pub(crate) async fn attempts<B: Body>(
                     return Ok(value);
                 };
                 let (id, name) = (tracker.id(), tracker.label.name.clone());
-                return match persist::persist(&tracker.engine, &p.plan, p.key.clone(), p.expires, id, &name, value)
-                    .await
-                {
-                    Ok((value, reference)) => {
+                // In a transaction the record waits under a staging key until commit.
+                let tx = crate::transaction::current();
+                let key = tx.as_ref().map_or_else(|| p.key.clone(), |tx| tx.staging_key(&p.key));
+                let persisted =
+                    persist::persist(&tracker.engine, &p.plan, key.clone(), p.expires, id, &name, value).await;
+                return match persisted {
+                    Ok((value, mut reference)) => {
+                        if let Some(tx) = &tx {
+                            if let Ok(storage) = tracker.engine.storage(&p.plan.storage) {
+                                tx.stage(storage, key, p.key.clone());
+                            }
+                            reference.key = p.key.to_string();
+                        }
                         tracker.enter_with_result(StateType::Completed, p.note.clone(), Some(&reference))?;
                         Ok(value)
                     }

@@ -353,9 +353,18 @@ async fn execute<T: Task>(prepared: Prepared<T>, inputs: T::Inputs) -> Result<T:
                 }
             }
         }
+        let persisted_key = persisting.as_ref().map(|p| p.key.to_string());
         let outcome = run::attempts::<T>(&mut tracker, &options, args, flow_run_id, persisting, |body| body).await;
         if let Some(lock) = lock {
             lock.release().await;
+        }
+        if let Some(tx) = crate::transaction::current() {
+            let run = crate::TransactionRun {
+                run_id: tracker.id(),
+                name: tracker.label.name.to_string(),
+                key: persisted_key,
+            };
+            tx.finished(run, outcome.is_ok(), options.on_commit, options.on_rollback);
         }
         outcome
     }

@@ -557,6 +557,14 @@ impl ResultStorage {
             .map_err(|e| self.backend("write", key, e))
     }
 
+    /// Moves an object to another key (a transaction's commit).
+    pub async fn rename(&self, from: &StorageKey, to: &StorageKey) -> Result<(), ResultError> {
+        self.store
+            .rename(&self.path(from), &self.path(to))
+            .await
+            .map_err(|e| self.backend("move", from, e))
+    }
+
     /// Deletes an object; deleting a missing one is not an error.
     pub async fn delete(&self, key: &StorageKey) -> Result<(), ResultError> {
         match self.store.delete(&self.path(key)).await {
