@@ -6,7 +6,7 @@ use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
 use syn::{Expr, Lit, Meta, Token};
 
-const KNOWN: &str = "name, retries, retry_delay, retry_if, timeout, tags, persist, storage, serializer, storage_key, cache, cache_key_fn, cache_expiration, refresh_cache, isolation, on_commit, on_rollback";
+const KNOWN: &str = "name, retries, retry_delay, retry_if, timeout, tags, persist, storage, serializer, storage_key, cache, cache_key_fn, cache_expiration, refresh_cache, isolation, on_commit, on_rollback, cache_skip_unhashable";
 
 /// The options as checked, each kept as the tokens that build it.
 #[derive(Default)]
@@ -29,6 +29,7 @@ pub(crate) struct Options {
     isolation: Option<TokenStream>,
     on_commit: Option<Expr>,
     on_rollback: Option<Expr>,
+    cache_skip_unhashable: Option<bool>,
 }
 
 impl Options {
@@ -154,6 +155,15 @@ impl Options {
                         }
                     });
                 }
+                "cache_skip_unhashable" => match value {
+                    Expr::Lit(syn::ExprLit { lit: Lit::Bool(b), .. }) => out.cache_skip_unhashable = Some(b.value),
+                    _ => {
+                        return Err(syn::Error::new(
+                            value.span(),
+                            "`cache_skip_unhashable` takes true or false",
+                        ));
+                    }
+                },
                 "refresh_cache" => match value {
                     Expr::Lit(syn::ExprLit { lit: Lit::Bool(b), .. }) => out.refresh_cache = Some(b.value),
                     _ => return Err(syn::Error::new(value.span(), "`refresh_cache` takes true or false")),
@@ -290,6 +300,9 @@ impl Options {
         }
         if let Some(i) = &self.isolation {
             calls.extend(quote!(.isolation(#i)));
+        }
+        if let Some(skip) = self.cache_skip_unhashable {
+            calls.extend(quote!(.cache_skip_unhashable(#skip)));
         }
         if let Some(h) = &self.on_commit {
             calls.extend(quote_spanned!(h.span()=> .on_commit(#h)));

@@ -94,6 +94,7 @@ pub struct Options<E = anyhow::Error> {
     pub(crate) isolation: Option<crate::Isolation>,
     pub(crate) on_commit: Option<crate::TransactionHook>,
     pub(crate) on_rollback: Option<crate::TransactionHook>,
+    pub(crate) cache_skip_unhashable: Option<bool>,
 }
 
 impl<E> Options<E> {
@@ -115,6 +116,7 @@ impl<E> Options<E> {
             isolation: None,
             on_commit: None,
             on_rollback: None,
+            cache_skip_unhashable: None,
         }
     }
 
@@ -200,6 +202,13 @@ impl<E> Options<E> {
         self
     }
 
+    /// When an input cannot be hashed for the cache key: run without caching and warn
+    /// (`true`), instead of failing the run (the default).
+    pub fn cache_skip_unhashable(mut self, skip: bool) -> Self {
+        self.cache_skip_unhashable = Some(skip);
+        self
+    }
+
     /// Runs after the transaction this task run is in commits.
     pub fn on_commit(mut self, hook: crate::TransactionHook) -> Self {
         self.on_commit = Some(hook);
@@ -235,6 +244,7 @@ impl<E> Options<E> {
             isolation: self.isolation.or(base.isolation),
             on_commit: self.on_commit.or(base.on_commit),
             on_rollback: self.on_rollback.or(base.on_rollback),
+            cache_skip_unhashable: self.cache_skip_unhashable.or(base.cache_skip_unhashable),
         }
     }
 
@@ -275,6 +285,7 @@ impl<E> Clone for Options<E> {
             isolation: self.isolation,
             on_commit: self.on_commit,
             on_rollback: self.on_rollback,
+            cache_skip_unhashable: self.cache_skip_unhashable,
         }
     }
 }
@@ -297,6 +308,7 @@ impl<E> fmt::Debug for Options<E> {
             .field("isolation", &self.isolation)
             .field("on_commit", &self.on_commit.map(|_| "<hook>"))
             .field("on_rollback", &self.on_rollback.map(|_| "<hook>"))
+            .field("cache_skip_unhashable", &self.cache_skip_unhashable)
             .finish()
     }
 }

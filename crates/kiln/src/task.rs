@@ -347,6 +347,10 @@ async fn execute<T: Task>(prepared: Prepared<T>, inputs: T::Inputs) -> Result<T:
                     Lookup::Miss(held) => lock = held,
                 },
                 Ok(None) => {}
+                Err(e @ ResultError::CacheKey { .. }) if options.cache_skip_unhashable == Some(true) => {
+                    tracing::warn!("{e}; running without the cache (cache_skip_unhashable)");
+                    p.note = Some(format!("not cached: {e}"));
+                }
                 Err(e) => {
                     tracker.to(StateType::Failed, Some(e.to_string()))?;
                     return Err(Failure::Kiln(e.into()));
