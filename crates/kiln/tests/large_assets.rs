@@ -29,23 +29,6 @@ async fn hand_over(from: String, to: String) -> Result<(ObjectRef, u64), kiln::E
     Ok((asset, size))
 }
 
-fn rss() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .unwrap()
-            .split_whitespace()
-            .nth(1)
-            .unwrap()
-            .parse::<u64>()
-            .unwrap()
-            * 1024
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
 fn write_source(path: &PathBuf) {
     let mut file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
     let block: Vec<u8> = (0..8 * 1024 * 1024u32)
@@ -65,13 +48,13 @@ async fn a_one_gib_asset_crosses_tasks_by_reference_in_bounded_memory() {
     let source = home.dir.path().join("source.bin");
     let copy = home.dir.path().join("copy.bin");
     write_source(&source);
-    let (before, _) = rss();
+    let (before, _) = support::rss();
     let (asset, size) = home
         .engine
         .scope(hand_over(source.display().to_string(), copy.display().to_string()))
         .await
         .unwrap();
-    let (_, peak) = rss();
+    let (_, peak) = support::rss();
     assert_eq!((asset.size, size), (SIZE, SIZE));
     assert_eq!(asset.uri(), "local:assets/big.bin");
     let grown = peak.saturating_sub(before);

@@ -30,29 +30,12 @@ async fn long_chain() -> Result<u8, kiln::Error> {
     Ok(img.get_pixel(0, 0).0[2])
 }
 
-fn rss() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .unwrap()
-            .split_whitespace()
-            .nth(1)
-            .unwrap()
-            .parse::<u64>()
-            .unwrap()
-            * 1024
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundreds_of_large_results_do_not_accumulate_in_memory() {
     let home = support::home();
-    let (before, _) = rss();
+    let (before, _) = support::rss();
     let last = home.engine.scope(long_chain()).await.unwrap();
-    let (_, peak) = rss();
+    let (_, peak) = support::rss();
     assert_eq!(last, (7 + STEPS) as u8);
     let image = u64::from(SIDE * SIDE * 3);
     let grown = peak.saturating_sub(before);

@@ -44,22 +44,12 @@ async fn chain() -> Result<(usize, u8), kiln::Error> {
     Ok((buf.len(), buf[0]))
 }
 
-/// Resident memory now and at its peak, in bytes (Linux).
-fn rss() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let field = |name: &str| -> u64 {
-        let line = status.lines().find(|l| l.starts_with(name)).unwrap();
-        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_100_mb_buffer_crosses_ten_tasks_without_a_copy() {
     let home = support::home();
-    let (before, _) = rss();
+    let (before, _) = support::rss();
     let (len, first) = home.engine.scope(chain()).await.unwrap();
-    let (_, peak) = rss();
+    let (_, peak) = support::rss();
     assert_eq!((len, first), (SIZE, 7 + 10));
 
     // One buffer all along: every task saw the same allocation.
