@@ -75,7 +75,11 @@ async fn w6(n: u64) -> Result<u64, kiln::Error> {
 fn records(engine: &kiln::Engine) -> usize {
     fn count(dir: &std::path::Path) -> usize {
         std::fs::read_dir(dir)
-            .map(|d| d.flatten().map(|e| if e.path().is_dir() { count(&e.path()) } else { 1 }).sum())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| if e.path().is_dir() { count(&e.path()) } else { 1 })
+                    .sum()
+            })
             .unwrap_or(0)
     }
     count(&engine.home().join("storage"))
@@ -108,6 +112,9 @@ async fn main() -> anyhow::Result<()> {
         }
         other => anyhow::bail!("unknown workload {other}"),
     };
-    println!("{}", serde_json::json!({ "workload": workload, "result": result, "records": records(&engine) }));
+    println!(
+        "{}",
+        serde_json::json!({ "workload": workload, "result": result, "records": records(&engine) })
+    );
     Ok(())
 }
