@@ -331,7 +331,6 @@ fn retry(store: &SqliteStore, id: &str) -> Result<()> {
         .env("KILN_RETRY_OF", id.to_string())
         .status()
         .with_context(|| format!("cannot start {program} (from {cwd}); was the program moved or rebuilt elsewhere?"))?;
-    store.flush().ok();
     let retried = store.flow_runs(200)?.into_iter().find(|f| f.retry_of == Some(id));
     match retried {
         Some(new) => eprintln!("flow run {} retried {id} and ended {}", new.id, new.state),

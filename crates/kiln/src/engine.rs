@@ -37,6 +37,18 @@ struct Inner {
     settings: RwLock<Settings>,
     storages: Mutex<HashMap<String, ResultStorage>>,
     records: crate::result::cache::RecordCache,
+    /// Read once: every task run consults them, and only storages change after opening.
+    defaults: RunDefaults,
+}
+
+/// The settings every run consults, without the settings lock.
+struct RunDefaults {
+    persist_by_default: bool,
+    default_storage: Arc<str>,
+    default_serializer: Arc<str>,
+    /// `None` when the default policy does not cache.
+    cache_policy: Option<Arc<crate::cache::CachePolicy>>,
+    refresh_cache: bool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -68,6 +80,14 @@ impl Engine {
                 home,
                 store,
                 records: crate::result::cache::RecordCache::new(settings.memory_cache_max),
+                defaults: RunDefaults {
+                    persist_by_default: settings.persist_by_default,
+                    default_storage: Arc::from(settings.default_storage.as_str()),
+                    default_serializer: Arc::from(settings.default_serializer.as_str()),
+                    cache_policy: (!settings.default_cache_policy.is_none())
+                        .then(|| Arc::new(settings.default_cache_policy.clone())),
+                    refresh_cache: settings.refresh_cache,
+                },
                 settings: RwLock::new(settings),
                 storages: Mutex::new(HashMap::new()),
             }),
@@ -84,36 +104,23 @@ impl Engine {
     }
 
     pub(crate) fn persist_by_default(&self) -> bool {
-        self.inner
-            .settings
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .persist_by_default
+        self.inner.defaults.persist_by_default
     }
 
-    pub(crate) fn cache_defaults(&self) -> (crate::cache::CachePolicy, bool) {
-        let s = self.inner.settings.read().unwrap_or_else(|p| p.into_inner());
-        (s.default_cache_policy.clone(), s.refresh_cache)
-    }
-
-    pub(crate) fn default_storage(&self) -> Arc<str> {
-        Arc::from(
-            self.inner
-                .settings
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .default_storage
-                .as_str(),
+    /// The default cache policy (`None`: no caching) and whether to refresh.
+    pub(crate) fn cache_defaults(&self) -> (Option<&Arc<crate::cache::CachePolicy>>, bool) {
+        (
+            self.inner.defaults.cache_policy.as_ref(),
+            self.inner.defaults.refresh_cache,
         )
     }
 
-    pub(crate) fn default_serializer(&self) -> String {
-        self.inner
-            .settings
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .default_serializer
-            .clone()
+    pub(crate) fn default_storage(&self) -> Arc<str> {
+        self.inner.defaults.default_storage.clone()
+    }
+
+    pub(crate) fn default_serializer(&self) -> &str {
+        &self.inner.defaults.default_serializer
     }
 
     /// The storage named `name`, built on first use.

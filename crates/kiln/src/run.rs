@@ -186,7 +186,7 @@ pub(crate) fn persist_plan<B: Body>(
     if !wanted {
         return Ok(None);
     }
-    let Some(serializer) = body.serializer(&engine.default_serializer()) else {
+    let Some(serializer) = body.serializer(engine.default_serializer()) else {
         if !explicit {
             tracing::debug!(
                 "{label}: not persisted, its type {} has no serializer",

@@ -282,7 +282,7 @@ fn prepare<T: Task>(task: &T, inputs: &T::Inputs) -> Result<Prepared<T>, Error> 
     let policy = options
         .cache
         .clone()
-        .or_else(|| Some(Arc::new(default_policy)))
+        .or_else(|| default_policy.cloned())
         .filter(|p| !p.is_none());
     let refresh = options.refresh_cache.unwrap_or(default_refresh);
     let caching = policy.is_some();
@@ -497,18 +497,17 @@ async fn try_hit<T: Task>(
         persisting.note = miss("the cached record had expired".into());
         return Ok(None);
     }
-    let expected = plan.serializer.name();
-    if header.serializer != expected {
-        persisting.note = miss(format!(
-            "the cached record was written by '{}', not '{expected}'",
-            header.serializer
-        ));
-        return Ok(None);
-    }
-    let serializer = plan.serializer.clone();
-    let decoded = tokio::task::spawn_blocking(move || serializer.decode(&payload)).await;
+    let decoded = persist::decode(
+        &plan.storage,
+        &persisting.key,
+        &header,
+        payload,
+        plan.serializer.clone(),
+        &tracker.label.name,
+    )
+    .await;
     match decoded {
-        Ok(Ok(value)) => {
+        Ok(value) => {
             let reference = ResultRef {
                 storage: plan.storage.to_string(),
                 key: persisting.key.to_string(),
@@ -524,12 +523,8 @@ async fn try_hit<T: Task>(
             tracker.enter_with_result(StateType::Cached, Some(message), Some(&reference))?;
             Ok(Some(value))
         }
-        Ok(Err(e)) => {
-            persisting.note = miss(format!("the cached record cannot be decoded ({e})"));
-            Ok(None)
-        }
         Err(e) => {
-            persisting.note = miss(format!("decoding the cached record panicked ({e})"));
+            persisting.note = miss(e.to_string());
             Ok(None)
         }
     }

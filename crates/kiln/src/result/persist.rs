@@ -188,27 +188,40 @@ pub(crate) async fn load<T: Send + 'static>(
             (header, payload)
         }
     };
+    decode(&reference.storage, &key, &header, payload, serializer, reader).await
+}
+
+/// Decodes a verified record's payload off the async executor, after checking that
+/// `serializer` is the one that wrote it.
+pub(crate) async fn decode<T: Send + 'static>(
+    storage: &str,
+    key: &StorageKey,
+    header: &RecordHeader,
+    payload: Bytes,
+    serializer: Arc<dyn Serializer<T>>,
+    reader: &str,
+) -> Result<T, ResultError> {
     let expected = serializer.name();
     if header.serializer != expected {
         return Err(ResultError::WrongSerializer {
-            storage: reference.storage.clone(),
-            key: reference.key.clone(),
-            found: header.serializer,
+            storage: storage.to_owned(),
+            key: key.to_string(),
+            found: header.serializer.clone(),
             expected: expected.into_owned(),
             reader: format!("task '{reader}'"),
         });
     }
-    let reader = reader.to_owned();
+    let (run, key) = (reader.to_owned(), key.to_string());
     tokio::task::spawn_blocking(move || {
         serializer.decode(&payload).map_err(|e| ResultError::Serialize {
-            run: reader,
-            message: format!("cannot load its {} result from '{}': {e}", short_type::<T>(), key),
+            run,
+            message: format!("cannot load its {} result from '{key}': {e}", short_type::<T>()),
         })
     })
     .await
     .unwrap_or_else(|e| {
         Err(ResultError::Serialize {
-            run: "a task".into(),
+            run: reader.to_owned(),
             message: format!("the serializer panicked while decoding: {e}"),
         })
     })
