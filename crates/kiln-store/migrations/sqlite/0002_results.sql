@@ -5,7 +5,6 @@ ALTER TABLE task_runs ADD COLUMN result TEXT;
 ALTER TABLE flow_runs ADD COLUMN result TEXT;
 -- Identifies a task call inside its flow run across retries (task key and call number).
 ALTER TABLE task_runs ADD COLUMN call_key TEXT;
-CREATE INDEX task_runs_call ON task_runs (flow_run_id, call_key);
 -- How a top-level flow run was started (JSON: argv, cwd), so `kiln runs retry` can start it
 -- again, and which earlier flow run a run retries.
 ALTER TABLE flow_runs ADD COLUMN command TEXT;
