@@ -118,6 +118,7 @@ fn locate(home: &Path, settings: &Settings, target: &str) -> Result<(ResultStora
             serializer: String::new(),
             size: 0,
             hash: String::new(),
+            call: None,
         },
         _ => {
             let db = home.join("kiln.db");

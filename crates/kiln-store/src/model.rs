@@ -67,7 +67,8 @@ pub struct NewTaskRun {
     pub created: Micros,
     /// The state it starts in (recorded as the first entry of its history).
     pub initial_state: StateType,
-    /// Identifies this call of the task inside its flow run across retries (`key#n`).
+    /// The call's position in its flow run's attempt (`key#n`: the n-th call of the task),
+    /// for reading; results are reused across retries by call identity, not position.
     pub call_key: Option<String>,
 }
 
@@ -222,7 +223,7 @@ pub struct TaskRun {
     pub end_time: Option<Micros>,
     /// The persisted result, if any (JSON: storage, key, serializer, size, hash).
     pub result: Option<serde_json::Value>,
-    /// Identifies this call of the task inside its flow run across retries.
+    /// The call's position in its flow run's attempt (`key#n`).
     pub call_key: Option<String>,
 }
 

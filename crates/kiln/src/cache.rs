@@ -14,10 +14,13 @@
 //! }
 //! ```
 //!
-//! Hashing is deterministic across processes and machines: serde values are hashed through
-//! their JSON form with sorted map keys (no addresses, no hash-map order, no time), images
-//! through their dimensions, color type and pixels. An input that cannot be hashed makes the
-//! policy fail with an error naming it, never a key from the other inputs.
+//! Hashing is injective and deterministic across processes, machines and builds: serde
+//! values are hashed through Kiln's own canonical encoding (type-tagged, floats by their
+//! bits, maps and hash sets sorted; see `docs/CACHE_KEYS.md`), images through their
+//! dimensions, color type and pixels. An input that cannot be hashed makes the policy fail
+//! with an error naming it, never a key from the other inputs.
+
+mod canonical;
 
 use std::fmt;
 
@@ -201,6 +204,8 @@ pub(crate) struct KeyParts<'a> {
     pub(crate) parameters: &'a Value,
     pub(crate) flow_run_id: Option<uuid::Uuid>,
     pub(crate) flow_parameters: Option<&'a Value>,
+    /// The hash of the flow run's arguments (the `flow_parameters` policy).
+    pub(crate) flow_parameters_hash: Option<&'a InputHash>,
 }
 
 /// The cache key (a storage key) for `policy`, `None` when the policy does not cache this
@@ -210,7 +215,7 @@ pub(crate) fn key(policy: &CachePolicy, parts: &KeyParts<'_>) -> Result<Option<S
     if policy.is_none() {
         return Ok(None);
     }
-    let mut h = blake3::Hasher::new_derive_key("kiln 2026-11 cache key v1");
+    let mut h = blake3::Hasher::new_derive_key("kiln 2026-11 cache key v2");
     let mut field = |name: &str, bytes: &[u8]| {
         h.update(&(name.len() as u64).to_le_bytes());
         h.update(name.as_bytes());
@@ -238,10 +243,12 @@ pub(crate) fn key(policy: &CachePolicy, parts: &KeyParts<'_>) -> Result<Option<S
         field("source", parts.source_hash.as_bytes());
     }
     if policy.flow_parameters {
-        let params = parts
-            .flow_parameters
-            .ok_or("the flow_parameters policy needs a flow run, and this task runs outside one")?;
-        field("flow_parameters", canonical(params).as_bytes());
+        let hash = parts
+            .flow_parameters_hash
+            .ok_or("the flow_parameters policy needs a flow run, and this task runs outside one")?
+            .as_ref()
+            .map_err(|e| format!("the flow parameters cannot be hashed: {e}"))?;
+        field("flow_parameters", hash);
     }
     if policy.run_id {
         let id = parts
@@ -264,15 +271,44 @@ pub(crate) fn key(policy: &CachePolicy, parts: &KeyParts<'_>) -> Result<Option<S
     Ok(Some(format!("cache/{}/{}", parts.task_name, h.finalize().to_hex())))
 }
 
-/// JSON with object keys sorted at every level (serde_json's map is ordered by key).
-fn canonical(v: &Value) -> String {
-    v.to_string()
+/// One hash of all of a run's arguments (a flow run's parameters), or why there is none.
+pub(crate) fn combine(inputs: &[(&'static str, InputHash)]) -> InputHash {
+    let mut h = blake3::Hasher::new_derive_key("kiln 2026-11 parameters v1");
+    for (name, hash) in inputs {
+        let hash = hash.as_ref().map_err(|e| format!("parameter '{name}': {e}"))?;
+        h.update(&(name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update(hash);
+    }
+    Ok(*h.finalize().as_bytes())
 }
 
-/// Hashes a serde value through its canonical JSON form.
+/// Hashes a serde value through Kiln's canonical encoding.
 pub fn hash_serde<T: serde::Serialize + ?Sized>(value: &T) -> InputHash {
-    let v = serde_json::to_value(value).map_err(|e| format!("it does not serialize: {e}"))?;
-    Ok(*blake3::hash(canonical(&v).as_bytes()).as_bytes())
+    canonical::hash(value)
+}
+
+/// Hashes an image input: its dimensions, color type (by name) and pixels.
+pub fn hash_image(width: u32, height: u32, color: &str, pixels: &[u8]) -> InputHash {
+    Ok(canonical::hash_image(width, height, color, pixels))
+}
+
+/// What identifies one call of a task across attempts and processes: the task, its code and
+/// the hash of every input. A result persisted by an earlier attempt is reused only for a
+/// call with the same identity; `None` (an input that cannot be hashed) means never reuse.
+pub(crate) fn call_identity(task_key: &str, source_hash: &str, inputs: &[(&'static str, InputHash)]) -> Option<String> {
+    let mut h = blake3::Hasher::new_derive_key("kiln 2026-11 call identity v1");
+    let mut field = |bytes: &[u8]| {
+        h.update(&(bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    field(task_key.as_bytes());
+    field(source_hash.as_bytes());
+    for (name, hash) in inputs {
+        field(name.as_bytes());
+        field(hash.as_ref().ok()?);
+    }
+    Some(h.finalize().to_hex().to_string())
 }
 
 #[cfg(test)]
@@ -288,6 +324,7 @@ mod tests {
             parameters: params,
             flow_run_id: None,
             flow_parameters: None,
+            flow_parameters_hash: None,
         }
     }
 
@@ -310,6 +347,17 @@ mod tests {
                 .unwrap_err()
                 .contains("needs a flow run")
         );
+    }
+
+    #[test]
+    fn call_identities_differ_by_task_code_and_inputs() {
+        let inputs = |x: i32| vec![("x", hash_serde(&x))];
+        let one = call_identity("m::t", "src", &inputs(10)).unwrap();
+        assert_eq!(one, call_identity("m::t", "src", &inputs(10)).unwrap());
+        assert_ne!(one, call_identity("m::t", "src", &inputs(20)).unwrap());
+        assert_ne!(one, call_identity("m::u", "src", &inputs(10)).unwrap());
+        assert_ne!(one, call_identity("m::t", "changed", &inputs(10)).unwrap());
+        assert_eq!(call_identity("m::t", "src", &[("x", Err("no".into()))]), None);
     }
 
     #[test]

@@ -24,13 +24,15 @@ pub(crate) struct FlowContext {
     pub(crate) engine: Engine,
     pub(crate) flow_run_id: Uuid,
     pub(crate) flow_name: Arc<str>,
-    /// The flow run's parameters (the `flow_parameters` cache policy).
+    /// The flow run's parameters as recorded (what a `cache_key_fn` sees).
     pub(crate) parameters: Arc<serde_json::Value>,
+    /// The hash of the flow run's arguments (the `flow_parameters` cache policy).
+    pub(crate) parameters_hash: crate::cache::InputHash,
     /// Task results are persisted when possible (the flow run may be retried).
     pub(crate) persist_tasks: bool,
     /// How many times each task was called in this attempt: names a call across retries.
     calls: Mutex<std::collections::HashMap<&'static str, u32>>,
-    /// Results persisted by task runs of earlier attempts, by call key.
+    /// Results persisted by task runs of earlier attempts, by call identity (task, code, inputs).
     previous: Mutex<std::collections::HashMap<String, (Uuid, crate::result::ResultRef)>>,
     attempt: std::sync::atomic::AtomicU32,
     /// Submitted task runs, joined (or aborted) before the flow run ends.
@@ -43,6 +45,7 @@ impl FlowContext {
         flow_run_id: Uuid,
         flow_name: Arc<str>,
         parameters: Arc<serde_json::Value>,
+        parameters_hash: crate::cache::InputHash,
         persist_tasks: bool,
     ) -> Arc<Self> {
         Arc::new(FlowContext {
@@ -50,6 +53,7 @@ impl FlowContext {
             flow_run_id,
             flow_name,
             parameters,
+            parameters_hash,
             persist_tasks,
             calls: Mutex::new(Default::default()),
             previous: Mutex::new(Default::default()),
@@ -83,9 +87,13 @@ impl FlowContext {
             Ok(runs) => {
                 let mut previous = self.previous.lock().unwrap_or_else(|p| p.into_inner());
                 for run in runs.into_iter().filter(|r| r.state.is_success()) {
-                    let reference = run.result.and_then(|r| serde_json::from_value(r).ok());
-                    if let (Some(key), Some(reference)) = (run.call_key, reference) {
-                        previous.insert(key, (run.id, reference));
+                    let reference = run
+                        .result
+                        .and_then(|r| serde_json::from_value::<crate::result::ResultRef>(r).ok());
+                    // A result without a call identity (an input that cannot be hashed) is never reused.
+                    if let Some(reference) = reference.filter(|r| r.call.is_some()) {
+                        let call = reference.call.clone().unwrap_or_default();
+                        previous.insert(call, (run.id, reference));
                     }
                 }
             }
@@ -93,16 +101,22 @@ impl FlowContext {
         }
     }
 
-    /// The result an earlier attempt persisted for this call, if any.
-    pub(crate) fn previous_result(&self, call_key: &str) -> Option<(Uuid, crate::result::ResultRef)> {
+    /// The result an earlier attempt persisted for a call with this identity, if any.
+    pub(crate) fn previous_result(&self, identity: &str) -> Option<(Uuid, crate::result::ResultRef)> {
         self.previous
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(call_key)
+            .get(identity)
             .cloned()
     }
 
-    /// `task_key#n`: the n-th call of this task in the current attempt of the flow run.
+    /// Whether an earlier attempt (or the run this one retries) left results to reuse.
+    pub(crate) fn has_previous(&self) -> bool {
+        !self.previous.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+    }
+
+    /// `task_key#n`: the n-th call of this task in the current attempt of the flow run
+    /// (recorded for reading; reuse matches call identities, not positions).
     pub(crate) fn next_call_key(&self, task_key: &'static str) -> String {
         let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
         let n = calls.entry(task_key).or_insert(0);

@@ -92,6 +92,7 @@ async fn run_flow<F: Flow>(flow: F, args: F::Args) -> Result<F::Output, Failure<
         id,
         label.name.clone(),
         parameters,
+        crate::cache::combine(&F::input_hashes(&args)),
         options.max_attempts() > 1,
     );
     if let Some(earlier) = retry_of {

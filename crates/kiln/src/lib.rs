@@ -276,16 +276,10 @@ pub mod __private {
     impl<T: crate::serializer::ImageValue> ViaImageHash for &&Probe<'_, T> {
         fn kiln_hash(&self) -> crate::cache::InputHash {
             let (w, h, color, bytes) = self.0.raw();
-            let mut hasher = blake3::Hasher::new();
-            hasher
-                .update(&w.to_le_bytes())
-                .update(&h.to_le_bytes())
-                .update(format!("{color:?}").as_bytes());
-            hasher.update(bytes);
-            Ok(*hasher.finalize().as_bytes())
+            crate::cache::hash_image(w, h, &format!("{color:?}"), bytes)
         }
     }
-    /// Serde values hash their canonical JSON form.
+    /// Serde values hash their canonical encoding.
     pub trait ViaSerdeHash {
         /// The hash.
         fn kiln_hash(&self) -> crate::cache::InputHash;

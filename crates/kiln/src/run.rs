@@ -217,6 +217,8 @@ pub(crate) struct Persisting<T> {
     pub(crate) expires: Option<i64>,
     /// Said on the Completed state (why a cached record was not used).
     pub(crate) note: Option<String>,
+    /// The call's identity, recorded with the result so a retry can match it.
+    pub(crate) call: Option<String>,
 }
 
 /// Fills in the key of a planned persistence (before the run starts: a bad template fails early).
@@ -242,6 +244,7 @@ pub(crate) fn persisting<B: Body>(
         key,
         expires: None,
         note: None,
+        call: None,
     }))
 }
 
@@ -303,6 +306,7 @@ pub(crate) async fn attempts<B: Body>(
                     persist::persist(&tracker.engine, &p.plan, key.clone(), p.expires, id, &name, value).await;
                 return match persisted {
                     Ok((value, mut reference)) => {
+                        reference.call = p.call.clone();
                         if let Some(tx) = &tx {
                             if let Ok(storage) = tracker.engine.storage(&p.plan.storage) {
                                 tx.stage(storage, key, p.key.clone());

@@ -240,8 +240,9 @@ struct Prepared<T: Task> {
     options: Arc<Options<T::Error>>,
     flow: Option<Arc<FlowContext>>,
     plan: Result<Option<Plan<T::Output>>, ResultError>,
-    call_key: Option<String>,
     policy: Option<Arc<CachePolicy>>,
+    /// The policy is the settings' default, not the task's own.
+    default_cache: bool,
     refresh: bool,
 }
 
@@ -267,7 +268,7 @@ fn prepare<T: Task>(task: &T, inputs: &T::Inputs) -> Result<Prepared<T>, Error> 
         tags: options.tag_list(),
         created: now_micros(),
         initial_state: StateType::Pending,
-        call_key: call_key.clone(),
+        call_key,
     }))?;
     for upstream in inputs.upstreams() {
         store.send(Write::Edge {
@@ -279,22 +280,32 @@ fn prepare<T: Task>(task: &T, inputs: &T::Inputs) -> Result<Prepared<T>, Error> 
         })?;
     }
     let (default_policy, default_refresh) = tracker.engine.cache_defaults();
-    let policy = options
+    let mut policy = options
         .cache
         .clone()
         .or_else(|| default_policy.cloned())
         .filter(|p| !p.is_none());
+    // A default policy (from the settings) applies where it can; one named on the task
+    // makes an unpersistable type or an unhashable input an error.
+    let default_cache = options.cache.is_none() && policy.is_some();
     let refresh = options.refresh_cache.unwrap_or(default_refresh);
-    let caching = policy.is_some();
-    let implied = flow.as_ref().is_some_and(|f| f.persist_tasks);
+    let implied = flow.as_ref().is_some_and(|f| f.persist_tasks) || default_cache;
+    let caching = policy.is_some() && !default_cache;
     let plan = run::persist_plan(task, &tracker.engine, &options, &tracker.label, implied, caching);
+    if default_cache && matches!(plan, Ok(None)) {
+        tracing::debug!(
+            "{}: not cached by the default policy: its result cannot be persisted",
+            tracker.label
+        );
+        policy = None;
+    }
     Ok(Prepared {
         tracker,
         options,
         flow,
         plan,
-        call_key,
         policy,
+        default_cache,
         refresh,
     })
 }
@@ -306,8 +317,8 @@ async fn execute<T: Task>(prepared: Prepared<T>, inputs: T::Inputs) -> Result<T:
         options,
         flow,
         plan,
-        call_key,
         policy,
+        default_cache,
         refresh,
     } = prepared;
     let span = tracing::debug_span!("task_run", name = %tracker.label.name, id = %tracker.id());
@@ -327,7 +338,14 @@ async fn execute<T: Task>(prepared: Prepared<T>, inputs: T::Inputs) -> Result<T:
                 }));
             }
         };
-        if let Some(value) = reload::<T>(&mut tracker, flow.as_deref(), call_key.as_deref(), &plan).await? {
+        // Input hashes serve the call identity (reuse across retries) and the cache key.
+        let wants_identity = flow.is_some() && matches!(plan, Ok(Some(_)));
+        let hashes = (wants_identity || policy.is_some()).then(|| T::input_hashes(&args));
+        let identity = match (&hashes, wants_identity) {
+            (Some(h), true) => cache::call_identity(T::KEY, T::SOURCE_HASH, h),
+            _ => None,
+        };
+        if let Some(value) = reload::<T>(&mut tracker, flow.as_deref(), identity.as_deref(), &plan).await? {
             return Ok(value);
         }
         let flow_run = flow.as_ref().map(|f| (f.flow_run_id, &*f.flow_name));
@@ -338,15 +356,22 @@ async fn execute<T: Task>(prepared: Prepared<T>, inputs: T::Inputs) -> Result<T:
                 return Err(Failure::Kiln(e.into()));
             }
         };
+        if let Some(p) = persisting.as_mut() {
+            p.call = identity;
+        }
         let mut lock = None;
         if let (Some(policy), Some(p)) = (&policy, persisting.as_mut()) {
-            let key = cache_key::<T>(&tracker, flow.as_deref(), policy, &args);
+            let inputs = hashes.unwrap_or_default();
+            let key = cache_key::<T>(&tracker, flow.as_deref(), policy, &args, inputs);
             match key {
                 Ok(Some(key)) => match lookup::<T>(&mut tracker, refresh, &options, p, key).await? {
                     Lookup::Hit(value) => return Ok(value),
                     Lookup::Miss(held) => lock = held,
                 },
                 Ok(None) => {}
+                Err(e @ ResultError::CacheKey { .. }) if default_cache => {
+                    tracing::debug!("{e}; the default cache policy does not apply, running uncached");
+                }
                 Err(e @ ResultError::CacheKey { .. }) if options.cache_skip_unhashable == Some(true) => {
                     tracing::warn!("{e}; running without the cache (cache_skip_unhashable)");
                     p.note = Some(format!("not cached: {e}"));
@@ -392,16 +417,18 @@ fn cache_key<T: Task>(
     flow: Option<&FlowContext>,
     policy: &CachePolicy,
     args: &T::Args,
+    inputs: Vec<(&'static str, cache::InputHash)>,
 ) -> Result<Option<StorageKey>, ResultError> {
     let parameters = T::parameters(args);
     let parts = KeyParts {
         task_key: T::KEY,
         task_name: &tracker.label.name,
         source_hash: T::SOURCE_HASH,
-        inputs: T::input_hashes(args),
+        inputs,
         parameters: &parameters,
         flow_run_id: flow.map(|f| f.flow_run_id),
         flow_parameters: flow.map(|f| &*f.parameters),
+        flow_parameters_hash: flow.map(|f| &f.parameters_hash),
     };
     match cache::key(policy, &parts) {
         Ok(Some(key)) => StorageKey::new(key).map(Some).map_err(ResultError::InvalidKey),
@@ -514,6 +541,7 @@ async fn try_hit<T: Task>(
                 serializer: header.serializer,
                 size: header.length,
                 hash: header.hash,
+                call: persisting.call.clone(),
             };
             let by = header
                 .run_id
@@ -530,18 +558,28 @@ async fn try_hit<T: Task>(
     }
 }
 
-/// In a retried flow run: loads the result this call persisted in an earlier attempt, and
-/// ends the task run as Cached. A record that is gone or damaged means running again.
+/// In a retried flow run: loads the result that a call with the same identity (task, code
+/// and inputs) persisted in an earlier attempt, and ends the task run as Cached. No match,
+/// or a record that is gone or damaged, means running again.
 async fn reload<T: Task>(
     tracker: &mut Tracker,
     flow: Option<&FlowContext>,
-    call_key: Option<&str>,
+    identity: Option<&str>,
     plan: &Result<Option<Plan<T::Output>>, ResultError>,
 ) -> Result<Option<T::Output>, Failure<T::Error>> {
-    let (Some(flow), Some(call_key), Ok(Some(plan))) = (flow, call_key, plan) else {
+    let (Some(flow), Ok(Some(plan))) = (flow, plan) else {
         return Ok(None);
     };
-    let Some((earlier, reference)) = flow.previous_result(call_key) else {
+    let Some(identity) = identity else {
+        if flow.has_previous() {
+            tracing::debug!(
+                "{}: not reusing an earlier result: an input cannot be hashed, so the call cannot be matched",
+                tracker.label
+            );
+        }
+        return Ok(None);
+    };
+    let Some((earlier, reference)) = flow.previous_result(identity) else {
         return Ok(None);
     };
     match persist::load(

@@ -260,3 +260,115 @@ async fn task_source_and_flow_parameter_policies() {
     }
     assert_eq!(RUNS.load(Ordering::SeqCst), 2, "one run per distinct flow parameters");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inputs_that_json_would_confuse_get_keys_of_their_own() {
+    #[task(cache = inputs)]
+    fn scaled(factor: f64) -> String {
+        format!("{factor}")
+    }
+    #[task(cache = inputs)]
+    fn nested(value: Option<Option<u32>>) -> String {
+        format!("{value:?}")
+    }
+    #[flow]
+    async fn confusing() -> Result<Vec<String>, kiln::Error> {
+        let mut out = Vec::new();
+        for f in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 0.0, -0.0] {
+            out.push(scaled(f).await?);
+        }
+        for v in [None, Some(None), Some(Some(0))] {
+            out.push(nested(v).await?);
+        }
+        Ok(out)
+    }
+    let home = support::home();
+    let out = home.engine.scope(confusing()).await.unwrap();
+    assert_eq!(
+        out,
+        ["NaN", "inf", "-inf", "0", "-0", "None", "Some(None)", "Some(Some(0))"]
+    );
+    let flow = home.flow("confusing");
+    assert!(
+        home.tasks(flow.id).iter().all(|t| t.state == Completed),
+        "no call hit another's record"
+    );
+}
+
+/// The key of a task cached on a set and a map, in a process of its own (printed for the test below).
+#[test]
+#[ignore = "started by cache_keys_are_the_same_in_every_process"]
+fn print_a_cache_key() {
+    #[task(cache = inputs)]
+    fn count(names: std::collections::HashSet<String>, weights: std::collections::HashMap<String, f64>) -> usize {
+        names.len() + weights.len()
+    }
+    #[flow]
+    async fn counting() -> Result<usize, kiln::Error> {
+        let names = (0..64).map(|i| format!("name {i}")).collect();
+        let weights = (0..64).map(|i| (format!("w{i}"), f64::from(i) / 3.0)).collect();
+        count(names, weights).await
+    }
+    let home = support::home();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    assert_eq!(rt.block_on(home.engine.scope(counting())).unwrap(), 128);
+    let run = home.task(home.flow("counting").id, "count");
+    println!("KEY {}", run.result.unwrap()["key"].as_str().unwrap());
+}
+
+#[test]
+fn cache_keys_are_the_same_in_every_process() {
+    let key = || {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "print_a_cache_key", "--ignored", "--nocapture"])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        let key = stdout.lines().find_map(|l| l.strip_prefix("KEY ")).expect("a key line");
+        key.to_owned()
+    };
+    let keys: std::collections::BTreeSet<String> = (0..4).map(|_| key()).collect();
+    assert_eq!(
+        keys.len(),
+        1,
+        "hash sets and maps iterate differently per process: {keys:?}"
+    );
+}
+
+struct Handle;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_default_policy_skips_tasks_it_cannot_cache() {
+    static RUNS: AtomicU32 = AtomicU32::new(0);
+    #[task]
+    fn unhashable(_handle: std::sync::Arc<Handle>, x: u32) -> u32 {
+        RUNS.fetch_add(1, Ordering::SeqCst);
+        x
+    }
+    #[task]
+    fn unpersistable(x: u32) -> std::sync::Arc<Handle> {
+        RUNS.fetch_add(x, Ordering::SeqCst);
+        std::sync::Arc::new(Handle)
+    }
+    #[task(cache = inputs)]
+    fn explicit(_handle: std::sync::Arc<Handle>) -> u32 {
+        0
+    }
+    #[flow]
+    async fn everyday() -> Result<String, kiln::Error> {
+        let h = std::sync::Arc::new(Handle);
+        unhashable(h.clone(), 1).await?;
+        unpersistable(10).await?;
+        // An explicit policy keeps its clear error.
+        Ok(explicit(h).await.unwrap_err().to_string())
+    }
+    let home = home_with("[tasks]\ndefault_cache_policy = \"inputs\"\n");
+    let err = home.engine.scope(everyday()).await.unwrap();
+    assert!(err.contains("input '_handle' cannot be hashed"), "{err}");
+    home.engine.scope(everyday()).await.unwrap();
+    assert_eq!(RUNS.load(Ordering::SeqCst), 22, "both ran, uncached, in both flow runs");
+    let flow = home.flow("everyday");
+    let states: Vec<_> = home.tasks(flow.id).iter().map(|t| t.state).collect();
+    assert_eq!(states, [Completed, Completed, Failed]);
+}

@@ -218,3 +218,62 @@ async fn arguments_that_are_not_clone_run_once() {
     home.engine.scope(once()).await.unwrap_err();
     assert_eq!(CALLS.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_retry_reuses_a_result_only_for_the_same_inputs() {
+    static ATTEMPT: AtomicU32 = AtomicU32::new(0);
+    #[task]
+    fn echo(x: u32) -> u32 {
+        x
+    }
+    #[flow(retries = 1)]
+    async fn changing() -> anyhow::Result<u32> {
+        // The first attempt calls echo(10) and fails; the second calls echo(20).
+        let first = ATTEMPT.fetch_add(1, Ordering::SeqCst) == 0;
+        let value = echo(if first { 10 } else { 20 }).await?;
+        anyhow::ensure!(!first, "the first attempt fails after its task");
+        Ok(value)
+    }
+    let home = support::home();
+    assert_eq!(home.engine.scope(changing()).await.unwrap(), 20);
+    let flow = home.flow("changing");
+    let states: Vec<_> = home.tasks(flow.id).iter().map(|t| t.state).collect();
+    assert_eq!(
+        states,
+        [Completed, Completed],
+        "echo(20) ran: no earlier call had its inputs"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_are_matched_by_inputs_whatever_their_order() {
+    static ATTEMPT: AtomicU32 = AtomicU32::new(0);
+    #[task]
+    async fn label(x: u32) -> String {
+        format!("value {x}")
+    }
+    #[flow(retries = 1)]
+    async fn fan() -> anyhow::Result<(String, String)> {
+        // The second attempt submits the same two calls in the other order.
+        let first = ATTEMPT.fetch_add(1, Ordering::SeqCst) == 0;
+        let (one, two) = if first {
+            let one = label.submit(1);
+            (one, label.submit(2))
+        } else {
+            let two = label.submit(2);
+            (label.submit(1), two)
+        };
+        let (one, two) = (one.await?, two.await?);
+        anyhow::ensure!(!first, "the first attempt fails after its tasks");
+        Ok((one, two))
+    }
+    let home = support::home();
+    let (one, two) = home.engine.scope(fan()).await.unwrap();
+    assert_eq!((one.as_str(), two.as_str()), ("value 1", "value 2"));
+    let flow = home.flow("fan");
+    let cached = home.tasks(flow.id).iter().filter(|t| t.state == Cached).count();
+    assert_eq!(
+        cached, 2,
+        "both calls of the second attempt loaded their own earlier result"
+    );
+}

@@ -30,6 +30,10 @@ pub struct ResultRef {
     pub size: u64,
     /// `blake3:<hex>` of the payload.
     pub hash: String,
+    /// The identity of the task call whose value it is (a hash of the task, its code and
+    /// its inputs): a retry reuses the result only for a call with the same identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call: Option<String>,
 }
 
 impl ResultRef {

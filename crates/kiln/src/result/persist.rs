@@ -165,6 +165,7 @@ pub(crate) async fn persist<T: Send + 'static>(
             serializer: name,
             size,
             hash,
+            call: None,
         },
     ))
 }
