@@ -3,6 +3,7 @@
 use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -170,6 +171,56 @@ pub(crate) struct RunScope {
     pub(crate) run_id: Uuid,
     pub(crate) flow_run_id: Option<Uuid>,
     pub(crate) engine: Engine,
+    /// Set when the attempt must stop (it timed out): what [`cancelled`] reads.
+    pub(crate) cancel: AtomicBool,
+    /// Synchronous bodies of this attempt still running on the blocking pool.
+    pub(crate) blocking: AtomicUsize,
+}
+
+impl RunScope {
+    /// The scope of one attempt of a run.
+    pub(crate) fn new(run_id: Uuid, flow_run_id: Option<Uuid>, engine: Engine) -> Arc<RunScope> {
+        Arc::new(RunScope {
+            run_id,
+            flow_run_id,
+            engine,
+            cancel: AtomicBool::new(false),
+            blocking: AtomicUsize::new(0),
+        })
+    }
+
+    /// Whether a synchronous body of this attempt is still running.
+    pub(crate) fn blocking_in_flight(&self) -> bool {
+        self.blocking.load(Ordering::SeqCst) > 0
+    }
+}
+
+/// Whether the run whose code calls this was asked to stop: its attempt exceeded its
+/// `timeout`.
+///
+/// An async body is stopped at its next `.await` when it times out. A synchronous body
+/// runs on a thread, and threads cannot be stopped from outside: it keeps running until it
+/// returns. Poll `kiln::cancelled()` in long loops and return early when it says `true`;
+/// the retry of a timed-out synchronous attempt starts only once its body has returned
+/// (the run's state says it is waiting), so two attempts never run at once.
+///
+/// ```
+/// use kiln::prelude::*;
+///
+/// #[task(timeout = "10s", retries = 1)]
+/// fn crunch(rows: u64) -> anyhow::Result<u64> {
+///     let mut sum = 0;
+///     for row in 0..rows {
+///         if row % 10_000 == 0 && kiln::cancelled() {
+///             anyhow::bail!("stopped at row {row}: the attempt timed out");
+///         }
+///         sum += row;
+///     }
+///     Ok(sum)
+/// }
+/// ```
+pub fn cancelled() -> bool {
+    current_run().is_some_and(|r| r.cancel.load(Ordering::SeqCst))
 }
 
 thread_local! {
@@ -214,7 +265,21 @@ pub async fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static)
     let run = current_run();
     let flow = current_flow();
     let engine = ENGINE.try_with(Clone::clone).ok();
+    // Counted while it runs: a timed-out attempt waits for it before the retry starts.
+    struct Running(Option<Arc<RunScope>>);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            if let Some(run) = &self.0 {
+                run.blocking.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+    if let Some(run) = &run {
+        run.blocking.fetch_add(1, Ordering::SeqCst);
+    }
+    let running = Running(run.clone());
     let handle = tokio::task::spawn_blocking(move || {
+        let _running = running;
         with_run(run, || match (flow, engine) {
             (Some(flow), _) => FLOW.sync_scope(flow, f),
             (None, Some(engine)) => ENGINE.sync_scope(engine, f),

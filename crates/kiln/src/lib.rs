@@ -50,7 +50,7 @@
 //! | `retries` | integer | retries after a failed or timed-out attempt |
 //! | `retry_delay` | seconds, `[s, s, ...]`, or `exponential(base)` / `exponential(base, max = s, jitter = f)` | wait before each retry |
 //! | `retry_if` | a function `fn(&E) -> bool` | retry only the errors it accepts |
-//! | `timeout` | seconds, or a string like `"1m 30s"` | an attempt running longer ends as TimedOut |
+//! | `timeout` | seconds, or a string like `"1m 30s"` | an attempt running longer ends as TimedOut; a sync body is asked to stop through [`cancelled`] and is waited for before a retry |
 //! | `tags` | `["a", "b"]` | recorded with the run |
 #![warn(missing_docs)]
 
@@ -70,6 +70,7 @@ mod task;
 mod transaction;
 
 pub use cache::{CacheContext, CachePolicy};
+pub use context::cancelled;
 pub use engine::{Engine, home_dir};
 pub use error::{Error, RunLabel};
 pub use flow::{Flow, FlowCall, current_flow_run_id};

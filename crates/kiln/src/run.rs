@@ -267,13 +267,9 @@ pub(crate) async fn attempts<B: Body>(
         );
         max_attempts = 1;
     }
-    let scope = Arc::new(RunScope {
-        run_id: tracker.id(),
-        flow_run_id,
-        engine: tracker.engine.clone(),
-    });
     let mut args = Some(args);
     loop {
+        let scope = RunScope::new(tracker.id(), flow_run_id, tracker.engine.clone());
         tracker.attempt += 1;
         tracker.to(StateType::Running, None)?;
         let last = tracker.attempt >= max_attempts;
@@ -287,11 +283,19 @@ pub(crate) async fn attempts<B: Body>(
             scope: scope.clone(),
             inner: Box::pin(wrap(B::run(attempt_args))),
         };
-        let guarded = AssertUnwindSafe(body).catch_unwind();
+        let mut guarded = std::pin::pin!(AssertUnwindSafe(body).catch_unwind());
         let outcome = match options.timeout {
-            Some(limit) => tokio::time::timeout(limit, guarded).await.ok(),
-            None => Some(guarded.await),
+            Some(limit) => tokio::time::timeout(limit, &mut guarded).await.ok(),
+            None => Some(guarded.as_mut().await),
         };
+        // A synchronous body that timed out is still running on its thread: ask it to stop.
+        let mut still_running = None;
+        if outcome.is_none() {
+            scope.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+            if scope.blocking_in_flight() {
+                still_running = Some(guarded);
+            }
+        }
         let retry_message = match outcome {
             Some(Ok(Ok(value))) => {
                 let Some(p) = &persisting else {
@@ -349,28 +353,46 @@ pub(crate) async fn attempts<B: Body>(
             }
             None => {
                 let after = options.timeout.unwrap_or_default();
+                let running = if still_running.is_some() {
+                    "; its synchronous body is still running and was asked to stop (kiln::cancelled())"
+                } else {
+                    ""
+                };
                 if last {
-                    tracker.to(StateType::TimedOut, Some(format!("exceeded its timeout of {after:?}")))?;
+                    tracker.to(
+                        StateType::TimedOut,
+                        Some(format!("exceeded its timeout of {after:?}{running}")),
+                    )?;
                     return Err(Failure::Kiln(Error::TimedOut {
                         run: tracker.label.clone(),
                         after,
                     }));
                 }
-                format!("exceeded its timeout of {after:?}")
+                format!("exceeded its timeout of {after:?}{running}")
             }
         };
         let delay = options.delay_before(tracker.attempt);
+        let wait = if still_running.is_some() {
+            format!("once its body has returned, and in {} at the earliest", human(delay))
+        } else {
+            format!("in {}", human(delay))
+        };
         tracker.to(
             StateType::AwaitingRetry,
             Some(format!(
-                "attempt {} of {max_attempts} failed: {retry_message}; retrying in {}",
+                "attempt {} of {max_attempts} failed: {retry_message}; retrying {wait}",
                 tracker.attempt,
-                human(delay)
             )),
         )?;
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
+        // Attempts never overlap: the next starts after the delay and after the timed-out
+        // synchronous body has returned (its late result is dropped).
+        let returned = async {
+            if let Some(body) = still_running {
+                let _ = body.await;
+                tracing::debug!("{}: the timed-out synchronous body returned", tracker.label);
+            }
+        };
+        tokio::join!(returned, tokio::time::sleep(delay));
     }
 }
 

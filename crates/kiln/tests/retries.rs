@@ -277,3 +277,79 @@ async fn concurrent_calls_are_matched_by_inputs_whatever_their_order() {
         "both calls of the second attempt loaded their own earlier result"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_sync_attempt_never_overlaps_its_retry() {
+    static ACTIVE: AtomicU32 = AtomicU32::new(0);
+    static MOST: AtomicU32 = AtomicU32::new(0);
+    static STARTED: AtomicU32 = AtomicU32::new(0);
+    #[task(timeout = "50ms", retries = 1)]
+    fn stubborn() -> u32 {
+        // Ignores kiln::cancelled(): runs well past its timeout.
+        let now = ACTIVE.fetch_add(1, Ordering::SeqCst) + 1;
+        MOST.fetch_max(now, Ordering::SeqCst);
+        let n = STARTED.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(300));
+        ACTIVE.fetch_sub(1, Ordering::SeqCst);
+        n
+    }
+    #[flow]
+    async fn waiting() -> Result<u32, kiln::Error> {
+        stubborn().await
+    }
+    let home = support::home();
+    let err = home.engine.scope(waiting()).await.unwrap_err();
+    assert!(matches!(err, kiln::Error::TimedOut { .. }), "{err}");
+    assert_eq!(STARTED.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        MOST.load(Ordering::SeqCst),
+        1,
+        "the retry started while the first body still ran"
+    );
+    let run = home.task(home.flow("waiting").id, "stubborn");
+    let states = home.store().states(run.id).unwrap();
+    let waited = states.iter().find(|s| s.state == AwaitingRetry).unwrap();
+    let message = waited.message.as_deref().unwrap();
+    assert!(
+        message.contains("still running and was asked to stop") && message.contains("once its body has returned"),
+        "{message}"
+    );
+    let last = states.last().unwrap();
+    assert_eq!(last.state, TimedOut);
+    assert!(last.message.as_deref().unwrap().contains("still running"), "{last:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_body_can_notice_its_timeout_and_stop() {
+    static NOTICED: AtomicU32 = AtomicU32::new(0);
+    #[task(timeout = "50ms")]
+    fn cooperative() -> anyhow::Result<u32> {
+        assert!(!kiln::cancelled(), "not cancelled before the timeout");
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(30) {
+            if kiln::cancelled() {
+                NOTICED.fetch_add(1, Ordering::SeqCst);
+                anyhow::bail!("stopped early");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(0)
+    }
+    #[flow]
+    async fn polite() -> Result<(), kiln::Error> {
+        cooperative()
+            .await
+            .map(|_| ())
+            .map_err(|e| kiln::Error::Setup(e.to_string()))
+    }
+    let home = support::home();
+    let err = home.engine.scope(polite()).await.unwrap_err();
+    assert!(err.to_string().contains("timeout"), "{err}");
+    assert!(!kiln::cancelled(), "outside any run nothing is cancelled");
+    // The body saw the flag and returned, well before its 30 s loop would have ended.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while NOTICED.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(NOTICED.load(Ordering::SeqCst), 1);
+}
