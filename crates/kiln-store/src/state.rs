@@ -34,11 +34,13 @@ pub enum StateType {
     Cancelled,
     /// The body ran longer than its timeout.
     TimedOut,
+    /// The body succeeded inside a transaction that then rolled back: its result was discarded.
+    RolledBack,
 }
 
 impl StateType {
     /// Every state, in lifecycle order.
-    pub const ALL: [StateType; 10] = [
+    pub const ALL: [StateType; 11] = [
         StateType::Scheduled,
         StateType::Pending,
         StateType::Running,
@@ -49,6 +51,7 @@ impl StateType {
         StateType::Crashed,
         StateType::Cancelled,
         StateType::TimedOut,
+        StateType::RolledBack,
     ];
 
     /// The name stored in the database and shown by the CLI.
@@ -64,6 +67,7 @@ impl StateType {
             StateType::Crashed => "Crashed",
             StateType::Cancelled => "Cancelled",
             StateType::TimedOut => "TimedOut",
+            StateType::RolledBack => "RolledBack",
         }
     }
 
@@ -77,6 +81,7 @@ impl StateType {
                 | StateType::Crashed
                 | StateType::Cancelled
                 | StateType::TimedOut
+                | StateType::RolledBack
         )
     }
 
@@ -110,10 +115,14 @@ pub const fn is_legal(from: Option<StateType>, to: StateType) -> bool {
         None => matches!(to, Scheduled | Pending),
         Some(Scheduled) => matches!(to, Pending | Cancelled),
         Some(Pending) => matches!(to, Running | Cached | Failed | Crashed | Cancelled),
-        Some(Running) => matches!(to, Completed | Failed | Crashed | Cancelled | TimedOut | AwaitingRetry),
+        // A task run in a transaction stays Running until the transaction ends.
+        Some(Running) => matches!(
+            to,
+            Completed | Failed | Crashed | Cancelled | TimedOut | AwaitingRetry | RolledBack
+        ),
         Some(AwaitingRetry) => matches!(to, Running | Cancelled | Crashed),
         // Terminal states end a run; a retry of the whole run starts a new attempt.
-        Some(Completed | Cached | Failed | Crashed | Cancelled | TimedOut) => false,
+        Some(Completed | Cached | Failed | Crashed | Cancelled | TimedOut | RolledBack) => false,
     }
 }
 
@@ -138,6 +147,7 @@ mod tests {
             &[Scheduled, Pending, Running, AwaitingRetry, Running, Failed],
             &[Pending, Cached],
             &[Pending, Running, TimedOut],
+            &[Pending, Running, RolledBack],
             &[Pending, Failed],
         ];
         for path in paths {

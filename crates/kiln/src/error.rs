@@ -55,7 +55,7 @@ pub enum Error {
         after: Duration,
     },
     /// The run's body panicked.
-    #[error("{run} crashed: the task panicked: {message}")]
+    #[error("{run} crashed: its body panicked: {message}")]
     Crashed {
         /// The run.
         run: RunLabel,
@@ -81,6 +81,15 @@ pub enum Error {
         #[source]
         cause: Box<Error>,
     },
+    /// A transaction rolled back although its body returned `Ok`: a task run inside it
+    /// failed (and the body handled the error), or its commit failed.
+    #[error("transaction {transaction} rolled back: {cause}; nothing it staged was committed")]
+    RolledBack {
+        /// The transaction's id.
+        transaction: Uuid,
+        /// Why.
+        cause: String,
+    },
     /// The state store failed.
     #[error("state store: {0}")]
     Store(Arc<StoreError>),
@@ -99,6 +108,7 @@ impl Error {
             Error::Failed { .. } | Error::TimedOut { .. } | Error::Crashed { .. } => true,
             Error::Store(e) => e.is_retryable(),
             Error::Result(e) => e.is_retryable(),
+            Error::RolledBack { .. } => true,
             Error::Cancelled { .. } | Error::UpstreamFailed { .. } | Error::Setup(_) => false,
         }
     }
@@ -111,7 +121,7 @@ impl Error {
             | Error::Crashed { run, .. }
             | Error::Cancelled { run, .. }
             | Error::UpstreamFailed { run, .. } => Some(run),
-            Error::Store(_) | Error::Result(_) | Error::Setup(_) => None,
+            Error::RolledBack { .. } | Error::Store(_) | Error::Result(_) | Error::Setup(_) => None,
         }
     }
 }

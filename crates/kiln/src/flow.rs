@@ -110,7 +110,8 @@ async fn run_flow<F: Flow>(flow: F, args: F::Args) -> Result<F::Output, Failure<
         }
     };
     let span = tracing::info_span!("flow_run", name = %label.name, id = %id);
-    let outcome = run::attempts::<F>(&mut tracker, &options, args, Some(id), persisting, |body| {
+    // A flow run's own result is not part of a transaction its caller may be in.
+    let outcome = run::attempts::<F>(&mut tracker, &options, args, Some(id), persisting, None, |body| {
         let ctx = ctx.clone();
         Box::pin(async move {
             ctx.begin_attempt().await;
@@ -121,7 +122,8 @@ async fn run_flow<F: Flow>(flow: F, args: F::Args) -> Result<F::Output, Failure<
         })
     })
     .instrument(span)
-    .await;
+    .await
+    .map(|done| done.value);
     // After a timeout or crash, stop what the body left running (those runs record Cancelled).
     ctx.cancel_children().await;
     let state = tracker.state;

@@ -16,6 +16,7 @@ use crate::error::RunLabel;
 use crate::result::persist::{self, KeyFields, Plan};
 use crate::result::{ResultError, ResultRef, StorageKey};
 use crate::serializer::{Serializer, short_type};
+use crate::transaction::TransactionContext;
 use crate::{Engine, Error, Options};
 
 /// A function Kiln runs: what `#[task]` and `#[flow]` generate. Not implemented by hand.
@@ -255,9 +256,11 @@ pub(crate) async fn attempts<B: Body>(
     args: B::Args,
     flow_run_id: Option<Uuid>,
     persisting: Option<Persisting<B::Output>>,
+    // A task run's transaction: its record is staged and its Completed state deferred.
+    tx: Option<&TransactionContext>,
     // Wraps each attempt's body (flows run theirs inside their context and join children).
     wrap: impl Fn(BoxFuture<'static, Result<B::Output, B::Error>>) -> BoxFuture<'static, Result<B::Output, B::Error>>,
-) -> Result<B::Output, Failure<B::Error>> {
+) -> Result<Done<B::Output>, Failure<B::Error>> {
     let mut max_attempts = options.max_attempts();
     if max_attempts > 1 && B::clone_args(&args).is_none() {
         tracing::warn!(
@@ -297,40 +300,7 @@ pub(crate) async fn attempts<B: Body>(
             }
         }
         let retry_message = match outcome {
-            Some(Ok(Ok(value))) => {
-                let Some(p) = &persisting else {
-                    tracker.to(StateType::Completed, None)?;
-                    return Ok(value);
-                };
-                let (id, name) = (tracker.id(), tracker.label.name.clone());
-                // In a transaction the record waits under a staging key until commit.
-                let tx = crate::transaction::current();
-                let key = tx.as_ref().map_or_else(|| p.key.clone(), |tx| tx.staging_key(&p.key));
-                let persisted =
-                    persist::persist(&tracker.engine, &p.plan, key.clone(), p.expires, id, &name, value).await;
-                return match persisted {
-                    Ok((value, mut reference)) => {
-                        reference.call = p.call.clone();
-                        if let Some(tx) = &tx {
-                            if let Ok(storage) = tracker.engine.storage(&p.plan.storage) {
-                                tx.stage(storage, key, p.key.clone());
-                            }
-                            reference.key = p.key.to_string();
-                        }
-                        tracker.enter_with_result(StateType::Completed, p.note.clone(), Some(&reference))?;
-                        Ok(value)
-                    }
-                    Err((_, e)) => {
-                        tracker.to(
-                            StateType::Failed,
-                            Some(format!(
-                                "its body succeeded, but its result could not be persisted: {e}"
-                            )),
-                        )?;
-                        Err(Failure::Kiln(e.into()))
-                    }
-                };
-            }
+            Some(Ok(Ok(value))) => return succeeded::<B>(tracker, persisting.as_ref(), tx, value).await,
             Some(Ok(Err(error))) => {
                 let message = B::describe_error(&error);
                 if last || !options.should_retry(&error) {
@@ -394,6 +364,77 @@ pub(crate) async fn attempts<B: Body>(
         };
         tokio::join!(returned, tokio::time::sleep(delay));
     }
+}
+
+/// A successful run's value, and, inside a transaction, the Completed state it enters when
+/// the transaction commits.
+pub(crate) struct Done<T> {
+    pub(crate) value: T,
+    pub(crate) deferred: Option<Completion>,
+}
+
+impl<T> Done<T> {
+    pub(crate) fn now(value: T) -> Self {
+        Done { value, deferred: None }
+    }
+}
+
+/// What a Completed state will carry: the result reference and a note.
+pub(crate) struct Completion {
+    pub(crate) reference: Option<ResultRef>,
+    pub(crate) note: Option<String>,
+}
+
+/// The body returned a value: persist it (to a staging key inside a transaction), then
+/// enter Completed, or, inside a transaction, leave that to the commit.
+async fn succeeded<B: Body>(
+    tracker: &mut Tracker,
+    persisting: Option<&Persisting<B::Output>>,
+    tx: Option<&TransactionContext>,
+    value: B::Output,
+) -> Result<Done<B::Output>, Failure<B::Error>> {
+    let mut value = value;
+    let mut reference = None;
+    if let Some(p) = persisting {
+        let key = tx.map_or_else(|| p.key.clone(), |tx| tx.staging_key(&p.key));
+        let (id, name) = (tracker.id(), tracker.label.name.clone());
+        let persisted = persist::persist(&tracker.engine, &p.plan, key.clone(), p.expires, id, &name, value).await;
+        let (v, mut r) = match persisted {
+            Ok(done) => done,
+            Err((_, e)) => {
+                tracker.to(
+                    StateType::Failed,
+                    Some(format!(
+                        "its body succeeded, but its result could not be persisted: {e}"
+                    )),
+                )?;
+                return Err(Failure::Kiln(e.into()));
+            }
+        };
+        r.call = p.call.clone();
+        if let Some(tx) = tx {
+            tx.stage(
+                tracker.engine.storage(&p.plan.storage).map_err(Error::from)?,
+                key,
+                p.key.clone(),
+            );
+            r.key = p.key.to_string();
+        }
+        value = v;
+        reference = Some(r);
+    }
+    let completion = Completion {
+        reference,
+        note: persisting.and_then(|p| p.note.clone()),
+    };
+    if tx.is_some() {
+        return Ok(Done {
+            value,
+            deferred: Some(completion),
+        });
+    }
+    tracker.enter_with_result(StateType::Completed, completion.note, completion.reference.as_ref())?;
+    Ok(Done::now(value))
 }
 
 fn human(d: Duration) -> String {

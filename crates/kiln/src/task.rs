@@ -16,7 +16,7 @@ use crate::error::RunLabel;
 use crate::isolation::{self, Acquired, CacheLock};
 use crate::result::persist::{self, Plan};
 use crate::result::{ResultError, ResultRef, StorageKey};
-use crate::run::{self, Body, Failure, Tracker};
+use crate::run::{self, Body, Done, Failure, Tracker};
 use crate::{Engine, Error, Options};
 
 /// A function marked `#[task]`. Implemented by the macro, never by hand.
@@ -323,6 +323,7 @@ async fn execute<T: Task>(prepared: Prepared<T>, inputs: T::Inputs) -> Result<T:
     } = prepared;
     let span = tracing::debug_span!("task_run", name = %tracker.label.name, id = %tracker.id());
     let flow_run_id = flow.as_ref().map(|f| f.flow_run_id);
+    let tx = crate::transaction::current();
     let outcome = async {
         let args = match inputs.resolve().await {
             Ok(args) => args,
@@ -346,7 +347,7 @@ async fn execute<T: Task>(prepared: Prepared<T>, inputs: T::Inputs) -> Result<T:
             _ => None,
         };
         if let Some(value) = reload::<T>(&mut tracker, flow.as_deref(), identity.as_deref(), &plan).await? {
-            return Ok(value);
+            return Ok(Done::now(value));
         }
         let flow_run = flow.as_ref().map(|f| (f.flow_run_id, &*f.flow_name));
         let mut persisting = match plan.and_then(|p| run::persisting::<T>(p, &tracker.label, flow_run, &args)) {
@@ -365,7 +366,7 @@ async fn execute<T: Task>(prepared: Prepared<T>, inputs: T::Inputs) -> Result<T:
             let key = cache_key::<T>(&tracker, flow.as_deref(), policy, &args, inputs);
             match key {
                 Ok(Some(key)) => match lookup::<T>(&mut tracker, refresh, &options, p, key).await? {
-                    Lookup::Hit(value) => return Ok(value),
+                    Lookup::Hit(value) => return Ok(Done::now(value)),
                     Lookup::Miss(held) => lock = held,
                 },
                 Ok(None) => {}
@@ -382,27 +383,42 @@ async fn execute<T: Task>(prepared: Prepared<T>, inputs: T::Inputs) -> Result<T:
                 }
             }
         }
-        let persisted_key = persisting.as_ref().map(|p| p.key.to_string());
-        let outcome = run::attempts::<T>(&mut tracker, &options, args, flow_run_id, persisting, |body| body).await;
+        let outcome = run::attempts::<T>(
+            &mut tracker,
+            &options,
+            args,
+            flow_run_id,
+            persisting,
+            tx.as_deref(),
+            |body| body,
+        )
+        .await;
         if let Some(lock) = lock {
             lock.release().await;
-        }
-        if let Some(tx) = crate::transaction::current() {
-            let run = crate::TransactionRun {
-                run_id: tracker.id(),
-                name: tracker.label.name.to_string(),
-                key: persisted_key,
-            };
-            tx.finished(run, outcome.is_ok(), options.on_commit, options.on_rollback);
         }
         outcome
     }
     .instrument(span)
     .await;
+    let (label, engine) = (tracker.label.clone(), tracker.engine.clone());
+    let outcome = match (tx, outcome) {
+        (None, outcome) => outcome.map(|done| done.value),
+        // In a transaction, the run enters Completed (or RolledBack) when the transaction ends.
+        (Some(tx), Ok(Done { value, deferred })) => {
+            if let Some(completion) = deferred {
+                tx.completed(tracker, completion, options.on_commit, options.on_rollback);
+            }
+            Ok(value)
+        }
+        (Some(tx), Err(failure)) => {
+            tx.failed(&label);
+            Err(failure)
+        }
+    };
     if flow.is_none() {
         // A task run outside any flow is its own top-level run: durable when it returns.
-        if let Err(e) = tracker.engine.flush().await {
-            tracing::error!("{} finished but its records may not be durable: {e}", tracker.label);
+        if let Err(e) = engine.flush().await {
+            tracing::error!("{label} finished but its records may not be durable: {e}");
         }
     }
     outcome

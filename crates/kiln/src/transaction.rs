@@ -24,19 +24,30 @@
 //! ```
 //!
 //! Inside a transaction a persisted result is written to a staging key
-//! (`staging/<transaction id>/<key>`). When the body returns `Ok` and no task run in it
-//! failed, the staged records are moved to their keys and the `on_commit` hooks run. Else
-//! the staged records are deleted and the `on_rollback` hooks of the task runs that had
-//! succeeded run, newest first, so they can undo side effects. A transaction inside
-//! another follows the outer one.
+//! (`staging/<transaction id>/<key>`), and a task run that succeeds stays `Running` until
+//! the transaction ends: its `Completed` state, with the reference to its record, is
+//! recorded only once the record is at its key.
+//!
+//! When the body returns `Ok` and no task run in it failed, the staged records are moved to
+//! their keys **all or nothing** (an object store has no multi-object transaction: a record
+//! that a commit replaces is kept aside until every move succeeded, and put back if one
+//! fails), the task runs enter `Completed` and the `on_commit` hooks run. Otherwise the
+//! staged records are deleted, the task runs that had succeeded enter `RolledBack` (no
+//! result), and their `on_rollback` hooks run, newest first, so they can undo side effects.
+//! A transaction whose body returned `Ok` but that rolled back (a task run failed and the
+//! body handled its error, or the commit failed) returns [`Error::RolledBack`]. A
+//! transaction inside another follows the outer one.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use kiln_store::state::StateType;
 use uuid::Uuid;
 
-use crate::result::{ResultStorage, StorageKey};
+use crate::Error;
+use crate::error::RunLabel;
+use crate::result::{ResultError, ResultStorage, StorageKey};
+use crate::run::{Completion, Tracker};
 
 /// What a commit or rollback hook learns about the task run it belongs to.
 #[derive(Debug, Clone)]
@@ -58,18 +69,36 @@ struct Staged {
     target: StorageKey,
 }
 
+/// A task run that succeeded in the transaction, waiting for its end.
+struct Deferred {
+    tracker: Tracker,
+    completion: Completion,
+    on_commit: Option<TransactionHook>,
+    on_rollback: Option<TransactionHook>,
+}
+
+impl Deferred {
+    fn run(&self) -> TransactionRun {
+        TransactionRun {
+            run_id: self.tracker.id(),
+            name: self.tracker.label.name.to_string(),
+            key: self.completion.reference.as_ref().map(|r| r.key.clone()),
+        }
+    }
+}
+
 #[derive(Default)]
-struct Hooks {
-    commit: Vec<(TransactionHook, TransactionRun)>,
-    rollback: Vec<(TransactionHook, TransactionRun)>,
+struct Inner {
+    staged: Vec<Staged>,
+    deferred: Vec<Deferred>,
+    /// The first task run that failed in it.
+    failure: Option<String>,
 }
 
 /// The transaction a task run belongs to.
 pub(crate) struct TransactionContext {
     pub(crate) id: Uuid,
-    staged: Mutex<Vec<Staged>>,
-    hooks: Mutex<Hooks>,
-    failed: AtomicBool,
+    inner: Mutex<Inner>,
 }
 
 tokio::task_local! {
@@ -81,68 +110,178 @@ pub(crate) fn current() -> Option<Arc<TransactionContext>> {
 }
 
 impl TransactionContext {
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Where a record for `target` is written until commit.
     pub(crate) fn staging_key(&self, target: &StorageKey) -> StorageKey {
         StorageKey::new(format!("staging/{}/{target}", self.id)).expect("a valid key stays valid under staging/")
     }
 
+    /// Where a record that the commit replaces is kept until the commit has succeeded.
+    fn previous_key(&self, target: &StorageKey) -> StorageKey {
+        StorageKey::new(format!("staging/{}-previous/{target}", self.id))
+            .expect("a valid key stays valid under staging/")
+    }
+
     pub(crate) fn stage(&self, storage: ResultStorage, staging: StorageKey, target: StorageKey) {
-        self.staged.lock().unwrap_or_else(|p| p.into_inner()).push(Staged {
+        self.inner().staged.push(Staged {
             storage,
             staging,
             target,
         });
     }
 
-    /// Records how a task run in the transaction ended, with its hooks.
-    pub(crate) fn finished(
+    /// A task run in the transaction succeeded: it completes or rolls back with it.
+    pub(crate) fn completed(
         &self,
-        run: TransactionRun,
-        ok: bool,
+        tracker: Tracker,
+        completion: Completion,
         on_commit: Option<TransactionHook>,
         on_rollback: Option<TransactionHook>,
     ) {
-        if !ok {
-            self.failed.store(true, Ordering::SeqCst);
-            return;
-        }
-        let mut hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(h) = on_commit {
-            hooks.commit.push((h, run.clone()));
-        }
-        if let Some(h) = on_rollback {
-            hooks.rollback.push((h, run));
-        }
+        self.inner().deferred.push(Deferred {
+            tracker,
+            completion,
+            on_commit,
+            on_rollback,
+        });
     }
 
-    async fn commit(&self) -> Result<(), crate::Error> {
-        let staged = std::mem::take(&mut *self.staged.lock().unwrap_or_else(|p| p.into_inner()));
-        for s in &staged {
-            s.storage.rename(&s.staging, &s.target).await?;
+    /// A task run in the transaction failed: the transaction will roll back.
+    pub(crate) fn failed(&self, run: &RunLabel) {
+        self.inner()
+            .failure
+            .get_or_insert_with(|| format!("{run} failed inside it"));
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.inner().failure.clone()
+    }
+
+    /// Moves every staged record to its key, or none; then completes the task runs.
+    async fn commit(&self) -> Result<(), Error> {
+        let Inner { staged, deferred, .. } = std::mem::take(&mut *self.inner());
+        if let Err(e) = self.publish(&staged).await {
+            let cause = format!("its commit failed: {e}");
+            self.roll_back(&cause, &staged, deferred).await;
+            return Err(Error::RolledBack {
+                transaction: self.id,
+                cause,
+            });
         }
-        let hooks = std::mem::take(&mut *self.hooks.lock().unwrap_or_else(|p| p.into_inner()));
-        for (hook, run) in &hooks.commit {
-            hook(run);
+        let mut first_error = None;
+        for mut d in deferred {
+            let note = match d.completion.note.take() {
+                Some(note) => format!("{note}; committed with transaction {}", self.id),
+                None => format!("committed with transaction {}", self.id),
+            };
+            let entered =
+                d.tracker
+                    .enter_with_result(StateType::Completed, Some(note), d.completion.reference.as_ref());
+            if let Err(e) = entered {
+                first_error.get_or_insert(e);
+            }
+            if let Some(hook) = d.on_commit {
+                hook(&d.run());
+            }
+        }
+        tracing::debug!("transaction {} committed", self.id);
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// All or nothing: each record a move would replace is first copied aside; when a move
+    /// fails, the moved ones are put back (or removed) and the error returned.
+    async fn publish(&self, staged: &[Staged]) -> Result<(), ResultError> {
+        let mut moved: Vec<(&Staged, Option<StorageKey>)> = Vec::new();
+        for s in staged {
+            match self.publish_one(s).await {
+                Ok(previous) => moved.push((s, previous)),
+                Err(e) => {
+                    for (s, previous) in moved.into_iter().rev() {
+                        let undone = match previous {
+                            Some(previous) => s.storage.rename(&previous, &s.target).await,
+                            None => s.storage.delete(&s.target).await,
+                        };
+                        if let Err(undo) = undone {
+                            tracing::error!(
+                                "transaction {}: cannot undo the commit of '{}' in storage '{}': {undo}; \
+                                 that record is from the failed transaction",
+                                self.id,
+                                s.target,
+                                s.storage.name()
+                            );
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        for (s, previous) in moved {
+            if let Some(previous) = previous
+                && let Err(e) = s.storage.delete(&previous).await
+            {
+                tracing::warn!("transaction {}: cannot remove {previous}: {e}", self.id);
+            }
         }
         Ok(())
     }
 
-    async fn rollback(&self) {
-        let staged = std::mem::take(&mut *self.staged.lock().unwrap_or_else(|p| p.into_inner()));
-        for s in &staged {
+    /// Moves one record to its key; the record it replaces, if any, is kept aside.
+    async fn publish_one(&self, s: &Staged) -> Result<Option<StorageKey>, ResultError> {
+        let previous = if s.storage.exists(&s.target).await? {
+            let key = self.previous_key(&s.target);
+            s.storage.copy(&s.target, &key).await?;
+            Some(key)
+        } else {
+            None
+        };
+        if let Err(e) = s.storage.rename(&s.staging, &s.target).await {
+            if let Some(previous) = &previous {
+                let _ = s.storage.delete(previous).await;
+            }
+            return Err(e);
+        }
+        Ok(previous)
+    }
+
+    async fn rollback(&self, cause: &str) {
+        let Inner { staged, deferred, .. } = std::mem::take(&mut *self.inner());
+        self.roll_back(cause, &staged, deferred).await;
+    }
+
+    async fn roll_back(&self, cause: &str, staged: &[Staged], deferred: Vec<Deferred>) {
+        tracing::info!("transaction {} rolled back: {cause}", self.id);
+        for s in staged {
             if let Err(e) = s.storage.delete(&s.staging).await {
                 tracing::warn!("rolling back transaction {}: cannot delete {}: {e}", self.id, s.staging);
             }
         }
-        let hooks = std::mem::take(&mut *self.hooks.lock().unwrap_or_else(|p| p.into_inner()));
-        for (hook, run) in hooks.rollback.iter().rev() {
-            hook(run);
+        let message = format!(
+            "transaction {} rolled back ({cause}); this run's result was discarded",
+            self.id
+        );
+        let mut undo = Vec::new();
+        for mut d in deferred {
+            if let Err(e) = d.tracker.to(StateType::RolledBack, Some(message.clone())) {
+                tracing::error!("{}: cannot record RolledBack: {e}", d.tracker.label);
+            }
+            undo.push(d);
+        }
+        for d in undo.iter().rev() {
+            if let Some(hook) = d.on_rollback {
+                hook(&d.run());
+            }
         }
     }
 }
 
-/// Runs `body` as a transaction (see the module docs). Returns the body's outcome; a task
-/// run that failed inside it (even one whose error the body handled) rolls it back too.
+/// Runs `body` as a transaction (see the module docs).
+///
+/// Returns the body's value when everything committed; the body's error when it failed;
+/// and [`Error::RolledBack`] (converted into `E`) when the body returned `Ok` but the
+/// transaction rolled back anyway: a task run inside it failed, or the commit did.
 pub async fn transaction<T, E, F>(body: F) -> Result<T, E>
 where
     F: Future<Output = Result<T, E>>,
@@ -154,20 +293,25 @@ where
     }
     let tx = Arc::new(TransactionContext {
         id: Uuid::now_v7(),
-        staged: Mutex::new(Vec::new()),
-        hooks: Mutex::new(Hooks::default()),
-        failed: AtomicBool::new(false),
+        inner: Mutex::new(Inner::default()),
     });
     let outcome = TRANSACTION.scope(tx.clone(), body).await;
-    if outcome.is_ok() && !tx.failed.load(Ordering::SeqCst) {
-        if let Err(e) = tx.commit().await {
-            tx.rollback().await;
-            return Err(E::from(e));
+    match (outcome, tx.failure()) {
+        (Ok(value), None) => {
+            tx.commit().await.map_err(E::from)?;
+            Ok(value)
         }
-        tracing::debug!("transaction {} committed", tx.id);
-    } else {
-        tracing::info!("transaction {} rolled back", tx.id);
-        tx.rollback().await;
+        (Ok(_), Some(cause)) => {
+            tx.rollback(&cause).await;
+            Err(E::from(Error::RolledBack {
+                transaction: tx.id,
+                cause,
+            }))
+        }
+        (Err(e), failure) => {
+            tx.rollback(failure.as_deref().unwrap_or("its body returned an error"))
+                .await;
+            Err(e)
+        }
     }
-    outcome
 }

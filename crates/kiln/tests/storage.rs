@@ -196,6 +196,41 @@ async fn a_create_race_has_one_winner(s: &ResultStorage) {
     assert!(winner.iter().all(|b| *b == winner[0]), "one writer's bytes, not a mix");
 }
 
+/// Cache-lock leases are renewed and taken over with a put conditional on the version read
+/// (If-Match): a stale version must be refused. (A `local` storage locks with OS file locks.)
+async fn a_stale_conditional_update_is_refused(s: &ResultStorage) {
+    use object_store::{ObjectStoreExt, PutMode, UpdateVersion};
+    if s.kind() == "local" {
+        return;
+    }
+    let store = s.object_store();
+    let path = object_store::path::Path::from(format!("{}/lease", unique()));
+    let first = store.put(&path, Bytes::from_static(b"one").into()).await.unwrap();
+    let seen = UpdateVersion {
+        e_tag: first.e_tag,
+        version: first.version,
+    };
+    let second = store
+        .put_opts(
+            &path,
+            Bytes::from_static(b"two").into(),
+            PutMode::Update(seen.clone()).into(),
+        )
+        .await
+        .expect("an update at the version read succeeds");
+    let stale = store
+        .put_opts(&path, Bytes::from_static(b"three").into(), PutMode::Update(seen).into())
+        .await;
+    assert!(
+        matches!(stale, Err(object_store::Error::Precondition { .. })),
+        "an update at a stale version must be refused: {stale:?}"
+    );
+    let now = store.get(&path).await.unwrap().bytes().await.unwrap();
+    assert_eq!(&now[..], b"two");
+    assert!(second.e_tag.is_some() || second.version.is_some());
+    store.delete(&path).await.unwrap();
+}
+
 async fn missing_objects_are_named(s: &ResultStorage) {
     let k = key("no/such/record");
     let err = s.get_record(&k).await.unwrap_err();
@@ -244,6 +279,7 @@ macro_rules! storage_suite {
                 overwrite_replaces_the_whole_record,
                 create_only_never_replaces,
                 a_create_race_has_one_winner,
+                a_stale_conditional_update_is_refused,
                 missing_objects_are_named,
                 damaged_objects_are_refused,
                 listing_and_deleting

@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 use serde::{Deserialize, Serialize};
 
 use super::ResultError;
@@ -221,6 +221,8 @@ pub struct ResultStorage {
     store: Arc<dyn ObjectStore>,
     /// A folder inside the bucket or container, without slashes at either end.
     prefix: Option<String>,
+    /// The folder of a `local` storage (its locks are file locks).
+    local_root: Option<PathBuf>,
 }
 
 impl fmt::Debug for ResultStorage {
@@ -305,6 +307,7 @@ impl ResultStorage {
             storage: name.to_owned(),
             message,
         };
+        let mut local_root_path = None;
         let (store, prefix): (Arc<dyn ObjectStore>, Option<&str>) = match config {
             StorageConfig::Local { path } => {
                 let root = local_root(path.as_deref(), name, home);
@@ -312,6 +315,7 @@ impl ResultStorage {
                     .map_err(|e| fail(format!("cannot create its folder {}: {e}", root.display())))?;
                 let fs = object_store::local::LocalFileSystem::new_with_prefix(&root)
                     .map_err(|e| fail(format!("cannot use the folder {}: {e}", root.display())))?;
+                local_root_path = Some(root.clone());
                 (Arc::new(fs.with_automatic_cleanup(true)), None)
             }
             StorageConfig::Memory => (memory_store(name), None),
@@ -411,6 +415,7 @@ impl ResultStorage {
             kind: config.kind(),
             store,
             prefix,
+            local_root: local_root_path,
         })
     }
 
@@ -563,6 +568,53 @@ impl ResultStorage {
             .rename(&self.path(from), &self.path(to))
             .await
             .map_err(|e| self.backend("move", from, e))
+    }
+
+    /// The file behind `key` when this is a `local` storage.
+    pub(crate) fn local_file(&self, key: &StorageKey) -> Option<PathBuf> {
+        self.local_root.as_ref().map(|root| root.join(key.as_str()))
+    }
+
+    /// Reads a small object with its version (for conditional updates); `None` when absent.
+    pub(crate) async fn get_versioned(&self, key: &StorageKey) -> Result<Option<(Bytes, UpdateVersion)>, ResultError> {
+        let got = match self.store.get(&self.path(key)).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.backend("read", key, e)),
+        };
+        let version = UpdateVersion {
+            e_tag: got.meta.e_tag.clone(),
+            version: got.meta.version.clone(),
+        };
+        let bytes = got.bytes().await.map_err(|e| self.backend("read", key, e))?;
+        Ok(Some((bytes, version)))
+    }
+
+    /// Writes `bytes` at `key` only if nothing is there (`mode` Create) or only if the
+    /// object is still at the version read (`mode` Update): the new version, or `None`
+    /// when the condition failed (someone else wrote first).
+    pub(crate) async fn put_conditional(
+        &self,
+        key: &StorageKey,
+        bytes: Bytes,
+        mode: PutMode,
+    ) -> Result<Option<UpdateVersion>, ResultError> {
+        match self.store.put_opts(&self.path(key), bytes.into(), mode.into()).await {
+            Ok(put) => Ok(Some(UpdateVersion {
+                e_tag: put.e_tag,
+                version: put.version,
+            })),
+            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(None),
+            Err(e) => Err(self.backend("write", key, e)),
+        }
+    }
+
+    /// Copies an object to another key, replacing what is there.
+    pub async fn copy(&self, from: &StorageKey, to: &StorageKey) -> Result<(), ResultError> {
+        self.store
+            .copy(&self.path(from), &self.path(to))
+            .await
+            .map_err(|e| self.backend("copy", from, e))
     }
 
     /// Deletes an object; deleting a missing one is not an error.

@@ -64,3 +64,14 @@ pub fn rss() -> (u64, u64) {
     };
     (field("VmRSS:"), field("VmHWM:"))
 }
+
+/// How many files are below `dir` (0 when it does not exist).
+pub fn files_below(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| if e.path().is_dir() { files_below(&e.path()) } else { 1 })
+                .sum()
+        })
+        .unwrap_or(0)
+}
