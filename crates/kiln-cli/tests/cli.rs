@@ -2,7 +2,8 @@
 
 use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::collections::HashSet;
+use std::sync::Mutex;
 
 use kiln::prelude::*;
 
@@ -17,11 +18,13 @@ fn total(values: Vec<u32>) -> u32 {
     values.iter().sum()
 }
 
-static FLAKY_CALLS: AtomicU32 = AtomicU32::new(0);
+/// The flow runs whose `flaky` already failed once (per flow run, so the tests may share a process).
+static FLAKY_FAILED: Mutex<Option<HashSet<uuid::Uuid>>> = Mutex::new(None);
 
 #[task(retries = 1)]
 async fn flaky() -> anyhow::Result<()> {
-    if FLAKY_CALLS.fetch_add(1, Ordering::SeqCst) == 0 {
+    let flow_run = kiln::current_flow_run_id().expect("called in a flow");
+    if FLAKY_FAILED.lock().unwrap().get_or_insert_default().insert(flow_run) {
         anyhow::bail!("disk busy");
     }
     Ok(())
