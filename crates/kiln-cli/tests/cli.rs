@@ -1,8 +1,8 @@
 //! The `kiln` binary against a home that real flow runs wrote.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::process::{Command, Output};
-use std::collections::HashSet;
 use std::sync::Mutex;
 
 use kiln::prelude::*;

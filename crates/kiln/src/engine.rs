@@ -145,7 +145,7 @@ impl Engine {
         reference: &crate::result::ResultRef,
         serializer: impl crate::serializer::Serializer<T>,
     ) -> Result<T, ResultError> {
-        crate::result::persist::load(self, reference, Arc::new(serializer), "the caller").await
+        crate::result::persist::load(self, reference, Arc::new(serializer), "Engine::load_result").await
     }
 
     /// Adds (or replaces) a storage and saves it in the settings file.

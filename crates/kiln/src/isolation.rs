@@ -140,6 +140,7 @@ pub(crate) async fn acquire(storage: &ResultStorage, record: &StorageKey) -> Res
 async fn lock_file(storage: &ResultStorage, key: &StorageKey, path: PathBuf) -> Result<Option<Held>, ResultError> {
     let fail = |e: std::io::Error| ResultError::Backend {
         storage: storage.name().to_owned(),
+        kind: storage.kind(),
         op: "lock",
         key: key.to_string(),
         message: e.to_string(),

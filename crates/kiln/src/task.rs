@@ -359,6 +359,14 @@ async fn execute<T: Task>(prepared: Prepared<T>, inputs: T::Inputs) -> Result<T:
         };
         if let Some(p) = persisting.as_mut() {
             p.call = identity;
+            if let Err(e) = tracker
+                .engine
+                .storage(&p.plan.storage)
+                .and_then(|s| s.check_key(&p.key))
+            {
+                tracker.to(StateType::Failed, Some(e.to_string()))?;
+                return Err(Failure::Kiln(e.into()));
+            }
         }
         let mut lock = None;
         if let (Some(policy), Some(p)) = (&policy, persisting.as_mut()) {
@@ -546,7 +554,7 @@ async fn try_hit<T: Task>(
         &header,
         payload,
         plan.serializer.clone(),
-        &tracker.label.name,
+        &tracker.label.to_string(),
     )
     .await;
     match decoded {
@@ -602,7 +610,7 @@ async fn reload<T: Task>(
         &tracker.engine,
         &reference,
         plan.serializer.clone(),
-        &tracker.label.name,
+        &tracker.label.to_string(),
     )
     .await
     {

@@ -42,6 +42,38 @@ async fn a_persisted_result_is_a_verified_record_referenced_by_the_database() {
     let err = home.engine.load_result::<Vec<u32>>(&r, Json).await.unwrap_err();
     assert!(matches!(err, ResultError::WrongSerializer { .. }), "{err}");
     assert!(err.to_string().contains("written by serializer 'msgpack'"), "{err}");
+    assert!(
+        err.to_string().contains("but Engine::load_result reads it with 'json'"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_too_long_for_its_storage_fails_before_the_body_runs() {
+    static RAN: AtomicU32 = AtomicU32::new(0);
+    #[task(persist, storage_key = "reports/{parameters.title}")]
+    fn report(title: String) -> u32 {
+        RAN.fetch_add(1, Ordering::SeqCst);
+        title.len() as u32
+    }
+    #[flow]
+    async fn reporting(title: String) -> Result<u32, kiln::Error> {
+        report(title).await
+    }
+    let home = support::home();
+    let err = home
+        .engine
+        .scope(reporting("x".repeat(300)))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("too long for storage 'local'") && err.contains("a file or folder name of 300 bytes"),
+        "{err}"
+    );
+    assert!(!err.contains("credentials"), "{err}");
+    assert_eq!(RAN.load(Ordering::SeqCst), 0, "the body never ran");
+    assert_eq!(home.engine.scope(reporting("short".into())).await.unwrap(), 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -192,8 +192,17 @@ async fn a_panicking_task_crashes_without_taking_the_flow_down() {
         let crashed = explode(2).await;
         Ok((ok, matches!(crashed, Err(kiln::Error::Crashed { .. }))))
     }
+    #[flow]
+    fn fragile_flow() -> u32 {
+        panic!("the flow itself gave up")
+    }
     let home = support::home();
     assert_eq!(home.engine.scope(volatile()).await.unwrap(), (1, true));
+    let err = home.engine.scope(fragile_flow()).await.unwrap_err().to_string();
+    assert!(
+        err.contains("flow run 'fragile_flow'") && err.contains("crashed: its body panicked: the flow itself gave up"),
+        "a flow is not called a task: {err}"
+    );
     let flow = home.flow("volatile");
     assert_eq!(flow.state, Completed);
     let runs = home.tasks(flow.id);

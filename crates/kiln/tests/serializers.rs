@@ -223,3 +223,51 @@ fn msgpack_is_readable_without_the_rust_types() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn msgpack_byte_vectors_marked_serde_bytes_are_binary() {
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Frame {
+        width: u32,
+        pixels: Vec<u8>,
+    }
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct CompactFrame {
+        width: u32,
+        #[serde(with = "serde_bytes")]
+        pixels: Vec<u8>,
+    }
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Payload {
+        Bytes(Vec<u8>),
+        Text(String),
+    }
+    let encode = |value: &dyn Fn(&mut Vec<u8>)| {
+        let mut out = Vec::new();
+        value(&mut out);
+        out
+    };
+    // A 512x512 RGB frame: by default each byte is an integer (1 or 2 bytes each).
+    let pixels: Vec<u8> = (0..512 * 512 * 3).map(|i| (i % 251) as u8).collect();
+    let plain = Frame {
+        width: 512,
+        pixels: pixels.clone(),
+    };
+    let compact = CompactFrame { width: 512, pixels };
+    let plain_bytes = encode(&|out| MsgPack.encode(&plain, out).unwrap());
+    let compact_bytes = encode(&|out| MsgPack.encode(&compact, out).unwrap());
+    assert!(plain_bytes.len() > 1_100_000, "{}", plain_bytes.len());
+    assert!(compact_bytes.len() < 786_432 + 64, "{}", compact_bytes.len());
+    assert_eq!(
+        <MsgPack as Serializer<CompactFrame>>::decode(&MsgPack, &compact_bytes).unwrap(),
+        compact
+    );
+    // The default keeps untagged enums holding byte vectors working.
+    let payload = Payload::Bytes(vec![1, 200, 3]);
+    let bytes = encode(&|out| MsgPack.encode(&payload, out).unwrap());
+    assert_eq!(
+        <MsgPack as Serializer<Payload>>::decode(&MsgPack, &bytes).unwrap(),
+        payload
+    );
+}

@@ -69,11 +69,14 @@ pub enum ResultError {
     },
     /// The backend refused or could not be reached.
     #[error(
-        "storage '{storage}': cannot {op} '{key}': {message}; check its endpoint, bucket and credentials with `kiln storage test {storage}`"
+        "storage '{storage}': cannot {op} '{key}': {message}; {}",
+        backend_advice(kind, storage)
     )]
     Backend {
         /// The storage.
         storage: String,
+        /// Its kind (`local`, `s3`, ...): what to check depends on it.
+        kind: &'static str,
         /// What was attempted.
         op: &'static str,
         /// The key.
@@ -148,6 +151,16 @@ pub enum ResultError {
     },
 }
 
+fn backend_advice(kind: &str, storage: &str) -> String {
+    match kind {
+        "local" => format!(
+            "check that its folder exists, is writable by this user and has free space (`kiln storage test {storage}`)"
+        ),
+        "memory" => "a memory storage lives in this process only".into(),
+        _ => format!("check its endpoint, bucket and credentials with `kiln storage test {storage}`"),
+    }
+}
+
 fn known_list(known: &[String]) -> String {
     if known.is_empty() {
         " (no storage is configured)".into()
@@ -160,5 +173,31 @@ impl ResultError {
     /// Whether trying again may succeed (a backend that failed to answer).
     pub fn is_retryable(&self) -> bool {
         matches!(self, ResultError::Backend { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_errors_advise_by_kind() {
+        let error = |kind| {
+            ResultError::Backend {
+                storage: "results".into(),
+                kind,
+                op: "write",
+                key: "a/b".into(),
+                message: "Is a directory (os error 21)".into(),
+            }
+            .to_string()
+        };
+        let local = error("local");
+        assert!(
+            local.contains("folder exists, is writable") && !local.contains("credentials"),
+            "{local}"
+        );
+        let s3 = error("s3");
+        assert!(s3.contains("endpoint, bucket and credentials"), "{s3}");
     }
 }

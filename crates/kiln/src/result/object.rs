@@ -107,6 +107,7 @@ impl ObjectRef {
         let key = StorageKey::new(key.into()).map_err(ResultError::InvalidKey)?;
         let fail = |op: &'static str, message: String| ResultError::Backend {
             storage: storage.to_owned(),
+            kind: store.kind(),
             op,
             key: key.to_string(),
             message,
@@ -165,15 +166,17 @@ impl ObjectRef {
             },
             e => ResultError::Backend {
                 storage: self.storage.clone(),
+                kind: store.kind(),
                 op: "read",
                 key: self.key.clone(),
                 message: e.to_string(),
             },
         })?;
-        let (storage, key_text) = (self.storage.clone(), self.key.clone());
+        let (storage, key_text, kind) = (self.storage.clone(), self.key.clone(), store.kind());
         Ok(got.into_stream().map_err(move |e| {
             Error::from(ResultError::Backend {
                 storage: storage.clone(),
+                kind,
                 op: "read",
                 key: key_text.clone(),
                 message: e.to_string(),

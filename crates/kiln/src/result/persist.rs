@@ -209,7 +209,7 @@ pub(crate) async fn decode<T: Send + 'static>(
             key: key.to_string(),
             found: header.serializer.clone(),
             expected: expected.into_owned(),
-            reader: format!("task '{reader}'"),
+            reader: reader.to_owned(),
         });
     }
     let (run, key) = (reader.to_owned(), key.to_string());

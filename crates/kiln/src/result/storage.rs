@@ -213,6 +213,24 @@ fn local_root(path: Option<&FsPath>, name: &str, home: &FsPath) -> PathBuf {
         .unwrap_or_else(|| home.join("storage").join(name))
 }
 
+/// The longest file or folder name a local storage accepts: file systems allow 255 bytes,
+/// less what object_store's temporary files and Kiln's lock files append.
+const LOCAL_NAME_MAX: usize = 230;
+/// The longest key on S3, GCS and Azure (1024 bytes there), less what Kiln's staging and
+/// lock keys add.
+const OBJECT_KEY_MAX: usize = 950;
+
+fn ellipsis(text: &str) -> String {
+    if text.len() <= 80 {
+        return text.to_owned();
+    }
+    let mut end = 60;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
 /// A storage ready for records: a named `ObjectStore` and the folder Kiln's keys live in.
 #[derive(Clone)]
 pub struct ResultStorage {
@@ -459,6 +477,7 @@ impl ResultStorage {
             },
             source => ResultError::Backend {
                 storage: self.name.to_string(),
+                kind: self.kind,
                 op,
                 key: key.to_string(),
                 message: source.to_string(),
@@ -570,6 +589,39 @@ impl ResultStorage {
             .map_err(|e| self.backend("move", from, e))
     }
 
+    /// Refuses a key this storage cannot hold, so that a task run fails before its body runs
+    /// rather than after. Limits leave room for the suffixes Kiln adds (temporary files,
+    /// `.lock` files, `staging/<transaction>/` folders).
+    pub fn check_key(&self, key: &StorageKey) -> Result<(), ResultError> {
+        let too_long = |what: String| {
+            Err(ResultError::InvalidKey(format!(
+                "storage key '{}' is too long for storage '{}' ({what}); shorten its `storage_key` template                  or the values it uses",
+                ellipsis(key.as_str()),
+                self.name
+            )))
+        };
+        match self.kind {
+            "memory" => Ok(()),
+            "local" => match key.as_str().split('/').find(|s| s.len() > LOCAL_NAME_MAX) {
+                Some(segment) => too_long(format!(
+                    "a file or folder name of {} bytes; a local folder allows {LOCAL_NAME_MAX}",
+                    segment.len()
+                )),
+                None => Ok(()),
+            },
+            _ => {
+                let full = self.prefix.as_ref().map_or(0, |p| p.len() + 1) + key.as_str().len();
+                if full > OBJECT_KEY_MAX {
+                    too_long(format!(
+                        "{full} bytes with its prefix; object keys allow {OBJECT_KEY_MAX}"
+                    ))
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
     /// The file behind `key` when this is a `local` storage.
     pub(crate) fn local_file(&self, key: &StorageKey) -> Option<PathBuf> {
         self.local_root.as_ref().map(|root| root.join(key.as_str()))
@@ -659,6 +711,7 @@ impl ResultStorage {
             .await
             .map_err(|e| ResultError::Backend {
                 storage: self.name.to_string(),
+                kind: self.kind,
                 op: "list",
                 key: folder.unwrap_or("").to_owned(),
                 message: e.to_string(),

@@ -124,10 +124,12 @@ impl<T: Serialize + DeserializeOwned + 'static> Serializer<T> for MsgPack {
         "msgpack".into()
     }
     fn encode(&self, value: &T, out: &mut Vec<u8>) -> Result<(), SerializeError> {
+        // Byte vectors stay arrays of integers unless marked `serde_bytes`: writing every
+        // `Vec<u8>` as binary (rmp's BytesMode::ForceIterables) breaks untagged enums.
         rmp_serde::encode::write_named(out, value).map_err(|e| SerializeError::encode("msgpack", e))
     }
     fn decode(&self, bytes: &[u8]) -> Result<T, SerializeError> {
-        rmp_serde::from_slice(bytes).map_err(|e| SerializeError::decode("json", e))
+        rmp_serde::from_slice(bytes).map_err(|e| SerializeError::decode("msgpack", e))
     }
 }
 
