@@ -41,6 +41,19 @@ enum Command {
     Cache(cache::CacheCommand),
 }
 
+/// Runs a future to completion on the CLI's runtime (store reads are async).
+pub(crate) fn wait<F: std::future::Future>(f: F) -> F::Output {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("cannot start a tokio runtime")
+        })
+        .block_on(f)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let home = match cli.home.filter(|h| !h.as_os_str().is_empty()) {

@@ -9,7 +9,7 @@ use kiln::result::{ResultRef, ResultStorage, StorageKey, record};
 use kiln::serializer::{Rendered, render};
 use kiln::settings::Settings;
 use kiln::store::model::RunRef;
-use kiln::store::{SqliteStore, Store};
+
 use serde::Serialize;
 
 use crate::table;
@@ -121,14 +121,15 @@ fn locate(home: &Path, settings: &Settings, target: &str) -> Result<(ResultStora
             call: None,
         },
         _ => {
-            let db = home.join("kiln.db");
-            if !db.exists() {
-                bail!("no run '{target}': nothing is recorded in {} yet", db.display());
-            }
-            let store = SqliteStore::open_existing(&db)?;
-            let result = match store.resolve(target)? {
-                RunRef::Task(id) => store.task_run(id)?.and_then(|r| r.result),
-                RunRef::Flow(id) => store.flow_run(id)?.and_then(|r| r.result),
+            let Some(store) = kiln::open_store_read_only(home, settings.database_url.as_deref())? else {
+                bail!(
+                    "no run '{target}': nothing is recorded in {} yet",
+                    home.join("kiln.db").display()
+                );
+            };
+            let result = match crate::wait(store.resolve(target))? {
+                RunRef::Task(id) => crate::wait(store.task_run(id))?.and_then(|r| r.result),
+                RunRef::Flow(id) => crate::wait(store.flow_run(id))?.and_then(|r| r.result),
             };
             let Some(result) = result else {
                 bail!("run '{target}' has no persisted result (persist it with `#[task(persist)]`)");

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
+use kiln::store::Store;
 use kiln::store::model::{FlowRun, RunRef, StateRecord, TaskRun};
-use kiln::store::{SqliteStore, Store};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -51,7 +51,10 @@ pub(crate) enum RunsCommand {
 pub(crate) fn run(home: &Path, cmd: RunsCommand) -> Result<()> {
     let db = home.join("kiln.db");
     let mut out = std::io::stdout().lock();
-    if !db.exists() {
+    let settings = kiln::settings::Settings::load(home)?;
+    let store = kiln::open_store_read_only(home, settings.database_url.as_deref())
+        .with_context(|| format!("reading the state database of {}", home.display()))?;
+    let Some(store) = store else {
         return match cmd {
             RunsCommand::Ls { json, .. } => {
                 eprintln!("no runs recorded yet: {} does not exist", db.display());
@@ -67,20 +70,20 @@ pub(crate) fn run(home: &Path, cmd: RunsCommand) -> Result<()> {
                 ))
             }
         };
-    }
-    let store = SqliteStore::open_existing(&db).with_context(|| format!("reading {}", db.display()))?;
+    };
+    let store = &*store;
     match cmd {
-        RunsCommand::Ls { limit, json } => ls(&store, &mut out, limit, json),
-        RunsCommand::Show { id, json } => match store.resolve(&id)? {
-            RunRef::Flow(id) => show_flow(&store, &mut out, id, json),
-            RunRef::Task(id) => show_task(&store, &mut out, id, json),
+        RunsCommand::Ls { limit, json } => ls(store, &mut out, limit, json),
+        RunsCommand::Show { id, json } => match crate::wait(store.resolve(&id))? {
+            RunRef::Flow(id) => show_flow(store, &mut out, id, json),
+            RunRef::Task(id) => show_task(store, &mut out, id, json),
         },
-        RunsCommand::Retry { id } => retry(&store, &id),
+        RunsCommand::Retry { id } => retry(store, &id),
         RunsCommand::Logs { id, json } => {
-            let id = match store.resolve(&id)? {
+            let id = match crate::wait(store.resolve(&id))? {
                 RunRef::Flow(id) | RunRef::Task(id) => id,
             };
-            logs(&store, &mut out, id, json)
+            logs(store, &mut out, id, json)
         }
     }
 }
@@ -91,8 +94,8 @@ fn json_line(out: &mut impl Write, value: &impl Serialize) -> Result<()> {
     Ok(())
 }
 
-fn ls(store: &SqliteStore, out: &mut impl Write, limit: usize, json: bool) -> Result<()> {
-    let runs = store.flow_runs(limit)?;
+fn ls(store: &dyn Store, out: &mut impl Write, limit: usize, json: bool) -> Result<()> {
+    let runs = crate::wait(store.flow_runs(limit))?;
     if json {
         return json_line(out, &runs);
     }
@@ -129,19 +132,18 @@ struct FlowRunDetail {
     subflow_runs: Vec<FlowRun>,
 }
 
-fn show_flow(store: &SqliteStore, out: &mut impl Write, id: Uuid, json: bool) -> Result<()> {
-    let flow = store
-        .flow_run(id)?
-        .ok_or_else(|| anyhow::anyhow!("flow run {id} vanished while reading"))?;
-    let tasks = store.task_runs(id)?;
-    let edges = store.edges(id)?;
-    let subflows = store.subflow_runs(id)?;
+fn show_flow(store: &dyn Store, out: &mut impl Write, id: Uuid, json: bool) -> Result<()> {
+    let flow =
+        crate::wait(store.flow_run(id))?.ok_or_else(|| anyhow::anyhow!("flow run {id} vanished while reading"))?;
+    let tasks = crate::wait(store.task_runs(id))?;
+    let edges = crate::wait(store.edges(id))?;
+    let subflows = crate::wait(store.subflow_runs(id))?;
     if json {
         let task_runs = tasks
             .into_iter()
             .map(|run| {
                 Ok(TaskRunDetail {
-                    states: store.states(run.id)?,
+                    states: crate::wait(store.states(run.id))?,
                     run,
                 })
             })
@@ -149,7 +151,7 @@ fn show_flow(store: &SqliteStore, out: &mut impl Write, id: Uuid, json: bool) ->
         return json_line(
             out,
             &FlowRunDetail {
-                states: store.states(id)?,
+                states: crate::wait(store.states(id))?,
                 flow_run: flow,
                 task_runs,
                 edges,
@@ -239,11 +241,10 @@ fn show_flow(store: &SqliteStore, out: &mut impl Write, id: Uuid, json: bool) ->
     Ok(())
 }
 
-fn show_task(store: &SqliteStore, out: &mut impl Write, id: Uuid, json: bool) -> Result<()> {
-    let run = store
-        .task_run(id)?
-        .ok_or_else(|| anyhow::anyhow!("task run {id} vanished while reading"))?;
-    let states = store.states(id)?;
+fn show_task(store: &dyn Store, out: &mut impl Write, id: Uuid, json: bool) -> Result<()> {
+    let run =
+        crate::wait(store.task_run(id))?.ok_or_else(|| anyhow::anyhow!("task run {id} vanished while reading"))?;
+    let states = crate::wait(store.states(id))?;
     if json {
         return json_line(out, &TaskRunDetail { run, states });
     }
@@ -278,8 +279,8 @@ fn show_task(store: &SqliteStore, out: &mut impl Write, id: Uuid, json: bool) ->
     Ok(())
 }
 
-fn logs(store: &SqliteStore, out: &mut impl Write, id: Uuid, json: bool) -> Result<()> {
-    let logs = store.logs(id)?;
+fn logs(store: &dyn Store, out: &mut impl Write, id: Uuid, json: bool) -> Result<()> {
+    let logs = crate::wait(store.logs(id))?;
     if json {
         return json_line(out, &logs);
     }
@@ -300,13 +301,12 @@ fn logs(store: &SqliteStore, out: &mut impl Write, id: Uuid, json: bool) -> Resu
     Ok(())
 }
 
-fn retry(store: &SqliteStore, id: &str) -> Result<()> {
-    let RunRef::Flow(id) = store.resolve(id)? else {
+fn retry(store: &dyn Store, id: &str) -> Result<()> {
+    let RunRef::Flow(id) = crate::wait(store.resolve(id))? else {
         anyhow::bail!("'{id}' is a task run; retry the flow run it belongs to (see `kiln runs show {id}`)");
     };
-    let run = store
-        .flow_run(id)?
-        .ok_or_else(|| anyhow::anyhow!("flow run {id} vanished while reading"))?;
+    let run =
+        crate::wait(store.flow_run(id))?.ok_or_else(|| anyhow::anyhow!("flow run {id} vanished while reading"))?;
     if !run.state.is_terminal() || run.state.is_success() {
         anyhow::bail!(
             "flow run {id} is {}; only a run that ended without success can be retried",
@@ -331,7 +331,9 @@ fn retry(store: &SqliteStore, id: &str) -> Result<()> {
         .env("KILN_RETRY_OF", id.to_string())
         .status()
         .with_context(|| format!("cannot start {program} (from {cwd}); was the program moved or rebuilt elsewhere?"))?;
-    let retried = store.flow_runs(200)?.into_iter().find(|f| f.retry_of == Some(id));
+    let retried = crate::wait(store.flow_runs(200))?
+        .into_iter()
+        .find(|f| f.retry_of == Some(id));
     match retried {
         Some(new) => eprintln!("flow run {} retried {id} and ended {}", new.id, new.state),
         None => eprintln!("the program did not start a flow run named '{}'", run.name),

@@ -50,10 +50,9 @@ fn populated() -> (tempfile::TempDir, Vec<(String, String)>) {
         .unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     assert_eq!(rt.block_on(engine.scope(images())).unwrap(), 1024);
-    let flow = engine.store().flow_runs(1).unwrap().pop().unwrap();
-    let runs = engine
-        .store()
-        .task_runs(flow.id)
+    let flow = rt.block_on(engine.store().flow_runs(1)).unwrap().pop().unwrap();
+    let runs = rt
+        .block_on(engine.store().task_runs(flow.id))
         .unwrap()
         .into_iter()
         .map(|t| (t.id.to_string(), t.result.unwrap()["key"].as_str().unwrap().to_owned()))

@@ -1,104 +1,168 @@
-//! Kiln's state database: flow runs, task runs, their state histories, dependency edges and
-//! captured logs.
+//! The contract of Kiln's state database: what every backend promises, and nothing that
+//! names a driver.
 //!
-//! The SDK writes through the [`Store`] trait; [`SqliteStore`] is the embedded backend (a
-//! SQLite file in `$KILN_HOME`, nothing to start). Writes are queued and applied by one
-//! background thread in batches (one transaction per batch: group commit), so recording a
-//! state costs the caller a channel send; [`Store::flush`] waits until everything queued is
-//! durable.
+//! A backend records flow runs, task runs, their state histories, dependency edges and
+//! logs behind the [`Store`] trait. `kiln-store-sqlite` is the embedded backend (a file in
+//! `$KILN_HOME`, nothing to start); `kiln-store-postgres` serves many processes and
+//! machines. Both pass the conformance suite exported here under the `suite` feature.
+//!
+//! What a backend promises:
+//! - **The store decides state changes.** A [`StateChange`] names the state the caller
+//!   believes the run is in; the store applies it only if that is the stored state and the
+//!   one rule set of [`state`] allows the move, assigns its position in the history, and
+//!   otherwise refuses it ([`Transition::Rejected`]). No caller can record a history the
+//!   rules forbid, whatever it believes.
+//! - **Writes are ordered and batched** (group commit), and **every write has an outcome**
+//!   that reaches the [`Report`] it was sent with: applied, rejected, or failed after the
+//!   backend's retries. A batch is applied whole or retried whole; nothing is dropped
+//!   silently, and an error is reported to the run whose write it was, never to whichever
+//!   flush comes next.
+//! - **Reads are async** and see everything flushed before them.
 //!
 //! ```
-//! use kiln_store::{model::*, state::StateType, SqliteStore, Store};
+//! use kiln_store::model::*;
+//! use kiln_store::state::StateType;
+//! use kiln_store::{Store, Transition};
 //!
-//! let dir = tempfile::tempdir()?;
-//! let store = SqliteStore::open(dir.path().join("kiln.db"))?;
-//! let id = uuid::Uuid::now_v7();
-//! store.send(Write::FlowRun(NewFlowRun {
-//!     id,
-//!     name: "nightly".into(),
-//!     parent_id: None,
-//!     parameters: serde_json::json!({ "day": 3 }),
-//!     tags: vec![],
-//!     created: now_micros(),
-//!     initial_state: StateType::Pending,
-//!     command: None,
-//!     retry_of: None,
-//! }))?;
-//! let running = StateRecord {
-//!     run_id: id,
-//!     seq: 1,
-//!     state: StateType::Running,
-//!     message: None,
-//!     attempt: 1,
-//!     timestamp: now_micros(),
-//!     result: None,
-//! };
-//! store.transition(RunKind::Flow, Some(StateType::Pending), running)?;
-//! store.flush()?;
-//! assert_eq!(store.flow_run(id)?.unwrap().state, StateType::Running);
-//! # Ok::<_, Box<dyn std::error::Error>>(())
+//! async fn start(store: &dyn Store, run: uuid::Uuid) -> Result<(), kiln_store::StoreError> {
+//!     let change = StateChange {
+//!         kind: RunKind::Task,
+//!         run_id: run,
+//!         from: StateType::Pending,
+//!         to: StateType::Running,
+//!         message: None,
+//!         attempt: 1,
+//!         timestamp: now_micros(),
+//!         result: None,
+//!     };
+//!     match store.set_state(change).await? {
+//!         Transition::Accepted { seq } => println!("running (history entry {seq})"),
+//!         Transition::Rejected { current } => println!("not started: the run is {current:?}"),
+//!     }
+//!     Ok(())
+//! }
 //! ```
 #![warn(missing_docs)]
 
-mod embedded;
 mod error;
 pub mod model;
 pub mod state;
+#[cfg(feature = "suite")]
+pub mod suite;
 
 use std::fmt;
+use std::sync::{Arc, Mutex};
 
+use async_trait::async_trait;
 use uuid::Uuid;
 
-pub use embedded::SqliteStore;
-pub use error::StoreError;
-use model::{Edge, FlowRun, LogRecord, RunKind, RunRef, StateRecord, TaskRun, Write};
-use state::StateType;
+pub use error::{BoxError, StoreError};
+use model::{Edge, FlowRun, LogRecord, RunRef, StateChange, StateRecord, TaskRun, Write};
+pub use model::{Outcome, Transition};
 
-/// A callback run once the writes queued before it are durable (or failed).
+/// A callback run once the writes queued before it are applied (or reported failed).
 pub type FlushDone = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
-/// An orchestrator backend's view of the state database.
+/// Receives the outcome of each write sent with it.
 ///
-/// Writes are asynchronous and ordered; reads see everything flushed before them.
-pub trait Store: Send + Sync + fmt::Debug + 'static {
-    /// Queues one write. Never blocks on the database.
-    fn send(&self, write: Write) -> Result<(), StoreError>;
+/// The engine gives every write of a flow run the same reporter and fails the flow run
+/// when one of them failed or was rejected; [`Store::set_state`] uses a one-shot reporter.
+pub trait Report: Send + Sync + 'static {
+    /// Called once per write, from the backend's writer, after the write's batch ended.
+    /// Must be quick and must not block.
+    fn report(&self, write: &Write, outcome: Outcome);
+}
 
-    /// Calls `done` once every write queued before this call is durable.
+/// Where a write's outcome goes; `None`: failures are logged at error level.
+pub type Reporter = Option<Arc<dyn Report>>;
+
+/// Hands one write's outcome to whoever awaits it.
+struct Once(Mutex<Option<futures::channel::oneshot::Sender<Outcome>>>);
+
+impl Report for Once {
+    fn report(&self, _write: &Write, outcome: Outcome) {
+        if let Some(tx) = self.0.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = tx.send(outcome);
+        }
+    }
+}
+
+/// An orchestrator backend's view of the state database.
+#[async_trait]
+pub trait Store: Send + Sync + fmt::Debug + 'static {
+    /// Queues one write; its outcome goes to `reporter`. Never waits for the database
+    /// (only for room in a bounded queue).
+    fn send(&self, write: Write, reporter: Reporter) -> Result<(), StoreError>;
+
+    /// Calls `done` once every write queued before this call has its outcome. `Ok` when
+    /// they were processed (their own failures went to their reporters); `Err` when the
+    /// store itself cannot go on.
     fn flush_then(&self, done: FlushDone);
 
-    /// Blocks until every write queued before this call is durable.
-    fn flush(&self) -> Result<(), StoreError> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    /// Waits until every write queued before this call has its outcome.
+    async fn flush(&self) -> Result<(), StoreError> {
+        let (tx, rx) = futures::channel::oneshot::channel();
         self.flush_then(Box::new(move |r| {
             let _ = tx.send(r);
         }));
-        rx.recv()
+        rx.await
             .map_err(|_| StoreError::WriterGone("no answer to a flush".into()))?
     }
 
-    /// Checks a transition against the rules of [`state`] and queues it.
-    fn transition(&self, kind: RunKind, from: Option<StateType>, to: StateRecord) -> Result<(), StoreError> {
-        state::check_transition(from, to.state)?;
-        self.send(Write::State { kind, record: to })
+    /// Changes a run's state if it is in `change.from` and the rules allow it, and says
+    /// which happened.
+    async fn set_state(&self, change: StateChange) -> Result<Transition, StoreError> {
+        let (tx, rx) = futures::channel::oneshot::channel();
+        self.send(Write::State(change), Some(Arc::new(Once(Mutex::new(Some(tx))))))?;
+        match rx.await {
+            Ok(Outcome::Applied { seq }) => Ok(Transition::Accepted { seq: seq.unwrap_or(0) }),
+            Ok(Outcome::Rejected { current }) => Ok(Transition::Rejected { current }),
+            Ok(Outcome::Failed(e)) => Err(StoreError::backend(e.clone(), e.is_retryable())),
+            Err(_) => Err(StoreError::WriterGone(
+                "the write was dropped without an outcome".into(),
+            )),
+        }
     }
 
     /// The newest flow runs first, at most `limit`.
-    fn flow_runs(&self, limit: usize) -> Result<Vec<FlowRun>, StoreError>;
+    async fn flow_runs(&self, limit: usize) -> Result<Vec<FlowRun>, StoreError>;
     /// One flow run.
-    fn flow_run(&self, id: Uuid) -> Result<Option<FlowRun>, StoreError>;
+    async fn flow_run(&self, id: Uuid) -> Result<Option<FlowRun>, StoreError>;
     /// The flow runs started by `parent` (subflows), oldest first.
-    fn subflow_runs(&self, parent: Uuid) -> Result<Vec<FlowRun>, StoreError>;
+    async fn subflow_runs(&self, parent: Uuid) -> Result<Vec<FlowRun>, StoreError>;
     /// The task runs of a flow run, oldest first.
-    fn task_runs(&self, flow_run_id: Uuid) -> Result<Vec<TaskRun>, StoreError>;
+    async fn task_runs(&self, flow_run_id: Uuid) -> Result<Vec<TaskRun>, StoreError>;
     /// One task run.
-    fn task_run(&self, id: Uuid) -> Result<Option<TaskRun>, StoreError>;
+    async fn task_run(&self, id: Uuid) -> Result<Option<TaskRun>, StoreError>;
     /// A run's state history, oldest first.
-    fn states(&self, run_id: Uuid) -> Result<Vec<StateRecord>, StoreError>;
+    async fn states(&self, run_id: Uuid) -> Result<Vec<StateRecord>, StoreError>;
     /// The dependency edges between task runs of a flow run.
-    fn edges(&self, flow_run_id: Uuid) -> Result<Vec<Edge>, StoreError>;
+    async fn edges(&self, flow_run_id: Uuid) -> Result<Vec<Edge>, StoreError>;
     /// The logs of a run (for a flow run: its own and its task runs'), oldest first.
-    fn logs(&self, run_id: Uuid) -> Result<Vec<LogRecord>, StoreError>;
-    /// Finds the run a full id or an unambiguous id prefix names.
-    fn resolve(&self, id_or_prefix: &str) -> Result<RunRef, StoreError>;
+    async fn logs(&self, run_id: Uuid) -> Result<Vec<LogRecord>, StoreError>;
+    /// Finds the run a full id or an unambiguous id prefix (or tail) names.
+    async fn resolve(&self, id_or_prefix: &str) -> Result<RunRef, StoreError>;
+}
+
+/// Logs a failed or rejected write that had no reporter: nothing fails silently.
+pub fn log_unreported(write: &Write, outcome: &Outcome) {
+    match outcome {
+        Outcome::Applied { .. } => {}
+        Outcome::Rejected { current } => {
+            tracing::error!("the state store refused {write}: the run is {current:?}")
+        }
+        Outcome::Failed(e) => tracing::error!("the state store could not record {write}: {e}"),
+    }
+}
+
+/// The hex digits of an id or id prefix the user typed (dashes removed, upper case), or
+/// `None` when it cannot be part of an id.
+pub fn id_hex(id_or_prefix: &str) -> Option<String> {
+    let hex: String = id_or_prefix
+        .trim()
+        .chars()
+        .filter(|c| *c != '-')
+        .collect::<String>()
+        .to_ascii_uppercase();
+    (!hex.is_empty() && hex.len() <= 32 && hex.chars().all(|c| c.is_ascii_hexdigit())).then_some(hex)
 }

@@ -133,21 +133,57 @@ pub struct LogRecord {
     pub message: String,
 }
 
+/// A state change the store checks and applies: a compare-and-set on the run's state.
+///
+/// The store accepts it only if the run's stored state is `from` and the rules of
+/// [`state`](crate::state) allow `from -> to`; it then assigns the change its position in the
+/// run's history. Anything else is [`Transition::Rejected`] with the state found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateChange {
+    /// Flow or task run.
+    pub kind: RunKind,
+    /// The run.
+    pub run_id: Uuid,
+    /// The state the caller believes the run is in.
+    pub from: StateType,
+    /// The state to enter.
+    pub to: StateType,
+    /// Why (an error chain for Failed, the delay for AwaitingRetry, ...).
+    pub message: Option<String>,
+    /// The attempt number, from 1.
+    pub attempt: u32,
+    /// When.
+    pub timestamp: Micros,
+    /// For a Completed or Cached state: the result it refers to, as JSON.
+    pub result: Option<String>,
+}
+
+/// What the store made of a [`StateChange`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// Applied as entry `seq` of the run's history.
+    Accepted {
+        /// The position assigned.
+        seq: u32,
+    },
+    /// Not applied: the run is in `current` (`None`: no such run), not in the state the
+    /// change expected, or the rules forbid the move.
+    Rejected {
+        /// The state the run is in.
+        current: Option<StateType>,
+    },
+}
+
 /// One write to the store. Writes are applied in the order they are sent.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum Write {
-    /// Record a new flow run (its first state follows as a [`Write::State`]).
+    /// Record a new flow run (its creation state is the first entry of its history).
     FlowRun(NewFlowRun),
     /// Record a new task run.
     TaskRun(NewTaskRun),
-    /// A run entered a state (already checked against the transition rules).
-    State {
-        /// Flow or task run.
-        kind: RunKind,
-        /// The state entered.
-        record: StateRecord,
-    },
+    /// Change a run's state (checked by the store).
+    State(StateChange),
     /// A dependency edge inside a flow run.
     Edge {
         /// The flow run both runs belong to.
@@ -157,6 +193,48 @@ pub enum Write {
     },
     /// A captured log event.
     Log(LogRecord),
+}
+
+impl Write {
+    /// The run this write is about.
+    pub fn run_id(&self) -> Uuid {
+        match self {
+            Write::FlowRun(r) => r.id,
+            Write::TaskRun(r) => r.id,
+            Write::State(c) => c.run_id,
+            Write::Edge { edge, .. } => edge.downstream,
+            Write::Log(l) => l.run_id,
+        }
+    }
+}
+
+impl std::fmt::Display for Write {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Write::FlowRun(r) => write!(f, "the creation of flow run {}", r.id),
+            Write::TaskRun(r) => write!(f, "the creation of task run {}", r.id),
+            Write::State(c) => write!(f, "state {} -> {} of run {}", c.from, c.to, c.run_id),
+            Write::Edge { edge, .. } => write!(f, "edge {} -> {}", edge.upstream, edge.downstream),
+            Write::Log(l) => write!(f, "a log line of run {}", l.run_id),
+        }
+    }
+}
+
+/// What became of one write.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// It is durable; a state change got this position in its run's history.
+    Applied {
+        /// For a state change: its position.
+        seq: Option<u32>,
+    },
+    /// A state change the store refused (see [`Transition::Rejected`]).
+    Rejected {
+        /// The state the run is in.
+        current: Option<StateType>,
+    },
+    /// It could not be recorded, even after retries.
+    Failed(std::sync::Arc<crate::StoreError>),
 }
 
 /// A flow run as read back from the store.

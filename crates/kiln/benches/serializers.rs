@@ -258,8 +258,8 @@ fn main() {
                 })
                 .collect(),
         );
-        let flow = engine.store().flow_runs(1).unwrap().pop().unwrap();
-        let run = engine.store().task_runs(flow.id).unwrap().pop().unwrap();
+        let flow = rt.block_on(engine.store().flow_runs(1)).unwrap().pop().unwrap();
+        let run = rt.block_on(engine.store().task_runs(flow.id)).unwrap().pop().unwrap();
         let reference: kiln::result::ResultRef = serde_json::from_value(run.result.unwrap()).unwrap();
         let read = time(15, || {
             let back: RgbImage = match which {

@@ -38,6 +38,8 @@ pub(crate) struct FlowContext {
     attempt: std::sync::atomic::AtomicU32,
     /// Submitted task runs, joined (or aborted) before the flow run ends.
     children: Mutex<Vec<JoinHandle<()>>>,
+    /// Where the store reports writes of this flow run's runs it refused or could not record.
+    pub(crate) problems: Arc<crate::run::Problems>,
 }
 
 impl FlowContext {
@@ -48,6 +50,7 @@ impl FlowContext {
         parameters: Arc<serde_json::Value>,
         parameters_hash: crate::cache::InputHash,
         persist_tasks: bool,
+        problems: Arc<crate::run::Problems>,
     ) -> Arc<Self> {
         Arc::new(FlowContext {
             engine,
@@ -60,6 +63,7 @@ impl FlowContext {
             previous: Mutex::new(Default::default()),
             attempt: std::sync::atomic::AtomicU32::new(0),
             children: Mutex::new(Vec::new()),
+            problems,
         })
     }
 
@@ -75,16 +79,16 @@ impl FlowContext {
             tracing::warn!("cannot read the results of earlier attempts: {e}");
             return;
         }
-        self.add_previous(self.flow_run_id);
+        self.add_previous(self.flow_run_id).await;
     }
 
     /// Takes the persisted results of another flow run (the one this run retries).
-    pub(crate) fn preload_from(&self, earlier: Uuid) {
-        self.add_previous(earlier);
+    pub(crate) async fn preload_from(&self, earlier: Uuid) {
+        self.add_previous(earlier).await;
     }
 
-    fn add_previous(&self, flow_run: Uuid) {
-        match self.engine.store().task_runs(flow_run) {
+    async fn add_previous(&self, flow_run: Uuid) {
+        match self.engine.store().task_runs(flow_run).await {
             Ok(runs) => {
                 let mut previous = self.previous.lock().unwrap_or_else(|p| p.into_inner());
                 for run in runs.into_iter().filter(|r| r.state.is_success()) {

@@ -5,7 +5,8 @@ use std::future::IntoFuture;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
-use kiln_store::{SqliteStore, Store};
+use kiln_store::Store;
+use kiln_store_sqlite::SqliteStore;
 
 use crate::Error;
 use crate::context;
@@ -22,7 +23,7 @@ use crate::settings::Settings;
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), kiln::Error> {
 /// let home = tempfile::tempdir().unwrap();
 /// let engine = kiln::Engine::open(home.path())?;
-/// let flows = engine.scope(async { kiln::Engine::current().unwrap().store().flow_runs(10) }).await?;
+/// let flows = engine.scope(async { kiln::Engine::current().unwrap().store().flow_runs(10).await }).await?;
 /// assert!(flows.is_empty());
 /// # Ok(()) }
 /// ```
@@ -63,12 +64,14 @@ impl std::fmt::Debug for Engine {
 static DEFAULT: OnceLock<Result<Engine, Error>> = OnceLock::new();
 
 impl Engine {
-    /// Opens the embedded store in `home` (created if missing) with the settings found there.
+    /// Opens the state store of `home` with the settings found there: the database at
+    /// `KILN_DATABASE_URL` (`[database] url`), else the embedded SQLite file `home/kiln.db`
+    /// (created if missing).
     pub fn open(home: impl AsRef<Path>) -> Result<Engine, Error> {
         let home = home.as_ref().to_path_buf();
         let settings = Settings::load(&home)?;
-        let store = SqliteStore::open(home.join("kiln.db"))?;
-        Ok(Engine::with_store(settings, Arc::new(store)))
+        let store = open_store(&home, settings.database_url.as_deref())?;
+        Ok(Engine::with_store(settings, store))
     }
 
     /// An engine over any store (the seam for the server backend).
@@ -207,16 +210,49 @@ impl Engine {
         &self.inner.store
     }
 
-    /// Waits until everything recorded so far is durable.
+    /// Waits until everything recorded so far has its outcome (durable, or reported to the
+    /// run that wrote it).
     pub async fn flush(&self) -> Result<(), Error> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.inner.store.flush_then(Box::new(move |r| {
-            let _ = tx.send(r);
-        }));
-        rx.await
-            .map_err(|_| Error::Setup("the state store dropped a flush request".into()))?
-            .map_err(Error::from)
+        Ok(self.inner.store.flush().await?)
     }
+}
+
+/// Opens the state store a URL names (as sqlx picks its driver): `sqlite://PATH` (or no URL:
+/// `home/kiln.db`), `postgres://...` with the `postgres` feature.
+pub fn open_store(home: &Path, url: Option<&str>) -> Result<Arc<dyn Store>, Error> {
+    let Some(url) = url.map(str::trim).filter(|u| !u.is_empty()) else {
+        return Ok(Arc::new(SqliteStore::open(home.join("kiln.db"))?));
+    };
+    if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+        return Ok(Arc::new(SqliteStore::open(path)?));
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Err(Error::Setup(
+            "KILN_DATABASE_URL names a PostgreSQL database, but this build of Kiln has no PostgreSQL backend; \
+             enable the `postgres` feature of the kiln crate"
+                .into(),
+        ));
+    }
+    let scheme = url.split(':').next().unwrap_or(url);
+    Err(Error::Setup(format!(
+        "KILN_DATABASE_URL has the scheme '{scheme}', which Kiln does not know; use sqlite://PATH or postgres://USER@HOST/DB"
+    )))
+}
+
+/// Opens the state store a URL names for reading only (the CLI's view): never creates,
+/// migrates or writes the database. `Ok(None)`: the default SQLite file does not exist yet.
+pub fn open_store_read_only(home: &Path, url: Option<&str>) -> Result<Option<Arc<dyn Store>>, Error> {
+    let path = match url.map(str::trim).filter(|u| !u.is_empty()) {
+        None => home.join("kiln.db"),
+        Some(url) => match url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+            Some(path) => PathBuf::from(path),
+            None => return open_store(home, Some(url)).map(Some),
+        },
+    };
+    if !path.exists() {
+        return Ok(None);
+    }
+    Ok(Some(Arc::new(SqliteStore::open_read_only(path)?)))
 }
 
 /// Kiln's home folder: `$KILN_HOME`, else `~/.kiln`.

@@ -90,6 +90,19 @@ pub enum Error {
         /// Why.
         cause: String,
     },
+    /// The run finished, but the state database refused or could not record some of its
+    /// writes (a full disk, a locked database, another process that changed the run).
+    #[error(
+        "{run} ran, but the state database did not record all of it ({} write(s)): {}; its recorded history is incomplete, check the database (disk space, locks, KILN_DATABASE_URL) and run it again",
+        problems.len(),
+        problems.first().map_or("", String::as_str)
+    )]
+    NotRecorded {
+        /// The run (a flow run: its own writes and its task runs').
+        run: RunLabel,
+        /// What went wrong, one line per write.
+        problems: Vec<String>,
+    },
     /// The state store failed.
     #[error("state store: {0}")]
     Store(Arc<StoreError>),
@@ -108,7 +121,7 @@ impl Error {
             Error::Failed { .. } | Error::TimedOut { .. } | Error::Crashed { .. } => true,
             Error::Store(e) => e.is_retryable(),
             Error::Result(e) => e.is_retryable(),
-            Error::RolledBack { .. } => true,
+            Error::RolledBack { .. } | Error::NotRecorded { .. } => true,
             Error::Cancelled { .. } | Error::UpstreamFailed { .. } | Error::Setup(_) => false,
         }
     }
@@ -120,7 +133,8 @@ impl Error {
             | Error::TimedOut { run, .. }
             | Error::Crashed { run, .. }
             | Error::Cancelled { run, .. }
-            | Error::UpstreamFailed { run, .. } => Some(run),
+            | Error::UpstreamFailed { run, .. }
+            | Error::NotRecorded { run, .. } => Some(run),
             Error::RolledBack { .. } | Error::Store(_) | Error::Result(_) | Error::Setup(_) => None,
         }
     }

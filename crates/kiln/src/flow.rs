@@ -8,9 +8,9 @@ use kiln_store::model::{NewFlowRun, RunKind, Write, now_micros};
 use kiln_store::state::StateType;
 use tracing::Instrument;
 
+use crate::Engine;
 use crate::context::{self, FLOW, FlowContext};
-use crate::run::{self, Body, Failure, Tracker};
-use crate::{Engine, Error};
+use crate::run::{self, Body, Failure, Problems, Tracker};
 
 /// A function marked `#[flow]`. Implemented by the macro, never by hand.
 pub trait Flow: Body + Clone {}
@@ -63,27 +63,32 @@ async fn run_flow<F: Flow>(flow: F, args: F::Args) -> Result<F::Output, Failure<
     // A top-level flow run in a process that `kiln runs retry` started takes over the
     // results of the run it retries.
     let retry_of = if parent.is_none() {
-        retry_request(&engine, &name)
+        retry_request(&engine, &name).await
     } else {
         None
     };
     let parameters = Arc::new(F::parameters(&args));
-    let mut tracker = Tracker::new(RunKind::Flow, name, engine.clone(), StateType::Pending);
+    // The flow run and its task runs report their unrecorded writes here.
+    let problems = Arc::new(Problems::default());
+    let mut tracker = Tracker::new(
+        RunKind::Flow,
+        name,
+        engine.clone(),
+        StateType::Pending,
+        problems.clone(),
+    );
     let id = tracker.id();
-    engine
-        .store()
-        .send(Write::FlowRun(NewFlowRun {
-            id,
-            name: tracker.label.name.to_string(),
-            parent_id: parent.as_ref().map(|p| p.flow_run_id),
-            parameters: (*parameters).clone(),
-            tags: options.tag_list(),
-            created: now_micros(),
-            initial_state: StateType::Pending,
-            command: parent.is_none().then(command_line),
-            retry_of,
-        }))
-        .map_err(Error::from)?;
+    tracker.send(Write::FlowRun(NewFlowRun {
+        id,
+        name: tracker.label.name.to_string(),
+        parent_id: parent.as_ref().map(|p| p.flow_run_id),
+        parameters: (*parameters).clone(),
+        tags: options.tag_list(),
+        created: now_micros(),
+        initial_state: StateType::Pending,
+        command: parent.is_none().then(command_line),
+        retry_of,
+    }))?;
     let label = tracker.label.clone();
     tracing::info!("{label} started");
     // A flow that may be retried persists its tasks' results, so a retry loads them.
@@ -94,10 +99,11 @@ async fn run_flow<F: Flow>(flow: F, args: F::Args) -> Result<F::Output, Failure<
         parameters,
         crate::cache::combine(&F::input_hashes(&args)),
         options.max_attempts() > 1,
+        problems.clone(),
     );
     if let Some(earlier) = retry_of {
         tracing::info!("{label} retries flow run {earlier}: its completed results are loaded, not computed again");
-        ctx.preload_from(earlier);
+        ctx.preload_from(earlier).await;
     }
     let parent_run = parent.as_ref().map(|p| (p.flow_run_id, &*p.flow_name));
     let planned = run::persist_plan(&flow, &engine, &options, &label, false, false)
@@ -128,9 +134,9 @@ async fn run_flow<F: Flow>(flow: F, args: F::Args) -> Result<F::Output, Failure<
     ctx.cancel_children().await;
     let state = tracker.state;
     drop(tracker);
-    if let Err(e) = engine.flush().await {
-        tracing::error!("{label} finished but its records may not be durable: {e}");
-    }
+    // The flow run returns once its records are durable; a write the store refused or could
+    // not record fails it, whatever its body returned.
+    problems.recorded(&engine, &label).await?;
     tracing::info!("{label} finished in state {}", state.map_or("?", StateType::as_str));
     outcome
 }
@@ -145,21 +151,28 @@ fn command_line() -> String {
 }
 
 /// `KILN_RETRY_OF=<flow run id>`, taken by the first top-level flow run of the same name.
-fn retry_request(engine: &Engine, name: &str) -> Option<uuid::Uuid> {
+async fn retry_request(engine: &Engine, name: &str) -> Option<uuid::Uuid> {
     use std::sync::Mutex;
     static PENDING: Mutex<Option<Option<uuid::Uuid>>> = Mutex::new(None);
-    let mut pending = PENDING.lock().unwrap_or_else(|p| p.into_inner());
-    let wanted = pending.get_or_insert_with(|| {
-        std::env::var("KILN_RETRY_OF")
-            .ok()
-            .and_then(|v| uuid::Uuid::parse_str(v.trim()).ok())
-    });
-    let id = (*wanted)?;
-    let earlier = engine.store().flow_run(id).ok().flatten()?;
+    let wanted = *PENDING
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert_with(|| {
+            std::env::var("KILN_RETRY_OF")
+                .ok()
+                .and_then(|v| uuid::Uuid::parse_str(v.trim()).ok())
+        });
+    let id = wanted?;
+    let earlier = engine.store().flow_run(id).await.ok().flatten()?;
     if earlier.name != name {
         return None;
     }
-    *wanted = None;
+    // Taken once, by the first flow run that matches.
+    let mut pending = PENDING.lock().unwrap_or_else(|p| p.into_inner());
+    if *pending != Some(Some(id)) {
+        return None;
+    }
+    *pending = Some(None);
     Some(id)
 }
 

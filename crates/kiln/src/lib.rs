@@ -71,7 +71,7 @@ mod transaction;
 
 pub use cache::{CacheContext, CachePolicy};
 pub use context::cancelled;
-pub use engine::{Engine, home_dir};
+pub use engine::{Engine, home_dir, open_store, open_store_read_only};
 pub use error::{Error, RunLabel};
 pub use flow::{Flow, FlowCall, current_flow_run_id};
 pub use isolation::Isolation;

@@ -79,7 +79,8 @@ impl<S: Subscriber> tracing_subscriber::Layer<S> for CaptureLayer {
             message: message.0,
         };
         // A store that is gone cannot take logs; the run's own state write reports that.
-        let _ = run.engine.store().send(Write::Log(record));
+        // No reporter: a log line the store cannot record is logged by the store itself.
+        let _ = run.engine.store().send(Write::Log(record), None);
     }
 }
 

@@ -1,14 +1,14 @@
 //! What task runs and flow runs share: the body contract, state tracking, the attempt loop.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use kiln_store::Store;
-use kiln_store::model::{RunKind, StateRecord};
+use kiln_store::model::{RunKind, StateChange, Write};
 use kiln_store::state::StateType;
+use kiln_store::{Outcome, Report, Store};
 use uuid::Uuid;
 
 use crate::context::{InRun, RunScope};
@@ -91,7 +91,64 @@ impl<E> From<Error> for Failure<E> {
     }
 }
 
-/// A run's current state, moved only through the store's transition rules.
+/// The writes of a flow run (and its task runs) that the store refused or could not record.
+///
+/// Every write a run sends carries this reporter; the flow run checks it once its records
+/// are flushed and fails if anything is missing, so no run "succeeds" with a history the
+/// database does not hold.
+#[derive(Debug, Default)]
+pub(crate) struct Problems {
+    list: Mutex<Vec<String>>,
+}
+
+impl Report for Problems {
+    fn report(&self, write: &Write, outcome: Outcome) {
+        let problem = match outcome {
+            Outcome::Applied { .. } => return,
+            Outcome::Rejected { current } => format!(
+                "{write} was refused: the run is {}",
+                current.map_or("unknown to the store", StateType::as_str)
+            ),
+            Outcome::Failed(e) => format!("{write} was not recorded: {e}"),
+        };
+        tracing::error!("{problem}");
+        self.list.lock().unwrap_or_else(|p| p.into_inner()).push(problem);
+    }
+}
+
+impl Problems {
+    /// The problems reported so far, emptied.
+    pub(crate) fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.list.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Waits until `run`'s writes have their outcomes; an error (logged) when any of them
+    /// was refused or not recorded, or the store cannot flush.
+    pub(crate) async fn recorded(&self, engine: &Engine, run: &RunLabel) -> Result<(), Error> {
+        let checked = match engine.flush().await {
+            Ok(()) => self.check(run),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &checked {
+            tracing::error!("{e}");
+        }
+        checked
+    }
+
+    /// An error for `run` when its records are not all in the store (after a flush).
+    pub(crate) fn check(&self, run: &RunLabel) -> Result<(), Error> {
+        let problems = self.take();
+        if problems.is_empty() {
+            return Ok(());
+        }
+        Err(Error::NotRecorded {
+            run: run.clone(),
+            problems,
+        })
+    }
+}
+
+/// A run's current state, moved only through state changes the store checks.
 ///
 /// Dropped before reaching a final state (its future was cancelled, its flow ended), it
 /// records Cancelled, so no run is left Running forever.
@@ -100,12 +157,18 @@ pub(crate) struct Tracker {
     pub(crate) engine: Engine,
     pub(crate) state: Option<StateType>,
     pub(crate) attempt: u32,
-    /// How many states the run has entered (its creation state is number 0).
-    seq: u32,
+    /// Where the store reports the writes of this run it refused or could not record.
+    pub(crate) problems: Arc<Problems>,
 }
 
 impl Tracker {
-    pub(crate) fn new(kind: RunKind, name: Arc<str>, engine: Engine, initial: StateType) -> Tracker {
+    pub(crate) fn new(
+        kind: RunKind,
+        name: Arc<str>,
+        engine: Engine,
+        initial: StateType,
+        problems: Arc<Problems>,
+    ) -> Tracker {
         Tracker {
             label: RunLabel {
                 kind,
@@ -115,7 +178,7 @@ impl Tracker {
             engine,
             state: Some(initial),
             attempt: 0,
-            seq: 0,
+            problems,
         }
     }
 
@@ -127,11 +190,20 @@ impl Tracker {
         self.engine.store()
     }
 
+    /// Sends a write about this run, its outcome reported to the run's problems.
+    pub(crate) fn send(&self, write: Write) -> Result<(), Error> {
+        let reporter: Arc<dyn Report> = self.problems.clone();
+        Ok(self.store().send(write, Some(reporter))?)
+    }
+
     pub(crate) fn to(&mut self, state: StateType, message: Option<String>) -> Result<(), Error> {
         self.enter_with_result(state, message, None)
     }
 
     /// A transition whose state carries a persisted result (Completed, Cached).
+    ///
+    /// Checked here against the rules (a bug shows at once), and by the store against the
+    /// state it holds (another process may have moved the run: that is reported as a problem).
     pub(crate) fn enter_with_result(
         &mut self,
         state: StateType,
@@ -139,17 +211,18 @@ impl Tracker {
         result: Option<&ResultRef>,
     ) -> Result<(), Error> {
         tracing::debug!(run = %self.label, %state, message = message.as_deref().unwrap_or(""), "state");
-        let record = StateRecord {
+        kiln_store::state::check_transition(self.state, state)?;
+        let from = self.state.expect("checked above: a run being changed has a state");
+        self.send(Write::State(StateChange {
+            kind: self.label.kind,
             run_id: self.label.id,
-            seq: self.seq + 1,
-            state,
+            from,
+            to: state,
             message,
             attempt: self.attempt,
             timestamp: kiln_store::model::now_micros(),
             result: result.map(|r| serde_json::to_string(r).expect("a result reference serializes")),
-        };
-        self.engine.store().transition(self.label.kind, self.state, record)?;
-        self.seq += 1;
+        }))?;
         self.state = Some(state);
         Ok(())
     }

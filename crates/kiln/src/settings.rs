@@ -4,6 +4,7 @@
 //! | variable | `kiln.toml` | default | meaning |
 //! |---|---|---|---|
 //! | `KILN_HOME` | – | `~/.kiln` | state database, default local storages, `kiln.toml` |
+//! | `KILN_DATABASE_URL` | `[database] url` | `sqlite://$KILN_HOME/kiln.db` | the state database: `sqlite://PATH`, or `postgres://...` (feature `postgres`) |
 //! | `KILN_RESULTS_PERSIST_BY_DEFAULT` | `[results] persist_by_default` | `false` | persist every task's result |
 //! | `KILN_DEFAULT_STORAGE` | `[results] default_storage` | `local` | storage of results that name none |
 //! | `KILN_DEFAULT_SERIALIZER` | `[results] default_serializer` | `msgpack` | `msgpack` or `json` for serde values |
@@ -44,6 +45,8 @@ pub struct Settings {
     pub default_cache_policy: crate::cache::CachePolicy,
     /// Run cached tasks anyway and overwrite their records.
     pub refresh_cache: bool,
+    /// The state database's URL; `None`: the SQLite file `kiln.db` in the home folder.
+    pub database_url: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -55,6 +58,14 @@ struct File {
     tasks: TasksSection,
     #[serde(default)]
     storage: BTreeMap<String, StorageConfig>,
+    #[serde(default)]
+    database: DatabaseSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DatabaseSection {
+    url: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -145,6 +156,7 @@ impl Settings {
             memory_cache_max,
             default_cache_policy,
             refresh_cache,
+            database_url: env("KILN_DATABASE_URL").or(parsed.database.url),
         })
     }
 

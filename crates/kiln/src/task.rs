@@ -255,11 +255,11 @@ fn prepare<T: Task>(task: &T, inputs: &T::Inputs) -> Result<Prepared<T>, Error> 
     };
     let options = task.options();
     let name = options.name.clone().unwrap_or_else(|| Arc::from(T::NAME));
-    let tracker = Tracker::new(RunKind::Task, name, engine, StateType::Pending);
+    let problems = flow.as_ref().map_or_else(Default::default, |f| f.problems.clone());
+    let tracker = Tracker::new(RunKind::Task, name, engine, StateType::Pending, problems);
     let call_key = flow.as_ref().map(|f| f.next_call_key(T::KEY));
     let flow_run_id = flow.as_ref().map(|f| f.flow_run_id);
-    let store = tracker.store();
-    store.send(Write::TaskRun(NewTaskRun {
+    tracker.send(Write::TaskRun(NewTaskRun {
         id: tracker.id(),
         flow_run_id,
         name: tracker.label.name.to_string(),
@@ -271,7 +271,7 @@ fn prepare<T: Task>(task: &T, inputs: &T::Inputs) -> Result<Prepared<T>, Error> 
         call_key,
     }))?;
     for upstream in inputs.upstreams() {
-        store.send(Write::Edge {
+        tracker.send(Write::Edge {
             flow_run_id,
             edge: Edge {
                 upstream: upstream.id,
@@ -408,7 +408,7 @@ async fn execute<T: Task>(prepared: Prepared<T>, inputs: T::Inputs) -> Result<T:
     }
     .instrument(span)
     .await;
-    let (label, engine) = (tracker.label.clone(), tracker.engine.clone());
+    let (label, engine, problems) = (tracker.label.clone(), tracker.engine.clone(), tracker.problems.clone());
     let outcome = match (tx, outcome) {
         (None, outcome) => outcome.map(|done| done.value),
         // In a transaction, the run enters Completed (or RolledBack) when the transaction ends.
@@ -424,10 +424,9 @@ async fn execute<T: Task>(prepared: Prepared<T>, inputs: T::Inputs) -> Result<T:
         }
     };
     if flow.is_none() {
-        // A task run outside any flow is its own top-level run: durable when it returns.
-        if let Err(e) = engine.flush().await {
-            tracing::error!("{label} finished but its records may not be durable: {e}");
-        }
+        // A task run outside any flow is its own top-level run: durable when it returns,
+        // and failed when its records are not.
+        problems.recorded(&engine, &label).await?;
     }
     outcome
 }

@@ -36,7 +36,7 @@ async fn same_inputs_run_once_across_flow_runs() {
     assert_eq!(RUNS.load(Ordering::SeqCst), 1, "computed once, loaded twice");
     assert_eq!(home.engine.scope(squares(8)).await.unwrap(), 64);
     assert_eq!(RUNS.load(Ordering::SeqCst), 2, "other inputs, another key");
-    let runs = home.store().flow_runs(10).unwrap();
+    let runs = home.store().flow_runs(10).await.unwrap();
     let states: Vec<_> = runs.iter().rev().map(|f| home.tasks(f.id)[0].state).collect();
     assert_eq!(states, [Completed, Cached, Cached, Completed]);
     let hit = &home.tasks(runs[1].id)[0];
@@ -72,7 +72,7 @@ async fn the_default_policy_caches_the_image_pipeline() {
     assert_eq!(home.engine.scope(pipeline()).await.unwrap(), 4096);
     assert_eq!(home.engine.scope(pipeline()).await.unwrap(), 4096);
     assert_eq!((MADE.load(Ordering::SeqCst), CONSUMED.load(Ordering::SeqCst)), (1, 1));
-    let second = home.store().flow_runs(1).unwrap().pop().unwrap();
+    let second = home.store().flow_runs(1).await.unwrap().pop().unwrap();
     assert!(home.tasks(second.id).iter().all(|t| t.state == Cached));
 }
 
@@ -98,7 +98,7 @@ async fn expired_records_and_refresh_run_again() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     home.engine.scope(twice(false)).await.unwrap();
     assert_eq!(RUNS.load(Ordering::SeqCst), 2, "an expired record is a miss");
-    let last = home.store().flow_runs(1).unwrap().pop().unwrap();
+    let last = home.store().flow_runs(1).await.unwrap().pop().unwrap();
     let run = &home.tasks(last.id)[0];
     assert_eq!(run.state, Completed);
     assert!(run.state_message.as_deref().unwrap().contains("had expired"), "{run:?}");
@@ -122,7 +122,7 @@ async fn a_damaged_cache_record_is_reported_and_the_task_runs_again() {
     }
     let home = support::home();
     home.engine.scope(words()).await.unwrap();
-    let first = home.store().flow_runs(1).unwrap().pop().unwrap();
+    let first = home.store().flow_runs(1).await.unwrap().pop().unwrap();
     let key = home.tasks(first.id)[0].result.clone().unwrap()["key"]
         .as_str()
         .unwrap()
@@ -138,7 +138,7 @@ async fn a_damaged_cache_record_is_reported_and_the_task_runs_again() {
         "never the damaged data"
     );
     assert_eq!(RUNS.load(Ordering::SeqCst), 2);
-    let second = home.store().flow_runs(1).unwrap().pop().unwrap();
+    let second = home.store().flow_runs(1).await.unwrap().pop().unwrap();
     let run = &home.tasks(second.id)[0];
     let message = run.state_message.as_deref().unwrap();
     assert!(

@@ -55,7 +55,7 @@ async fn subflows_are_recorded_under_their_parent_with_parameters() {
     );
     // A parameter that is not Serialize is recorded by its type.
     assert!(top.parameters["_handle"]["type"].as_str().unwrap().contains("Handle"));
-    let subs = home.store().subflow_runs(top.id).unwrap();
+    let subs = home.store().subflow_runs(top.id).await.unwrap();
     assert_eq!(subs.len(), 2);
     for (sub, n) in subs.iter().zip([2, 3]) {
         assert_eq!(
@@ -67,7 +67,7 @@ async fn subflows_are_recorded_under_their_parent_with_parameters() {
     }
     assert_eq!(home.tasks(top.id).len(), 0);
     // Only top-level flow runs and subflows are flow runs: 3 in all.
-    assert_eq!(home.store().flow_runs(10).unwrap().len(), 3);
+    assert_eq!(home.store().flow_runs(10).await.unwrap().len(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,30 +156,40 @@ async fn everything_is_durable_when_the_flow_returns() {
     let home = support::home();
     home.engine.scope(many(500)).await.unwrap();
     // Another connection, as another process would open it, sees every record at once.
-    let other = kiln::store::SqliteStore::open(home.dir.path().join("kiln.db")).unwrap();
-    let flow = other.flow_runs(1).unwrap().pop().unwrap();
+    let other = kiln_store_sqlite::SqliteStore::open_read_only(home.dir.path().join("kiln.db")).unwrap();
+    let flow = other.flow_runs(1).await.unwrap().pop().unwrap();
     assert_eq!((flow.state, flow.task_count), (Completed, 500));
-    let tasks = other.task_runs(flow.id).unwrap();
+    let tasks = other.task_runs(flow.id).await.unwrap();
     assert!(tasks.iter().all(|t| t.state == Completed));
-    assert_eq!(other.states(tasks[499].id).unwrap().len(), 3);
+    assert_eq!(other.states(tasks[499].id).await.unwrap().len(), 3);
 }
 
-#[test]
-fn illegal_transitions_are_refused_by_the_store() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_changed_by_someone_else_fails_loudly() {
+    #[flow]
+    async fn overtaken() -> Result<u32, kiln::Error> {
+        // Another process (a crash detector, `kiln runs cancel`) ends this flow run first.
+        let id = kiln::current_flow_run_id().unwrap();
+        let engine = kiln::Engine::current()?;
+        let change = kiln::store::model::StateChange {
+            kind: kiln::store::model::RunKind::Flow,
+            run_id: id,
+            from: Running,
+            to: Crashed,
+            message: Some("its process stopped heartbeating".into()),
+            attempt: 1,
+            timestamp: kiln::store::model::now_micros(),
+            result: None,
+        };
+        let t = engine.store().set_state(change).await?;
+        assert!(matches!(t, kiln::store::Transition::Accepted { .. }), "{t:?}");
+        Ok(7)
+    }
     let home = support::home();
-    let id = uuid::Uuid::now_v7();
-    let store = home.store();
-    let record = kiln::store::model::StateRecord {
-        run_id: id,
-        seq: 3,
-        state: Running,
-        message: None,
-        attempt: 2,
-        timestamp: kiln::store::model::now_micros(),
-        result: None,
-    };
-    let err = store
-        .transition(kiln::store::model::RunKind::Task, Some(Completed), record)
-        .unwrap_err();
-    assert!(err.to_string().contains("Completed -> Running"), "{err}");
+    let err = home.engine.scope(overtaken()).await.unwrap_err();
+    assert!(matches!(err, kiln::Error::NotRecorded { .. }), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("was refused: the run is Crashed"), "{text}");
+    let flow = home.flow("overtaken");
+    assert_eq!(flow.state, Crashed, "the store kept the state it accepted first");
 }

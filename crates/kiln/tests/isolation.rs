@@ -46,7 +46,7 @@ async fn shared_crowd(n: usize) -> Result<Vec<u64>, kiln::Error> {
 
 /// Completed (computed) and Cached (loaded) task runs of the newest flow run.
 fn states(home: &support::Home) -> (usize, usize) {
-    let flow = home.store().flow_runs(1).unwrap().pop().unwrap();
+    let flow = support::wait(home.store().flow_runs(1)).unwrap().pop().unwrap();
     count(home, flow.id)
 }
 
@@ -77,7 +77,7 @@ async fn concurrent_tasks_of_one_flow_on_one_thread_run_it_once() {
 async fn a_lock_left_by_a_dead_process_does_not_block() {
     let home = support::home();
     home.engine.scope(crowd(1)).await.unwrap();
-    let flow = home.store().flow_runs(1).unwrap().pop().unwrap();
+    let flow = home.store().flow_runs(1).await.unwrap().pop().unwrap();
     let key = home.tasks(flow.id)[0].result.clone().unwrap()["key"]
         .as_str()
         .unwrap()

@@ -73,7 +73,7 @@ async fn a_one_gib_asset_crosses_tasks_by_reference_in_bounded_memory() {
         "the persisted ObjectRef is {} bytes",
         reference.size
     );
-    let logs = home.store().logs(publish_run.id).unwrap();
+    let logs = home.store().logs(publish_run.id).await.unwrap();
     assert!(
         logs.iter().any(|l| l.message.contains("local:assets/big.bin")),
         "lineage: the URI is in the run's log"

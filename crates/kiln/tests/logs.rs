@@ -33,13 +33,13 @@ async fn logs_are_captured_per_run() {
     let noisy_run = home.task(flow.id, "noisy");
     let sync_run = home.task(flow.id, "noisy_sync");
 
-    let task_logs = home.store().logs(noisy_run.id).unwrap();
+    let task_logs = home.store().logs(noisy_run.id).await.unwrap();
     assert_eq!(task_logs.len(), 1);
     assert_eq!(task_logs[0].level, "INFO");
     assert_eq!(task_logs[0].message, "processing item x=1");
     assert_eq!(task_logs[0].flow_run_id, Some(flow.id));
 
-    let sync_logs = home.store().logs(sync_run.id).unwrap();
+    let sync_logs = home.store().logs(sync_run.id).await.unwrap();
     assert_eq!(sync_logs.len(), 1);
     assert_eq!(
         (sync_logs[0].level.as_str(), sync_logs[0].message.as_str()),
@@ -50,6 +50,7 @@ async fn logs_are_captured_per_run() {
     let all: Vec<String> = home
         .store()
         .logs(flow.id)
+        .await
         .unwrap()
         .into_iter()
         .map(|l| l.message)
@@ -63,6 +64,6 @@ async fn events_outside_runs_are_not_captured() {
     tracing::info!("outside any run");
     home.engine.scope(chatty()).await.unwrap();
     let flow = home.flow("chatty");
-    let all = home.store().logs(flow.id).unwrap();
+    let all = home.store().logs(flow.id).await.unwrap();
     assert!(all.iter().all(|l| l.message != "outside any run"));
 }

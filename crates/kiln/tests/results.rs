@@ -31,7 +31,7 @@ async fn a_persisted_result_is_a_verified_record_referenced_by_the_database() {
         (r.storage.as_str(), r.key.as_str(), r.serializer.as_str()),
         ("scratch", "numbers/5.bin", "msgpack")
     );
-    let completed = home.store().states(run.id).unwrap().pop().unwrap();
+    let completed = home.store().states(run.id).await.unwrap().pop().unwrap();
     assert_eq!(completed.state, Completed);
     assert!(
         completed.result.unwrap().contains("numbers/5.bin"),
@@ -277,8 +277,8 @@ async fn settings_turn_persistence_on_and_choose_storage_and_serializer() {
     .unwrap();
     let engine = kiln::Engine::open(dir.path()).unwrap();
     assert_eq!(engine.scope(defaults()).await.unwrap(), 6);
-    let flow = engine.store().flow_runs(1).unwrap().pop().unwrap();
-    let runs = engine.store().task_runs(flow.id).unwrap();
+    let flow = engine.store().flow_runs(1).await.unwrap().pop().unwrap();
+    let runs = engine.store().task_runs(flow.id).await.unwrap();
     let r = reference(&runs[0]);
     assert_eq!((r.storage.as_str(), r.serializer.as_str()), ("shelf", "json"));
     assert!(
@@ -309,8 +309,8 @@ async fn loaded_records_are_kept_in_memory_only_within_the_budget() {
         .unwrap();
         let engine = kiln::Engine::open(dir.path()).unwrap();
         engine.scope(producing()).await.unwrap();
-        let flow = engine.store().flow_runs(1).unwrap().pop().unwrap();
-        let r = reference(&engine.store().task_runs(flow.id).unwrap()[0]);
+        let flow = engine.store().flow_runs(1).await.unwrap().pop().unwrap();
+        let r = reference(&engine.store().task_runs(flow.id).await.unwrap()[0]);
         let first: Vec<u64> = engine.load_result(&r, MsgPack).await.unwrap();
         assert_eq!(first.len(), 1000);
         std::fs::remove_file(dir.path().join("storage/local").join(&r.key)).unwrap();

@@ -43,7 +43,7 @@ async fn a_flaky_task_is_retried_and_each_attempt_recorded() {
             (Completed, 3)
         ]
     );
-    let states = home.store().states(run.id).unwrap();
+    let states = home.store().states(run.id).await.unwrap();
     assert_eq!(
         states[2].message.as_deref(),
         Some("attempt 1 of 4 failed: attempt 1: connection reset; retrying in 10ms")
@@ -316,7 +316,7 @@ async fn a_timed_out_sync_attempt_never_overlaps_its_retry() {
         "the retry started while the first body still ran"
     );
     let run = home.task(home.flow("waiting").id, "stubborn");
-    let states = home.store().states(run.id).unwrap();
+    let states = home.store().states(run.id).await.unwrap();
     let waited = states.iter().find(|s| s.state == AwaitingRetry).unwrap();
     let message = waited.message.as_deref().unwrap();
     assert!(

@@ -43,7 +43,7 @@ async fn submit_map_and_call_record_runs_and_edges() {
     assert_eq!(flow.task_count, 7);
 
     let add_run = home.task(flow.id, "add");
-    let edges = home.store().edges(flow.id).unwrap();
+    let edges = home.store().edges(flow.id).await.unwrap();
     assert_eq!(edges.len(), 2);
     assert!(edges.iter().all(|e| e.downstream == add_run.id));
     let upstream_names: Vec<String> = edges
@@ -177,7 +177,7 @@ async fn the_failed_state_keeps_the_error_chain() {
         run.state_message.as_deref(),
         Some("reading the pipeline config: No such file or directory (os error 2)")
     );
-    let last = home.store().states(run.id).unwrap().pop().unwrap();
+    let last = home.store().states(run.id).await.unwrap().pop().unwrap();
     assert_eq!(last.state, Failed);
     assert!(last.message.unwrap().ends_with("(os error 2)"));
 }
@@ -219,10 +219,10 @@ async fn a_task_outside_any_flow_is_a_standalone_run() {
     let direct = home.engine.scope(add(1, 2)).await.unwrap();
     assert_eq!(direct, 3);
     // Durable without any flow: a fresh connection sees both.
-    let reopened = kiln::store::SqliteStore::open(home.dir.path().join("kiln.db")).unwrap();
-    let run = reopened.task_run(id).unwrap().expect("standalone run recorded");
+    let reopened = kiln_store_sqlite::SqliteStore::open_read_only(home.dir.path().join("kiln.db")).unwrap();
+    let run = reopened.task_run(id).await.unwrap().expect("standalone run recorded");
     assert_eq!((run.flow_run_id, run.state), (None, Completed));
-    assert!(reopened.flow_runs(10).unwrap().is_empty());
+    assert!(reopened.flow_runs(10).await.unwrap().is_empty());
 }
 
 #[test]

@@ -18,6 +18,11 @@ pub fn home() -> Home {
     Home { dir, engine }
 }
 
+/// Waits for a store read from sync test code (the SQLite store's reads need no runtime).
+pub fn wait<F: std::future::Future>(f: F) -> F::Output {
+    futures::executor::block_on(f)
+}
+
 impl Home {
     pub fn store(&self) -> &dyn Store {
         &**self.engine.store()
@@ -25,8 +30,7 @@ impl Home {
 
     /// The newest flow run with this name.
     pub fn flow(&self, name: &str) -> FlowRun {
-        self.store()
-            .flow_runs(1000)
+        wait(self.store().flow_runs(1000))
             .unwrap()
             .into_iter()
             .find(|f| f.name == name)
@@ -34,7 +38,7 @@ impl Home {
     }
 
     pub fn tasks(&self, flow: Uuid) -> Vec<TaskRun> {
-        self.store().task_runs(flow).unwrap()
+        wait(self.store().task_runs(flow)).unwrap()
     }
 
     pub fn task(&self, flow: Uuid, name: &str) -> TaskRun {
@@ -46,8 +50,7 @@ impl Home {
 
     /// The state history as (state, attempt) pairs.
     pub fn history(&self, run: Uuid) -> Vec<(StateType, u32)> {
-        self.store()
-            .states(run)
+        wait(self.store().states(run))
             .unwrap()
             .into_iter()
             .map(|s| (s.state, s.attempt))

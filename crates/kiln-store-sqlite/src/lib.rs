@@ -1,0 +1,300 @@
+//! Kiln's embedded state store: one SQLite file, written by one background thread.
+//!
+//! Writes are queued and applied in batches, one `BEGIN IMMEDIATE` transaction each (group
+//! commit), so recording a state costs the caller a channel send. A batch is applied whole:
+//! while another connection holds the database's write lock it is retried whole, with
+//! backoff, for minutes; a write that cannot be applied on its own (a constraint) fails
+//! alone; a database that cannot take writes at all (a full disk) fails the batch. Every
+//! write's outcome goes to the reporter it was sent with. State changes are compare-and-set
+//! on the run row's `(state, state_seq)` under the rules of `kiln_store::state`.
+//!
+//! ```
+//! use kiln_store::model::*;
+//! use kiln_store::state::StateType;
+//! use kiln_store::{Store, Transition};
+//! use kiln_store_sqlite::SqliteStore;
+//!
+//! # futures::executor::block_on(async {
+//! let dir = tempfile::tempdir()?;
+//! let store = SqliteStore::open(dir.path().join("kiln.db"))?;
+//! let id = uuid::Uuid::now_v7();
+//! store.send(Write::FlowRun(NewFlowRun {
+//!     id,
+//!     name: "nightly".into(),
+//!     parent_id: None,
+//!     parameters: serde_json::json!({ "day": 3 }),
+//!     tags: vec![],
+//!     created: now_micros(),
+//!     initial_state: StateType::Pending,
+//!     command: None,
+//!     retry_of: None,
+//! }), None)?;
+//! let running = StateChange {
+//!     kind: RunKind::Flow,
+//!     run_id: id,
+//!     from: StateType::Pending,
+//!     to: StateType::Running,
+//!     message: None,
+//!     attempt: 1,
+//!     timestamp: now_micros(),
+//!     result: None,
+//! };
+//! assert_eq!(store.set_state(running.clone()).await?, Transition::Accepted { seq: 1 });
+//! // The same change again: the run is no longer Pending, so the store refuses it.
+//! assert_eq!(
+//!     store.set_state(running).await?,
+//!     Transition::Rejected { current: Some(StateType::Running) }
+//! );
+//! assert_eq!(store.flow_run(id).await?.unwrap().state, StateType::Running);
+//! # Ok::<_, Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! ```
+#![warn(missing_docs)]
+
+mod read;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{SyncSender, sync_channel};
+use std::sync::{Mutex, RwLock};
+use std::thread::JoinHandle;
+
+use async_trait::async_trait;
+use kiln_store::model::*;
+use kiln_store::{FlushDone, Reporter, Store, StoreError};
+use rusqlite::{Connection, ErrorCode, OpenFlags};
+use uuid::Uuid;
+
+use writer::{MAX_BATCH, Msg};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/0001_runs.sql"),
+    include_str!("../migrations/0002_results.sql"),
+    include_str!("../migrations/0003_state_seq.sql"),
+];
+
+/// Writes queued ahead of the writer at most. A producer faster than SQLite waits for room
+/// (microseconds) instead of growing memory without bound: a flow of a million task runs
+/// holds at most this many pending writes (a few MiB), not a million.
+const QUEUE: usize = 4 * MAX_BATCH;
+
+/// The embedded state store: a SQLite database file written by one background thread.
+///
+/// Reads use their own connection on their own thread (WAL mode), so the CLI can read
+/// while a flow writes, and an async caller never waits on SQLite.
+pub struct SqliteStore {
+    path: PathBuf,
+    tx: RwLock<Option<SyncSender<Msg>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    reader: read::Reader,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").field("path", &self.path).finish()
+    }
+}
+
+fn open_error(path: &Path, source: impl Into<kiln_store::BoxError>) -> StoreError {
+    StoreError::Open {
+        target: path.display().to_string(),
+        source: source.into(),
+        advice: "check that the folder exists and is writable, or set KILN_HOME to another folder",
+    }
+}
+
+pub(crate) fn backend(e: rusqlite::Error) -> StoreError {
+    let retryable = matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+    );
+    StoreError::backend(e, retryable)
+}
+
+impl SqliteStore {
+    /// Opens (creating it and its folder if needed) the database at `path`, migrates it and
+    /// starts its writer.
+    pub fn open(path: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let path = path.into();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| open_error(&path, format!("{}: {e}", dir.display())))?;
+        }
+        let mut conn = connect(&path, OpenFlags::default())?;
+        migrate(&mut conn, &path)?;
+        let (tx, rx) = sync_channel(QUEUE);
+        let writer = std::thread::Builder::new()
+            .name("kiln-store-writer".into())
+            .spawn(move || writer::write_loop(conn, rx))
+            .map_err(|e| StoreError::WriterGone(format!("cannot start the writer thread: {e}")))?;
+        Ok(SqliteStore {
+            reader: read::Reader::start(path.clone())?,
+            path,
+            tx: RwLock::new(Some(tx)),
+            writer: Mutex::new(Some(writer)),
+        })
+    }
+
+    /// Opens an existing database for reading only (the CLI's view): never creates a file,
+    /// never migrates, and refuses every write.
+    pub fn open_read_only(path: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let path = path.into();
+        if !path.exists() {
+            return Err(open_error(
+                &path,
+                "the file does not exist (no flow has run with this KILN_HOME yet)",
+            ));
+        }
+        let conn = connect(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(|e| open_error(&path, e))?;
+        let known = MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(StoreError::TooNew {
+                target: path.display().to_string(),
+                found: version,
+                known,
+            });
+        }
+        Ok(SqliteStore {
+            reader: read::Reader::start(path.clone())?,
+            path,
+            tx: RwLock::new(None),
+            writer: Mutex::new(None),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Applies what is queued and stops the writer; later writes fail with
+    /// [`StoreError::WriterGone`].
+    pub fn close(&self) -> Result<(), StoreError> {
+        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        // Dropping the sender ends the writer's loop once the queue is drained.
+        drop(self.tx.write().unwrap_or_else(|p| p.into_inner()).take());
+        if let Some(h) = writer {
+            h.join()
+                .map_err(|_| StoreError::WriterGone("the writer thread panicked".into()))?;
+        }
+        Ok(())
+    }
+
+    fn gone(&self) -> StoreError {
+        if self.writer.lock().unwrap_or_else(|p| p.into_inner()).is_none() && self.path.exists() {
+            StoreError::WriterGone(format!(
+                "the store {} was closed or opened read-only",
+                self.path.display()
+            ))
+        } else {
+            StoreError::WriterGone("the writer thread exited".into())
+        }
+    }
+
+    /// Queues a message; gives it back when the writer is gone.
+    fn post(&self, msg: Msg) -> Result<(), Box<Msg>> {
+        match &*self.tx.read().unwrap_or_else(|p| p.into_inner()) {
+            Some(tx) => tx.send(msg).map_err(|e| Box::new(e.0)),
+            None => Err(Box::new(msg)),
+        }
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+pub(crate) fn connect(path: &Path, flags: OpenFlags) -> Result<Connection, StoreError> {
+    let open = |flags| -> rusqlite::Result<Connection> {
+        let conn = Connection::open_with_flags(path, flags)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        if !flags.contains(OpenFlags::SQLITE_OPEN_READ_ONLY) {
+            // WAL: readers never block the writer; NORMAL: a commit survives a process crash.
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+        }
+        Ok(conn)
+    };
+    open(flags).map_err(|e| open_error(path, e))
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let known = MIGRATIONS.len() as i64;
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(|e| open_error(path, e))?;
+    let version: i64 = tx
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(|e| open_error(path, e))?;
+    if version > known {
+        return Err(StoreError::TooNew {
+            target: path.display().to_string(),
+            found: version,
+            known,
+        });
+    }
+    for sql in &MIGRATIONS[version as usize..] {
+        tx.execute_batch(sql).map_err(|e| open_error(path, e))?;
+    }
+    tx.pragma_update(None, "user_version", known)
+        .map_err(|e| open_error(path, e))?;
+    tx.commit().map_err(|e| open_error(path, e))?;
+    Ok(())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn send(&self, write: Write, reporter: Reporter) -> Result<(), StoreError> {
+        self.post(Msg::Write(write, reporter)).map_err(|_| self.gone())
+    }
+
+    fn flush_then(&self, done: FlushDone) {
+        if let Err(msg) = self.post(Msg::Flush(done))
+            && let Msg::Flush(done) = *msg
+        {
+            done(Err(self.gone()));
+        }
+    }
+
+    async fn flow_runs(&self, limit: usize) -> Result<Vec<FlowRun>, StoreError> {
+        self.reader.run(move |c| read::flow_runs(c, limit)).await
+    }
+
+    async fn flow_run(&self, id: Uuid) -> Result<Option<FlowRun>, StoreError> {
+        self.reader.run(move |c| read::flow_run(c, id)).await
+    }
+
+    async fn subflow_runs(&self, parent: Uuid) -> Result<Vec<FlowRun>, StoreError> {
+        self.reader.run(move |c| read::subflow_runs(c, parent)).await
+    }
+
+    async fn task_runs(&self, flow_run_id: Uuid) -> Result<Vec<TaskRun>, StoreError> {
+        self.reader.run(move |c| read::task_runs(c, flow_run_id)).await
+    }
+
+    async fn task_run(&self, id: Uuid) -> Result<Option<TaskRun>, StoreError> {
+        self.reader.run(move |c| read::task_run(c, id)).await
+    }
+
+    async fn states(&self, run_id: Uuid) -> Result<Vec<StateRecord>, StoreError> {
+        self.reader.run(move |c| read::states(c, run_id)).await
+    }
+
+    async fn edges(&self, flow_run_id: Uuid) -> Result<Vec<Edge>, StoreError> {
+        self.reader.run(move |c| read::edges(c, flow_run_id)).await
+    }
+
+    async fn logs(&self, run_id: Uuid) -> Result<Vec<LogRecord>, StoreError> {
+        self.reader.run(move |c| read::logs(c, run_id)).await
+    }
+
+    async fn resolve(&self, id_or_prefix: &str) -> Result<RunRef, StoreError> {
+        let text = id_or_prefix.to_owned();
+        self.reader.run(move |c| read::resolve(c, &text)).await
+    }
+}

@@ -1,0 +1,286 @@
+//! Reads: row mappings, and the reader thread that runs queries off the caller's thread.
+
+use std::sync::mpsc::{Sender, channel};
+
+use kiln_store::model::*;
+use kiln_store::state::StateType;
+use kiln_store::{StoreError, id_hex};
+use rusqlite::{Connection, OptionalExtension, Row};
+use uuid::Uuid;
+
+use crate::{backend, connect};
+
+type Job = Box<dyn FnOnce(Result<&Connection, &StoreError>) + Send>;
+
+/// A thread with its own read-only connection: async reads never block an executor thread,
+/// whatever runtime (or none) the caller uses.
+pub(crate) struct Reader {
+    jobs: Sender<Job>,
+}
+
+impl Reader {
+    pub(crate) fn start(path: std::path::PathBuf) -> Result<Reader, StoreError> {
+        let (jobs, rx) = channel::<Job>();
+        std::thread::Builder::new()
+            .name("kiln-store-reader".into())
+            .spawn(move || {
+                let mut conn: Option<Connection> = None;
+                while let Ok(job) = rx.recv() {
+                    if conn.is_none() {
+                        match connect(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY) {
+                            Ok(c) => conn = Some(c),
+                            Err(e) => {
+                                job(Err(&e));
+                                continue;
+                            }
+                        }
+                    }
+                    job(Ok(conn.as_ref().expect("connected above")));
+                }
+            })
+            .map_err(|e| StoreError::WriterGone(format!("cannot start the reader thread: {e}")))?;
+        Ok(Reader { jobs })
+    }
+
+    pub(crate) async fn run<T: Send + 'static>(
+        &self,
+        query: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = futures::channel::oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let result = match conn {
+                Ok(c) => query(c),
+                Err(e) => Err(StoreError::Corrupt(format!("cannot read the state database: {e}"))),
+            };
+            let _ = tx.send(result);
+        });
+        self.jobs
+            .send(job)
+            .map_err(|_| StoreError::WriterGone("the reader thread has stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::WriterGone("the reader thread dropped a query".into()))?
+    }
+}
+
+pub(crate) fn tags_json(tags: &[String]) -> String {
+    serde_json::to_string(tags).unwrap_or_else(|_| "[]".into())
+}
+
+fn json_col<T: serde::de::DeserializeOwned>(row: &Row<'_>, idx: usize) -> rusqlite::Result<T> {
+    let s: String = row.get(idx)?;
+    serde_json::from_str(&s)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e)))
+}
+
+fn state_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<StateType> {
+    let s: String = row.get(idx)?;
+    s.parse().map_err(|e: StoreError| {
+        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+const FLOW_COLUMNS: &str = "f.id, f.name, f.parent_id, f.parameters, f.tags, f.state, f.state_message, f.attempt,
+     f.created, f.start_time, f.end_time,
+     (SELECT COUNT(*) FROM task_runs t WHERE t.flow_run_id = f.id), f.result, f.command, f.retry_of";
+
+fn flow_row(row: &Row<'_>) -> rusqlite::Result<FlowRun> {
+    Ok(FlowRun {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        parent_id: row.get(2)?,
+        parameters: json_col(row, 3)?,
+        tags: json_col(row, 4)?,
+        state: state_col(row, 5)?,
+        state_message: row.get(6)?,
+        attempt: row.get(7)?,
+        created: row.get(8)?,
+        start_time: row.get(9)?,
+        end_time: row.get(10)?,
+        task_count: row.get::<_, i64>(11)? as u64,
+        result: opt_json_col(row, 12)?,
+        command: opt_json_col(row, 13)?,
+        retry_of: row.get(14)?,
+    })
+}
+
+const TASK_COLUMNS: &str = "id, flow_run_id, name, task_key, inputs, tags, state, state_message, attempt,
+     created, start_time, end_time, result, call_key";
+
+fn task_row(row: &Row<'_>) -> rusqlite::Result<TaskRun> {
+    Ok(TaskRun {
+        id: row.get(0)?,
+        flow_run_id: row.get(1)?,
+        name: row.get(2)?,
+        task_key: row.get(3)?,
+        inputs: json_col(row, 4)?,
+        tags: json_col(row, 5)?,
+        state: state_col(row, 6)?,
+        state_message: row.get(7)?,
+        attempt: row.get(8)?,
+        created: row.get(9)?,
+        start_time: row.get(10)?,
+        end_time: row.get(11)?,
+        result: opt_json_col(row, 12)?,
+        call_key: row.get(13)?,
+    })
+}
+
+fn opt_json_col<T: serde::de::DeserializeOwned>(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<T>> {
+    let s: Option<String> = row.get(idx)?;
+    s.map(|s| {
+        serde_json::from_str(&s)
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e)))
+    })
+    .transpose()
+}
+
+fn collect<T>(rows: impl Iterator<Item = rusqlite::Result<T>>) -> Result<Vec<T>, StoreError> {
+    rows.collect::<rusqlite::Result<Vec<T>>>().map_err(backend)
+}
+
+pub(crate) fn flow_runs(c: &Connection, limit: usize) -> Result<Vec<FlowRun>, StoreError> {
+    let mut st = c
+        .prepare_cached(&format!(
+            "SELECT {FLOW_COLUMNS} FROM flow_runs f ORDER BY f.id DESC LIMIT ?1"
+        ))
+        .map_err(backend)?;
+    collect(st.query_map([limit as i64], flow_row).map_err(backend)?)
+}
+
+pub(crate) fn flow_run(c: &Connection, id: Uuid) -> Result<Option<FlowRun>, StoreError> {
+    let mut st = c
+        .prepare_cached(&format!("SELECT {FLOW_COLUMNS} FROM flow_runs f WHERE f.id = ?1"))
+        .map_err(backend)?;
+    st.query_row([id], flow_row).optional().map_err(backend)
+}
+
+pub(crate) fn subflow_runs(c: &Connection, parent: Uuid) -> Result<Vec<FlowRun>, StoreError> {
+    let mut st = c
+        .prepare_cached(&format!(
+            "SELECT {FLOW_COLUMNS} FROM flow_runs f WHERE f.parent_id = ?1 ORDER BY f.id"
+        ))
+        .map_err(backend)?;
+    collect(st.query_map([parent], flow_row).map_err(backend)?)
+}
+
+pub(crate) fn task_runs(c: &Connection, flow_run_id: Uuid) -> Result<Vec<TaskRun>, StoreError> {
+    let mut st = c
+        .prepare_cached(&format!(
+            "SELECT {TASK_COLUMNS} FROM task_runs WHERE flow_run_id = ?1 ORDER BY id"
+        ))
+        .map_err(backend)?;
+    collect(st.query_map([flow_run_id], task_row).map_err(backend)?)
+}
+
+pub(crate) fn task_run(c: &Connection, id: Uuid) -> Result<Option<TaskRun>, StoreError> {
+    let mut st = c
+        .prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM task_runs WHERE id = ?1"))
+        .map_err(backend)?;
+    st.query_row([id], task_row).optional().map_err(backend)
+}
+
+pub(crate) fn states(c: &Connection, run_id: Uuid) -> Result<Vec<StateRecord>, StoreError> {
+    let mut st = c
+        .prepare_cached(
+            "SELECT run_id, seq, state, message, attempt, timestamp, result FROM states WHERE run_id = ?1 ORDER BY seq",
+        )
+        .map_err(backend)?;
+    collect(
+        st.query_map([run_id], |r| {
+            Ok(StateRecord {
+                run_id: r.get(0)?,
+                seq: r.get(1)?,
+                state: state_col(r, 2)?,
+                message: r.get(3)?,
+                attempt: r.get(4)?,
+                timestamp: r.get(5)?,
+                result: r.get(6)?,
+            })
+        })
+        .map_err(backend)?,
+    )
+}
+
+pub(crate) fn edges(c: &Connection, flow_run_id: Uuid) -> Result<Vec<Edge>, StoreError> {
+    let mut st = c
+        .prepare_cached("SELECT upstream, downstream FROM edges WHERE flow_run_id = ?1 ORDER BY downstream, upstream")
+        .map_err(backend)?;
+    collect(
+        st.query_map([flow_run_id], |r| {
+            Ok(Edge {
+                upstream: r.get(0)?,
+                downstream: r.get(1)?,
+            })
+        })
+        .map_err(backend)?,
+    )
+}
+
+pub(crate) fn logs(c: &Connection, run_id: Uuid) -> Result<Vec<LogRecord>, StoreError> {
+    let mut st = c
+        .prepare_cached(
+            "SELECT run_id, flow_run_id, timestamp, level, target, message FROM logs
+             WHERE run_id = ?1 OR flow_run_id = ?1 ORDER BY timestamp, seq",
+        )
+        .map_err(backend)?;
+    collect(
+        st.query_map([run_id], |r| {
+            Ok(LogRecord {
+                run_id: r.get(0)?,
+                flow_run_id: r.get(1)?,
+                timestamp: r.get(2)?,
+                level: r.get(3)?,
+                target: r.get(4)?,
+                message: r.get(5)?,
+            })
+        })
+        .map_err(backend)?,
+    )
+}
+
+pub(crate) fn resolve(c: &Connection, id_or_prefix: &str) -> Result<RunRef, StoreError> {
+    let Some(hex) = id_hex(id_or_prefix) else {
+        return Err(StoreError::UnknownRun(id_or_prefix.to_owned()));
+    };
+    let tables = [
+        ("flow_runs", RunRef::Flow as fn(Uuid) -> RunRef),
+        ("task_runs", RunRef::Task),
+    ];
+    // An exact id, else a prefix, else the id's tail (what the CLI prints in short form).
+    if let Ok(id) = Uuid::parse_str(&hex) {
+        for (table, make) in tables {
+            let mut st = c
+                .prepare_cached(&format!("SELECT id FROM {table} WHERE id = ?1"))
+                .map_err(backend)?;
+            if let Some(id) = st
+                .query_row([id], |r| r.get::<_, Uuid>(0))
+                .optional()
+                .map_err(backend)?
+            {
+                return Ok(make(id));
+            }
+        }
+    }
+    for pattern in [format!("{hex}%"), format!("%{hex}")] {
+        let mut found = Vec::new();
+        for (table, make) in tables {
+            let mut st = c
+                .prepare_cached(&format!("SELECT id FROM {table} WHERE hex(id) LIKE ?1 LIMIT 100"))
+                .map_err(backend)?;
+            for id in st.query_map([&pattern], |r| r.get::<_, Uuid>(0)).map_err(backend)? {
+                found.push(make(id.map_err(backend)?));
+            }
+        }
+        match found.len() {
+            0 => continue,
+            1 => return Ok(found[0]),
+            count => {
+                return Err(StoreError::AmbiguousRun {
+                    prefix: id_or_prefix.to_owned(),
+                    count,
+                });
+            }
+        }
+    }
+    Err(StoreError::UnknownRun(id_or_prefix.to_owned()))
+}

@@ -1,0 +1,492 @@
+//! The writer thread: applies queued writes in batches, one transaction each, whole or not
+//! at all, and hands every write its outcome.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use kiln_store::model::*;
+use kiln_store::state::{StateType, is_legal};
+use kiln_store::{FlushDone, Outcome, Reporter, StoreError, log_unreported};
+use rusqlite::{CachedStatement, Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
+use uuid::Uuid;
+
+/// Most writes applied in one transaction; bounds the latency of a flush behind a flood.
+pub(crate) const MAX_BATCH: usize = 8192;
+
+/// How long a batch is retried while another connection holds the database's write lock,
+/// on top of SQLite's own busy timeout per attempt. After it, the batch's writes fail.
+const BUSY_DEADLINE: Duration = Duration::from_secs(300);
+
+/// Runs whose current state this writer knows (it wrote it), so that most state changes
+/// need no lookup. Only a hint: every update is a compare-and-set on (state, seq).
+const KNOWN_MAX: usize = 65_536;
+
+pub(crate) enum Msg {
+    Write(Write, Reporter),
+    Flush(FlushDone),
+}
+
+/// What the writer knows of a run: its state and the position of that state.
+#[derive(Clone, Copy)]
+struct Current {
+    state: StateType,
+    seq: u32,
+}
+
+pub(crate) fn write_loop(mut conn: Connection, rx: Receiver<Msg>) {
+    let mut known: HashMap<Uuid, Current> = HashMap::new();
+    let mut batch = Vec::with_capacity(256);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let outcomes = commit(&mut conn, &batch, &mut known);
+        for (msg, outcome) in batch.drain(..).zip(outcomes) {
+            match msg {
+                Msg::Flush(done) => done(Ok(())),
+                Msg::Write(write, reporter) => {
+                    let outcome = outcome.unwrap_or(Outcome::Applied { seq: None });
+                    match reporter {
+                        Some(r) => r.report(&write, outcome),
+                        None => log_unreported(&write, &outcome),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Why an attempt at a batch stopped.
+enum Stop {
+    /// The database is locked by another connection: the whole batch is tried again.
+    Busy(rusqlite::Error),
+    /// One write cannot be applied (a constraint, bad data): it fails, the rest are tried again.
+    Write(usize, rusqlite::Error),
+    /// The database cannot take writes (disk full, I/O error, read-only file): the batch fails.
+    Fatal(rusqlite::Error),
+}
+
+fn classify(e: rusqlite::Error, index: usize) -> Stop {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => Stop::Busy(e),
+        Some(
+            ErrorCode::DiskFull
+            | ErrorCode::SystemIoFailure
+            | ErrorCode::ReadOnly
+            | ErrorCode::CannotOpen
+            | ErrorCode::PermissionDenied
+            | ErrorCode::DatabaseCorrupt
+            | ErrorCode::NotADatabase
+            | ErrorCode::OutOfMemory,
+        ) => Stop::Fatal(e),
+        _ if index == usize::MAX => Stop::Fatal(e),
+        _ => Stop::Write(index, e),
+    }
+}
+
+fn backend(e: rusqlite::Error) -> Arc<StoreError> {
+    let retryable = matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+    );
+    Arc::new(StoreError::backend(e, retryable))
+}
+
+/// Applies a batch, retrying it whole while the database is busy and leaving out only the
+/// writes that fail on their own. One outcome per message (`None` for flushes).
+fn commit(conn: &mut Connection, batch: &[Msg], known: &mut HashMap<Uuid, Current>) -> Vec<Option<Outcome>> {
+    let mut failed: Vec<Option<Arc<StoreError>>> = vec![None; batch.len()];
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(10);
+    let mut warned = false;
+    loop {
+        match attempt(conn, batch, &failed, known) {
+            Ok(outcomes) => {
+                return outcomes
+                    .into_iter()
+                    .zip(failed)
+                    .map(|(applied, failed)| match failed {
+                        Some(e) => Some(Outcome::Failed(e)),
+                        None => applied,
+                    })
+                    .collect();
+            }
+            Err(Stop::Write(index, e)) => {
+                failed[index] = Some(backend(e));
+            }
+            Err(Stop::Busy(e)) if started.elapsed() < BUSY_DEADLINE => {
+                if !warned && started.elapsed() > Duration::from_secs(5) {
+                    tracing::warn!(
+                        "the state database is locked by another connection ({e}); retrying a batch of {} writes \
+                         for up to {BUSY_DEADLINE:?}",
+                        batch.len()
+                    );
+                    warned = true;
+                }
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            Err(Stop::Busy(e) | Stop::Fatal(e)) => {
+                let e = backend(e);
+                tracing::error!(
+                    "the state database cannot record a batch of {} writes: {e}",
+                    batch.len()
+                );
+                return batch
+                    .iter()
+                    .map(|m| matches!(m, Msg::Write(..)).then(|| Outcome::Failed(e.clone())))
+                    .collect();
+            }
+        }
+    }
+}
+
+/// A run created in this batch: its row is inserted once, with the state it ends the batch in.
+struct NewRow {
+    index: usize,
+    state: StateType,
+    seq: u32,
+    message: Option<String>,
+    attempt: u32,
+    start: Option<Micros>,
+    end: Option<Micros>,
+    result: Option<String>,
+}
+
+impl NewRow {
+    fn apply(&mut self, c: &StateChange, seq: u32) {
+        self.state = c.to;
+        self.seq = seq;
+        self.message.clone_from(&c.message);
+        if c.result.is_some() {
+            self.result.clone_from(&c.result);
+        }
+        self.attempt = c.attempt;
+        if c.to == StateType::Running {
+            self.start = self.start.or(Some(c.timestamp));
+        }
+        if c.to.is_terminal() {
+            self.end = Some(c.timestamp);
+        }
+    }
+}
+
+/// One try at a batch inside one transaction. On success, `known` learns the new states.
+fn attempt(
+    conn: &mut Connection,
+    batch: &[Msg],
+    failed: &[Option<Arc<StoreError>>],
+    known: &mut HashMap<Uuid, Current>,
+) -> Result<Vec<Option<Outcome>>, Stop> {
+    // IMMEDIATE: take the write lock now, so a busy database shows here, not half-way.
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(|e| classify(e, usize::MAX))?;
+    let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(batch.len());
+    let mut learned: HashMap<Uuid, Current> = HashMap::new();
+    {
+        let mut st = Statements::prepare(&tx).map_err(|e| classify(e, usize::MAX))?;
+        let mut new_rows: Vec<NewRow> = Vec::new();
+        let mut new_index: HashMap<Uuid, usize> = HashMap::new();
+        for (i, msg) in batch.iter().enumerate() {
+            let Msg::Write(w, _) = msg else {
+                outcomes.push(None);
+                continue;
+            };
+            if failed[i].is_some() {
+                outcomes.push(None);
+                continue;
+            }
+            let outcome = match w {
+                Write::FlowRun(NewFlowRun {
+                    id,
+                    initial_state,
+                    created,
+                    ..
+                })
+                | Write::TaskRun(NewTaskRun {
+                    id,
+                    initial_state,
+                    created,
+                    ..
+                }) => {
+                    st.insert_state(&StateRecord::created(*id, *initial_state, *created))
+                        .map_err(|e| classify(e, i))?;
+                    new_index.insert(*id, new_rows.len());
+                    new_rows.push(NewRow {
+                        index: i,
+                        state: *initial_state,
+                        seq: 0,
+                        message: None,
+                        attempt: 0,
+                        start: None,
+                        end: None,
+                        result: None,
+                    });
+                    Outcome::Applied { seq: Some(0) }
+                }
+                Write::State(change) => {
+                    let in_batch = new_index.get(&change.run_id).copied();
+                    // A run of this batch, else what this writer last wrote (a hint), else the row.
+                    let (mut current, mut looked_up) = match in_batch {
+                        Some(n) => (
+                            Some(Current {
+                                state: new_rows[n].state,
+                                seq: new_rows[n].seq,
+                            }),
+                            true,
+                        ),
+                        None => match learned.get(&change.run_id).or_else(|| known.get(&change.run_id)) {
+                            Some(c) => (Some(*c), false),
+                            None => (
+                                st.current(change.kind, change.run_id).map_err(|e| classify(e, i))?,
+                                true,
+                            ),
+                        },
+                    };
+                    loop {
+                        let Some(c) = current.filter(|c| c.state == change.from && is_legal(Some(c.state), change.to))
+                        else {
+                            break Outcome::Rejected {
+                                current: current.map(|c| c.state),
+                            };
+                        };
+                        let seq = c.seq + 1;
+                        let applied = match in_batch {
+                            Some(n) => {
+                                new_rows[n].apply(change, seq);
+                                true
+                            }
+                            None => st.update_state(change, c, seq).map_err(|e| classify(e, i))?,
+                        };
+                        if !applied {
+                            // What this writer knew is stale (another process changed the
+                            // run): decide again on what the database holds.
+                            known.remove(&change.run_id);
+                            if looked_up {
+                                break Outcome::Rejected { current: Some(c.state) };
+                            }
+                            current = st.current(change.kind, change.run_id).map_err(|e| classify(e, i))?;
+                            looked_up = true;
+                            continue;
+                        }
+                        st.insert_state(&StateRecord {
+                            run_id: change.run_id,
+                            seq,
+                            state: change.to,
+                            message: change.message.clone(),
+                            attempt: change.attempt,
+                            timestamp: change.timestamp,
+                            result: change.result.clone(),
+                        })
+                        .map_err(|e| classify(e, i))?;
+                        learned.insert(change.run_id, Current { state: change.to, seq });
+                        break Outcome::Applied { seq: Some(seq) };
+                    }
+                }
+                Write::Edge { flow_run_id, edge } => {
+                    st.edge
+                        .execute(params![edge.upstream, edge.downstream, flow_run_id])
+                        .map_err(|e| classify(e, i))?;
+                    Outcome::Applied { seq: None }
+                }
+                Write::Log(l) => {
+                    st.log
+                        .execute(params![
+                            l.run_id,
+                            l.flow_run_id,
+                            l.timestamp,
+                            l.level,
+                            l.target,
+                            l.message
+                        ])
+                        .map_err(|e| classify(e, i))?;
+                    Outcome::Applied { seq: None }
+                }
+                _ => Outcome::Failed(Arc::new(StoreError::Corrupt(format!(
+                    "this backend does not know the write {w}"
+                )))),
+            };
+            outcomes.push(Some(outcome));
+        }
+        for row in &new_rows {
+            let Msg::Write(w, _) = &batch[row.index] else {
+                unreachable!("new rows come from writes")
+            };
+            st.insert_run(w, row).map_err(|e| classify(e, row.index))?;
+            learned.insert(
+                w.run_id(),
+                Current {
+                    state: row.state,
+                    seq: row.seq,
+                },
+            );
+        }
+    }
+    tx.commit().map_err(|e| classify(e, usize::MAX))?;
+    if known.len() + learned.len() > KNOWN_MAX {
+        known.clear();
+    }
+    for (id, c) in learned {
+        if c.state.is_terminal() {
+            known.remove(&id);
+        } else {
+            known.insert(id, c);
+        }
+    }
+    Ok(outcomes)
+}
+
+/// The statements of a batch, prepared once per transaction rather than looked up per write.
+struct Statements<'t> {
+    state: CachedStatement<'t>,
+    flow_run: CachedStatement<'t>,
+    task_run: CachedStatement<'t>,
+    flow_state: CachedStatement<'t>,
+    task_state: CachedStatement<'t>,
+    flow_current: CachedStatement<'t>,
+    task_current: CachedStatement<'t>,
+    edge: CachedStatement<'t>,
+    log: CachedStatement<'t>,
+}
+
+impl<'t> Statements<'t> {
+    fn prepare(tx: &'t rusqlite::Transaction<'_>) -> rusqlite::Result<Self> {
+        // The row update is the compare-and-set: it matches only the state and position
+        // the change was checked against.
+        let update = |table: &str| {
+            format!(
+                "UPDATE {table} SET state = ?2, state_seq = ?3, state_message = ?4, attempt = ?5,
+                 start_time = COALESCE(start_time, ?6), end_time = COALESCE(?7, end_time),
+                 result = COALESCE(?8, result) WHERE id = ?1 AND state = ?9 AND state_seq = ?10"
+            )
+        };
+        Ok(Statements {
+            state: tx.prepare_cached(
+                "INSERT INTO states (run_id, seq, state, message, attempt, timestamp, result)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?,
+            flow_run: tx.prepare_cached(
+                "INSERT INTO flow_runs (id, name, parent_id, parameters, tags, state, state_message, attempt,
+                                        created, start_time, end_time, result, command, retry_of, state_seq)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+            )?,
+            task_run: tx.prepare_cached(
+                "INSERT INTO task_runs (id, flow_run_id, name, task_key, inputs, tags, state, state_message, attempt,
+                                        created, start_time, end_time, result, call_key, state_seq)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+            )?,
+            flow_state: tx.prepare_cached(&update("flow_runs"))?,
+            task_state: tx.prepare_cached(&update("task_runs"))?,
+            flow_current: tx.prepare_cached("SELECT state, state_seq FROM flow_runs WHERE id = ?1")?,
+            task_current: tx.prepare_cached("SELECT state, state_seq FROM task_runs WHERE id = ?1")?,
+            edge: tx.prepare_cached(
+                "INSERT OR IGNORE INTO edges (upstream, downstream, flow_run_id) VALUES (?1, ?2, ?3)",
+            )?,
+            log: tx.prepare_cached(
+                "INSERT INTO logs (run_id, flow_run_id, timestamp, level, target, message)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?,
+        })
+    }
+
+    fn current(&mut self, kind: RunKind, id: Uuid) -> rusqlite::Result<Option<Current>> {
+        let stmt = match kind {
+            RunKind::Flow => &mut self.flow_current,
+            RunKind::Task => &mut self.task_current,
+        };
+        let row = stmt
+            .query_row([id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?)))
+            .optional()?;
+        row.map(|(state, seq)| {
+            let state = state
+                .parse::<StateType>()
+                .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))?;
+            Ok(Current { state, seq })
+        })
+        .transpose()
+    }
+
+    fn insert_state(&mut self, s: &StateRecord) -> rusqlite::Result<()> {
+        self.state.execute(params![
+            s.run_id,
+            s.seq,
+            s.state.as_str(),
+            s.message,
+            s.attempt,
+            s.timestamp,
+            s.result
+        ])?;
+        Ok(())
+    }
+
+    /// Whether the row was still at `from` (and is now updated).
+    fn update_state(&mut self, c: &StateChange, from: Current, seq: u32) -> rusqlite::Result<bool> {
+        let stmt = match c.kind {
+            RunKind::Flow => &mut self.flow_state,
+            RunKind::Task => &mut self.task_state,
+        };
+        let start = (c.to == StateType::Running).then_some(c.timestamp);
+        let end = c.to.is_terminal().then_some(c.timestamp);
+        let changed = stmt.execute(params![
+            c.run_id,
+            c.to.as_str(),
+            seq,
+            c.message,
+            c.attempt,
+            start,
+            end,
+            c.result,
+            from.state.as_str(),
+            from.seq
+        ])?;
+        Ok(changed == 1)
+    }
+
+    fn insert_run(&mut self, w: &Write, row: &NewRow) -> rusqlite::Result<()> {
+        match w {
+            Write::FlowRun(r) => self.flow_run.execute(params![
+                r.id,
+                r.name,
+                r.parent_id,
+                r.parameters.to_string(),
+                crate::read::tags_json(&r.tags),
+                row.state.as_str(),
+                row.message,
+                row.attempt,
+                r.created,
+                row.start,
+                row.end,
+                row.result,
+                r.command,
+                r.retry_of,
+                row.seq
+            ])?,
+            Write::TaskRun(r) => self.task_run.execute(params![
+                r.id,
+                r.flow_run_id,
+                r.name,
+                r.task_key,
+                r.inputs.to_string(),
+                crate::read::tags_json(&r.tags),
+                row.state.as_str(),
+                row.message,
+                row.attempt,
+                r.created,
+                row.start,
+                row.end,
+                row.result,
+                r.call_key,
+                row.seq
+            ])?,
+            _ => unreachable!("only run creations are kept as new rows"),
+        };
+        Ok(())
+    }
+}

@@ -1,0 +1,172 @@
+//! The conformance suite on the embedded SQLite store, plus what is SQLite's own.
+
+use std::sync::Arc;
+
+use kiln_store::model::*;
+use kiln_store::state::StateType::*;
+use kiln_store::suite::{self, Collect};
+use kiln_store::{Outcome, Report, Store, StoreError};
+use kiln_store_sqlite::SqliteStore;
+
+fn sqlite() -> (SqliteStore, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    (SqliteStore::open(dir.path().join("nested/kiln.db")).unwrap(), dir)
+}
+
+kiln_store::store_suite!(async { sqlite() });
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    suite::runtime().block_on(f)
+}
+
+#[test]
+fn records_survive_reopening() {
+    let (store, dir) = sqlite();
+    block_on(async {
+        assert!(store.flow_runs(1).await.unwrap().is_empty());
+        suite::lists_newest_first_within_the_limit(&store).await;
+    });
+    store.close().unwrap();
+    let reopened = SqliteStore::open(dir.path().join("nested/kiln.db")).unwrap();
+    assert_eq!(block_on(reopened.flow_runs(10)).unwrap().len(), 5);
+}
+
+#[test]
+fn a_database_from_a_newer_kiln_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kiln.db");
+    drop(SqliteStore::open(&path).unwrap());
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.pragma_update(None, "user_version", 99).unwrap();
+    drop(conn);
+    for err in [
+        SqliteStore::open(&path).unwrap_err(),
+        SqliteStore::open_read_only(&path).unwrap_err(),
+    ] {
+        assert!(
+            matches!(
+                err,
+                StoreError::TooNew {
+                    found: 99,
+                    known: 3,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("upgrade Kiln"), "{err}");
+    }
+}
+
+#[test]
+fn an_unwritable_home_gets_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-folder");
+    std::fs::write(&file, b"x").unwrap();
+    let err = SqliteStore::open(file.join("kiln.db")).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("cannot open the state database") && text.contains("KILN_HOME"),
+        "{text}"
+    );
+}
+
+#[test]
+fn writes_after_close_fail_clearly() {
+    let (store, _dir) = sqlite();
+    store.close().unwrap();
+    let err = block_on(store.flush()).unwrap_err();
+    assert!(matches!(err, StoreError::WriterGone(_)), "{err}");
+    let err = store.send(Write::FlowRun(suite::flow("late", None)), None).unwrap_err();
+    assert!(matches!(err, StoreError::WriterGone(_)), "{err}");
+}
+
+#[test]
+fn a_read_only_store_reads_and_refuses_writes_without_migrating() {
+    let (store, dir) = sqlite();
+    let path = dir.path().join("nested/kiln.db");
+    block_on(suite::lists_newest_first_within_the_limit(&store));
+    store.close().unwrap();
+    let before = std::fs::read(&path).unwrap();
+    let ro = SqliteStore::open_read_only(&path).unwrap();
+    assert_eq!(block_on(ro.flow_runs(10)).unwrap().len(), 5);
+    assert!(ro.send(Write::FlowRun(suite::flow("no", None)), None).is_err());
+    assert!(SqliteStore::open_read_only(dir.path().join("missing.db")).is_err());
+    drop(ro);
+    assert_eq!(std::fs::read(&path).unwrap(), before, "nothing was written");
+}
+
+/// Another connection holds the write lock for longer than SQLite's busy timeout (10 s):
+/// the batch waits and is applied whole, nothing is dropped.
+#[test]
+fn a_batch_waits_out_a_locked_database_and_loses_nothing() {
+    let (store, dir) = sqlite();
+    let path = dir.path().join("nested/kiln.db");
+    let report = Arc::new(Collect::default());
+    let f = suite::flow("patient", None);
+    let fid = f.id;
+    store
+        .send(Write::FlowRun(f), Some(report.clone() as Arc<dyn Report>))
+        .unwrap();
+    block_on(store.flush()).unwrap();
+
+    let locker = rusqlite::Connection::open(&path).unwrap();
+    locker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let tasks: Vec<_> = (0..300).map(|_| suite::task("t", Some(fid))).collect();
+    for t in &tasks {
+        let id = t.id;
+        for w in [
+            Write::TaskRun(t.clone()),
+            Write::State(suite::change(RunKind::Task, id, Pending, Running, 1)),
+            Write::State(suite::change(RunKind::Task, id, Running, Completed, 1)),
+        ] {
+            store.send(w, Some(report.clone() as Arc<dyn Report>)).unwrap();
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_secs(12));
+    locker.execute_batch("COMMIT").unwrap();
+    block_on(store.flush()).unwrap();
+    assert!(report.problems().is_empty(), "{:?}", report.problems());
+    let runs = block_on(store.task_runs(fid)).unwrap();
+    assert_eq!(runs.len(), 300);
+    assert!(runs.iter().all(|r| r.state == Completed));
+    for t in &tasks[..10] {
+        assert_eq!(block_on(store.states(t.id)).unwrap().len(), 3);
+    }
+}
+
+/// Reporter that counts failures, for the fault tests.
+#[derive(Default)]
+struct Failures(std::sync::Mutex<Vec<String>>);
+
+impl Report for Failures {
+    fn report(&self, write: &Write, outcome: Outcome) {
+        if let Outcome::Failed(e) = outcome {
+            self.0.lock().unwrap().push(format!("{write}: {e}"));
+        }
+    }
+}
+
+/// A write the database refuses is reported to its sender with the database's reason.
+#[test]
+fn a_refused_write_is_reported_with_the_database_reason() {
+    let (store, dir) = sqlite();
+    let path = dir.path().join("nested/kiln.db");
+    // Another connection makes the file refuse writes: a trigger that aborts every insert.
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other
+        .execute_batch(
+            "CREATE TRIGGER no_room BEFORE INSERT ON states BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END;",
+        )
+        .unwrap();
+    let failures = Arc::new(Failures::default());
+    let f = suite::flow("doomed", None);
+    store
+        .send(Write::FlowRun(f), Some(failures.clone() as Arc<dyn Report>))
+        .unwrap();
+    block_on(store.flush()).unwrap();
+    let failed = failures.0.lock().unwrap().clone();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(failed[0].contains("database or disk is full"), "{failed:?}");
+    assert!(block_on(store.flow_runs(10)).unwrap().is_empty());
+}

@@ -1,0 +1,467 @@
+//! The conformance suite: what every backend must do, as async functions over `&dyn Store`.
+//!
+//! A backend's tests call [`store_suite!`](crate::store_suite) with an async expression that
+//! makes a fresh store (and a guard that keeps its resources alive):
+//!
+//! ```ignore
+//! kiln_store::store_suite!(async {
+//!     let dir = tempfile::tempdir().unwrap();
+//!     (kiln_store_sqlite::SqliteStore::open(dir.path().join("kiln.db")).unwrap(), dir)
+//! });
+//! ```
+
+use std::sync::{Arc, Mutex};
+
+use uuid::Uuid;
+
+use crate::model::*;
+use crate::state::StateType::{self, *};
+use crate::{Outcome, Report, Store, StoreError, Transition};
+
+/// One `#[test]` per suite function, each on a fresh store made by `$make`.
+#[macro_export]
+macro_rules! store_suite {
+    ($make:expr) => {
+        $crate::store_suite!(@tests $make;
+            records_a_run_lifecycle,
+            state_changes_across_batches_update_the_row,
+            the_store_refuses_changes_from_another_state,
+            racing_state_changes_have_one_winner,
+            edges_logs_and_subflows,
+            ids_resolve_exactly_by_prefix_and_by_tail,
+            a_failed_write_is_reported_to_its_sender_and_loses_nothing_else,
+            lists_newest_first_within_the_limit,
+            concurrent_writers_lose_nothing,
+        );
+    };
+    (@tests $make:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                $crate::suite::runtime().block_on(async {
+                    let (store, _guard) = $make.await;
+                    $crate::suite::$name(&store).await;
+                });
+            }
+        )*
+    };
+}
+
+/// The runtime the suite's tests run on.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+/// Keeps every outcome it is given.
+#[derive(Debug, Default)]
+pub struct Collect(Mutex<Vec<(String, Outcome)>>);
+
+impl Report for Collect {
+    fn report(&self, write: &Write, outcome: Outcome) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((write.to_string(), outcome));
+    }
+}
+
+impl Collect {
+    /// The writes that failed or were rejected, described.
+    pub fn problems(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, o)| !matches!(o, Outcome::Applied { .. }))
+            .map(|(w, o)| format!("{w}: {o:?}"))
+            .collect()
+    }
+}
+
+/// A new flow run (Pending).
+pub fn flow(name: &str, parent: Option<Uuid>) -> NewFlowRun {
+    NewFlowRun {
+        id: Uuid::now_v7(),
+        name: name.into(),
+        parent_id: parent,
+        parameters: serde_json::json!({ "n": 1, "label": "x" }),
+        tags: vec!["t1".into()],
+        created: now_micros(),
+        initial_state: Pending,
+        command: None,
+        retry_of: None,
+    }
+}
+
+/// A new task run (Pending).
+pub fn task(name: &str, flow: Option<Uuid>) -> NewTaskRun {
+    NewTaskRun {
+        id: Uuid::now_v7(),
+        flow_run_id: flow,
+        name: name.into(),
+        task_key: format!("suite::{name}"),
+        inputs: serde_json::json!({ "x": { "type": "u64" } }),
+        tags: vec![],
+        created: now_micros(),
+        initial_state: Pending,
+        call_key: None,
+    }
+}
+
+/// A state change of `id` from `from` to `to`.
+pub fn change(kind: RunKind, id: Uuid, from: StateType, to: StateType, attempt: u32) -> StateChange {
+    StateChange {
+        kind,
+        run_id: id,
+        from,
+        to,
+        message: None,
+        attempt,
+        timestamp: now_micros(),
+        result: None,
+    }
+}
+
+/// Moves a run through `states` from `from`, each change accepted.
+async fn walk(
+    store: &dyn Store,
+    kind: RunKind,
+    id: Uuid,
+    mut from: StateType,
+    states: &[(StateType, u32, Option<&str>)],
+) {
+    for &(state, attempt, message) in states {
+        let mut c = change(kind, id, from, state, attempt);
+        c.message = message.map(str::to_owned);
+        let t = store.set_state(c).await.unwrap();
+        assert!(matches!(t, Transition::Accepted { .. }), "{from} -> {state}: {t:?}");
+        from = state;
+    }
+}
+
+/// Sends fire-and-forget writes through `store` with `report`.
+fn send(store: &dyn Store, report: &Arc<Collect>, writes: impl IntoIterator<Item = Write>) {
+    for w in writes {
+        store.send(w, Some(report.clone() as Arc<dyn Report>)).unwrap();
+    }
+}
+
+/// Creation, a retry and completion: rows, history with positions, times, parameters.
+pub async fn records_a_run_lifecycle(store: &dyn Store) {
+    let report = Arc::new(Collect::default());
+    let f = flow("lifecycle", None);
+    let t = task("step", Some(f.id));
+    let (fid, tid) = (f.id, t.id);
+    send(store, &report, [Write::FlowRun(f), Write::TaskRun(t)]);
+    walk(store, RunKind::Flow, fid, Pending, &[(Running, 1, None)]).await;
+    walk(
+        store,
+        RunKind::Task,
+        tid,
+        Pending,
+        &[
+            (Running, 1, None),
+            (AwaitingRetry, 1, Some("boom; retrying")),
+            (Running, 2, None),
+            (Completed, 2, None),
+        ],
+    )
+    .await;
+    walk(store, RunKind::Flow, fid, Running, &[(Completed, 1, None)]).await;
+    store.flush().await.unwrap();
+    assert!(report.problems().is_empty(), "{:?}", report.problems());
+
+    let fr = store.flow_run(fid).await.unwrap().unwrap();
+    assert_eq!((fr.state, fr.attempt, fr.task_count), (Completed, 1, 1));
+    assert_eq!(fr.parameters, serde_json::json!({ "n": 1, "label": "x" }));
+    assert_eq!(fr.tags, ["t1"]);
+    assert!(fr.start_time.is_some() && fr.end_time >= fr.start_time);
+
+    let tr = store.task_run(tid).await.unwrap().unwrap();
+    assert_eq!((tr.state, tr.attempt, tr.flow_run_id), (Completed, 2, Some(fid)));
+    assert_eq!(tr.inputs["x"]["type"], "u64");
+    let history: Vec<(StateType, u32, u32)> = store
+        .states(tid)
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| (s.state, s.seq, s.attempt))
+        .collect();
+    assert_eq!(
+        history,
+        [
+            (Pending, 0, 0),
+            (Running, 1, 1),
+            (AwaitingRetry, 2, 1),
+            (Running, 3, 2),
+            (Completed, 4, 2)
+        ]
+    );
+    assert_eq!(
+        store.states(tid).await.unwrap()[2].message.as_deref(),
+        Some("boom; retrying")
+    );
+    assert_eq!(store.task_runs(fid).await.unwrap().len(), 1);
+}
+
+/// State changes flushed one by one update the run's row.
+pub async fn state_changes_across_batches_update_the_row(store: &dyn Store) {
+    let report = Arc::new(Collect::default());
+    let t = task("slow", None);
+    let id = t.id;
+    send(store, &report, [Write::TaskRun(t)]);
+    store.flush().await.unwrap();
+    assert_eq!(store.task_run(id).await.unwrap().unwrap().state, Pending);
+    walk(store, RunKind::Task, id, Pending, &[(Running, 1, None)]).await;
+    let running = store.task_run(id).await.unwrap().unwrap();
+    assert_eq!((running.state, running.end_time), (Running, None));
+    walk(store, RunKind::Task, id, Running, &[(Failed, 1, Some("disk full"))]).await;
+    let failed = store.task_run(id).await.unwrap().unwrap();
+    assert_eq!(
+        (failed.state, failed.state_message.as_deref()),
+        (Failed, Some("disk full"))
+    );
+    assert_eq!(failed.start_time, running.start_time, "the start time is kept");
+    assert!(failed.end_time.is_some());
+    assert_eq!(store.states(id).await.unwrap().len(), 3);
+}
+
+/// The store, not the caller, decides: a change from a state the run is not in, a move the
+/// rules forbid, or a change of an unknown run is refused with the state found.
+pub async fn the_store_refuses_changes_from_another_state(store: &dyn Store) {
+    let report = Arc::new(Collect::default());
+    let t = task("strict", None);
+    let id = t.id;
+    send(store, &report, [Write::TaskRun(t)]);
+    let k = RunKind::Task;
+    // The caller believes the run is Running; it is Pending.
+    assert_eq!(
+        store.set_state(change(k, id, Running, Completed, 1)).await.unwrap(),
+        Transition::Rejected { current: Some(Pending) }
+    );
+    // Pending -> Completed is not a legal move, whatever the caller believes.
+    assert_eq!(
+        store.set_state(change(k, id, Pending, Completed, 1)).await.unwrap(),
+        Transition::Rejected { current: Some(Pending) }
+    );
+    assert_eq!(
+        store.set_state(change(k, id, Pending, Running, 1)).await.unwrap(),
+        Transition::Accepted { seq: 1 }
+    );
+    assert_eq!(
+        store.set_state(change(k, id, Running, Failed, 1)).await.unwrap(),
+        Transition::Accepted { seq: 2 }
+    );
+    // A final state admits nothing.
+    assert_eq!(
+        store.set_state(change(k, id, Failed, Running, 2)).await.unwrap(),
+        Transition::Rejected { current: Some(Failed) }
+    );
+    // A flow-run change of a task run's id, and an unknown run: no such run.
+    assert_eq!(
+        store
+            .set_state(change(RunKind::Flow, id, Failed, Running, 2))
+            .await
+            .unwrap(),
+        Transition::Rejected { current: None }
+    );
+    assert_eq!(
+        store
+            .set_state(change(k, Uuid::now_v7(), Pending, Running, 1))
+            .await
+            .unwrap(),
+        Transition::Rejected { current: None }
+    );
+    let history: Vec<StateType> = store.states(id).await.unwrap().iter().map(|s| s.state).collect();
+    assert_eq!(history, [Pending, Running, Failed], "refused changes are not recorded");
+    assert_eq!(store.task_run(id).await.unwrap().unwrap().state, Failed);
+}
+
+/// Many callers race to move one run from Pending to Running: exactly one wins.
+pub async fn racing_state_changes_have_one_winner(store: &dyn Store) {
+    let report = Arc::new(Collect::default());
+    let t = task("contested", None);
+    let id = t.id;
+    send(store, &report, [Write::TaskRun(t)]);
+    store.flush().await.unwrap();
+    let races = (0..16).map(|_| store.set_state(change(RunKind::Task, id, Pending, Running, 1)));
+    let outcomes = futures::future::join_all(races).await;
+    let accepted = outcomes
+        .iter()
+        .filter(|o| matches!(o, Ok(Transition::Accepted { seq: 1 })))
+        .count();
+    assert_eq!(accepted, 1, "{outcomes:?}");
+    assert!(
+        outcomes.iter().all(|o| matches!(
+            o,
+            Ok(Transition::Accepted { .. } | Transition::Rejected { current: Some(Running) })
+        )),
+        "{outcomes:?}"
+    );
+    assert_eq!(store.states(id).await.unwrap().len(), 2);
+}
+
+/// Edges (recorded once), logs of runs and subflows.
+pub async fn edges_logs_and_subflows(store: &dyn Store) {
+    let report = Arc::new(Collect::default());
+    let parent = flow("parent", None);
+    let child = flow("child", Some(parent.id));
+    let (a, b) = (task("a", Some(parent.id)), task("b", Some(parent.id)));
+    let (pid, cid, aid, bid) = (parent.id, child.id, a.id, b.id);
+    let edge = Edge {
+        upstream: aid,
+        downstream: bid,
+    };
+    send(
+        store,
+        &report,
+        [
+            Write::FlowRun(parent),
+            Write::FlowRun(child),
+            Write::TaskRun(a),
+            Write::TaskRun(b),
+            Write::Edge {
+                flow_run_id: Some(pid),
+                edge: edge.clone(),
+            },
+            // Recorded once.
+            Write::Edge {
+                flow_run_id: Some(pid),
+                edge: edge.clone(),
+            },
+        ],
+    );
+    for (run, msg) in [(aid, "from a"), (pid, "from the flow"), (cid, "from the child")] {
+        send(
+            store,
+            &report,
+            [Write::Log(LogRecord {
+                run_id: run,
+                flow_run_id: Some(if run == cid { cid } else { pid }),
+                timestamp: now_micros(),
+                level: "INFO".into(),
+                target: "suite".into(),
+                message: msg.into(),
+            })],
+        );
+    }
+    store.flush().await.unwrap();
+    assert!(report.problems().is_empty(), "{:?}", report.problems());
+    assert_eq!(store.edges(pid).await.unwrap(), [edge]);
+    let subs = store.subflow_runs(pid).await.unwrap();
+    assert_eq!(subs.iter().map(|f| f.id).collect::<Vec<_>>(), [cid]);
+    let msgs = |logs: Vec<LogRecord>| logs.into_iter().map(|l| l.message).collect::<Vec<_>>();
+    assert_eq!(msgs(store.logs(aid).await.unwrap()), ["from a"]);
+    assert_eq!(msgs(store.logs(pid).await.unwrap()), ["from a", "from the flow"]);
+    assert_eq!(msgs(store.logs(cid).await.unwrap()), ["from the child"]);
+}
+
+/// Full ids, prefixes and tails; ambiguity and nonsense are errors that say so.
+pub async fn ids_resolve_exactly_by_prefix_and_by_tail(store: &dyn Store) {
+    let report = Arc::new(Collect::default());
+    let f = flow("ids", None);
+    let t = task("ids", Some(f.id));
+    let (fid, tid) = (f.id, t.id);
+    send(store, &report, [Write::FlowRun(f), Write::TaskRun(t)]);
+    store.flush().await.unwrap();
+    assert_eq!(store.resolve(&fid.to_string()).await.unwrap(), RunRef::Flow(fid));
+    assert_eq!(
+        store.resolve(&tid.simple().to_string().to_uppercase()).await.unwrap(),
+        RunRef::Task(tid)
+    );
+    let tail = &tid.simple().to_string()[24..];
+    assert_eq!(store.resolve(tail).await.unwrap(), RunRef::Task(tid));
+    // Both were created in the same millisecond: the time prefix is shared.
+    assert!(matches!(
+        store.resolve(&fid.to_string()[..8]).await,
+        Err(StoreError::AmbiguousRun { count: 2, .. })
+    ));
+    assert!(matches!(
+        store.resolve("ffffffff").await,
+        Err(StoreError::UnknownRun(_))
+    ));
+    assert!(matches!(
+        store.resolve("not an id").await,
+        Err(StoreError::UnknownRun(_))
+    ));
+    assert!(matches!(store.resolve("").await, Err(StoreError::UnknownRun(_))));
+}
+
+/// A write that cannot be recorded (a run created twice) is reported to its sender, the
+/// other writes of its batch are recorded, and the next flush is not blamed for it.
+pub async fn a_failed_write_is_reported_to_its_sender_and_loses_nothing_else(store: &dyn Store) {
+    let first = Arc::new(Collect::default());
+    let f = flow("dup", None);
+    let dup = f.clone();
+    let other = task("after", None);
+    let (fid, oid) = (f.id, other.id);
+    send(store, &first, [Write::FlowRun(f)]);
+    store.flush().await.unwrap();
+    let second = Arc::new(Collect::default());
+    send(store, &second, [Write::FlowRun(dup), Write::TaskRun(other)]);
+    store
+        .flush()
+        .await
+        .expect("a flush reports the store, not other runs' writes");
+    let problems = second.problems();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].contains(&format!("flow run {fid}")), "{problems:?}");
+    assert!(
+        store.task_run(oid).await.unwrap().is_some(),
+        "the other write of the batch was kept"
+    );
+    assert!(first.problems().is_empty());
+}
+
+/// `flow_runs(limit)` lists the newest first.
+pub async fn lists_newest_first_within_the_limit(store: &dyn Store) {
+    let report = Arc::new(Collect::default());
+    let ids: Vec<Uuid> = (0..5)
+        .map(|i| {
+            let f = flow(&format!("f{i}"), None);
+            let id = f.id;
+            send(store, &report, [Write::FlowRun(f)]);
+            id
+        })
+        .collect();
+    store.flush().await.unwrap();
+    let listed: Vec<Uuid> = store.flow_runs(3).await.unwrap().into_iter().map(|f| f.id).collect();
+    assert_eq!(listed, [ids[4], ids[3], ids[2]]);
+}
+
+/// Four threads creating and finishing 500 task runs each: every row and state recorded.
+pub async fn concurrent_writers_lose_nothing(store: &dyn Store) {
+    let report = Arc::new(Collect::default());
+    let f = flow("busy", None);
+    let fid = f.id;
+    send(store, &report, [Write::FlowRun(f)]);
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for _ in 0..500 {
+                    let t = task("w", Some(fid));
+                    let id = t.id;
+                    send(
+                        store,
+                        &report,
+                        [
+                            Write::TaskRun(t),
+                            Write::State(change(RunKind::Task, id, Pending, Running, 1)),
+                            Write::State(change(RunKind::Task, id, Running, Completed, 1)),
+                        ],
+                    );
+                }
+            });
+        }
+    });
+    store.flush().await.unwrap();
+    assert!(report.problems().is_empty(), "{:?}", report.problems());
+    let runs = store.task_runs(fid).await.unwrap();
+    assert_eq!(runs.len(), 2000);
+    assert!(runs.iter().all(|r| r.state == Completed && r.start_time.is_some()));
+    assert_eq!(store.flow_run(fid).await.unwrap().unwrap().task_count, 2000);
+}
