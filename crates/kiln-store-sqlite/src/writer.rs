@@ -150,31 +150,7 @@ fn commit(conn: &mut Connection, batch: &[Msg], known: &mut HashMap<Uuid, Curren
 /// A run created in this batch: its row is inserted once, with the state it ends the batch in.
 struct NewRow {
     index: usize,
-    state: StateType,
-    seq: u32,
-    message: Option<String>,
-    attempt: u32,
-    start: Option<Micros>,
-    end: Option<Micros>,
-    result: Option<String>,
-}
-
-impl NewRow {
-    fn apply(&mut self, c: &StateChange, seq: u32) {
-        self.state = c.to;
-        self.seq = seq;
-        self.message.clone_from(&c.message);
-        if c.result.is_some() {
-            self.result.clone_from(&c.result);
-        }
-        self.attempt = c.attempt;
-        if c.to == StateType::Running {
-            self.start = self.start.or(Some(c.timestamp));
-        }
-        if c.to.is_terminal() {
-            self.end = Some(c.timestamp);
-        }
-    }
+    run: RunState,
 }
 
 /// One try at a batch inside one transaction. On success, `known` learns the new states.
@@ -221,13 +197,7 @@ fn attempt(
                     new_index.insert(*id, new_rows.len());
                     new_rows.push(NewRow {
                         index: i,
-                        state: *initial_state,
-                        seq: 0,
-                        message: None,
-                        attempt: 0,
-                        start: None,
-                        end: None,
-                        result: None,
+                        run: RunState::created(*initial_state),
                     });
                     Outcome::Applied { seq: Some(0) }
                 }
@@ -237,8 +207,8 @@ fn attempt(
                     let (mut current, mut looked_up) = match in_batch {
                         Some(n) => (
                             Some(Current {
-                                state: new_rows[n].state,
-                                seq: new_rows[n].seq,
+                                state: new_rows[n].run.state,
+                                seq: new_rows[n].run.seq,
                             }),
                             true,
                         ),
@@ -260,7 +230,7 @@ fn attempt(
                         let seq = c.seq + 1;
                         let applied = match in_batch {
                             Some(n) => {
-                                new_rows[n].apply(change, seq);
+                                new_rows[n].run.apply(change, seq);
                                 true
                             }
                             None => st.update_state(change, c, seq).map_err(|e| classify(e, i))?,
@@ -276,16 +246,8 @@ fn attempt(
                             looked_up = true;
                             continue;
                         }
-                        st.insert_state(&StateRecord {
-                            run_id: change.run_id,
-                            seq,
-                            state: change.to,
-                            message: change.message.clone(),
-                            attempt: change.attempt,
-                            timestamp: change.timestamp,
-                            result: change.result.clone(),
-                        })
-                        .map_err(|e| classify(e, i))?;
+                        st.insert_state(&RunState::record(change, seq))
+                            .map_err(|e| classify(e, i))?;
                         learned.insert(change.run_id, Current { state: change.to, seq });
                         break Outcome::Applied { seq: Some(seq) };
                     }
@@ -323,8 +285,8 @@ fn attempt(
             learned.insert(
                 w.run_id(),
                 Current {
-                    state: row.state,
-                    seq: row.seq,
+                    state: row.run.state,
+                    seq: row.run.seq,
                 },
             );
         }
@@ -457,16 +419,16 @@ impl<'t> Statements<'t> {
                 r.parent_id,
                 r.parameters.to_string(),
                 crate::read::tags_json(&r.tags),
-                row.state.as_str(),
-                row.message,
-                row.attempt,
+                row.run.state.as_str(),
+                row.run.message,
+                row.run.attempt,
                 r.created,
-                row.start,
-                row.end,
-                row.result,
+                row.run.start_time,
+                row.run.end_time,
+                row.run.result,
                 r.command,
                 r.retry_of,
-                row.seq
+                row.run.seq
             ])?,
             Write::TaskRun(r) => self.task_run.execute(params![
                 r.id,
@@ -475,15 +437,15 @@ impl<'t> Statements<'t> {
                 r.task_key,
                 r.inputs.to_string(),
                 crate::read::tags_json(&r.tags),
-                row.state.as_str(),
-                row.message,
-                row.attempt,
+                row.run.state.as_str(),
+                row.run.message,
+                row.run.attempt,
                 r.created,
-                row.start,
-                row.end,
-                row.result,
+                row.run.start_time,
+                row.run.end_time,
+                row.run.result,
                 r.call_key,
-                row.seq
+                row.run.seq
             ])?,
             _ => unreachable!("only run creations are kept as new rows"),
         };

@@ -13,7 +13,7 @@ fn sqlite() -> (SqliteStore, tempfile::TempDir) {
     (SqliteStore::open(dir.path().join("nested/kiln.db")).unwrap(), dir)
 }
 
-kiln_store::store_suite!(async { sqlite() });
+kiln_store::store_suite!(async { Some(sqlite()) });
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
     suite::runtime().block_on(f)

@@ -16,7 +16,7 @@ pub fn now_micros() -> Micros {
 }
 
 /// Which kind of run a state or log belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunKind {
     /// A flow run.
@@ -216,6 +216,78 @@ impl std::fmt::Display for Write {
             Write::State(c) => write!(f, "state {} -> {} of run {}", c.from, c.to, c.run_id),
             Write::Edge { edge, .. } => write!(f, "edge {} -> {}", edge.upstream, edge.downstream),
             Write::Log(l) => write!(f, "a log line of run {}", l.run_id),
+        }
+    }
+}
+
+/// A run's current-state columns, and what a state change does to them: the one
+/// definition every backend applies (the first Running sets the start time, a final state
+/// the end time, a change without a result keeps the one before).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunState {
+    /// The current state.
+    pub state: StateType,
+    /// Its position in the run's history.
+    pub seq: u32,
+    /// The current state's message.
+    pub message: Option<String>,
+    /// The latest attempt.
+    pub attempt: u32,
+    /// When the first attempt started running.
+    pub start_time: Option<Micros>,
+    /// When the run reached a final state.
+    pub end_time: Option<Micros>,
+    /// The latest result reference, as JSON.
+    pub result: Option<String>,
+}
+
+impl RunState {
+    /// The state of a run just created in `initial`.
+    pub fn created(initial: StateType) -> Self {
+        RunState {
+            state: initial,
+            seq: 0,
+            message: None,
+            attempt: 0,
+            start_time: None,
+            end_time: None,
+            result: None,
+        }
+    }
+
+    /// Whether the store accepts `change` on a run in this state: the state the change
+    /// expects, and a move the rules allow.
+    pub fn accepts(&self, change: &StateChange) -> bool {
+        self.state == change.from && crate::state::is_legal(Some(self.state), change.to)
+    }
+
+    /// Applies an accepted change as history entry `seq`.
+    pub fn apply(&mut self, change: &StateChange, seq: u32) {
+        self.state = change.to;
+        self.seq = seq;
+        self.message.clone_from(&change.message);
+        if change.result.is_some() {
+            self.result.clone_from(&change.result);
+        }
+        self.attempt = change.attempt;
+        if change.to == StateType::Running {
+            self.start_time = self.start_time.or(Some(change.timestamp));
+        }
+        if change.to.is_terminal() {
+            self.end_time = Some(change.timestamp);
+        }
+    }
+
+    /// The history entry of `change` applied as entry `seq`.
+    pub fn record(change: &StateChange, seq: u32) -> StateRecord {
+        StateRecord {
+            run_id: change.run_id,
+            seq,
+            state: change.to,
+            message: change.message.clone(),
+            attempt: change.attempt,
+            timestamp: change.timestamp,
+            result: change.result.clone(),
         }
     }
 }

@@ -227,6 +227,9 @@ pub fn open_store(home: &Path, url: Option<&str>) -> Result<Arc<dyn Store>, Erro
         return Ok(Arc::new(SqliteStore::open(path)?));
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        #[cfg(feature = "postgres")]
+        return Ok(Arc::new(kiln_store_postgres::PostgresStore::open(url)?));
+        #[cfg(not(feature = "postgres"))]
         return Err(Error::Setup(
             "KILN_DATABASE_URL names a PostgreSQL database, but this build of Kiln has no PostgreSQL backend; \
              enable the `postgres` feature of the kiln crate"

@@ -1,0 +1,369 @@
+//! Kiln's state store on PostgreSQL: many processes, and many machines, on one database.
+//!
+//! The same contract as the embedded store (`kiln_store`): writes are queued and applied in
+//! batches, one transaction each, with multi-row statements (`UNNEST` of arrays), so a batch
+//! of thousands of writes costs about ten round trips; state changes are compare-and-set on
+//! rows locked with `SELECT ... FOR UPDATE`, so concurrent processes cannot both move a run;
+//! a batch is retried whole while the database is unreachable or busy (serialization
+//! failures, deadlocks, too many connections) and every write's outcome goes to its
+//! reporter.
+//!
+//! The store runs its own small tokio runtime, so it works from any caller: async code of
+//! any runtime, synchronous code, the CLI.
+//!
+//! ```no_run
+//! use kiln_store::Store;
+//! use kiln_store_postgres::PostgresStore;
+//!
+//! let store = PostgresStore::open("postgres://kiln@db.internal/kiln")?;
+//! let recent = futures::executor::block_on(store.flow_runs(20))?;
+//! # Ok::<_, kiln_store::StoreError>(())
+//! ```
+#![warn(missing_docs)]
+
+mod read;
+#[cfg(feature = "testing")]
+pub mod testing;
+mod writer;
+
+use std::sync::Mutex;
+use std::sync::mpsc::{SyncSender, sync_channel};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use kiln_store::model::*;
+use kiln_store::{FlushDone, Reporter, Store, StoreError};
+use tokio_postgres::NoTls;
+use uuid::Uuid;
+
+use writer::Msg;
+
+/// Schema migrations, applied in order; the table `kiln_schema` records how many ran.
+const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_runs.sql")];
+
+/// Most writes applied in one transaction.
+const MAX_BATCH: usize = 4096;
+
+/// Writes queued ahead of the writer at most (backpressure, as in the embedded store).
+const QUEUE: usize = 4 * MAX_BATCH;
+
+/// A key for the advisory lock that serialises migrations between processes.
+const MIGRATION_LOCK: i64 = 0x6b69_6c6e_7363_6d61; // "kilnscma"
+
+/// The state store on a PostgreSQL database.
+pub struct PostgresStore {
+    target: String,
+    rt: Rt,
+    pool: Pool,
+    tx: Mutex<Option<SyncSender<Msg>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore").field("database", &self.target).finish()
+    }
+}
+
+/// The URL with its password hidden, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// A database error, or a connection the pool could not give.
+#[derive(Debug)]
+pub(crate) enum DbError {
+    Pg(tokio_postgres::Error),
+    Pool(deadpool_postgres::PoolError),
+    Data(String),
+}
+
+impl std::fmt::Display for DbError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            // The server's message, with its detail, rather than "db error".
+            DbError::Pg(e) => match e.as_db_error() {
+                Some(db) => write!(f, "{}: {}", db.severity(), db.message()),
+                None => write!(f, "{e}"),
+            },
+            DbError::Pool(e) => write!(f, "{e}"),
+            DbError::Data(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for DbError {}
+
+impl From<tokio_postgres::Error> for DbError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        DbError::Pg(e)
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for DbError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        DbError::Pool(e)
+    }
+}
+
+pub(crate) fn backend(e: impl Into<DbError>) -> StoreError {
+    let e = e.into();
+    let retryable = writer::is_transient(&e);
+    StoreError::backend(e, retryable)
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url`, migrates it and starts the writer. Fails within
+    /// seconds, naming the database, when it cannot be reached.
+    pub fn open(url: &str) -> Result<PostgresStore, StoreError> {
+        let target = redact(url);
+        let open_error = |e: DbError| StoreError::Open {
+            target: target.clone(),
+            source: Box::new(e),
+            advice: "check that PostgreSQL runs at this address and accepts this user (KILN_DATABASE_URL)",
+        };
+        let rt = Rt(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("kiln-store-postgres")
+                .enable_all()
+                .build()
+                .map_err(|e| StoreError::WriterGone(format!("cannot start the store's runtime: {e}")))?,
+        ));
+        let config: tokio_postgres::Config = url.parse().map_err(|e| open_error(DbError::Pg(e)))?;
+        let mut config = config;
+        config.connect_timeout(Duration::from_secs(5));
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(8)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(10)))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .build()
+            .map_err(|e| open_error(DbError::Data(e.to_string())))?;
+        // Connected and migrated on the store's runtime; the caller may be inside another one.
+        let migrated = {
+            let pool = pool.clone();
+            let target = target.clone();
+            run_on(rt.get(), async move { migrate(&pool, &target).await })
+        };
+        migrated?;
+        let (tx, rx) = sync_channel(QUEUE);
+        let writer = {
+            let (pool, handle) = (pool.clone(), rt.get().handle().clone());
+            std::thread::Builder::new()
+                .name("kiln-store-pg-writer".into())
+                .spawn(move || writer::write_loop(pool, handle, rx))
+                .map_err(|e| StoreError::WriterGone(format!("cannot start the writer thread: {e}")))?
+        };
+        Ok(PostgresStore {
+            target,
+            rt,
+            pool,
+            tx: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(writer)),
+        })
+    }
+
+    /// Applies what is queued and stops the writer; later writes fail.
+    pub fn close(&self) -> Result<(), StoreError> {
+        drop(self.tx.lock().unwrap_or_else(|p| p.into_inner()).take());
+        if let Some(h) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            h.join()
+                .map_err(|_| StoreError::WriterGone("the writer thread panicked".into()))?;
+        }
+        Ok(())
+    }
+
+    fn post(&self, msg: Msg) -> Result<(), Box<Msg>> {
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match tx {
+            Some(tx) => tx.send(msg).map_err(|e| Box::new(e.0)),
+            None => Err(Box::new(msg)),
+        }
+    }
+
+    fn gone(&self) -> StoreError {
+        StoreError::WriterGone(format!("the store for {} was closed", self.target))
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        query: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.rt
+            .get()
+            .spawn(query)
+            .await
+            .map_err(|e| StoreError::WriterGone(format!("a read was cancelled: {e}")))?
+    }
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+/// The store's own runtime, shut down without blocking when dropped: the store may be
+/// dropped (or fail to open) inside another runtime's async context.
+struct Rt(Option<tokio::runtime::Runtime>);
+
+impl Rt {
+    fn get(&self) -> &tokio::runtime::Runtime {
+        self.0.as_ref().expect("the runtime lives until the store is dropped")
+    }
+}
+
+impl Drop for Rt {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Runs `fut` on `rt` from any thread (even one inside another runtime) and waits for it.
+fn run_on<T: Send + 'static>(
+    rt: &tokio::runtime::Runtime,
+    fut: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    rt.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    rx.recv().expect("the store's runtime ran the task")
+}
+
+async fn migrate(pool: &Pool, target: &str) -> Result<(), StoreError> {
+    let fail = |e: DbError| StoreError::Open {
+        target: target.to_owned(),
+        source: Box::new(e),
+        advice: "check that PostgreSQL runs at this address, accepts this user, and lets it create tables (KILN_DATABASE_URL)",
+    };
+    let known = MIGRATIONS.len() as i64;
+    let mut client = pool.get().await.map_err(|e| fail(e.into()))?;
+    let tx = client.transaction().await.map_err(|e| fail(e.into()))?;
+    let run = |e: tokio_postgres::Error| fail(e.into());
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(run)?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS kiln_schema (version BIGINT NOT NULL)")
+        .await
+        .map_err(run)?;
+    let version: Option<i64> = tx
+        .query_one("SELECT max(version) FROM kiln_schema", &[])
+        .await
+        .map_err(run)?
+        .get(0);
+    let version = version.unwrap_or(0);
+    if version > known {
+        return Err(StoreError::TooNew {
+            target: target.to_owned(),
+            found: version,
+            known,
+        });
+    }
+    for sql in &MIGRATIONS[version as usize..] {
+        tx.batch_execute(sql).await.map_err(run)?;
+    }
+    if version < known {
+        tx.execute("DELETE FROM kiln_schema", &[]).await.map_err(run)?;
+        tx.execute("INSERT INTO kiln_schema (version) VALUES ($1)", &[&known])
+            .await
+            .map_err(run)?;
+    }
+    tx.commit().await.map_err(run)?;
+    Ok(())
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn send(&self, write: Write, reporter: Reporter) -> Result<(), StoreError> {
+        self.post(Msg::Write(write, reporter)).map_err(|_| self.gone())
+    }
+
+    fn flush_then(&self, done: FlushDone) {
+        if let Err(msg) = self.post(Msg::Flush(done))
+            && let Msg::Flush(done) = *msg
+        {
+            done(Err(self.gone()));
+        }
+    }
+
+    async fn flow_runs(&self, limit: usize) -> Result<Vec<FlowRun>, StoreError> {
+        let pool = self.pool.clone();
+        self.read(async move { read::flow_runs(&pool, limit).await }).await
+    }
+
+    async fn flow_run(&self, id: Uuid) -> Result<Option<FlowRun>, StoreError> {
+        let pool = self.pool.clone();
+        self.read(async move { read::flow_run(&pool, id).await }).await
+    }
+
+    async fn subflow_runs(&self, parent: Uuid) -> Result<Vec<FlowRun>, StoreError> {
+        let pool = self.pool.clone();
+        self.read(async move { read::subflow_runs(&pool, parent).await }).await
+    }
+
+    async fn task_runs(&self, flow_run_id: Uuid) -> Result<Vec<TaskRun>, StoreError> {
+        let pool = self.pool.clone();
+        self.read(async move { read::task_runs(&pool, flow_run_id).await })
+            .await
+    }
+
+    async fn task_run(&self, id: Uuid) -> Result<Option<TaskRun>, StoreError> {
+        let pool = self.pool.clone();
+        self.read(async move { read::task_run(&pool, id).await }).await
+    }
+
+    async fn states(&self, run_id: Uuid) -> Result<Vec<StateRecord>, StoreError> {
+        let pool = self.pool.clone();
+        self.read(async move { read::states(&pool, run_id).await }).await
+    }
+
+    async fn edges(&self, flow_run_id: Uuid) -> Result<Vec<Edge>, StoreError> {
+        let pool = self.pool.clone();
+        self.read(async move { read::edges(&pool, flow_run_id).await }).await
+    }
+
+    async fn logs(&self, run_id: Uuid) -> Result<Vec<LogRecord>, StoreError> {
+        let pool = self.pool.clone();
+        self.read(async move { read::logs(&pool, run_id).await }).await
+    }
+
+    async fn resolve(&self, id_or_prefix: &str) -> Result<RunRef, StoreError> {
+        let (pool, text) = (self.pool.clone(), id_or_prefix.to_owned());
+        self.read(async move { read::resolve(&pool, &text).await }).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_stay_out_of_messages() {
+        assert_eq!(
+            super::redact("postgres://kiln:s3cret@db:5432/kiln"),
+            "postgres://kiln:***@db:5432/kiln"
+        );
+        assert_eq!(super::redact("postgres://kiln@db/kiln"), "postgres://kiln@db/kiln");
+        assert_eq!(super::redact("postgres://db/kiln"), "postgres://db/kiln");
+    }
+}

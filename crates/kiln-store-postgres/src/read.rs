@@ -1,0 +1,196 @@
+//! Reads, and the mapping of rows to the model.
+
+use deadpool_postgres::Pool;
+use kiln_store::model::*;
+use kiln_store::state::StateType;
+use kiln_store::{StoreError, id_hex};
+use tokio_postgres::Row;
+use tokio_postgres::types::{FromSql, ToSql};
+use uuid::Uuid;
+
+use crate::backend;
+
+type PgRow = Row;
+
+fn state(row: &PgRow, column: &str) -> Result<StateType, StoreError> {
+    let text: String = get(row, column)?;
+    text.parse()
+}
+
+fn u32_col(row: &PgRow, column: &str) -> Result<u32, StoreError> {
+    let v: i32 = get(row, column)?;
+    u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("{column} is negative ({v})")))
+}
+
+fn get<'r, T: FromSql<'r>>(row: &'r PgRow, column: &str) -> Result<T, StoreError> {
+    row.try_get(column).map_err(backend)
+}
+
+fn tags(row: &PgRow) -> Result<Vec<String>, StoreError> {
+    let v: serde_json::Value = get(row, "tags")?;
+    serde_json::from_value(v).map_err(|e| StoreError::Corrupt(format!("tags: {e}")))
+}
+
+const FLOW_COLUMNS: &str = "f.id, f.name, f.parent_id, f.parameters, f.tags, f.state, f.state_message, f.attempt,
+     f.created, f.start_time, f.end_time,
+     (SELECT COUNT(*) FROM task_runs t WHERE t.flow_run_id = f.id) AS task_count, f.result, f.command, f.retry_of";
+
+fn flow_row(row: &PgRow) -> Result<FlowRun, StoreError> {
+    Ok(FlowRun {
+        id: get(row, "id")?,
+        name: get(row, "name")?,
+        parent_id: get(row, "parent_id")?,
+        parameters: get(row, "parameters")?,
+        tags: tags(row)?,
+        state: state(row, "state")?,
+        state_message: get(row, "state_message")?,
+        attempt: u32_col(row, "attempt")?,
+        created: get(row, "created")?,
+        start_time: get(row, "start_time")?,
+        end_time: get(row, "end_time")?,
+        task_count: get::<i64>(row, "task_count")? as u64,
+        result: get(row, "result")?,
+        command: get(row, "command")?,
+        retry_of: get(row, "retry_of")?,
+    })
+}
+
+const TASK_COLUMNS: &str = "id, flow_run_id, name, task_key, inputs, tags, state, state_message, attempt,
+     created, start_time, end_time, result, call_key";
+
+fn task_row(row: &PgRow) -> Result<TaskRun, StoreError> {
+    Ok(TaskRun {
+        id: get(row, "id")?,
+        flow_run_id: get(row, "flow_run_id")?,
+        name: get(row, "name")?,
+        task_key: get(row, "task_key")?,
+        inputs: get(row, "inputs")?,
+        tags: tags(row)?,
+        state: state(row, "state")?,
+        state_message: get(row, "state_message")?,
+        attempt: u32_col(row, "attempt")?,
+        created: get(row, "created")?,
+        start_time: get(row, "start_time")?,
+        end_time: get(row, "end_time")?,
+        result: get(row, "result")?,
+        call_key: get(row, "call_key")?,
+    })
+}
+
+async fn all<T>(
+    pool: &Pool,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+    map: fn(&PgRow) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    let client = pool.get().await.map_err(backend)?;
+    let rows = client.query(sql, params).await.map_err(backend)?;
+    rows.iter().map(map).collect()
+}
+
+pub(crate) async fn flow_runs(pool: &Pool, limit: usize) -> Result<Vec<FlowRun>, StoreError> {
+    let sql = format!("SELECT {FLOW_COLUMNS} FROM flow_runs f ORDER BY f.id DESC LIMIT $1");
+    all(pool, &sql, &[&(limit as i64)], flow_row).await
+}
+
+pub(crate) async fn flow_run(pool: &Pool, id: Uuid) -> Result<Option<FlowRun>, StoreError> {
+    let sql = format!("SELECT {FLOW_COLUMNS} FROM flow_runs f WHERE f.id = $1");
+    Ok(all(pool, &sql, &[&id], flow_row).await?.pop())
+}
+
+pub(crate) async fn subflow_runs(pool: &Pool, parent: Uuid) -> Result<Vec<FlowRun>, StoreError> {
+    let sql = format!("SELECT {FLOW_COLUMNS} FROM flow_runs f WHERE f.parent_id = $1 ORDER BY f.id");
+    all(pool, &sql, &[&parent], flow_row).await
+}
+
+pub(crate) async fn task_runs(pool: &Pool, flow_run_id: Uuid) -> Result<Vec<TaskRun>, StoreError> {
+    let sql = format!("SELECT {TASK_COLUMNS} FROM task_runs WHERE flow_run_id = $1 ORDER BY id");
+    all(pool, &sql, &[&flow_run_id], task_row).await
+}
+
+pub(crate) async fn task_run(pool: &Pool, id: Uuid) -> Result<Option<TaskRun>, StoreError> {
+    let sql = format!("SELECT {TASK_COLUMNS} FROM task_runs WHERE id = $1");
+    Ok(all(pool, &sql, &[&id], task_row).await?.pop())
+}
+
+pub(crate) async fn states(pool: &Pool, run_id: Uuid) -> Result<Vec<StateRecord>, StoreError> {
+    let sql = "SELECT run_id, seq, state, message, attempt, timestamp, result::text AS result
+               FROM states WHERE run_id = $1 ORDER BY seq";
+    all(pool, sql, &[&run_id], |r| {
+        Ok(StateRecord {
+            run_id: get(r, "run_id")?,
+            seq: u32_col(r, "seq")?,
+            state: state(r, "state")?,
+            message: get(r, "message")?,
+            attempt: u32_col(r, "attempt")?,
+            timestamp: get(r, "timestamp")?,
+            result: get(r, "result")?,
+        })
+    })
+    .await
+}
+
+pub(crate) async fn edges(pool: &Pool, flow_run_id: Uuid) -> Result<Vec<Edge>, StoreError> {
+    let sql = "SELECT upstream, downstream FROM edges WHERE flow_run_id = $1 ORDER BY downstream, upstream";
+    all(pool, sql, &[&flow_run_id], |r| {
+        Ok(Edge {
+            upstream: get(r, "upstream")?,
+            downstream: get(r, "downstream")?,
+        })
+    })
+    .await
+}
+
+pub(crate) async fn logs(pool: &Pool, run_id: Uuid) -> Result<Vec<LogRecord>, StoreError> {
+    let sql = "SELECT run_id, flow_run_id, timestamp, level, target, message FROM logs
+               WHERE run_id = $1 OR flow_run_id = $1 ORDER BY timestamp, seq";
+    all(pool, sql, &[&run_id], |r| {
+        Ok(LogRecord {
+            run_id: get(r, "run_id")?,
+            flow_run_id: get(r, "flow_run_id")?,
+            timestamp: get(r, "timestamp")?,
+            level: get(r, "level")?,
+            target: get(r, "target")?,
+            message: get(r, "message")?,
+        })
+    })
+    .await
+}
+
+pub(crate) async fn resolve(pool: &Pool, id_or_prefix: &str) -> Result<RunRef, StoreError> {
+    let Some(hex) = id_hex(id_or_prefix) else {
+        return Err(StoreError::UnknownRun(id_or_prefix.to_owned()));
+    };
+    let tables = [
+        ("flow_runs", RunRef::Flow as fn(Uuid) -> RunRef),
+        ("task_runs", RunRef::Task),
+    ];
+    let ids = |r: &PgRow| get::<Uuid>(r, "id");
+    // An exact id, else a prefix, else the id's tail (what the CLI prints in short form).
+    if let Ok(id) = Uuid::parse_str(&hex) {
+        for (table, make) in tables {
+            let sql = format!("SELECT id FROM {table} WHERE id = $1");
+            if let Some(id) = all(pool, &sql, &[&id], ids).await?.pop() {
+                return Ok(make(id));
+            }
+        }
+    }
+    for pattern in [format!("{hex}%"), format!("%{hex}")] {
+        let mut found = Vec::new();
+        for (table, make) in tables {
+            let sql = format!("SELECT id FROM {table} WHERE upper(replace(id::text, '-', '')) LIKE $1 LIMIT 100");
+            found.extend(all(pool, &sql, &[&pattern], ids).await?.into_iter().map(make));
+        }
+        match found.len() {
+            0 => continue,
+            1 => return Ok(found[0]),
+            count => {
+                return Err(StoreError::AmbiguousRun {
+                    prefix: id_or_prefix.to_owned(),
+                    count,
+                });
+            }
+        }
+    }
+    Err(StoreError::UnknownRun(id_or_prefix.to_owned()))
+}

@@ -1,0 +1,502 @@
+//! The writer: batches of queued writes, each applied in one transaction with multi-row
+//! statements, retried whole while the database is unreachable or busy.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::{Pool, Transaction};
+use kiln_store::model::*;
+use kiln_store::state::StateType;
+use kiln_store::{FlushDone, Outcome, Reporter, StoreError, log_unreported};
+use tokio_postgres::error::SqlState;
+use uuid::Uuid;
+
+use crate::{DbError, MAX_BATCH};
+
+/// How long a batch is retried while the database is unreachable or busy.
+const RETRY_DEADLINE: Duration = Duration::from_secs(300);
+
+pub(crate) enum Msg {
+    Write(Write, Reporter),
+    Flush(FlushDone),
+}
+
+/// Errors that may pass: a lost connection, a serialization failure, a deadlock, too many
+/// connections, a server restarting, a pool that waited too long.
+pub(crate) fn is_transient(e: &DbError) -> bool {
+    match e {
+        DbError::Pg(e) => match e.code() {
+            Some(code) => [
+                SqlState::T_R_SERIALIZATION_FAILURE,
+                SqlState::T_R_DEADLOCK_DETECTED,
+                SqlState::TOO_MANY_CONNECTIONS,
+                SqlState::ADMIN_SHUTDOWN,
+                SqlState::CRASH_SHUTDOWN,
+                SqlState::CANNOT_CONNECT_NOW,
+                SqlState::CONNECTION_EXCEPTION,
+                SqlState::CONNECTION_DOES_NOT_EXIST,
+                SqlState::CONNECTION_FAILURE,
+                SqlState::LOCK_NOT_AVAILABLE,
+            ]
+            .contains(code),
+            // No server error: the connection itself failed.
+            None => true,
+        },
+        DbError::Pool(deadpool_postgres::PoolError::Closed) => false,
+        DbError::Pool(_) => true,
+        DbError::Data(_) => false,
+    }
+}
+
+/// The database cannot take writes at all (full disk, out of memory, read-only).
+fn is_fatal(e: &DbError) -> bool {
+    matches!(e, DbError::Pg(e) if e.code().is_some_and(|c| [
+        SqlState::DISK_FULL,
+        SqlState::OUT_OF_MEMORY,
+        SqlState::READ_ONLY_SQL_TRANSACTION,
+    ]
+    .contains(c)))
+}
+
+pub(crate) fn write_loop(pool: Pool, rt: tokio::runtime::Handle, rx: Receiver<Msg>) {
+    let mut batch = Vec::with_capacity(256);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let outcomes = rt.block_on(commit(&pool, &batch));
+        for (msg, outcome) in batch.drain(..).zip(outcomes) {
+            match msg {
+                Msg::Flush(done) => done(Ok(())),
+                Msg::Write(write, reporter) => {
+                    let outcome = outcome.unwrap_or(Outcome::Applied { seq: None });
+                    match reporter {
+                        Some(r) => r.report(&write, outcome),
+                        None => log_unreported(&write, &outcome),
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn failed(e: DbError) -> Arc<StoreError> {
+    let retryable = is_transient(&e);
+    Arc::new(StoreError::backend(e, retryable))
+}
+
+/// Applies a batch whole; when a write of it cannot be applied, applies its writes one by
+/// one so that only that write fails. One outcome per message (`None` for flushes).
+async fn commit(pool: &Pool, batch: &[Msg]) -> Vec<Option<Outcome>> {
+    let all: Vec<usize> = (0..batch.len()).collect();
+    match with_retries(pool, batch, &all).await {
+        Ok(outcomes) => outcomes,
+        Err(e) if !is_fatal(&e) && !is_transient(&e) && batch.len() > 1 => {
+            let mut outcomes = Vec::with_capacity(batch.len());
+            for i in 0..batch.len() {
+                match with_retries(pool, batch, &[i]).await {
+                    Ok(mut one) => outcomes.push(one.swap_remove(i)),
+                    Err(e) => outcomes.push(Some(Outcome::Failed(failed(e)))),
+                }
+            }
+            outcomes
+        }
+        Err(e) => {
+            let e = failed(e);
+            tracing::error!(
+                "the state database cannot record a batch of {} writes: {e}",
+                batch.len()
+            );
+            batch
+                .iter()
+                .map(|m| matches!(m, Msg::Write(..)).then(|| Outcome::Failed(e.clone())))
+                .collect()
+        }
+    }
+}
+
+/// `attempt` of the writes at `include`, retried with backoff while the error is transient.
+async fn with_retries(pool: &Pool, batch: &[Msg], include: &[usize]) -> Result<Vec<Option<Outcome>>, DbError> {
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(20);
+    let mut warned = false;
+    loop {
+        match attempt(pool, batch, include).await {
+            Ok(outcomes) => return Ok(outcomes),
+            Err(e) if is_transient(&e) && started.elapsed() < RETRY_DEADLINE => {
+                if !warned && started.elapsed() > Duration::from_secs(5) {
+                    tracing::warn!(
+                        "the state database is unreachable or busy ({e}); retrying a batch of {} writes for up to \
+                         {RETRY_DEADLINE:?}",
+                        include.len()
+                    );
+                    warned = true;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A run's row as the batch leaves it.
+struct RowState {
+    kind: RunKind,
+    run: RunState,
+    /// Created in this batch (inserted) rather than updated.
+    created_at: Option<usize>,
+    changed: bool,
+}
+
+/// Columns of multi-row inserts, one vector per column.
+#[derive(Default)]
+struct History {
+    run_id: Vec<Uuid>,
+    seq: Vec<i32>,
+    state: Vec<&'static str>,
+    message: Vec<Option<String>>,
+    attempt: Vec<i32>,
+    timestamp: Vec<i64>,
+    result: Vec<Option<String>>,
+}
+
+impl History {
+    fn push(&mut self, r: StateRecord) {
+        self.run_id.push(r.run_id);
+        self.seq.push(r.seq as i32);
+        self.state.push(r.state.as_str());
+        self.message.push(r.message);
+        self.attempt.push(r.attempt as i32);
+        self.timestamp.push(r.timestamp);
+        self.result.push(r.result);
+    }
+}
+
+/// Columns of the log lines of a batch.
+#[derive(Default)]
+struct Logs {
+    run_id: Vec<Uuid>,
+    flow_run_id: Vec<Option<Uuid>>,
+    timestamp: Vec<i64>,
+    level: Vec<String>,
+    target: Vec<String>,
+    message: Vec<String>,
+}
+
+impl Logs {
+    fn push(&mut self, l: &LogRecord) {
+        self.run_id.push(l.run_id);
+        self.flow_run_id.push(l.flow_run_id);
+        self.timestamp.push(l.timestamp);
+        self.level.push(l.level.clone());
+        self.target.push(l.target.clone());
+        self.message.push(l.message.clone());
+    }
+}
+
+/// One transaction for the writes at `include`.
+async fn attempt(pool: &Pool, batch: &[Msg], include: &[usize]) -> Result<Vec<Option<Outcome>>, DbError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let writes = || {
+        include.iter().filter_map(|&i| match &batch[i] {
+            Msg::Write(w, _) => Some((i, w)),
+            Msg::Flush(_) => None,
+        })
+    };
+    // The rows whose state changes: locked, so no other process moves them meanwhile.
+    let created: std::collections::HashSet<Uuid> = writes()
+        .filter_map(|(_, w)| match w {
+            Write::FlowRun(r) => Some(r.id),
+            Write::TaskRun(r) => Some(r.id),
+            _ => None,
+        })
+        .collect();
+    let mut wanted: [Vec<Uuid>; 2] = [Vec::new(), Vec::new()];
+    for (_, w) in writes() {
+        if let Write::State(c) = w
+            && !created.contains(&c.run_id)
+        {
+            wanted[matches!(c.kind, RunKind::Task) as usize].push(c.run_id);
+        }
+    }
+    let mut rows: HashMap<(RunKind, Uuid), RowState> = HashMap::new();
+    for (kind, table) in [(RunKind::Flow, "flow_runs"), (RunKind::Task, "task_runs")] {
+        let ids = &wanted[matches!(kind, RunKind::Task) as usize];
+        if ids.is_empty() {
+            continue;
+        }
+        let sql = format!(
+            "SELECT id, state, state_seq, state_message, attempt, start_time, end_time, result::text AS result
+             FROM {table} WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+        );
+        for row in tx.query(&sql, &[ids]).await? {
+            let state: String = row.try_get("state")?;
+            let state = state.parse::<StateType>().map_err(|e| DbError::Data(e.to_string()))?;
+            rows.insert(
+                (kind, row.try_get("id")?),
+                RowState {
+                    kind,
+                    run: RunState {
+                        state,
+                        seq: row.try_get::<_, i32>("state_seq")? as u32,
+                        message: row.try_get("state_message")?,
+                        attempt: row.try_get::<_, i32>("attempt")? as u32,
+                        start_time: row.try_get("start_time")?,
+                        end_time: row.try_get("end_time")?,
+                        result: row.try_get("result")?,
+                    },
+                    created_at: None,
+                    changed: false,
+                },
+            );
+        }
+    }
+
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
+    let mut history = History::default();
+    let mut edges: (Vec<Uuid>, Vec<Uuid>, Vec<Option<Uuid>>) = Default::default();
+    let mut logs = Logs::default();
+    for (i, w) in writes() {
+        let outcome = match w {
+            Write::FlowRun(NewFlowRun {
+                id,
+                initial_state,
+                created,
+                ..
+            })
+            | Write::TaskRun(NewTaskRun {
+                id,
+                initial_state,
+                created,
+                ..
+            }) => {
+                let kind = if matches!(w, Write::FlowRun(_)) {
+                    RunKind::Flow
+                } else {
+                    RunKind::Task
+                };
+                history.push(StateRecord::created(*id, *initial_state, *created));
+                rows.insert(
+                    (kind, *id),
+                    RowState {
+                        kind,
+                        run: RunState::created(*initial_state),
+                        created_at: Some(i),
+                        changed: false,
+                    },
+                );
+                Outcome::Applied { seq: Some(0) }
+            }
+            Write::State(c) => match rows.get_mut(&(c.kind, c.run_id)) {
+                Some(row) if row.run.accepts(c) => {
+                    let seq = row.run.seq + 1;
+                    row.run.apply(c, seq);
+                    row.changed = true;
+                    history.push(RunState::record(c, seq));
+                    Outcome::Applied { seq: Some(seq) }
+                }
+                other => Outcome::Rejected {
+                    current: other.map(|r| r.run.state),
+                },
+            },
+            Write::Edge { flow_run_id, edge } => {
+                edges.0.push(edge.upstream);
+                edges.1.push(edge.downstream);
+                edges.2.push(*flow_run_id);
+                Outcome::Applied { seq: None }
+            }
+            Write::Log(l) => {
+                logs.push(l);
+                Outcome::Applied { seq: None }
+            }
+            _ => Outcome::Failed(Arc::new(StoreError::Corrupt(format!(
+                "this backend does not know the write {w}"
+            )))),
+        };
+        outcomes[i] = Some(outcome);
+    }
+
+    insert_runs(&tx, batch, &rows).await?;
+    update_runs(&tx, &rows).await?;
+    if !history.run_id.is_empty() {
+        tx.execute(
+            "INSERT INTO states (run_id, seq, state, message, attempt, timestamp, result)
+             SELECT u.run_id, u.seq, u.state, u.message, u.attempt, u.ts, u.result::jsonb
+             FROM UNNEST($1::uuid[], $2::int[], $3::text[], $4::text[], $5::int[], $6::bigint[], $7::text[])
+                  AS u(run_id, seq, state, message, attempt, ts, result)",
+            &[
+                &history.run_id,
+                &history.seq,
+                &history.state,
+                &history.message,
+                &history.attempt,
+                &history.timestamp,
+                &history.result,
+            ],
+        )
+        .await?;
+    }
+    if !edges.0.is_empty() {
+        tx.execute(
+            "INSERT INTO edges (upstream, downstream, flow_run_id)
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[]) ON CONFLICT DO NOTHING",
+            &[&edges.0, &edges.1, &edges.2],
+        )
+        .await?;
+    }
+    if !logs.run_id.is_empty() {
+        tx.execute(
+            "INSERT INTO logs (run_id, flow_run_id, timestamp, level, target, message)
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[], $6::text[])",
+            &[
+                &logs.run_id,
+                &logs.flow_run_id,
+                &logs.timestamp,
+                &logs.level,
+                &logs.target,
+                &logs.message,
+            ],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(outcomes)
+}
+
+/// The runs created in the batch, with the state the batch leaves them in.
+async fn insert_runs(
+    tx: &Transaction<'_>,
+    batch: &[Msg],
+    rows: &HashMap<(RunKind, Uuid), RowState>,
+) -> Result<(), DbError> {
+    let mut new: Vec<(&RowState, &Write)> = rows
+        .values()
+        .filter_map(|r| {
+            let i = r.created_at?;
+            match &batch[i] {
+                Msg::Write(w, _) => Some((r, w)),
+                Msg::Flush(_) => None,
+            }
+        })
+        .collect();
+    new.sort_by_key(|(r, _)| r.created_at);
+    let (mut flows, mut tasks) = (Vec::new(), Vec::new());
+    for (row, w) in new {
+        match w {
+            Write::FlowRun(f) => flows.push((row, f)),
+            Write::TaskRun(t) => tasks.push((row, t)),
+            _ => {}
+        }
+    }
+    if !flows.is_empty() {
+        let col = |f: fn(&(&RowState, &NewFlowRun)) -> Option<String>| flows.iter().map(f).collect::<Vec<_>>();
+        let p1 = flows.iter().map(|(_, f)| f.id).collect::<Vec<_>>();
+        let p2 = flows.iter().map(|(_, f)| f.name.clone()).collect::<Vec<_>>();
+        let p3 = flows.iter().map(|(_, f)| f.parent_id).collect::<Vec<_>>();
+        let p4 = flows.iter().map(|(_, f)| f.parameters.to_string()).collect::<Vec<_>>();
+        let p5 = flows.iter().map(|(_, f)| tags_json(&f.tags)).collect::<Vec<_>>();
+        let p6 = flows.iter().map(|(r, _)| r.run.state.as_str()).collect::<Vec<_>>();
+        let p7 = flows.iter().map(|(r, _)| r.run.seq as i32).collect::<Vec<_>>();
+        let p8 = col(|(r, _)| r.run.message.clone());
+        let p9 = flows.iter().map(|(r, _)| r.run.attempt as i32).collect::<Vec<_>>();
+        let p10 = flows.iter().map(|(_, f)| f.created).collect::<Vec<_>>();
+        let p11 = flows.iter().map(|(r, _)| r.run.start_time).collect::<Vec<_>>();
+        let p12 = flows.iter().map(|(r, _)| r.run.end_time).collect::<Vec<_>>();
+        let p13 = col(|(r, _)| r.run.result.clone());
+        let p14 = col(|(_, f)| f.command.clone());
+        let p15 = flows.iter().map(|(_, f)| f.retry_of).collect::<Vec<_>>();
+        tx.execute(
+            "INSERT INTO flow_runs (id, name, parent_id, parameters, tags, state, state_seq, state_message, attempt,
+                                    created, start_time, end_time, result, command, retry_of)
+             SELECT u.id, u.name, u.parent_id, u.parameters::jsonb, u.tags::jsonb, u.state, u.seq, u.message,
+                    u.attempt, u.created, u.start_time, u.end_time, u.result::jsonb, u.command::jsonb, u.retry_of
+             FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::int[],
+                         $8::text[], $9::int[], $10::bigint[], $11::bigint[], $12::bigint[], $13::text[],
+                         $14::text[], $15::uuid[])
+                  AS u(id, name, parent_id, parameters, tags, state, seq, message, attempt, created, start_time,
+                       end_time, result, command, retry_of)",
+            &[
+                &p1, &p2, &p3, &p4, &p5, &p6, &p7, &p8, &p9, &p10, &p11, &p12, &p13, &p14, &p15,
+            ],
+        )
+        .await?;
+    }
+    if !tasks.is_empty() {
+        let col = |f: fn(&(&RowState, &NewTaskRun)) -> Option<String>| tasks.iter().map(f).collect::<Vec<_>>();
+        let p1 = tasks.iter().map(|(_, t)| t.id).collect::<Vec<_>>();
+        let p2 = tasks.iter().map(|(_, t)| t.flow_run_id).collect::<Vec<_>>();
+        let p3 = tasks.iter().map(|(_, t)| t.name.clone()).collect::<Vec<_>>();
+        let p4 = tasks.iter().map(|(_, t)| t.task_key.clone()).collect::<Vec<_>>();
+        let p5 = tasks.iter().map(|(_, t)| t.inputs.to_string()).collect::<Vec<_>>();
+        let p6 = tasks.iter().map(|(_, t)| tags_json(&t.tags)).collect::<Vec<_>>();
+        let p7 = tasks.iter().map(|(r, _)| r.run.state.as_str()).collect::<Vec<_>>();
+        let p8 = tasks.iter().map(|(r, _)| r.run.seq as i32).collect::<Vec<_>>();
+        let p9 = col(|(r, _)| r.run.message.clone());
+        let p10 = tasks.iter().map(|(r, _)| r.run.attempt as i32).collect::<Vec<_>>();
+        let p11 = tasks.iter().map(|(_, t)| t.created).collect::<Vec<_>>();
+        let p12 = tasks.iter().map(|(r, _)| r.run.start_time).collect::<Vec<_>>();
+        let p13 = tasks.iter().map(|(r, _)| r.run.end_time).collect::<Vec<_>>();
+        let p14 = col(|(r, _)| r.run.result.clone());
+        let p15 = col(|(_, t)| t.call_key.clone());
+        tx.execute(
+            "INSERT INTO task_runs (id, flow_run_id, name, task_key, inputs, tags, state, state_seq, state_message,
+                                    attempt, created, start_time, end_time, result, call_key)
+             SELECT u.id, u.flow_run_id, u.name, u.task_key, u.inputs::jsonb, u.tags::jsonb, u.state, u.seq,
+                    u.message, u.attempt, u.created, u.start_time, u.end_time, u.result::jsonb, u.call_key
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                         $8::int[], $9::text[], $10::int[], $11::bigint[], $12::bigint[], $13::bigint[],
+                         $14::text[], $15::text[])
+                  AS u(id, flow_run_id, name, task_key, inputs, tags, state, seq, message, attempt, created,
+                       start_time, end_time, result, call_key)",
+            &[
+                &p1, &p2, &p3, &p4, &p5, &p6, &p7, &p8, &p9, &p10, &p11, &p12, &p13, &p14, &p15,
+            ],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// The existing runs whose state the batch changed (rows locked above).
+async fn update_runs(tx: &Transaction<'_>, rows: &HashMap<(RunKind, Uuid), RowState>) -> Result<(), DbError> {
+    for (kind, table) in [(RunKind::Flow, "flow_runs"), (RunKind::Task, "task_runs")] {
+        let changed: Vec<(&Uuid, &RowState)> = rows
+            .iter()
+            .filter(|((k, _), r)| *k == kind && r.kind == kind && r.changed && r.created_at.is_none())
+            .map(|((_, id), r)| (id, r))
+            .collect();
+        if changed.is_empty() {
+            continue;
+        }
+        let sql = format!(
+            "UPDATE {table} AS t SET state = u.state, state_seq = u.seq, state_message = u.message,
+                 attempt = u.attempt, start_time = u.start_time, end_time = u.end_time, result = u.result::jsonb
+             FROM UNNEST($1::uuid[], $2::text[], $3::int[], $4::text[], $5::int[], $6::bigint[], $7::bigint[],
+                         $8::text[])
+                  AS u(id, state, seq, message, attempt, start_time, end_time, result)
+             WHERE t.id = u.id"
+        );
+        let p1 = changed.iter().map(|(id, _)| **id).collect::<Vec<_>>();
+        let p2 = changed.iter().map(|(_, r)| r.run.state.as_str()).collect::<Vec<_>>();
+        let p3 = changed.iter().map(|(_, r)| r.run.seq as i32).collect::<Vec<_>>();
+        let p4 = changed.iter().map(|(_, r)| r.run.message.clone()).collect::<Vec<_>>();
+        let p5 = changed.iter().map(|(_, r)| r.run.attempt as i32).collect::<Vec<_>>();
+        let p6 = changed.iter().map(|(_, r)| r.run.start_time).collect::<Vec<_>>();
+        let p7 = changed.iter().map(|(_, r)| r.run.end_time).collect::<Vec<_>>();
+        let p8 = changed.iter().map(|(_, r)| r.run.result.clone()).collect::<Vec<_>>();
+        tx.execute(&sql, &[&p1, &p2, &p3, &p4, &p5, &p6, &p7, &p8]).await?;
+    }
+    Ok(())
+}
+
+fn tags_json(tags: &[String]) -> String {
+    serde_json::to_string(tags).unwrap_or_else(|_| "[]".into())
+}
