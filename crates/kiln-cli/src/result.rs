@@ -121,7 +121,7 @@ fn locate(home: &Path, settings: &Settings, target: &str) -> Result<(ResultStora
             call: None,
         },
         _ => {
-            let Some(store) = kiln::open_store_read_only(home, settings.database_url.as_deref())? else {
+            let Some(store) = kiln::open_existing_store(home, settings.database_url.as_deref())? else {
                 bail!(
                     "no run '{target}': nothing is recorded in {} yet",
                     home.join("kiln.db").display()

@@ -52,7 +52,7 @@ pub(crate) fn run(home: &Path, cmd: RunsCommand) -> Result<()> {
     let db = home.join("kiln.db");
     let mut out = std::io::stdout().lock();
     let settings = kiln::settings::Settings::load(home)?;
-    let store = kiln::open_store_read_only(home, settings.database_url.as_deref())
+    let store = kiln::open_existing_store(home, settings.database_url.as_deref())
         .with_context(|| format!("reading the state database of {}", home.display()))?;
     let Some(store) = store else {
         return match cmd {
@@ -72,6 +72,10 @@ pub(crate) fn run(home: &Path, cmd: RunsCommand) -> Result<()> {
         };
     };
     let store = &*store;
+    // A run whose process died is Crashed, not Running, before anything is shown or retried.
+    if let Err(e) = crate::wait(kiln::heartbeat::crash_dead_processes(store, None)) {
+        tracing_note(&e);
+    }
     match cmd {
         RunsCommand::Ls { limit, json } => ls(store, &mut out, limit, json),
         RunsCommand::Show { id, json } => match crate::wait(store.resolve(&id))? {
@@ -85,6 +89,13 @@ pub(crate) fn run(home: &Path, cmd: RunsCommand) -> Result<()> {
             };
             logs(store, &mut out, id, json)
         }
+    }
+}
+
+/// The database could not be checked for dead processes (a read-only home): said once, quietly.
+fn tracing_note(e: &kiln::Error) {
+    if std::env::var_os("KILN_LOG").is_some() {
+        eprintln!("note: runs of dead processes were not checked: {e}");
     }
 }
 

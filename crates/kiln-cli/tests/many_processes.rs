@@ -67,7 +67,7 @@ fn check_everything_recorded(home: &Path, database_url: Option<&str>) {
         assert_eq!(f["state"], "Completed", "{f}");
         assert_eq!(f["task_count"], TASKS, "{f}");
     }
-    let store = kiln::open_store_read_only(home, database_url).unwrap().unwrap();
+    let store = kiln::open_existing_store(home, database_url).unwrap().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     for f in flows {
         let id = uuid::Uuid::parse_str(f["id"].as_str().unwrap()).unwrap();

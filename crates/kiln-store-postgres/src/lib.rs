@@ -41,7 +41,10 @@ use uuid::Uuid;
 use writer::Msg;
 
 /// Schema migrations, applied in order; the table `kiln_schema` records how many ran.
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_runs.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/0001_runs.sql"),
+    include_str!("../migrations/0002_processes.sql"),
+];
 
 /// Most writes applied in one transaction.
 const MAX_BATCH: usize = 4096;
@@ -127,6 +130,16 @@ impl PostgresStore {
     /// Connects to the database at `url`, migrates it and starts the writer. Fails within
     /// seconds, naming the database, when it cannot be reached.
     pub fn open(url: &str) -> Result<PostgresStore, StoreError> {
+        Self::connect(url, true)
+    }
+
+    /// Connects without migrating (the CLI's view): refused when the schema is not exactly
+    /// this Kiln's.
+    pub fn open_existing(url: &str) -> Result<PostgresStore, StoreError> {
+        Self::connect(url, false)
+    }
+
+    fn connect(url: &str, migrate_it: bool) -> Result<PostgresStore, StoreError> {
         let target = redact(url);
         let open_error = |e: DbError| StoreError::Open {
             target: target.clone(),
@@ -162,7 +175,7 @@ impl PostgresStore {
         let migrated = {
             let pool = pool.clone();
             let target = target.clone();
-            run_on(rt.get(), async move { migrate(&pool, &target).await })
+            run_on(rt.get(), async move { migrate(&pool, &target, migrate_it).await })
         };
         migrated?;
         let (tx, rx) = sync_channel(QUEUE);
@@ -252,7 +265,7 @@ fn run_on<T: Send + 'static>(
     rx.recv().expect("the store's runtime ran the task")
 }
 
-async fn migrate(pool: &Pool, target: &str) -> Result<(), StoreError> {
+async fn migrate(pool: &Pool, target: &str, migrate_it: bool) -> Result<(), StoreError> {
     let fail = |e: DbError| StoreError::Open {
         target: target.to_owned(),
         source: Box::new(e),
@@ -276,6 +289,13 @@ async fn migrate(pool: &Pool, target: &str) -> Result<(), StoreError> {
     let version = version.unwrap_or(0);
     if version > known {
         return Err(StoreError::TooNew {
+            target: target.to_owned(),
+            found: version,
+            known,
+        });
+    }
+    if version < known && !migrate_it {
+        return Err(StoreError::TooOld {
             target: target.to_owned(),
             found: version,
             known,
@@ -352,6 +372,19 @@ impl Store for PostgresStore {
     async fn resolve(&self, id_or_prefix: &str) -> Result<RunRef, StoreError> {
         let (pool, text) = (self.pool.clone(), id_or_prefix.to_owned());
         self.read(async move { read::resolve(&pool, &text).await }).await
+    }
+
+    async fn processes(&self, since: Micros) -> Result<Vec<Process>, StoreError> {
+        let pool = self.pool.clone();
+        self.read(async move { read::processes(&pool, since).await }).await
+    }
+
+    async fn crash_orphans(&self, dead: &[Uuid], stale_before: Micros) -> Result<Vec<(RunKind, Uuid)>, StoreError> {
+        let (pool, dead) = (self.pool.clone(), dead.to_vec());
+        // Straight to the database: the compare-and-set on locked rows orders it with the
+        // writer's batches.
+        self.read(async move { writer::reap(&pool, &dead, stale_before).await.map_err(backend) })
+            .await
     }
 }
 

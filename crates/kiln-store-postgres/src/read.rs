@@ -194,3 +194,20 @@ pub(crate) async fn resolve(pool: &Pool, id_or_prefix: &str) -> Result<RunRef, S
     }
     Err(StoreError::UnknownRun(id_or_prefix.to_owned()))
 }
+
+pub(crate) async fn processes(pool: &Pool, since: Micros) -> Result<Vec<Process>, StoreError> {
+    let sql = "SELECT id, host, pid, started, heartbeat FROM processes p WHERE heartbeat >= $1
+                  OR EXISTS (SELECT 1 FROM task_runs WHERE process_id = p.id AND state IN ('Pending', 'Running', 'AwaitingRetry'))
+                  OR EXISTS (SELECT 1 FROM flow_runs WHERE process_id = p.id AND state IN ('Pending', 'Running', 'AwaitingRetry'))
+               ORDER BY heartbeat DESC";
+    all(pool, sql, &[&since], |r| {
+        Ok(Process {
+            id: get(r, "id")?,
+            host: get(r, "host")?,
+            pid: get::<i32>(r, "pid")? as u32,
+            started: get::<i64>(r, "started")? as u64,
+            heartbeat: get(r, "heartbeat")?,
+        })
+    })
+    .await
+}

@@ -264,6 +264,7 @@ async fn attempt(pool: &Pool, batch: &[Msg], include: &[usize]) -> Result<Vec<Op
     let mut history = History::default();
     let mut edges: (Vec<Uuid>, Vec<Uuid>, Vec<Option<Uuid>>) = Default::default();
     let mut logs = Logs::default();
+    let mut beats: Vec<&Process> = Vec::new();
     for (i, w) in writes() {
         let outcome = match w {
             Write::FlowRun(NewFlowRun {
@@ -317,6 +318,10 @@ async fn attempt(pool: &Pool, batch: &[Msg], include: &[usize]) -> Result<Vec<Op
                 logs.push(l);
                 Outcome::Applied { seq: None }
             }
+            Write::Heartbeat(p) => {
+                beats.push(p);
+                Outcome::Applied { seq: None }
+            }
             _ => Outcome::Failed(Arc::new(StoreError::Corrupt(format!(
                 "this backend does not know the write {w}"
             )))),
@@ -349,6 +354,14 @@ async fn attempt(pool: &Pool, batch: &[Msg], include: &[usize]) -> Result<Vec<Op
             "INSERT INTO edges (upstream, downstream, flow_run_id)
              SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[]) ON CONFLICT DO NOTHING",
             &[&edges.0, &edges.1, &edges.2],
+        )
+        .await?;
+    }
+    for p in beats {
+        tx.execute(
+            "INSERT INTO processes (id, host, pid, started, heartbeat) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (id) DO UPDATE SET heartbeat = GREATEST(processes.heartbeat, excluded.heartbeat)",
+            &[&p.id, &p.host, &(p.pid as i32), &(p.started as i64), &p.heartbeat],
         )
         .await?;
     }
@@ -413,18 +426,20 @@ async fn insert_runs(
         let p13 = col(|(r, _)| r.run.result.clone());
         let p14 = col(|(_, f)| f.command.clone());
         let p15 = flows.iter().map(|(_, f)| f.retry_of).collect::<Vec<_>>();
+        let p16 = flows.iter().map(|(_, f)| f.process_id).collect::<Vec<_>>();
         tx.execute(
             "INSERT INTO flow_runs (id, name, parent_id, parameters, tags, state, state_seq, state_message, attempt,
-                                    created, start_time, end_time, result, command, retry_of)
+                                    created, start_time, end_time, result, command, retry_of, process_id)
              SELECT u.id, u.name, u.parent_id, u.parameters::jsonb, u.tags::jsonb, u.state, u.seq, u.message,
-                    u.attempt, u.created, u.start_time, u.end_time, u.result::jsonb, u.command::jsonb, u.retry_of
+                    u.attempt, u.created, u.start_time, u.end_time, u.result::jsonb, u.command::jsonb, u.retry_of,
+                    u.process_id
              FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::int[],
                          $8::text[], $9::int[], $10::bigint[], $11::bigint[], $12::bigint[], $13::text[],
-                         $14::text[], $15::uuid[])
+                         $14::text[], $15::uuid[], $16::uuid[])
                   AS u(id, name, parent_id, parameters, tags, state, seq, message, attempt, created, start_time,
-                       end_time, result, command, retry_of)",
+                       end_time, result, command, retry_of, process_id)",
             &[
-                &p1, &p2, &p3, &p4, &p5, &p6, &p7, &p8, &p9, &p10, &p11, &p12, &p13, &p14, &p15,
+                &p1, &p2, &p3, &p4, &p5, &p6, &p7, &p8, &p9, &p10, &p11, &p12, &p13, &p14, &p15, &p16,
             ],
         )
         .await?;
@@ -446,18 +461,20 @@ async fn insert_runs(
         let p13 = tasks.iter().map(|(r, _)| r.run.end_time).collect::<Vec<_>>();
         let p14 = col(|(r, _)| r.run.result.clone());
         let p15 = col(|(_, t)| t.call_key.clone());
+        let p16 = tasks.iter().map(|(_, t)| t.process_id).collect::<Vec<_>>();
         tx.execute(
             "INSERT INTO task_runs (id, flow_run_id, name, task_key, inputs, tags, state, state_seq, state_message,
-                                    attempt, created, start_time, end_time, result, call_key)
+                                    attempt, created, start_time, end_time, result, call_key, process_id)
              SELECT u.id, u.flow_run_id, u.name, u.task_key, u.inputs::jsonb, u.tags::jsonb, u.state, u.seq,
-                    u.message, u.attempt, u.created, u.start_time, u.end_time, u.result::jsonb, u.call_key
+                    u.message, u.attempt, u.created, u.start_time, u.end_time, u.result::jsonb, u.call_key,
+                    u.process_id
              FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
                          $8::int[], $9::text[], $10::int[], $11::bigint[], $12::bigint[], $13::bigint[],
-                         $14::text[], $15::text[])
+                         $14::text[], $15::text[], $16::uuid[])
                   AS u(id, flow_run_id, name, task_key, inputs, tags, state, seq, message, attempt, created,
-                       start_time, end_time, result, call_key)",
+                       start_time, end_time, result, call_key, process_id)",
             &[
-                &p1, &p2, &p3, &p4, &p5, &p6, &p7, &p8, &p9, &p10, &p11, &p12, &p13, &p14, &p15,
+                &p1, &p2, &p3, &p4, &p5, &p6, &p7, &p8, &p9, &p10, &p11, &p12, &p13, &p14, &p15, &p16,
             ],
         )
         .await?;
@@ -499,4 +516,65 @@ async fn update_runs(tx: &Transaction<'_>, rows: &HashMap<(RunKind, Uuid), RowSt
 
 fn tags_json(tags: &[String]) -> String {
     serde_json::to_string(tags).unwrap_or_else(|_| "[]".into())
+}
+
+/// Marks Crashed the unfinished runs of processes in `dead` or silent since `stale_before`.
+pub(crate) async fn reap(pool: &Pool, dead: &[Uuid], stale_before: Micros) -> Result<Vec<(RunKind, Uuid)>, DbError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let mut crashed = Vec::new();
+    for (kind, table) in [(RunKind::Flow, "flow_runs"), (RunKind::Task, "task_runs")] {
+        let sql = format!(
+            "SELECT r.id, r.state, r.state_seq, r.attempt, p.pid, p.host, p.heartbeat, p.id = ANY($2) AS exited
+             FROM {table} r JOIN processes p ON p.id = r.process_id
+             WHERE r.state IN ('Pending', 'Running', 'AwaitingRetry') AND (p.heartbeat < $1 OR p.id = ANY($2))
+             ORDER BY r.id FOR UPDATE OF r"
+        );
+        let rows = tx.query(&sql, &[&stale_before, &dead]).await?;
+        for row in rows {
+            let id: Uuid = row.try_get("id")?;
+            let state: String = row.try_get("state")?;
+            let from = state.parse::<StateType>().map_err(|e| DbError::Data(e.to_string()))?;
+            let seq = row.try_get::<_, i32>("state_seq")? as u32 + 1;
+            let pid: i32 = row.try_get("pid")?;
+            let host: String = row.try_get("host")?;
+            let change = StateChange {
+                kind,
+                run_id: id,
+                from,
+                to: StateType::Crashed,
+                message: Some(kiln_store::model::orphan_message(
+                    pid.into(),
+                    &host,
+                    row.try_get("heartbeat")?,
+                    row.try_get("exited")?,
+                )),
+                attempt: row.try_get::<_, i32>("attempt")? as u32,
+                timestamp: now_micros(),
+                result: None,
+            };
+            let update = format!(
+                "UPDATE {table} SET state = 'Crashed', state_seq = $2, state_message = $3,
+                     end_time = COALESCE(end_time, $4) WHERE id = $1"
+            );
+            tx.execute(&update, &[&id, &(seq as i32), &change.message, &change.timestamp])
+                .await?;
+            let r = RunState::record(&change, seq);
+            tx.execute(
+                "INSERT INTO states (run_id, seq, state, message, attempt, timestamp) VALUES ($1, $2, $3, $4, $5, $6)",
+                &[
+                    &r.run_id,
+                    &(r.seq as i32),
+                    &r.state.as_str(),
+                    &r.message,
+                    &(r.attempt as i32),
+                    &r.timestamp,
+                ],
+            )
+            .await?;
+            crashed.push((kind, id));
+        }
+    }
+    tx.commit().await?;
+    Ok(crashed)
 }

@@ -28,6 +28,7 @@
 //!     initial_state: StateType::Pending,
 //!     command: None,
 //!     retry_of: None,
+//!     process_id: None,
 //! }), None)?;
 //! let running = StateChange {
 //!     kind: RunKind::Flow,
@@ -72,6 +73,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_runs.sql"),
     include_str!("../migrations/0002_results.sql"),
     include_str!("../migrations/0003_state_seq.sql"),
+    include_str!("../migrations/0004_processes.sql"),
 ];
 
 /// Writes queued ahead of the writer at most. A producer faster than SQLite waits for room
@@ -122,6 +124,11 @@ impl SqliteStore {
         }
         let mut conn = connect(&path, OpenFlags::default())?;
         migrate(&mut conn, &path)?;
+        Self::with_writer(path, conn)
+    }
+
+    /// The store over `conn` (migrated), with its writer and reader threads started.
+    fn with_writer(path: PathBuf, conn: Connection) -> Result<Self, StoreError> {
         let (tx, rx) = sync_channel(QUEUE);
         let writer = std::thread::Builder::new()
             .name("kiln-store-writer".into())
@@ -135,8 +142,45 @@ impl SqliteStore {
         })
     }
 
-    /// Opens an existing database for reading only (the CLI's view): never creates a file,
-    /// never migrates, and refuses every write.
+    /// Opens an existing database for reading and writing without creating or migrating it
+    /// (the CLI's view: it may mark the runs of dead processes Crashed): refused when the
+    /// schema is not exactly this Kiln's.
+    pub fn open_existing(path: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let path = path.into();
+        if !path.exists() {
+            return Err(open_error(
+                &path,
+                "the file does not exist (no flow has run with this KILN_HOME yet)",
+            ));
+        }
+        let conn = connect(&path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(|e| open_error(&path, e))?;
+        let known = MIGRATIONS.len() as i64;
+        let target = path.display().to_string();
+        match version.cmp(&known) {
+            std::cmp::Ordering::Greater => {
+                return Err(StoreError::TooNew {
+                    target,
+                    found: version,
+                    known,
+                });
+            }
+            std::cmp::Ordering::Less => {
+                return Err(StoreError::TooOld {
+                    target,
+                    found: version,
+                    known,
+                });
+            }
+            std::cmp::Ordering::Equal => {}
+        }
+        Self::with_writer(path, conn)
+    }
+
+    /// Opens an existing database for reading only (the CLI's view of a home it cannot
+    /// write): never creates a file, never migrates, and refuses every write.
     pub fn open_read_only(path: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let path = path.into();
         if !path.exists() {
@@ -296,5 +340,22 @@ impl Store for SqliteStore {
     async fn resolve(&self, id_or_prefix: &str) -> Result<RunRef, StoreError> {
         let text = id_or_prefix.to_owned();
         self.reader.run(move |c| read::resolve(c, &text)).await
+    }
+
+    async fn processes(&self, since: Micros) -> Result<Vec<Process>, StoreError> {
+        self.reader.run(move |c| read::processes(c, since)).await
+    }
+
+    async fn crash_orphans(&self, dead: &[Uuid], stale_before: Micros) -> Result<Vec<(RunKind, Uuid)>, StoreError> {
+        let (reply, answer) = futures::channel::oneshot::channel();
+        let msg = Msg::Reap {
+            dead: dead.to_vec(),
+            stale_before,
+            reply,
+        };
+        self.post(msg).map_err(|_| self.gone())?;
+        answer
+            .await
+            .map_err(|_| StoreError::WriterGone("the writer dropped a reap".into()))?
     }
 }

@@ -284,3 +284,26 @@ pub(crate) fn resolve(c: &Connection, id_or_prefix: &str) -> Result<RunRef, Stor
     }
     Err(StoreError::UnknownRun(id_or_prefix.to_owned()))
 }
+
+pub(crate) fn processes(c: &Connection, since: Micros) -> Result<Vec<Process>, StoreError> {
+    let mut st = c
+        .prepare_cached(
+            "SELECT id, host, pid, started, heartbeat FROM processes p WHERE heartbeat >= ?1
+                OR EXISTS (SELECT 1 FROM task_runs WHERE process_id = p.id AND state IN ('Pending', 'Running', 'AwaitingRetry'))
+                OR EXISTS (SELECT 1 FROM flow_runs WHERE process_id = p.id AND state IN ('Pending', 'Running', 'AwaitingRetry'))
+             ORDER BY heartbeat DESC",
+        )
+        .map_err(backend)?;
+    collect(
+        st.query_map([since], |r| {
+            Ok(Process {
+                id: r.get(0)?,
+                host: r.get(1)?,
+                pid: r.get(2)?,
+                started: r.get::<_, i64>(3)? as u64,
+                heartbeat: r.get(4)?,
+            })
+        })
+        .map_err(backend)?,
+    )
+}

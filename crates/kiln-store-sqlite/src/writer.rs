@@ -26,6 +26,12 @@ const KNOWN_MAX: usize = 65_536;
 pub(crate) enum Msg {
     Write(Write, Reporter),
     Flush(FlushDone),
+    /// Mark the unfinished runs of dead or silent processes Crashed (its own transaction).
+    Reap {
+        dead: Vec<Uuid>,
+        stale_before: Micros,
+        reply: futures::channel::oneshot::Sender<Result<Vec<(RunKind, Uuid)>, StoreError>>,
+    },
 }
 
 /// What the writer knows of a run: its state and the position of that state.
@@ -38,10 +44,32 @@ struct Current {
 pub(crate) fn write_loop(mut conn: Connection, rx: Receiver<Msg>) {
     let mut known: HashMap<Uuid, Current> = HashMap::new();
     let mut batch = Vec::with_capacity(256);
-    while let Ok(first) = rx.recv() {
+    let mut next = None;
+    loop {
+        let first = match next.take() {
+            Some(m) => m,
+            None => match rx.recv() {
+                Ok(m) => m,
+                Err(_) => return,
+            },
+        };
+        if let Msg::Reap {
+            dead,
+            stale_before,
+            reply,
+        } = first
+        {
+            let _ = reply.send(reap(&mut conn, &dead, stale_before, &mut known));
+            continue;
+        }
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
+                // A reap runs after the writes queued before it.
+                Ok(m @ Msg::Reap { .. }) => {
+                    next = Some(m);
+                    break;
+                }
                 Ok(m) => batch.push(m),
                 Err(_) => break,
             }
@@ -57,9 +85,98 @@ pub(crate) fn write_loop(mut conn: Connection, rx: Receiver<Msg>) {
                         None => log_unreported(&write, &outcome),
                     }
                 }
+                Msg::Reap { .. } => unreachable!("reaps are not batched"),
             }
         }
     }
+}
+
+/// An unfinished run of a dead or silent process, and that process.
+struct Orphan {
+    id: Uuid,
+    state: String,
+    seq: u32,
+    attempt: u32,
+    pid: i64,
+    host: String,
+    heartbeat: Micros,
+    exited: bool,
+}
+
+fn reap(
+    conn: &mut Connection,
+    dead: &[Uuid],
+    stale_before: Micros,
+    known: &mut HashMap<Uuid, Current>,
+) -> Result<Vec<(RunKind, Uuid)>, StoreError> {
+    let dead_hex: Vec<String> = dead.iter().map(|d| d.simple().to_string().to_uppercase()).collect();
+    let dead_json = serde_json::to_string(&dead_hex).unwrap_or_else(|_| "[]".into());
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(crate::backend)?;
+    let mut crashed = Vec::new();
+    {
+        let mut st = Statements::prepare(&tx).map_err(crate::backend)?;
+        for (kind, table) in [(RunKind::Flow, "flow_runs"), (RunKind::Task, "task_runs")] {
+            let sql = format!(
+                "SELECT r.id, r.state, r.state_seq, r.attempt, p.pid, p.host, p.heartbeat,
+                        hex(p.id) IN (SELECT value FROM json_each(?2))
+                 FROM {table} r JOIN processes p ON p.id = r.process_id
+                 WHERE r.state IN ('Pending', 'Running', 'AwaitingRetry')
+                   AND (p.heartbeat < ?1 OR hex(p.id) IN (SELECT value FROM json_each(?2)))"
+            );
+            let orphans: Vec<Orphan> = {
+                let mut q = tx.prepare(&sql).map_err(crate::backend)?;
+                let rows = q
+                    .query_map(params![stale_before, dead_json], |r| {
+                        Ok(Orphan {
+                            id: r.get(0)?,
+                            state: r.get(1)?,
+                            seq: r.get(2)?,
+                            attempt: r.get(3)?,
+                            pid: r.get(4)?,
+                            host: r.get(5)?,
+                            heartbeat: r.get(6)?,
+                            exited: r.get(7)?,
+                        })
+                    })
+                    .map_err(crate::backend)?;
+                rows.collect::<rusqlite::Result<_>>().map_err(crate::backend)?
+            };
+            for Orphan {
+                id,
+                state,
+                seq,
+                attempt,
+                pid,
+                host,
+                heartbeat,
+                exited,
+            } in orphans
+            {
+                let from = state.parse::<StateType>()?;
+                let change = StateChange {
+                    kind,
+                    run_id: id,
+                    from,
+                    to: StateType::Crashed,
+                    message: Some(kiln_store::model::orphan_message(pid, &host, heartbeat, exited)),
+                    attempt,
+                    timestamp: now_micros(),
+                    result: None,
+                };
+                let current = Current { state: from, seq };
+                if st.update_state(&change, current, seq + 1).map_err(crate::backend)? {
+                    st.insert_state(&RunState::record(&change, seq + 1))
+                        .map_err(crate::backend)?;
+                    known.remove(&id);
+                    crashed.push((kind, id));
+                }
+            }
+        }
+    }
+    tx.commit().map_err(crate::backend)?;
+    Ok(crashed)
 }
 
 /// Why an attempt at a batch stopped.
@@ -258,6 +375,12 @@ fn attempt(
                         .map_err(|e| classify(e, i))?;
                     Outcome::Applied { seq: None }
                 }
+                Write::Heartbeat(p) => {
+                    st.heartbeat
+                        .execute(params![p.id, p.host, p.pid, p.started as i64, p.heartbeat])
+                        .map_err(|e| classify(e, i))?;
+                    Outcome::Applied { seq: None }
+                }
                 Write::Log(l) => {
                     st.log
                         .execute(params![
@@ -316,6 +439,7 @@ struct Statements<'t> {
     task_current: CachedStatement<'t>,
     edge: CachedStatement<'t>,
     log: CachedStatement<'t>,
+    heartbeat: CachedStatement<'t>,
 }
 
 impl<'t> Statements<'t> {
@@ -336,13 +460,15 @@ impl<'t> Statements<'t> {
             )?,
             flow_run: tx.prepare_cached(
                 "INSERT INTO flow_runs (id, name, parent_id, parameters, tags, state, state_message, attempt,
-                                        created, start_time, end_time, result, command, retry_of, state_seq)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                                        created, start_time, end_time, result, command, retry_of, state_seq,
+                                        process_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
             )?,
             task_run: tx.prepare_cached(
                 "INSERT INTO task_runs (id, flow_run_id, name, task_key, inputs, tags, state, state_message, attempt,
-                                        created, start_time, end_time, result, call_key, state_seq)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                                        created, start_time, end_time, result, call_key, state_seq,
+                                        process_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
             )?,
             flow_state: tx.prepare_cached(&update("flow_runs"))?,
             task_state: tx.prepare_cached(&update("task_runs"))?,
@@ -354,6 +480,10 @@ impl<'t> Statements<'t> {
             log: tx.prepare_cached(
                 "INSERT INTO logs (run_id, flow_run_id, timestamp, level, target, message)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?,
+            heartbeat: tx.prepare_cached(
+                "INSERT INTO processes (id, host, pid, started, heartbeat) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (id) DO UPDATE SET heartbeat = excluded.heartbeat",
             )?,
         })
     }
@@ -428,7 +558,8 @@ impl<'t> Statements<'t> {
                 row.run.result,
                 r.command,
                 r.retry_of,
-                row.run.seq
+                row.run.seq,
+                r.process_id
             ])?,
             Write::TaskRun(r) => self.task_run.execute(params![
                 r.id,
@@ -445,7 +576,8 @@ impl<'t> Statements<'t> {
                 row.run.end_time,
                 row.run.result,
                 r.call_key,
-                row.run.seq
+                row.run.seq,
+                r.process_id
             ])?,
             _ => unreachable!("only run creations are kept as new rows"),
         };

@@ -48,7 +48,7 @@ fn a_database_from_a_newer_kiln_is_refused() {
                 err,
                 StoreError::TooNew {
                     found: 99,
-                    known: 3,
+                    known: 4,
                     ..
                 }
             ),

@@ -57,7 +57,7 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 pub use error::{BoxError, StoreError};
-use model::{Edge, FlowRun, LogRecord, RunRef, StateChange, StateRecord, TaskRun, Write};
+use model::{Edge, FlowRun, LogRecord, Micros, Process, RunKind, RunRef, StateChange, StateRecord, TaskRun, Write};
 pub use model::{Outcome, Transition};
 
 /// A callback run once the writes queued before it are applied (or reported failed).
@@ -142,6 +142,15 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     async fn logs(&self, run_id: Uuid) -> Result<Vec<LogRecord>, StoreError>;
     /// Finds the run a full id or an unambiguous id prefix (or tail) names.
     async fn resolve(&self, id_or_prefix: &str) -> Result<RunRef, StoreError>;
+
+    /// The processes that have unfinished runs, or heartbeated since `since`.
+    async fn processes(&self, since: Micros) -> Result<Vec<Process>, StoreError>;
+
+    /// Marks Crashed every unfinished run (Pending, Running, AwaitingRetry) of a process in
+    /// `dead` or whose last heartbeat is older than `stale_before`, each through the same
+    /// compare-and-set as any state change, with a message naming the process and why.
+    /// Returns the runs it marked.
+    async fn crash_orphans(&self, dead: &[Uuid], stale_before: Micros) -> Result<Vec<(RunKind, Uuid)>, StoreError>;
 }
 
 /// Logs a failed or rejected write that had no reporter: nothing fails silently.

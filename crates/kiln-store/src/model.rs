@@ -46,6 +46,8 @@ pub struct NewFlowRun {
     pub command: Option<String>,
     /// The flow run this one retries.
     pub retry_of: Option<Uuid>,
+    /// The process running it (see [`Process`]): its runs are marked Crashed if it dies.
+    pub process_id: Option<Uuid>,
 }
 
 /// A new task run.
@@ -70,6 +72,26 @@ pub struct NewTaskRun {
     /// The call's position in its flow run's attempt (`key#n`: the n-th call of the task),
     /// for reading; results are reused across retries by call identity, not position.
     pub call_key: Option<String>,
+    /// The process running it (see [`Process`]): its runs are marked Crashed if it dies.
+    pub process_id: Option<Uuid>,
+}
+
+/// A process that runs flows and tasks, as its heartbeats record it. A process that stops
+/// heartbeating for longer than the lease, or that is seen dead on its host, has its
+/// unfinished runs marked Crashed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Process {
+    /// Chosen by the process when it opens the store.
+    pub id: Uuid,
+    /// The host name.
+    pub host: String,
+    /// The operating system's process id.
+    pub pid: u32,
+    /// When the operating system started it (Linux: clock ticks since boot), so that a
+    /// reused pid is not mistaken for it; 0 when unknown.
+    pub started: u64,
+    /// Its latest heartbeat.
+    pub heartbeat: Micros,
 }
 
 /// One entry of a run's state history.
@@ -193,6 +215,8 @@ pub enum Write {
     },
     /// A captured log event.
     Log(LogRecord),
+    /// A process says it is alive (recorded, or its heartbeat moved forward).
+    Heartbeat(Process),
 }
 
 impl Write {
@@ -204,6 +228,7 @@ impl Write {
             Write::State(c) => c.run_id,
             Write::Edge { edge, .. } => edge.downstream,
             Write::Log(l) => l.run_id,
+            Write::Heartbeat(p) => p.id,
         }
     }
 }
@@ -216,6 +241,7 @@ impl std::fmt::Display for Write {
             Write::State(c) => write!(f, "state {} -> {} of run {}", c.from, c.to, c.run_id),
             Write::Edge { edge, .. } => write!(f, "edge {} -> {}", edge.upstream, edge.downstream),
             Write::Log(l) => write!(f, "a log line of run {}", l.run_id),
+            Write::Heartbeat(p) => write!(f, "a heartbeat of process {} (pid {} on {})", p.id, p.pid, p.host),
         }
     }
 }
@@ -289,6 +315,18 @@ impl RunState {
             timestamp: change.timestamp,
             result: change.result.clone(),
         }
+    }
+}
+
+/// Why a process's runs are orphans, for the Crashed state's message.
+pub fn orphan_message(pid: i64, host: &str, heartbeat: Micros, exited: bool) -> String {
+    if exited {
+        format!("its process (pid {pid} on {host}) has exited without finishing it")
+    } else {
+        let silent = (now_micros() - heartbeat).max(0) / 1_000_000;
+        format!(
+            "its process (pid {pid} on {host}) stopped heartbeating {silent} s ago; it was killed, lost power or hangs"
+        )
     }
 }
 

@@ -33,6 +33,7 @@ macro_rules! store_suite {
             a_failed_write_is_reported_to_its_sender_and_loses_nothing_else,
             lists_newest_first_within_the_limit,
             concurrent_writers_lose_nothing,
+            dead_processes_have_their_runs_crashed,
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
@@ -95,6 +96,7 @@ pub fn flow(name: &str, parent: Option<Uuid>) -> NewFlowRun {
         initial_state: Pending,
         command: None,
         retry_of: None,
+        process_id: None,
     }
 }
 
@@ -110,6 +112,7 @@ pub fn task(name: &str, flow: Option<Uuid>) -> NewTaskRun {
         created: now_micros(),
         initial_state: Pending,
         call_key: None,
+        process_id: None,
     }
 }
 
@@ -465,4 +468,111 @@ pub async fn concurrent_writers_lose_nothing(store: &dyn Store) {
     assert_eq!(runs.len(), 2000);
     assert!(runs.iter().all(|r| r.state == Completed && r.start_time.is_some()));
     assert_eq!(store.flow_run(fid).await.unwrap().unwrap().task_count, 2000);
+}
+
+/// A process that stopped heartbeating, or that its host saw die, has its unfinished runs
+/// marked Crashed (once, with a message saying why); others' runs and finished runs stay.
+pub async fn dead_processes_have_their_runs_crashed(store: &dyn Store) {
+    let report = Arc::new(Collect::default());
+    let now = now_micros();
+    let process = |pid: u32, heartbeat: Micros| Process {
+        id: Uuid::now_v7(),
+        host: "suite-host".into(),
+        pid,
+        started: 7,
+        heartbeat,
+    };
+    let (alive, silent, exited) = (process(101, now), process(102, now - 60_000_000), process(103, now));
+    send(
+        store,
+        &report,
+        [alive.clone(), silent.clone(), exited.clone()].map(Write::Heartbeat),
+    );
+    let owned = |name: &str, p: &Process| {
+        let mut t = task(name, None);
+        t.process_id = Some(p.id);
+        t
+    };
+    let mut silent_flow = flow("silent", None);
+    silent_flow.process_id = Some(silent.id);
+    let (a, b, c, done) = (
+        owned("alive", &alive),
+        owned("silent", &silent),
+        owned("exited", &exited),
+        owned("done", &silent),
+    );
+    let ids = [a.id, b.id, c.id, done.id, silent_flow.id];
+    send(
+        store,
+        &report,
+        [
+            Write::TaskRun(a),
+            Write::TaskRun(b),
+            Write::TaskRun(c),
+            Write::TaskRun(done),
+            Write::FlowRun(silent_flow),
+        ],
+    );
+    walk(store, RunKind::Task, ids[0], Pending, &[(Running, 1, None)]).await;
+    walk(
+        store,
+        RunKind::Task,
+        ids[2],
+        Pending,
+        &[(Running, 1, None), (AwaitingRetry, 1, None)],
+    )
+    .await;
+    walk(
+        store,
+        RunKind::Task,
+        ids[3],
+        Pending,
+        &[(Running, 1, None), (Completed, 1, None)],
+    )
+    .await;
+    walk(store, RunKind::Flow, ids[4], Pending, &[(Running, 1, None)]).await;
+    store.flush().await.unwrap();
+
+    let mut crashed = store.crash_orphans(&[exited.id], now - 30_000_000).await.unwrap();
+    crashed.sort_by_key(|(_, id)| *id);
+    let mut expected = vec![
+        (RunKind::Task, ids[1]),
+        (RunKind::Task, ids[2]),
+        (RunKind::Flow, ids[4]),
+    ];
+    expected.sort_by_key(|(_, id)| *id);
+    assert_eq!(crashed, expected);
+    let task_state = |id| async move { store.task_run(id).await.unwrap().unwrap() };
+    assert_eq!(task_state(ids[0]).await.state, Running, "a live process keeps its runs");
+    assert_eq!(task_state(ids[3]).await.state, Completed, "finished runs stay finished");
+    let silent_run = task_state(ids[1]).await;
+    assert_eq!(silent_run.state, Crashed);
+    let why = silent_run.state_message.unwrap();
+    assert!(
+        why.contains("pid 102") && why.contains("suite-host") && why.contains("heartbeat"),
+        "{why}"
+    );
+    let exited_run = task_state(ids[2]).await;
+    assert_eq!(exited_run.state, Crashed);
+    assert!(exited_run.state_message.unwrap().contains("exited"));
+    assert_eq!(store.flow_run(ids[4]).await.unwrap().unwrap().state, Crashed);
+    let history: Vec<StateType> = store.states(ids[2]).await.unwrap().iter().map(|s| s.state).collect();
+    assert_eq!(history, [Pending, Running, AwaitingRetry, Crashed]);
+    assert!(
+        store
+            .crash_orphans(&[exited.id], now - 30_000_000)
+            .await
+            .unwrap()
+            .is_empty(),
+        "marked once"
+    );
+    let known: Vec<Uuid> = store
+        .processes(now - 10_000_000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.id)
+        .collect();
+    assert!(known.contains(&alive.id) && known.contains(&exited.id), "{known:?}");
+    assert!(report.problems().is_empty(), "{:?}", report.problems());
 }

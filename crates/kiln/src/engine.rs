@@ -40,6 +40,8 @@ struct Inner {
     records: crate::result::cache::RecordCache,
     /// Read once: every task run consults them, and only storages change after opening.
     defaults: RunDefaults,
+    /// This process's record and heartbeat in the store.
+    liveness: crate::heartbeat::Liveness,
 }
 
 /// The settings every run consults, without the settings lock.
@@ -78,9 +80,11 @@ impl Engine {
     pub fn with_store(settings: Settings, store: Arc<dyn Store>) -> Engine {
         crate::log::install_default_subscriber();
         let home = settings.home().to_path_buf();
+        let liveness = crate::heartbeat::start(store.clone());
         Engine {
             inner: Arc::new(Inner {
                 home,
+                liveness,
                 store,
                 records: crate::result::cache::RecordCache::new(settings.memory_cache_max),
                 defaults: RunDefaults {
@@ -95,6 +99,11 @@ impl Engine {
                 storages: Mutex::new(HashMap::new()),
             }),
         }
+    }
+
+    /// The id under which this process's runs are recorded (see [`crate::heartbeat`]).
+    pub(crate) fn process_id(&self) -> uuid::Uuid {
+        self.inner.liveness.process_id
     }
 
     pub(crate) fn record_cache(&self) -> &crate::result::cache::RecordCache {
@@ -242,20 +251,36 @@ pub fn open_store(home: &Path, url: Option<&str>) -> Result<Arc<dyn Store>, Erro
     )))
 }
 
-/// Opens the state store a URL names for reading only (the CLI's view): never creates,
-/// migrates or writes the database. `Ok(None)`: the default SQLite file does not exist yet.
-pub fn open_store_read_only(home: &Path, url: Option<&str>) -> Result<Option<Arc<dyn Store>>, Error> {
+/// Opens an existing state store without creating or migrating it (the CLI's view):
+/// writable when it can be (to mark the runs of dead processes Crashed), else read-only.
+/// `Ok(None)`: the default SQLite file does not exist yet.
+pub fn open_existing_store(home: &Path, url: Option<&str>) -> Result<Option<Arc<dyn Store>>, Error> {
     let path = match url.map(str::trim).filter(|u| !u.is_empty()) {
         None => home.join("kiln.db"),
         Some(url) => match url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
             Some(path) => PathBuf::from(path),
-            None => return open_store(home, Some(url)).map(Some),
+            None => return open_existing_server(url).map(Some),
         },
     };
     if !path.exists() {
         return Ok(None);
     }
-    Ok(Some(Arc::new(SqliteStore::open_read_only(path)?)))
+    match SqliteStore::open_existing(&path) {
+        Ok(store) => Ok(Some(Arc::new(store))),
+        Err(kiln_store::StoreError::TooNew { target, found, known }) => {
+            Err(kiln_store::StoreError::TooNew { target, found, known }.into())
+        }
+        // A home this user cannot write, or an older schema that only a flow may migrate.
+        Err(_) => Ok(Some(Arc::new(SqliteStore::open_read_only(path)?))),
+    }
+}
+
+fn open_existing_server(url: &str) -> Result<Arc<dyn Store>, Error> {
+    #[cfg(feature = "postgres")]
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(Arc::new(kiln_store_postgres::PostgresStore::open_existing(url)?));
+    }
+    open_store(Path::new("."), Some(url))
 }
 
 /// Kiln's home folder: `$KILN_HOME`, else `~/.kiln`.

@@ -88,6 +88,7 @@ async fn run_flow<F: Flow>(flow: F, args: F::Args) -> Result<F::Output, Failure<
         initial_state: StateType::Pending,
         command: parent.is_none().then(command_line),
         retry_of,
+        process_id: Some(engine.process_id()),
     }))?;
     let label = tracker.label.clone();
     tracing::info!("{label} started");

@@ -59,6 +59,7 @@ mod context;
 mod engine;
 mod error;
 mod flow;
+pub mod heartbeat;
 mod isolation;
 pub mod log;
 mod options;
@@ -71,7 +72,7 @@ mod transaction;
 
 pub use cache::{CacheContext, CachePolicy};
 pub use context::cancelled;
-pub use engine::{Engine, home_dir, open_store, open_store_read_only};
+pub use engine::{Engine, home_dir, open_existing_store, open_store};
 pub use error::{Error, RunLabel};
 pub use flow::{Flow, FlowCall, current_flow_run_id};
 pub use isolation::Isolation;

@@ -269,6 +269,7 @@ fn prepare<T: Task>(task: &T, inputs: &T::Inputs) -> Result<Prepared<T>, Error> 
         created: now_micros(),
         initial_state: StateType::Pending,
         call_key,
+        process_id: Some(tracker.engine.process_id()),
     }))?;
     for upstream in inputs.upstreams() {
         tracker.send(Write::Edge {
