@@ -189,7 +189,7 @@ impl SqliteStore {
                 "the file does not exist (no flow has run with this KILN_HOME yet)",
             ));
         }
-        let conn = connect(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        let conn = connect_read_only(&path)?;
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(|e| open_error(&path, e))?;
@@ -250,6 +250,20 @@ impl SqliteStore {
 impl Drop for SqliteStore {
     fn drop(&mut self) {
         let _ = self.close();
+    }
+}
+
+/// A read-only connection. A WAL database on a read-only medium cannot create its
+/// shared-memory file: it is then read as immutable (no locks; nobody can write it there).
+pub(crate) fn connect_read_only(path: &Path) -> Result<Connection, StoreError> {
+    let read_only = OpenFlags::SQLITE_OPEN_READ_ONLY;
+    let conn = connect(path, read_only)?;
+    match conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0)) {
+        Ok(_) => Ok(conn),
+        Err(_) => {
+            let uri = PathBuf::from(format!("file:{}?immutable=1", path.display()));
+            connect(&uri, read_only | OpenFlags::SQLITE_OPEN_URI)
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use kiln_store::{StoreError, id_hex};
 use rusqlite::{Connection, OptionalExtension, Row};
 use uuid::Uuid;
 
-use crate::{backend, connect};
+use crate::{backend, connect_read_only};
 
 type Job = Box<dyn FnOnce(Result<&Connection, &StoreError>) + Send>;
 
@@ -27,7 +27,7 @@ impl Reader {
                 let mut conn: Option<Connection> = None;
                 while let Ok(job) = rx.recv() {
                     if conn.is_none() {
-                        match connect(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY) {
+                        match connect_read_only(&path) {
                             Ok(c) => conn = Some(c),
                             Err(e) => {
                                 job(Err(&e));

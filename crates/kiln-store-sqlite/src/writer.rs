@@ -207,18 +207,45 @@ fn classify(e: rusqlite::Error, index: usize) -> Stop {
     }
 }
 
-fn backend(e: rusqlite::Error) -> Arc<StoreError> {
+/// A write error, naming the database file (a full disk is a full disk somewhere).
+fn backend(path: &str, e: rusqlite::Error) -> Arc<StoreError> {
     let retryable = matches!(
         e.sqlite_error_code(),
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
     );
-    Arc::new(StoreError::backend(e, retryable))
+    Arc::new(StoreError::backend(
+        AtFile {
+            path: path.to_owned(),
+            source: e,
+        },
+        retryable,
+    ))
+}
+
+/// An SQLite error in the database file `path`.
+#[derive(Debug)]
+struct AtFile {
+    path: String,
+    source: rusqlite::Error,
+}
+
+impl std::fmt::Display for AtFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path, self.source)
+    }
+}
+
+impl std::error::Error for AtFile {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
 }
 
 /// Applies a batch, retrying it whole while the database is busy and leaving out only the
 /// writes that fail on their own. One outcome per message (`None` for flushes).
 fn commit(conn: &mut Connection, batch: &[Msg], known: &mut HashMap<Uuid, Current>) -> Vec<Option<Outcome>> {
     let mut failed: Vec<Option<Arc<StoreError>>> = vec![None; batch.len()];
+    let path = conn.path().unwrap_or("the state database").to_owned();
     let started = Instant::now();
     let mut delay = Duration::from_millis(10);
     let mut warned = false;
@@ -235,7 +262,7 @@ fn commit(conn: &mut Connection, batch: &[Msg], known: &mut HashMap<Uuid, Curren
                     .collect();
             }
             Err(Stop::Write(index, e)) => {
-                failed[index] = Some(backend(e));
+                failed[index] = Some(backend(&path, e));
             }
             Err(Stop::Busy(e)) if started.elapsed() < BUSY_DEADLINE => {
                 if !warned && started.elapsed() > Duration::from_secs(5) {
@@ -250,7 +277,7 @@ fn commit(conn: &mut Connection, batch: &[Msg], known: &mut HashMap<Uuid, Curren
                 delay = (delay * 2).min(Duration::from_secs(1));
             }
             Err(Stop::Busy(e) | Stop::Fatal(e)) => {
-                let e = backend(e);
+                let e = backend(&path, e);
                 tracing::error!(
                     "the state database cannot record a batch of {} writes: {e}",
                     batch.len()

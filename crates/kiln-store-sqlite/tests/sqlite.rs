@@ -170,3 +170,20 @@ fn a_refused_write_is_reported_with_the_database_reason() {
     assert!(failed[0].contains("database or disk is full"), "{failed:?}");
     assert!(block_on(store.flow_runs(10)).unwrap().is_empty());
 }
+
+/// A row this Kiln cannot read is an error that names the value, not a wrong answer.
+#[test]
+fn a_corrupt_row_is_reported_not_guessed() {
+    let (store, dir) = sqlite();
+    let t = suite::task("damaged", None);
+    let id = t.id;
+    store.send(Write::TaskRun(t), None).unwrap();
+    block_on(store.flush()).unwrap();
+    let conn = rusqlite::Connection::open(dir.path().join("nested/kiln.db")).unwrap();
+    conn.execute("UPDATE task_runs SET state = 'Exploded'", []).unwrap();
+    let err = block_on(store.task_run(id)).unwrap_err().to_string();
+    assert!(err.contains("unknown state type 'Exploded'"), "{err}");
+    // The store refuses to move a run whose stored state it cannot read.
+    let change = suite::change(RunKind::Task, id, Pending, Running, 1);
+    assert!(block_on(store.set_state(change)).is_err());
+}

@@ -93,15 +93,16 @@ pub enum Error {
     /// The run finished, but the state database refused or could not record some of its
     /// writes (a full disk, a locked database, another process that changed the run).
     #[error(
-        "{run} ran, but the state database did not record all of it ({} write(s)): {}; its recorded history is incomplete, check the database (disk space, locks, KILN_DATABASE_URL) and run it again",
-        problems.len(),
+        "{run} ran, but the state database did not record all of it ({total} write(s)): {}; its recorded history is incomplete, check the database (disk space, locks, KILN_DATABASE_URL) and run it again",
         problems.first().map_or("", String::as_str)
     )]
     NotRecorded {
         /// The run (a flow run: its own writes and its task runs').
         run: RunLabel,
-        /// What went wrong, one line per write.
+        /// What went wrong, one line per write (the first ones).
         problems: Vec<String>,
+        /// How many writes went wrong.
+        total: usize,
     },
     /// The state store failed.
     #[error("state store: {0}")]

@@ -98,8 +98,11 @@ impl<E> From<Error> for Failure<E> {
 /// database does not hold.
 #[derive(Debug, Default)]
 pub(crate) struct Problems {
-    list: Mutex<Vec<String>>,
+    list: Mutex<(Vec<String>, usize)>,
 }
+
+/// Problems kept word for word; beyond them, only counted (a full disk fails every write).
+const KEPT: usize = 20;
 
 impl Report for Problems {
     fn report(&self, write: &Write, outcome: Outcome) {
@@ -111,17 +114,18 @@ impl Report for Problems {
             ),
             Outcome::Failed(e) => format!("{write} was not recorded: {e}"),
         };
-        tracing::error!("{problem}");
-        self.list.lock().unwrap_or_else(|p| p.into_inner()).push(problem);
+        let mut list = self.list.lock().unwrap_or_else(|p| p.into_inner());
+        if list.1 == 0 {
+            tracing::error!("{problem}");
+        }
+        list.1 += 1;
+        if list.0.len() < KEPT {
+            list.0.push(problem);
+        }
     }
 }
 
 impl Problems {
-    /// The problems reported so far, emptied.
-    pub(crate) fn take(&self) -> Vec<String> {
-        std::mem::take(&mut *self.list.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-
     /// Waits until `run`'s writes have their outcomes; an error (logged) when any of them
     /// was refused or not recorded, or the store cannot flush.
     pub(crate) async fn recorded(&self, engine: &Engine, run: &RunLabel) -> Result<(), Error> {
@@ -137,13 +141,14 @@ impl Problems {
 
     /// An error for `run` when its records are not all in the store (after a flush).
     pub(crate) fn check(&self, run: &RunLabel) -> Result<(), Error> {
-        let problems = self.take();
-        if problems.is_empty() {
+        let (problems, total) = std::mem::take(&mut *self.list.lock().unwrap_or_else(|p| p.into_inner()));
+        if total == 0 {
             return Ok(());
         }
         Err(Error::NotRecorded {
             run: run.clone(),
             problems,
+            total,
         })
     }
 }
