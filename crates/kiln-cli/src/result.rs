@@ -49,23 +49,24 @@ pub(crate) fn run(home: &Path, cmd: ResultCommand) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     match cmd {
         ResultCommand::Show { target, json } => {
-            let (storage, key) = locate(home, &settings, &target)?;
-            let bytes = rt.block_on(storage.get_bytes(&key))?;
+            let located = locate(home, &settings, &target)?;
+            let (storage, kind, key) = located.names();
+            let bytes = located.bytes(&rt)?;
             let (header, _) = record::decode_unverified(bytes.clone())
-                .with_context(|| format!("result '{key}' in storage '{}'", storage.name()))?;
+                .with_context(|| format!("result '{key}' in storage '{storage}'"))?;
             let verified = record::decode(bytes);
             let mut out = std::io::stdout().lock();
             if json {
                 let shown = Shown {
-                    storage: storage.name().into(),
-                    key: key.to_string(),
+                    storage: storage.clone(),
+                    key: key.clone(),
                     header,
                     verified: verified.is_ok(),
                 };
                 serde_json::to_writer_pretty(&mut out, &shown)?;
                 writeln!(out)?;
             } else {
-                writeln!(out, "storage    {} ({})", storage.name(), storage.kind())?;
+                writeln!(out, "storage    {storage} ({kind})")?;
                 writeln!(out, "key        {key}")?;
                 writeln!(out, "serializer {}", header.serializer)?;
                 if !header.value_type.is_empty() {
@@ -84,14 +85,17 @@ pub(crate) fn run(home: &Path, cmd: ResultCommand) -> Result<()> {
             }
             verified
                 .map(drop)
-                .with_context(|| format!("result '{key}' in storage '{}'", storage.name()))
+                .with_context(|| format!("result '{key}' in storage '{storage}'"))
         }
         ResultCommand::Get { target, output } => {
-            let (storage, key) = locate(home, &settings, &target)?;
-            let (header, payload) = rt.block_on(storage.get_record(&key))?;
-            let rendered = render(&header.serializer, &payload).map_err(|e| {
-                anyhow::anyhow!("result '{key}' in storage '{}': cannot decode it: {e}", storage.name())
-            })?;
+            let located = locate(home, &settings, &target)?;
+            let (storage, _, key) = located.names();
+            let (header, payload) = match &located {
+                Located::Stored(s, k) => rt.block_on(s.get_record(k))?,
+                Located::Inline(r) => r.inline_record().expect("an inline reference")?,
+            };
+            let rendered = render(&header.serializer, &payload)
+                .map_err(|e| anyhow::anyhow!("result '{key}' in storage '{storage}': cannot decode it: {e}"))?;
             let (bytes, what) = match rendered {
                 Rendered::Json(v) => (serde_json::to_vec_pretty(&v)?, "JSON".to_string()),
                 Rendered::Image { extension, bytes } => (bytes, format!("a {extension} image")),
@@ -109,8 +113,39 @@ pub(crate) fn run(home: &Path, cmd: ResultCommand) -> Result<()> {
     }
 }
 
+/// Where a result's record is: a storage and key, or inline in the state database.
+enum Located {
+    Stored(ResultStorage, StorageKey),
+    Inline(ResultRef),
+}
+
+impl Located {
+    /// The record's bytes as they are (not verified).
+    fn bytes(&self, rt: &tokio::runtime::Runtime) -> Result<bytes::Bytes> {
+        match self {
+            Located::Stored(storage, key) => Ok(rt.block_on(storage.get_bytes(key))?),
+            Located::Inline(r) => {
+                use base64::Engine as _;
+                let text = r.inline.as_deref().unwrap_or_default();
+                Ok(base64::engine::general_purpose::STANDARD
+                    .decode(text)
+                    .context("the inline record is not base64")?
+                    .into())
+            }
+        }
+    }
+
+    /// `(storage, kind, key)` for messages.
+    fn names(&self) -> (String, String, String) {
+        match self {
+            Located::Stored(storage, key) => (storage.name().into(), storage.kind().into(), key.to_string()),
+            Located::Inline(r) => (kiln::result::INLINE.into(), "the state database".into(), r.hash.clone()),
+        }
+    }
+}
+
 /// A run id (its result) or `storage:key`.
-fn locate(home: &Path, settings: &Settings, target: &str) -> Result<(ResultStorage, StorageKey)> {
+fn locate(home: &Path, settings: &Settings, target: &str) -> Result<Located> {
     let reference: ResultRef = match target.split_once(':') {
         Some((storage, key)) if !storage.is_empty() && !key.is_empty() => ResultRef {
             storage: storage.into(),
@@ -119,6 +154,7 @@ fn locate(home: &Path, settings: &Settings, target: &str) -> Result<(ResultStora
             size: 0,
             hash: String::new(),
             call: None,
+            inline: None,
         },
         _ => {
             let Some(store) = kiln::open_existing_store(home, settings.database_url.as_deref())? else {
@@ -137,6 +173,9 @@ fn locate(home: &Path, settings: &Settings, target: &str) -> Result<(ResultStora
             serde_json::from_value(result).context("the run's result reference cannot be read")?
         }
     };
+    if reference.inline.is_some() {
+        return Ok(Located::Inline(reference));
+    }
     let config = settings.storage(&reference.storage).ok_or_else(|| {
         anyhow::anyhow!(
             "unknown storage '{}' (configured: {}); it is defined in kiln.toml of the program that wrote it",
@@ -146,5 +185,5 @@ fn locate(home: &Path, settings: &Settings, target: &str) -> Result<(ResultStora
     })?;
     let storage = ResultStorage::build(&reference.storage, &config, settings.home())?;
     let key = StorageKey::new(reference.key).map_err(anyhow::Error::msg)?;
-    Ok((storage, key))
+    Ok(Located::Stored(storage, key))
 }

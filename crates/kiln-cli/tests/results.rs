@@ -80,18 +80,30 @@ fn result_show_verifies_and_get_decodes_the_image() {
     assert_eq!(img.dimensions(), (512, 512));
     assert!(img.pixels().all(|p| p.0 == [255, 0, 255]), "magenta throughout");
 
-    // A msgpack result comes out as JSON; `storage:key` works as well as a run id.
-    let uri = format!("my-results:{}", runs[1].1);
-    let json = ok(kiln(home.path(), &["result", "get", &uri, "-o", "-"]));
+    // A small msgpack result lives in the state database: it comes out as JSON all the same.
+    let stats_run = &runs[1].0;
+    let json = ok(kiln(home.path(), &["result", "get", stats_run, "-o", "-"]));
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&json).unwrap(),
         serde_json::json!([512, 1024])
     );
     let shown: serde_json::Value =
+        serde_json::from_str(&ok(kiln(home.path(), &["result", "show", stats_run, "--json"]))).unwrap();
+    assert_eq!(
+        (
+            shown["storage"].as_str(),
+            shown["serializer"].as_str(),
+            shown["verified"].as_bool()
+        ),
+        (Some("inline"), Some("msgpack"), Some(true))
+    );
+    // `storage:key` works as well as a run id.
+    let uri = format!("my-results:{image_key}");
+    let shown: serde_json::Value =
         serde_json::from_str(&ok(kiln(home.path(), &["result", "show", &uri, "--json"]))).unwrap();
     assert_eq!(
         (shown["serializer"].as_str(), shown["verified"].as_bool()),
-        (Some("msgpack"), Some(true))
+        (Some("png"), Some(true))
     );
 }
 

@@ -52,6 +52,8 @@ struct RunDefaults {
     /// `None` when the default policy does not cache.
     cache_policy: Option<Arc<crate::cache::CachePolicy>>,
     refresh_cache: bool,
+    /// Records up to this size go into the state database instead of a storage.
+    inline_max: u64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -94,6 +96,7 @@ impl Engine {
                     cache_policy: (!settings.default_cache_policy.is_none())
                         .then(|| Arc::new(settings.default_cache_policy.clone())),
                     refresh_cache: settings.refresh_cache,
+                    inline_max: settings.inline_max,
                 },
                 settings: RwLock::new(settings),
                 storages: Mutex::new(HashMap::new()),
@@ -125,6 +128,10 @@ impl Engine {
             self.inner.defaults.cache_policy.as_ref(),
             self.inner.defaults.refresh_cache,
         )
+    }
+
+    pub(crate) fn inline_max(&self) -> u64 {
+        self.inner.defaults.inline_max
     }
 
     pub(crate) fn default_storage(&self) -> Arc<str> {

@@ -298,6 +298,9 @@ pub(crate) struct Persisting<T> {
     pub(crate) note: Option<String>,
     /// The call's identity, recorded with the result so a retry can match it.
     pub(crate) call: Option<String>,
+    /// A small record may live in the state database (no key template, no cache, no
+    /// transaction: nothing expects it at a key).
+    pub(crate) inline: bool,
 }
 
 /// Fills in the key of a planned persistence (before the run starts: a bad template fails early).
@@ -309,6 +312,7 @@ pub(crate) fn persisting<B: Body>(
 ) -> Result<Option<Persisting<B::Output>>, ResultError> {
     let Some(plan) = plan else { return Ok(None) };
     let parameters = plan.needs_parameters().then(|| B::parameters(args));
+    let inline = plan.template.is_none();
     let key = persist::render_key(
         plan.template.as_deref(),
         &KeyFields {
@@ -324,6 +328,7 @@ pub(crate) fn persisting<B: Body>(
         expires: None,
         note: None,
         call: None,
+        inline,
     }))
 }
 
@@ -476,7 +481,17 @@ async fn succeeded<B: Body>(
     if let Some(p) = persisting {
         let key = tx.map_or_else(|| p.key.clone(), |tx| tx.staging_key(&p.key));
         let (id, name) = (tracker.id(), tracker.label.name.clone());
-        let persisted = persist::persist(&tracker.engine, &p.plan, key.clone(), p.expires, id, &name, value).await;
+        let inline_max = (p.inline && tx.is_none()).then(|| tracker.engine.inline_max());
+        let persisted = persist::persist(
+            &tracker.engine,
+            &p.plan,
+            key.clone(),
+            p.expires,
+            (id, &name),
+            inline_max,
+            value,
+        )
+        .await;
         let (v, mut r) = match persisted {
             Ok(done) => done,
             Err((_, e)) => {

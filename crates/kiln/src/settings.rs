@@ -8,7 +8,7 @@
 //! | `KILN_RESULTS_PERSIST_BY_DEFAULT` | `[results] persist_by_default` | `false` | persist every task's result |
 //! | `KILN_DEFAULT_STORAGE` | `[results] default_storage` | `local` | storage of results that name none |
 //! | `KILN_DEFAULT_SERIALIZER` | `[results] default_serializer` | `msgpack` | `msgpack` or `json` for serde values |
-//! | `KILN_RESULTS_INLINE_MAX` | `[results] inline_max` | `4096` | bytes; larger values never go into the database |
+//! | `KILN_RESULTS_INLINE_MAX` | `[results] inline_max` | `4096` | bytes; records up to this size live in the state database, larger ones in a storage |
 //! | `KILN_RESULTS_MEMORY_CACHE_MAX` | `[results] memory_cache_max` | `268435456` | bytes of loaded records kept in memory (LRU) |
 //! | `KILN_TASKS_DEFAULT_CACHE_POLICY` | `[tasks] default_cache_policy` | `none` | cache policy of tasks that name none (`inputs`, `inputs+task_source`, ...) |
 //! | `KILN_TASKS_REFRESH_CACHE` | `[tasks] refresh_cache` | `false` | run cached tasks anyway and overwrite their records |

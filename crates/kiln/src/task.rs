@@ -477,10 +477,12 @@ async fn lookup<T: Task>(
     persisting: &mut run::Persisting<T::Output>,
     key: StorageKey,
 ) -> Result<Lookup<T::Output>, Failure<T::Error>> {
-    // The cache key is the storage key, unless the task names its own.
+    // The cache key is the storage key, unless the task names its own. A cached record must
+    // be where other runs look for it: never inline.
     if options.storage_key.is_none() {
         persisting.key = key.clone();
     }
+    persisting.inline = false;
     let now = now_micros();
     persisting.expires = options.cache_expiration.map(|d| now + d.as_micros() as i64);
     if refresh {
@@ -566,6 +568,7 @@ async fn try_hit<T: Task>(
                 size: header.length,
                 hash: header.hash,
                 call: persisting.call.clone(),
+                inline: None,
             };
             let by = header
                 .run_id

@@ -202,9 +202,10 @@ async fn misconfigured_persistence_fails_before_the_body_runs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damaged_and_missing_records_are_reported_with_their_key() {
+    // Large enough to go to the storage, not inline into the database.
     #[task(persist, storage = "files")]
     fn greeting() -> String {
-        "hello".repeat(100)
+        "hello".repeat(1000)
     }
     #[flow]
     async fn writing() -> Result<String, kiln::Error> {
@@ -271,7 +272,7 @@ async fn settings_turn_persistence_on_and_choose_storage_and_serializer() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("kiln.toml"),
-        "[results]\npersist_by_default = true\ndefault_serializer = \"json\"\ndefault_storage = \"shelf\"\n\n\
+        "[results]\npersist_by_default = true\ndefault_serializer = \"json\"\ndefault_storage = \"shelf\"\ninline_max = 0\n\n\
          [storage.shelf]\nkind = \"memory\"\n",
     )
     .unwrap();
@@ -304,7 +305,7 @@ async fn loaded_records_are_kept_in_memory_only_within_the_budget() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("kiln.toml"),
-            format!("[results]\nmemory_cache_max = {budget}\n"),
+            format!("[results]\nmemory_cache_max = {budget}\ninline_max = 0\n"),
         )
         .unwrap();
         let engine = kiln::Engine::open(dir.path()).unwrap();
@@ -317,4 +318,48 @@ async fn loaded_records_are_kept_in_memory_only_within_the_budget() {
         let second = engine.load_result::<Vec<u64>>(&r, MsgPack).await;
         assert_eq!(second.is_ok(), served_from_memory, "budget {budget}: {second:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_values_live_in_the_database_and_load_back() {
+    static ATTEMPT: AtomicU32 = AtomicU32::new(0);
+    #[task(persist)]
+    fn small(n: u32) -> Vec<u32> {
+        (0..n).collect()
+    }
+    #[task(persist)]
+    fn large(n: usize) -> Vec<u8> {
+        vec![7; n]
+    }
+    #[flow(retries = 1)]
+    async fn sizes() -> anyhow::Result<usize> {
+        let a = small(3).await?;
+        let b = large(10_000).await?;
+        anyhow::ensure!(ATTEMPT.fetch_add(1, Ordering::SeqCst) > 0, "the first attempt fails");
+        Ok(a.len() + b.len())
+    }
+    let home = support::home();
+    assert_eq!(home.engine.scope(sizes()).await.unwrap(), 10_003);
+    let flow = home.flow("sizes");
+    let runs = home.tasks(flow.id);
+    let (small_run, large_run) = (&runs[0], &runs[1]);
+    let s = reference(small_run);
+    assert_eq!(s.storage, kiln::result::INLINE);
+    assert!(s.inline.is_some() && s.key.is_empty(), "{s:?}");
+    assert_eq!(
+        reference(large_run).storage,
+        "local",
+        "a value over the limit is a reference"
+    );
+    let stored = support::files_below(&home.dir.path().join("storage/local"));
+    assert_eq!(stored, 1, "only the large record is in the storage");
+    // Both load through the same path; the retry reloaded the inline one too.
+    let back: Vec<u32> = home.engine.load_result(&s, MsgPack).await.unwrap();
+    assert_eq!(back, [0, 1, 2]);
+    assert_eq!((runs[2].state, runs[3].state), (Cached, Cached), "{runs:?}");
+    // A reference whose inline record was tampered with is refused.
+    let mut bad = s.clone();
+    bad.hash = format!("blake3:{}", "0".repeat(64));
+    let err = home.engine.load_result::<Vec<u32>>(&bad, MsgPack).await.unwrap_err();
+    assert!(err.to_string().contains("hash mismatch"), "{err}");
 }

@@ -34,9 +34,43 @@ pub struct ResultRef {
     /// its inputs): a retry reuses the result only for a call with the same identity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub call: Option<String>,
+    /// A small result's whole record (header and payload, base64), kept in the state
+    /// database instead of a storage (`storage` is then [`INLINE`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inline: Option<String>,
 }
 
+/// The storage name of results kept in the state database (`KILN_RESULTS_INLINE_MAX`).
+pub const INLINE: &str = "inline";
+
 impl ResultRef {
+    /// An inline result's record, verified (length and hash, and the hash the reference
+    /// names); `None` for a result in a storage.
+    pub fn inline_record(&self) -> Option<Result<(RecordHeader, bytes::Bytes), ResultError>> {
+        use base64::Engine as _;
+        let text = self.inline.as_deref()?;
+        let corrupt = |source| ResultError::Corrupt {
+            storage: INLINE.into(),
+            key: self.hash.clone(),
+            source,
+        };
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(|e| corrupt(RecordError::BadHeader(format!("the inline record is not base64: {e}"))))
+            .and_then(|bytes| record::decode(bytes.into()).map_err(corrupt))
+            .and_then(|(header, payload)| {
+                if header.hash == self.hash {
+                    Ok((header, payload))
+                } else {
+                    Err(corrupt(RecordError::HashMismatch {
+                        expected: self.hash.clone(),
+                        found: header.hash,
+                    }))
+                }
+            });
+        Some(decoded)
+    }
+
     /// `storage:key`, the form the CLI accepts.
     pub fn uri(&self) -> String {
         format!("{}:{}", self.storage, self.key)

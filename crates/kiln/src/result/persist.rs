@@ -90,14 +90,15 @@ pub(crate) fn render_key(template: Option<&str>, f: &KeyFields<'_>) -> Result<St
     StorageKey::new(out).map_err(bad)
 }
 
-/// Encodes `value` off the async executor, writes the record, and gives the value back.
+/// Encodes `value` off the async executor, writes the record (into the reference itself
+/// when it is at most `inline_max` bytes), and gives the value back.
 pub(crate) async fn persist<T: Send + 'static>(
     engine: &Engine,
     plan: &Plan<T>,
     key: StorageKey,
     expires: Option<i64>,
-    run_id: Uuid,
-    run_name: &str,
+    (run_id, run_name): (Uuid, &str),
+    inline_max: Option<u64>,
     value: T,
 ) -> Result<(T, ResultRef), (Option<T>, ResultError)> {
     let storage = match engine.storage(&plan.storage) {
@@ -154,6 +155,25 @@ pub(crate) async fn persist<T: Send + 'static>(
         run_name: run_name.to_owned(),
     };
     let size = payload.len() as u64;
+    let prefix = super::record::encode_prefix(&header);
+    if inline_max.is_some_and(|max| (prefix.len() + payload.len()) as u64 <= max) {
+        use base64::Engine as _;
+        let mut record = Vec::with_capacity(prefix.len() + payload.len());
+        record.extend_from_slice(&prefix);
+        record.extend_from_slice(&payload);
+        return Ok((
+            value,
+            ResultRef {
+                storage: super::INLINE.into(),
+                key: String::new(),
+                serializer: name,
+                size,
+                hash,
+                call: None,
+                inline: Some(base64::engine::general_purpose::STANDARD.encode(record)),
+            },
+        ));
+    }
     if let Err(e) = storage.put_record(&key, &header, payload, false).await {
         return Err((Some(value), e));
     }
@@ -166,6 +186,7 @@ pub(crate) async fn persist<T: Send + 'static>(
             size,
             hash,
             call: None,
+            inline: None,
         },
     ))
 }
@@ -177,6 +198,12 @@ pub(crate) async fn load<T: Send + 'static>(
     serializer: Arc<dyn Serializer<T>>,
     reader: &str,
 ) -> Result<T, ResultError> {
+    if let Some(record) = reference.inline_record() {
+        let (header, payload) = record?;
+        let key = StorageKey::new(format!("inline/{}", reference.hash.trim_start_matches("blake3:")))
+            .map_err(ResultError::InvalidKey)?;
+        return decode(super::INLINE, &key, &header, payload, serializer, reader).await;
+    }
     let key = StorageKey::new(reference.key.clone()).map_err(ResultError::InvalidKey)?;
     let cache = engine.record_cache();
     let (header, payload) = match cache.get(&reference.storage, &reference.key, &reference.hash) {
