@@ -2,10 +2,12 @@
 //!
 //! ```text
 //! cargo bench -p kiln --bench orchestration
+//! KILN_BENCH_DATABASE_URL=postgres://... cargo bench -p kiln --features postgres --bench orchestration
 //! ```
 //!
 //! Each iteration runs one flow of N trivial task runs and returns only when every state is
-//! durable in the embedded SQLite store, so the time covers the whole orchestration cost.
+//! durable in the store (the embedded SQLite file, and PostgreSQL when
+//! `KILN_BENCH_DATABASE_URL` is set), so the time covers the whole orchestration cost.
 //! Criterion reports time per flow; divide by N for the overhead per task run
 //! (throughput is reported in task runs per second).
 
@@ -41,9 +43,19 @@ fn bench(c: &mut Criterion) {
         .build()
         .unwrap();
     let home = tempfile::tempdir().unwrap();
-    let engine = kiln::Engine::open(home.path()).unwrap();
+    let mut engines = vec![("task_runs", kiln::Engine::open(home.path()).unwrap())];
+    if let Ok(url) = std::env::var("KILN_BENCH_DATABASE_URL") {
+        let settings = kiln::settings::Settings::load(home.path()).unwrap();
+        let store = kiln::open_store(home.path(), Some(&url)).unwrap();
+        engines.push(("task_runs_postgres", kiln::Engine::with_store(settings, store)));
+    }
+    for (group_name, engine) in &engines {
+        run_group(c, &rt, group_name, engine);
+    }
+}
 
-    let mut group = c.benchmark_group("task_runs");
+fn run_group(c: &mut Criterion, rt: &tokio::runtime::Runtime, group_name: &str, engine: &kiln::Engine) {
+    let mut group = c.benchmark_group(group_name);
     group
         .sample_size(10)
         .warm_up_time(Duration::from_secs(1))
