@@ -6,6 +6,7 @@
 mod cache;
 mod result;
 mod runs;
+mod server;
 mod storage;
 mod table;
 
@@ -39,6 +40,21 @@ enum Command {
     /// Cached task results.
     #[command(subcommand)]
     Cache(cache::CacheCommand),
+    /// The Kiln server: the state store over HTTP for many processes and machines.
+    #[command(subcommand)]
+    Server(server::ServerCommand),
+}
+
+/// The state store the CLI reads: through the server at `KILN_API_URL`, else the database
+/// (opened without creating or migrating it). `None`: nothing is recorded there yet.
+pub(crate) fn open_store(
+    home: &std::path::Path,
+    settings: &kiln::settings::Settings,
+) -> Result<Option<std::sync::Arc<dyn kiln::store::Store>>, kiln::Error> {
+    match settings.api_url.as_deref() {
+        Some(api) => kiln::open_api(api).map(Some),
+        None => kiln::open_existing_store(home, settings.database_url.as_deref()),
+    }
 }
 
 /// Runs a future to completion on the CLI's runtime (store reads are async).
@@ -68,6 +84,7 @@ fn main() -> ExitCode {
         Command::Result(cmd) => result::run(&home, cmd),
         Command::Storage(cmd) => storage::run(&home, cmd),
         Command::Cache(cmd) => cache::run(&home, cmd),
+        Command::Server(cmd) => server::run(&home, cmd),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -157,7 +157,7 @@ fn locate(home: &Path, settings: &Settings, target: &str) -> Result<Located> {
             inline: None,
         },
         _ => {
-            let Some(store) = kiln::open_existing_store(home, settings.database_url.as_deref())? else {
+            let Some(store) = crate::open_store(home, settings)? else {
                 bail!(
                     "no run '{target}': nothing is recorded in {} yet",
                     home.join("kiln.db").display()

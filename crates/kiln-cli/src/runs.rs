@@ -52,7 +52,7 @@ pub(crate) fn run(home: &Path, cmd: RunsCommand) -> Result<()> {
     let db = home.join("kiln.db");
     let mut out = std::io::stdout().lock();
     let settings = kiln::settings::Settings::load(home)?;
-    let store = kiln::open_existing_store(home, settings.database_url.as_deref())
+    let store = crate::open_store(home, &settings)
         .with_context(|| format!("reading the state database of {}", home.display()))?;
     let Some(store) = store else {
         return match cmd {

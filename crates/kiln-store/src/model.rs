@@ -26,7 +26,7 @@ pub enum RunKind {
 }
 
 /// A new flow run.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NewFlowRun {
     /// Its id (UUIDv7).
     pub id: Uuid,
@@ -51,7 +51,7 @@ pub struct NewFlowRun {
 }
 
 /// A new task run.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NewTaskRun {
     /// Its id (UUIDv7).
     pub id: Uuid,
@@ -160,7 +160,7 @@ pub struct LogRecord {
 /// The store accepts it only if the run's stored state is `from` and the rules of
 /// [`state`](crate::state) allow `from -> to`; it then assigns the change its position in the
 /// run's history. Anything else is [`Transition::Rejected`] with the state found.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StateChange {
     /// Flow or task run.
     pub kind: RunKind,
@@ -181,7 +181,8 @@ pub struct StateChange {
 }
 
 /// What the store made of a [`StateChange`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Transition {
     /// Applied as entry `seq` of the run's history.
     Accepted {
@@ -197,7 +198,8 @@ pub enum Transition {
 }
 
 /// One write to the store. Writes are applied in the order they are sent.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "write", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Write {
     /// Record a new flow run (its creation state is the first entry of its history).
@@ -347,6 +349,78 @@ pub enum Outcome {
     Failed(std::sync::Arc<crate::StoreError>),
 }
 
+/// An [`Outcome`] as it crosses a wire (the server's API): a failure travels as its message
+/// and whether it is retryable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum WireOutcome {
+    /// See [`Outcome::Applied`].
+    Applied {
+        /// For a state change: its position.
+        seq: Option<u32>,
+    },
+    /// See [`Outcome::Rejected`].
+    Rejected {
+        /// The state the run is in.
+        current: Option<StateType>,
+    },
+    /// See [`Outcome::Failed`].
+    Failed {
+        /// The error, as text.
+        message: String,
+        /// Whether trying again may succeed.
+        retryable: bool,
+    },
+}
+
+impl From<&Outcome> for WireOutcome {
+    fn from(o: &Outcome) -> Self {
+        match o {
+            Outcome::Applied { seq } => WireOutcome::Applied { seq: *seq },
+            Outcome::Rejected { current } => WireOutcome::Rejected { current: *current },
+            Outcome::Failed(e) => WireOutcome::Failed {
+                message: e.to_string(),
+                retryable: e.is_retryable(),
+            },
+        }
+    }
+}
+
+impl From<WireOutcome> for Outcome {
+    fn from(o: WireOutcome) -> Self {
+        match o {
+            WireOutcome::Applied { seq } => Outcome::Applied { seq },
+            WireOutcome::Rejected { current } => Outcome::Rejected { current },
+            WireOutcome::Failed { message, retryable } => {
+                Outcome::Failed(std::sync::Arc::new(crate::StoreError::backend(message, retryable)))
+            }
+        }
+    }
+}
+
+/// A batch of writes as it crosses a wire (`POST /api/v1/writes`), applied in order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WriteBatch {
+    /// The writes.
+    pub writes: Vec<Write>,
+}
+
+/// One outcome per write of a [`WriteBatch`], in the same order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OutcomeBatch {
+    /// The outcomes.
+    pub outcomes: Vec<WireOutcome>,
+}
+
+/// A request to mark the runs of dead processes Crashed (see `Store::crash_orphans`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CrashOrphans {
+    /// Processes known dead.
+    pub dead: Vec<Uuid>,
+    /// Processes whose last heartbeat is older than this are dead too.
+    pub stale_before: Micros,
+}
+
 /// A flow run as read back from the store.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FlowRun {
@@ -416,7 +490,8 @@ pub struct TaskRun {
 }
 
 /// What a user-given id (or id prefix) refers to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "id", rename_all = "snake_case")]
 pub enum RunRef {
     /// A flow run.
     Flow(Uuid),

@@ -74,7 +74,10 @@ impl Engine {
     pub fn open(home: impl AsRef<Path>) -> Result<Engine, Error> {
         let home = home.as_ref().to_path_buf();
         let settings = Settings::load(&home)?;
-        let store = open_store(&home, settings.database_url.as_deref())?;
+        let store = match settings.api_url.as_deref() {
+            Some(api) => open_api(api)?,
+            None => open_store(&home, settings.database_url.as_deref())?,
+        };
         Ok(Engine::with_store(settings, store))
     }
 
@@ -256,6 +259,16 @@ pub fn open_store(home: &Path, url: Option<&str>) -> Result<Arc<dyn Store>, Erro
     Err(Error::Setup(format!(
         "KILN_DATABASE_URL has the scheme '{scheme}', which Kiln does not know; use sqlite://PATH or postgres://USER@HOST/DB"
     )))
+}
+
+/// The state store behind a Kiln server at `url` (`KILN_API_URL`).
+pub fn open_api(url: &str) -> Result<Arc<dyn Store>, Error> {
+    #[cfg(feature = "api")]
+    return Ok(Arc::new(kiln_store_http::HttpStore::open(url)?));
+    #[cfg(not(feature = "api"))]
+    return Err(Error::Setup(format!(
+        "KILN_API_URL is set ({url}), but this build of Kiln cannot talk to a server; enable the `api` feature of the kiln crate"
+    )));
 }
 
 /// Opens an existing state store without creating or migrating it (the CLI's view):

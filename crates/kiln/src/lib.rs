@@ -72,7 +72,7 @@ mod transaction;
 
 pub use cache::{CacheContext, CachePolicy};
 pub use context::cancelled;
-pub use engine::{Engine, home_dir, open_existing_store, open_store};
+pub use engine::{Engine, home_dir, open_api, open_existing_store, open_store};
 pub use error::{Error, RunLabel};
 pub use flow::{Flow, FlowCall, current_flow_run_id};
 pub use isolation::Isolation;

@@ -4,6 +4,7 @@
 //! | variable | `kiln.toml` | default | meaning |
 //! |---|---|---|---|
 //! | `KILN_HOME` | – | `~/.kiln` | state database, default local storages, `kiln.toml` |
+//! | `KILN_API_URL` | `[api] url` | – | record and read through a Kiln server (`http://host:4200`) instead of a database (feature `api`) |
 //! | `KILN_DATABASE_URL` | `[database] url` | `sqlite://$KILN_HOME/kiln.db` | the state database: `sqlite://PATH`, or `postgres://...` (feature `postgres`) |
 //! | `KILN_RESULTS_PERSIST_BY_DEFAULT` | `[results] persist_by_default` | `false` | persist every task's result |
 //! | `KILN_DEFAULT_STORAGE` | `[results] default_storage` | `local` | storage of results that name none |
@@ -47,6 +48,8 @@ pub struct Settings {
     pub refresh_cache: bool,
     /// The state database's URL; `None`: the SQLite file `kiln.db` in the home folder.
     pub database_url: Option<String>,
+    /// A Kiln server to record through instead of a database.
+    pub api_url: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -60,6 +63,8 @@ struct File {
     storage: BTreeMap<String, StorageConfig>,
     #[serde(default)]
     database: DatabaseSection,
+    #[serde(default)]
+    api: DatabaseSection,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -157,6 +162,7 @@ impl Settings {
             default_cache_policy,
             refresh_cache,
             database_url: env("KILN_DATABASE_URL").or(parsed.database.url),
+            api_url: env("KILN_API_URL").or(parsed.api.url),
         })
     }
 

@@ -1,0 +1,179 @@
+//! The routes: the store contract under `/api/v1`, and `/api/health`.
+
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use kiln_store::model::*;
+use kiln_store::{Outcome, Report, Store};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::{BODY_LIMIT, Problem};
+
+type Shared = Arc<dyn Store>;
+type Json<T> = axum::Json<T>;
+type Reply<T> = Result<Json<T>, Problem>;
+
+/// The API's routes over `store`.
+pub fn router(store: Arc<dyn Store>) -> Router {
+    Router::new()
+        .route("/api/health", get(health))
+        .route("/api/v1/writes", post(writes))
+        .route("/api/v1/flow_runs", get(flow_runs))
+        .route("/api/v1/flow_runs/{id}", get(flow_run))
+        .route("/api/v1/flow_runs/{id}/subflows", get(subflow_runs))
+        .route("/api/v1/flow_runs/{id}/task_runs", get(task_runs))
+        .route("/api/v1/flow_runs/{id}/edges", get(edges))
+        .route("/api/v1/task_runs/{id}", get(task_run))
+        .route("/api/v1/runs/{id}/states", get(states))
+        .route("/api/v1/runs/{id}/logs", get(logs))
+        .route("/api/v1/runs/resolve/{text}", get(resolve))
+        .route("/api/v1/processes", get(processes))
+        .route("/api/v1/processes/crash_orphans", post(crash_orphans))
+        .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "no such endpoint; the API is under /api/v1") })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(store)
+}
+
+#[derive(Serialize)]
+struct Health {
+    status: &'static str,
+    version: &'static str,
+}
+
+async fn health() -> Json<Health> {
+    axum::Json(Health {
+        status: "ok",
+        version: env!("CARGO_PKG_VERSION"),
+    })
+}
+
+/// Where the outcome of the n-th write of a request goes.
+struct Slot {
+    outcomes: Arc<Mutex<Vec<Option<WireOutcome>>>>,
+    index: usize,
+}
+
+impl Report for Slot {
+    fn report(&self, _write: &Write, outcome: Outcome) {
+        self.outcomes.lock().unwrap_or_else(|p| p.into_inner())[self.index] = Some(WireOutcome::from(&outcome));
+    }
+}
+
+fn bad_body(e: JsonRejection) -> Problem {
+    Problem::new(
+        e.status(),
+        format!("the request body is not a valid batch of writes: {}", e.body_text()),
+    )
+}
+
+/// Applies the writes and answers once each has its outcome (they are durable, or failed).
+async fn writes(State(store): State<Shared>, body: Result<Json<WriteBatch>, JsonRejection>) -> Reply<OutcomeBatch> {
+    let axum::Json(WriteBatch { writes }) = body.map_err(bad_body)?;
+    let outcomes = Arc::new(Mutex::new(vec![None; writes.len()]));
+    for (index, write) in writes.into_iter().enumerate() {
+        let slot = Slot {
+            outcomes: outcomes.clone(),
+            index,
+        };
+        store.send(write, Some(Arc::new(slot)))?;
+    }
+    store.flush().await?;
+    let outcomes = std::mem::take(&mut *outcomes.lock().unwrap_or_else(|p| p.into_inner()));
+    let outcomes = outcomes
+        .into_iter()
+        .map(|o| {
+            o.unwrap_or(WireOutcome::Failed {
+                message: "the store gave this write no outcome".into(),
+                retryable: true,
+            })
+        })
+        .collect();
+    Ok(axum::Json(OutcomeBatch { outcomes }))
+}
+
+fn id(path: Result<Path<String>, PathRejection>) -> Result<Uuid, Problem> {
+    let Path(text) = path.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    Uuid::parse_str(&text).map_err(|e| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            format!("'{text}' is not a run id ({e}); resolve a short id with /api/v1/runs/resolve/{{text}}"),
+        )
+    })
+}
+
+fn found<T>(value: Option<T>, what: &str, id: Uuid) -> Reply<T> {
+    value
+        .map(axum::Json)
+        .ok_or_else(|| Problem::new(StatusCode::NOT_FOUND, format!("no {what} with id {id}")))
+}
+
+#[derive(Deserialize)]
+struct Limit {
+    limit: Option<usize>,
+}
+
+async fn flow_runs(State(store): State<Shared>, q: Result<Query<Limit>, QueryRejection>) -> Reply<Vec<FlowRun>> {
+    let Query(q) = q.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let limit = q.limit.unwrap_or(100);
+    if limit > 10_000 {
+        return Err(Problem::new(StatusCode::BAD_REQUEST, "limit is at most 10000"));
+    }
+    Ok(axum::Json(store.flow_runs(limit).await?))
+}
+
+async fn flow_run(State(store): State<Shared>, path: Result<Path<String>, PathRejection>) -> Reply<FlowRun> {
+    let id = id(path)?;
+    found(store.flow_run(id).await?, "flow run", id)
+}
+
+async fn subflow_runs(State(store): State<Shared>, path: Result<Path<String>, PathRejection>) -> Reply<Vec<FlowRun>> {
+    Ok(axum::Json(store.subflow_runs(id(path)?).await?))
+}
+
+async fn task_runs(State(store): State<Shared>, path: Result<Path<String>, PathRejection>) -> Reply<Vec<TaskRun>> {
+    Ok(axum::Json(store.task_runs(id(path)?).await?))
+}
+
+async fn edges(State(store): State<Shared>, path: Result<Path<String>, PathRejection>) -> Reply<Vec<Edge>> {
+    Ok(axum::Json(store.edges(id(path)?).await?))
+}
+
+async fn task_run(State(store): State<Shared>, path: Result<Path<String>, PathRejection>) -> Reply<TaskRun> {
+    let id = id(path)?;
+    found(store.task_run(id).await?, "task run", id)
+}
+
+async fn states(State(store): State<Shared>, path: Result<Path<String>, PathRejection>) -> Reply<Vec<StateRecord>> {
+    Ok(axum::Json(store.states(id(path)?).await?))
+}
+
+async fn logs(State(store): State<Shared>, path: Result<Path<String>, PathRejection>) -> Reply<Vec<LogRecord>> {
+    Ok(axum::Json(store.logs(id(path)?).await?))
+}
+
+async fn resolve(State(store): State<Shared>, Path(text): Path<String>) -> Reply<RunRef> {
+    Ok(axum::Json(store.resolve(&text).await?))
+}
+
+#[derive(Deserialize)]
+struct Since {
+    since: Option<Micros>,
+}
+
+async fn processes(State(store): State<Shared>, q: Result<Query<Since>, QueryRejection>) -> Reply<Vec<Process>> {
+    let Query(q) = q.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    Ok(axum::Json(store.processes(q.since.unwrap_or(0)).await?))
+}
+
+async fn crash_orphans(
+    State(store): State<Shared>,
+    body: Result<Json<CrashOrphans>, JsonRejection>,
+) -> Reply<Vec<(RunKind, Uuid)>> {
+    let axum::Json(req) = body.map_err(|e| Problem::new(e.status(), e.body_text()))?;
+    Ok(axum::Json(store.crash_orphans(&req.dead, req.stale_before).await?))
+}

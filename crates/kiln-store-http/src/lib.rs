@@ -1,0 +1,363 @@
+//! Kiln's state store through a Kiln server (`KILN_API_URL`): the same contract as the
+//! databases, over HTTP.
+//!
+//! Writes are queued and sent in batches (`POST /api/v1/writes`, up to 4,096 writes a
+//! request); each write's outcome comes back in the answer and goes to its reporter, and a
+//! flush waits for the server's acknowledgement of everything before it. A batch the server
+//! cannot take now (unreachable, restarting, 503) is retried whole with backoff; the queue
+//! is bounded, so a process that outruns the server waits instead of growing without bound.
+//! The store runs its own small runtime, so any caller works.
+#![warn(missing_docs)]
+
+use std::sync::Mutex;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use kiln_store::model::*;
+use kiln_store::{FlushDone, Outcome, Reporter, Store, StoreError, log_unreported};
+use serde::de::DeserializeOwned;
+use uuid::Uuid;
+
+const MAX_BATCH: usize = 4096;
+const QUEUE: usize = 4 * MAX_BATCH;
+/// How long a batch is retried while the server is unreachable or busy.
+const RETRY_DEADLINE: Duration = Duration::from_secs(300);
+
+enum Msg {
+    Write(Write, Reporter),
+    Flush(FlushDone),
+}
+
+/// The state store behind a Kiln server.
+pub struct HttpStore {
+    base: String,
+    client: reqwest::Client,
+    rt: Option<tokio::runtime::Runtime>,
+    tx: Mutex<Option<SyncSender<Msg>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for HttpStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpStore").field("server", &self.base).finish()
+    }
+}
+
+fn http_error(e: impl Into<kiln_store::BoxError>, retryable: bool) -> StoreError {
+    StoreError::backend(e, retryable)
+}
+
+/// The server's answer as a store error: its problem detail, or the status.
+async fn problem(response: reqwest::Response) -> StoreError {
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    let detail = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v["detail"].as_str().map(str::to_owned))
+        .unwrap_or(text);
+    match status.as_u16() {
+        404 if detail.contains("no flow run or task run") => StoreError::UnknownRun(detail),
+        409 if detail.contains("matches") => StoreError::AmbiguousRun {
+            prefix: detail,
+            count: 2,
+        },
+        _ => http_error(
+            format!("the server answered {status}: {detail}"),
+            status.is_server_error() || status.as_u16() == 429,
+        ),
+    }
+}
+
+impl HttpStore {
+    /// A store through the server at `base` (`http://host:4200`). Checks `/api/health`
+    /// first, so a wrong address fails here, within seconds, naming it.
+    pub fn open(base: &str) -> Result<HttpStore, StoreError> {
+        let base = base.trim_end_matches('/').to_owned();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("kiln-store-http")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::WriterGone(format!("cannot start the store's runtime: {e}")))?;
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(120))
+            .build()
+            .map_err(|e| http_error(e, false))?;
+        let health = {
+            let (client, url) = (client.clone(), format!("{base}/api/health"));
+            let (tx, rx) = std::sync::mpsc::channel();
+            rt.spawn(async move {
+                let _ = tx.send(client.get(url).send().await.and_then(|r| r.error_for_status()));
+            });
+            rx.recv().expect("the runtime ran the check")
+        };
+        if let Err(e) = health {
+            let store_error = StoreError::Open {
+                target: base.clone(),
+                source: Box::new(e),
+                advice: "check that `kiln server start` runs there and KILN_API_URL is its address",
+            };
+            rt.shutdown_background();
+            return Err(store_error);
+        }
+        let (tx, rx) = sync_channel(QUEUE);
+        let writer = {
+            let (client, url, handle) = (client.clone(), format!("{base}/api/v1/writes"), rt.handle().clone());
+            std::thread::Builder::new()
+                .name("kiln-store-http-writer".into())
+                .spawn(move || write_loop(client, url, handle, rx))
+                .map_err(|e| StoreError::WriterGone(format!("cannot start the writer thread: {e}")))?
+        };
+        Ok(HttpStore {
+            base,
+            client,
+            rt: Some(rt),
+            tx: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(writer)),
+        })
+    }
+
+    /// Sends what is queued and stops the writer; later writes fail.
+    pub fn close(&self) -> Result<(), StoreError> {
+        drop(self.tx.lock().unwrap_or_else(|p| p.into_inner()).take());
+        if let Some(h) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            h.join()
+                .map_err(|_| StoreError::WriterGone("the writer thread panicked".into()))?;
+        }
+        Ok(())
+    }
+
+    fn post(&self, msg: Msg) -> Result<(), Box<Msg>> {
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match tx {
+            Some(tx) => tx.send(msg).map_err(|e| Box::new(e.0)),
+            None => Err(Box::new(msg)),
+        }
+    }
+
+    fn gone(&self) -> StoreError {
+        StoreError::WriterGone(format!("the store for {} was closed", self.base))
+    }
+
+    /// A request on the store's runtime, answered as `T`.
+    async fn call<T: DeserializeOwned + Send + 'static>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<T, StoreError> {
+        let rt = self.rt.as_ref().expect("the runtime lives as long as the store");
+        rt.spawn(async move {
+            let response = request.send().await.map_err(|e| http_error(e, true))?;
+            if !response.status().is_success() {
+                return Err(problem(response).await);
+            }
+            response.json::<T>().await.map_err(|e| http_error(e, false))
+        })
+        .await
+        .map_err(|e| StoreError::WriterGone(format!("a request was cancelled: {e}")))?
+    }
+
+    fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.get(format!("{}/api/v1/{path}", self.base))
+    }
+}
+
+impl Drop for HttpStore {
+    fn drop(&mut self) {
+        let _ = self.close();
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn write_loop(client: reqwest::Client, url: String, rt: tokio::runtime::Handle, rx: Receiver<Msg>) {
+    let mut batch = Vec::with_capacity(256);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let writes: Vec<Write> = batch
+            .iter()
+            .filter_map(|m| match m {
+                Msg::Write(w, _) => Some(w.clone()),
+                Msg::Flush(_) => None,
+            })
+            .collect();
+        let answer = if writes.is_empty() {
+            Ok(Vec::new())
+        } else {
+            rt.block_on(send_batch(&client, &url, writes))
+        };
+        let mut outcomes = match answer {
+            Ok(outcomes) => outcomes.into_iter().map(Outcome::from).collect::<Vec<_>>().into_iter(),
+            Err(e) => {
+                tracing::error!("the server cannot record a batch of {} writes: {e}", batch.len());
+                let e = std::sync::Arc::new(e);
+                vec![Outcome::Failed(e); batch.len()].into_iter()
+            }
+        };
+        for msg in batch.drain(..) {
+            match msg {
+                Msg::Flush(done) => done(Ok(())),
+                Msg::Write(write, reporter) => {
+                    let outcome = outcomes.next().unwrap_or_else(|| {
+                        Outcome::Failed(std::sync::Arc::new(StoreError::backend(
+                            "the server answered fewer outcomes than writes",
+                            false,
+                        )))
+                    });
+                    match reporter {
+                        Some(r) => r.report(&write, outcome),
+                        None => log_unreported(&write, &outcome),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One batch, retried whole while the server is unreachable or answers 5xx.
+async fn send_batch(client: &reqwest::Client, url: &str, writes: Vec<Write>) -> Result<Vec<WireOutcome>, StoreError> {
+    let body = WriteBatch { writes };
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(50);
+    let mut warned = false;
+    loop {
+        let attempt = async {
+            let response = client
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .map_err(|e| http_error(e, true))?;
+            if !response.status().is_success() {
+                return Err(problem(response).await);
+            }
+            let answer: OutcomeBatch = response.json().await.map_err(|e| http_error(e, true))?;
+            if answer.outcomes.len() != body.writes.len() {
+                return Err(http_error(
+                    format!(
+                        "the server answered {} outcomes for {} writes",
+                        answer.outcomes.len(),
+                        body.writes.len()
+                    ),
+                    false,
+                ));
+            }
+            Ok(answer.outcomes)
+        };
+        match attempt.await {
+            Ok(outcomes) => return Ok(outcomes),
+            Err(e) if e.is_retryable() && started.elapsed() < RETRY_DEADLINE => {
+                if !warned && started.elapsed() > Duration::from_secs(5) {
+                    tracing::warn!("the Kiln server at {url} cannot take writes now ({e}); retrying");
+                    warned = true;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for HttpStore {
+    fn send(&self, write: Write, reporter: Reporter) -> Result<(), StoreError> {
+        self.post(Msg::Write(write, reporter)).map_err(|_| self.gone())
+    }
+
+    fn flush_then(&self, done: FlushDone) {
+        if let Err(msg) = self.post(Msg::Flush(done))
+            && let Msg::Flush(done) = *msg
+        {
+            done(Err(self.gone()));
+        }
+    }
+
+    async fn flow_runs(&self, limit: usize) -> Result<Vec<FlowRun>, StoreError> {
+        self.call(self.get(&format!("flow_runs?limit={limit}"))).await
+    }
+
+    async fn flow_run(&self, id: Uuid) -> Result<Option<FlowRun>, StoreError> {
+        match self.call(self.get(&format!("flow_runs/{id}"))).await {
+            Ok(run) => Ok(Some(run)),
+            Err(StoreError::Backend { source, .. }) if source.to_string().contains("404") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn subflow_runs(&self, parent: Uuid) -> Result<Vec<FlowRun>, StoreError> {
+        self.call(self.get(&format!("flow_runs/{parent}/subflows"))).await
+    }
+
+    async fn task_runs(&self, flow_run_id: Uuid) -> Result<Vec<TaskRun>, StoreError> {
+        self.call(self.get(&format!("flow_runs/{flow_run_id}/task_runs"))).await
+    }
+
+    async fn task_run(&self, id: Uuid) -> Result<Option<TaskRun>, StoreError> {
+        match self.call(self.get(&format!("task_runs/{id}"))).await {
+            Ok(run) => Ok(Some(run)),
+            Err(StoreError::Backend { source, .. }) if source.to_string().contains("404") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn states(&self, run_id: Uuid) -> Result<Vec<StateRecord>, StoreError> {
+        self.call(self.get(&format!("runs/{run_id}/states"))).await
+    }
+
+    async fn edges(&self, flow_run_id: Uuid) -> Result<Vec<Edge>, StoreError> {
+        self.call(self.get(&format!("flow_runs/{flow_run_id}/edges"))).await
+    }
+
+    async fn logs(&self, run_id: Uuid) -> Result<Vec<LogRecord>, StoreError> {
+        self.call(self.get(&format!("runs/{run_id}/logs"))).await
+    }
+
+    async fn resolve(&self, id_or_prefix: &str) -> Result<RunRef, StoreError> {
+        // Anything that is not an id's hex digits is unknown, before it reaches a URL.
+        if kiln_store::id_hex(id_or_prefix).is_none() {
+            return Err(StoreError::UnknownRun(id_or_prefix.to_owned()));
+        }
+        match self
+            .call(self.get(&format!("runs/resolve/{}", id_or_prefix.trim())))
+            .await
+        {
+            Err(StoreError::UnknownRun(_)) => Err(StoreError::UnknownRun(id_or_prefix.to_owned())),
+            Err(StoreError::AmbiguousRun { prefix, .. }) => Err(StoreError::AmbiguousRun {
+                count: prefix
+                    .split(" matches ")
+                    .nth(1)
+                    .and_then(|r| r.split(' ').next())
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(2),
+                prefix: id_or_prefix.to_owned(),
+            }),
+            other => other,
+        }
+    }
+
+    async fn processes(&self, since: Micros) -> Result<Vec<Process>, StoreError> {
+        self.call(self.get(&format!("processes?since={since}"))).await
+    }
+
+    async fn crash_orphans(&self, dead: &[Uuid], stale_before: Micros) -> Result<Vec<(RunKind, Uuid)>, StoreError> {
+        let body = CrashOrphans {
+            dead: dead.to_vec(),
+            stale_before,
+        };
+        let request = self
+            .client
+            .post(format!("{}/api/v1/processes/crash_orphans", self.base))
+            .json(&body);
+        self.call(request).await
+    }
+}

@@ -1,0 +1,99 @@
+//! The conformance suite through a real Kiln server (over SQLite, and over PostgreSQL when
+//! `KILN_TEST_DATABASE_URL` is set), plus what is HTTP's own.
+
+use std::sync::Arc;
+
+use kiln_store::Store;
+use kiln_store_http::HttpStore;
+
+/// Starts a server on a free loopback port over `store`, on the current runtime.
+async fn serve(store: Arc<dyn Store>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(kiln_server::serve(listener, store, std::future::pending()));
+    format!("http://{addr}")
+}
+
+/// A client through a server over a fresh SQLite file.
+async fn over_sqlite() -> Option<(HttpStore, tempfile::TempDir)> {
+    let dir = tempfile::tempdir().unwrap();
+    let db = kiln_store_sqlite::SqliteStore::open(dir.path().join("kiln.db")).unwrap();
+    let url = serve(Arc::new(db)).await;
+    let store = tokio::task::spawn_blocking(move || HttpStore::open(&url).unwrap())
+        .await
+        .unwrap();
+    Some((store, dir))
+}
+
+mod sqlite {
+    use super::*;
+    kiln_store::store_suite!(over_sqlite());
+}
+
+/// A client through a server over a fresh PostgreSQL database.
+async fn over_postgres() -> Option<(HttpStore, ())> {
+    let url = kiln_store_postgres::testing::fresh_database().await?;
+    let db = tokio::task::spawn_blocking(move || kiln_store_postgres::PostgresStore::open(&url).unwrap())
+        .await
+        .unwrap();
+    let server = serve(Arc::new(db)).await;
+    let store = tokio::task::spawn_blocking(move || HttpStore::open(&server).unwrap())
+        .await
+        .unwrap();
+    Some((store, ()))
+}
+
+mod postgres {
+    use super::*;
+    kiln_store::store_suite!(over_postgres());
+}
+
+#[test]
+fn a_wrong_address_fails_fast_naming_it() {
+    let started = std::time::Instant::now();
+    let err = HttpStore::open("http://127.0.0.1:1").unwrap_err().to_string();
+    assert!(
+        err.contains("http://127.0.0.1:1") && err.contains("kiln server start"),
+        "{err}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(15));
+}
+
+#[test]
+fn malformed_requests_get_problem_details() {
+    kiln_store::suite::runtime().block_on(async {
+        let (_store, dir) = over_sqlite().await.unwrap();
+        let db = kiln_store_sqlite::SqliteStore::open(dir.path().join("other.db")).unwrap();
+        let base = serve(Arc::new(db)).await;
+        let client = reqwest::Client::new();
+        for (path, status, says) in [
+            ("/api/v1/flow_runs/not-a-uuid", 400, "is not a run id"),
+            (
+                "/api/v1/flow_runs/0193f6a0-0000-7000-8000-000000000000",
+                404,
+                "no flow run with id",
+            ),
+            ("/api/v1/flow_runs?limit=many", 400, "limit"),
+            ("/api/v2/anything", 404, "/api/v1"),
+        ] {
+            let r = client.get(format!("{base}{path}")).send().await.unwrap();
+            assert_eq!(r.status().as_u16(), status, "{path}");
+            assert_eq!(r.headers()["content-type"], "application/problem+json", "{path}");
+            let body: serde_json::Value = r.json().await.unwrap();
+            assert!(body["detail"].as_str().unwrap().contains(says), "{path}: {body}");
+        }
+        let r = client
+            .post(format!("{base}/api/v1/writes"))
+            .header("content-type", "application/json")
+            .body("{\"writes\": [{\"write\": \"explode\"}]}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 422);
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert!(
+            body["detail"].as_str().unwrap().contains("not a valid batch of writes"),
+            "{body}"
+        );
+    });
+}
