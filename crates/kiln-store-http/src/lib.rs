@@ -9,14 +9,12 @@
 //! The store runs its own small runtime, so any caller works.
 #![warn(missing_docs)]
 
-use std::sync::Mutex;
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use kiln_store::model::*;
-use kiln_store::{FlushDone, Outcome, Reporter, Store, StoreError, log_unreported};
+use kiln_store::queue::{Batches, WriteQueue};
+use kiln_store::{FlushDone, Outcome, Reporter, Store, StoreError};
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
@@ -25,18 +23,12 @@ const QUEUE: usize = 4 * MAX_BATCH;
 /// How long a batch is retried while the server is unreachable or busy.
 const RETRY_DEADLINE: Duration = Duration::from_secs(300);
 
-enum Msg {
-    Write(Write, Reporter),
-    Flush(FlushDone),
-}
-
 /// The state store behind a Kiln server.
 pub struct HttpStore {
     base: String,
     client: reqwest::Client,
+    queue: WriteQueue,
     rt: Option<tokio::runtime::Runtime>,
-    tx: Mutex<Option<SyncSender<Msg>>>,
-    writer: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for HttpStore {
@@ -103,43 +95,23 @@ impl HttpStore {
             rt.shutdown_background();
             return Err(store_error);
         }
-        let (tx, rx) = sync_channel(QUEUE);
-        let writer = {
-            let (client, url, handle) = (client.clone(), format!("{base}/api/v1/writes"), rt.handle().clone());
-            std::thread::Builder::new()
-                .name("kiln-store-http-writer".into())
-                .spawn(move || write_loop(client, url, handle, rx))
-                .map_err(|e| StoreError::WriterGone(format!("cannot start the writer thread: {e}")))?
+        let writer = Writer {
+            client: client.clone(),
+            url: format!("{base}/api/v1/writes"),
+            rt: rt.handle().clone(),
         };
+        let queue = WriteQueue::start(base.clone(), "kiln-store-http-writer", QUEUE, MAX_BATCH, writer)?;
         Ok(HttpStore {
             base,
             client,
+            queue,
             rt: Some(rt),
-            tx: Mutex::new(Some(tx)),
-            writer: Mutex::new(Some(writer)),
         })
     }
 
     /// Sends what is queued and stops the writer; later writes fail.
     pub fn close(&self) -> Result<(), StoreError> {
-        drop(self.tx.lock().unwrap_or_else(|p| p.into_inner()).take());
-        if let Some(h) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            h.join()
-                .map_err(|_| StoreError::WriterGone("the writer thread panicked".into()))?;
-        }
-        Ok(())
-    }
-
-    fn post(&self, msg: Msg) -> Result<(), Box<Msg>> {
-        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        match tx {
-            Some(tx) => tx.send(msg).map_err(|e| Box::new(e.0)),
-            None => Err(Box::new(msg)),
-        }
-    }
-
-    fn gone(&self) -> StoreError {
-        StoreError::WriterGone(format!("the store for {} was closed", self.base))
+        self.queue.close()
     }
 
     /// A request on the store's runtime, answered as `T`.
@@ -173,51 +145,22 @@ impl Drop for HttpStore {
     }
 }
 
-fn write_loop(client: reqwest::Client, url: String, rt: tokio::runtime::Handle, rx: Receiver<Msg>) {
-    let mut batch = Vec::with_capacity(256);
-    while let Ok(first) = rx.recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
-            }
-        }
-        let writes: Vec<Write> = batch
-            .iter()
-            .filter_map(|m| match m {
-                Msg::Write(w, _) => Some(w.clone()),
-                Msg::Flush(_) => None,
-            })
-            .collect();
-        let answer = if writes.is_empty() {
-            Ok(Vec::new())
-        } else {
-            rt.block_on(send_batch(&client, &url, writes))
-        };
-        let mut outcomes = match answer {
-            Ok(outcomes) => outcomes.into_iter().map(Outcome::from).collect::<Vec<_>>().into_iter(),
+/// The writer thread's side: batches go to the server, outcomes come back.
+struct Writer {
+    client: reqwest::Client,
+    url: String,
+    rt: tokio::runtime::Handle,
+}
+
+impl Batches for Writer {
+    type Message = ();
+
+    fn apply(&mut self, writes: &[Write]) -> Vec<Outcome> {
+        match self.rt.block_on(send_batch(&self.client, &self.url, writes.to_vec())) {
+            Ok(outcomes) => outcomes.into_iter().map(Outcome::from).collect(),
             Err(e) => {
-                tracing::error!("the server cannot record a batch of {} writes: {e}", batch.len());
-                let e = std::sync::Arc::new(e);
-                vec![Outcome::Failed(e); batch.len()].into_iter()
-            }
-        };
-        for msg in batch.drain(..) {
-            match msg {
-                Msg::Flush(done) => done(Ok(())),
-                Msg::Write(write, reporter) => {
-                    let outcome = outcomes.next().unwrap_or_else(|| {
-                        Outcome::Failed(std::sync::Arc::new(StoreError::backend(
-                            "the server answered fewer outcomes than writes",
-                            false,
-                        )))
-                    });
-                    match reporter {
-                        Some(r) => r.report(&write, outcome),
-                        None => log_unreported(&write, &outcome),
-                    }
-                }
+                tracing::error!("the server cannot record a batch of {} writes: {e}", writes.len());
+                vec![Outcome::Failed(std::sync::Arc::new(e)); writes.len()]
             }
         }
     }
@@ -271,15 +214,11 @@ async fn send_batch(client: &reqwest::Client, url: &str, writes: Vec<Write>) -> 
 #[async_trait]
 impl Store for HttpStore {
     fn send(&self, write: Write, reporter: Reporter) -> Result<(), StoreError> {
-        self.post(Msg::Write(write, reporter)).map_err(|_| self.gone())
+        self.queue.send(write, reporter)
     }
 
     fn flush_then(&self, done: FlushDone) {
-        if let Err(msg) = self.post(Msg::Flush(done))
-            && let Msg::Flush(done) = *msg
-        {
-            done(Err(self.gone()));
-        }
+        self.queue.flush_then(done);
     }
 
     async fn flow_runs(&self, limit: usize) -> Result<Vec<FlowRun>, StoreError> {

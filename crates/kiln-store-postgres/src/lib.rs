@@ -26,19 +26,15 @@ mod read;
 pub mod testing;
 mod writer;
 
-use std::sync::Mutex;
-use std::sync::mpsc::{SyncSender, sync_channel};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use kiln_store::model::*;
+use kiln_store::queue::WriteQueue;
 use kiln_store::{FlushDone, Reporter, Store, StoreError};
 use tokio_postgres::NoTls;
 use uuid::Uuid;
-
-use writer::Msg;
 
 /// Schema migrations, applied in order; the table `kiln_schema` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -58,10 +54,9 @@ const MIGRATION_LOCK: i64 = 0x6b69_6c6e_7363_6d61; // "kilnscma"
 /// The state store on a PostgreSQL database.
 pub struct PostgresStore {
     target: String,
-    rt: Rt,
+    queue: WriteQueue,
     pool: Pool,
-    tx: Mutex<Option<SyncSender<Msg>>>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    rt: Rt,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -178,43 +173,22 @@ impl PostgresStore {
             run_on(rt.get(), async move { migrate(&pool, &target, migrate_it).await })
         };
         migrated?;
-        let (tx, rx) = sync_channel(QUEUE);
-        let writer = {
-            let (pool, handle) = (pool.clone(), rt.get().handle().clone());
-            std::thread::Builder::new()
-                .name("kiln-store-pg-writer".into())
-                .spawn(move || writer::write_loop(pool, handle, rx))
-                .map_err(|e| StoreError::WriterGone(format!("cannot start the writer thread: {e}")))?
+        let writer = writer::Writer {
+            pool: pool.clone(),
+            rt: rt.get().handle().clone(),
         };
+        let queue = WriteQueue::start(target.clone(), "kiln-store-pg-writer", QUEUE, MAX_BATCH, writer)?;
         Ok(PostgresStore {
             target,
-            rt,
+            queue,
             pool,
-            tx: Mutex::new(Some(tx)),
-            writer: Mutex::new(Some(writer)),
+            rt,
         })
     }
 
     /// Applies what is queued and stops the writer; later writes fail.
     pub fn close(&self) -> Result<(), StoreError> {
-        drop(self.tx.lock().unwrap_or_else(|p| p.into_inner()).take());
-        if let Some(h) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            h.join()
-                .map_err(|_| StoreError::WriterGone("the writer thread panicked".into()))?;
-        }
-        Ok(())
-    }
-
-    fn post(&self, msg: Msg) -> Result<(), Box<Msg>> {
-        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        match tx {
-            Some(tx) => tx.send(msg).map_err(|e| Box::new(e.0)),
-            None => Err(Box::new(msg)),
-        }
-    }
-
-    fn gone(&self) -> StoreError {
-        StoreError::WriterGone(format!("the store for {} was closed", self.target))
+        self.queue.close()
     }
 
     async fn read<T: Send + 'static>(
@@ -317,15 +291,11 @@ async fn migrate(pool: &Pool, target: &str, migrate_it: bool) -> Result<(), Stor
 #[async_trait]
 impl Store for PostgresStore {
     fn send(&self, write: Write, reporter: Reporter) -> Result<(), StoreError> {
-        self.post(Msg::Write(write, reporter)).map_err(|_| self.gone())
+        self.queue.send(write, reporter)
     }
 
     fn flush_then(&self, done: FlushDone) {
-        if let Err(msg) = self.post(Msg::Flush(done))
-            && let Msg::Flush(done) = *msg
-        {
-            done(Err(self.gone()));
-        }
+        self.queue.flush_then(done);
     }
 
     async fn flow_runs(&self, limit: usize) -> Result<Vec<FlowRun>, StoreError> {

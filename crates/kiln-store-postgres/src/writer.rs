@@ -3,25 +3,20 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Pool, Transaction};
 use kiln_store::model::*;
+use kiln_store::queue::Batches;
 use kiln_store::state::StateType;
-use kiln_store::{FlushDone, Outcome, Reporter, StoreError, log_unreported};
+use kiln_store::{Outcome, StoreError};
 use tokio_postgres::error::SqlState;
 use uuid::Uuid;
 
-use crate::{DbError, MAX_BATCH};
+use crate::DbError;
 
 /// How long a batch is retried while the database is unreachable or busy.
 const RETRY_DEADLINE: Duration = Duration::from_secs(300);
-
-pub(crate) enum Msg {
-    Write(Write, Reporter),
-    Flush(FlushDone),
-}
 
 /// Errors that may pass: a lost connection, a serialization failure, a deadlock, too many
 /// connections, a server restarting, a pool that waited too long.
@@ -60,29 +55,17 @@ fn is_fatal(e: &DbError) -> bool {
     .contains(c)))
 }
 
-pub(crate) fn write_loop(pool: Pool, rt: tokio::runtime::Handle, rx: Receiver<Msg>) {
-    let mut batch = Vec::with_capacity(256);
-    while let Ok(first) = rx.recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
-            }
-        }
-        let outcomes = rt.block_on(commit(&pool, &batch));
-        for (msg, outcome) in batch.drain(..).zip(outcomes) {
-            match msg {
-                Msg::Flush(done) => done(Ok(())),
-                Msg::Write(write, reporter) => {
-                    let outcome = outcome.unwrap_or(Outcome::Applied { seq: None });
-                    match reporter {
-                        Some(r) => r.report(&write, outcome),
-                        None => log_unreported(&write, &outcome),
-                    }
-                }
-            }
-        }
+/// The writer thread's side: the pool, and the store's runtime to run batches on.
+pub(crate) struct Writer {
+    pub(crate) pool: Pool,
+    pub(crate) rt: tokio::runtime::Handle,
+}
+
+impl Batches for Writer {
+    type Message = ();
+
+    fn apply(&mut self, writes: &[Write]) -> Vec<Outcome> {
+        self.rt.block_on(commit(&self.pool, writes))
     }
 }
 
@@ -92,17 +75,18 @@ fn failed(e: DbError) -> Arc<StoreError> {
 }
 
 /// Applies a batch whole; when a write of it cannot be applied, applies its writes one by
-/// one so that only that write fails. One outcome per message (`None` for flushes).
-async fn commit(pool: &Pool, batch: &[Msg]) -> Vec<Option<Outcome>> {
+/// one so that only that write fails. One outcome per write.
+async fn commit(pool: &Pool, batch: &[Write]) -> Vec<Outcome> {
     let all: Vec<usize> = (0..batch.len()).collect();
+    let applied = |o: Option<Outcome>| o.unwrap_or(Outcome::Applied { seq: None });
     match with_retries(pool, batch, &all).await {
-        Ok(outcomes) => outcomes,
+        Ok(outcomes) => outcomes.into_iter().map(applied).collect(),
         Err(e) if !is_fatal(&e) && !is_transient(&e) && batch.len() > 1 => {
             let mut outcomes = Vec::with_capacity(batch.len());
             for i in 0..batch.len() {
                 match with_retries(pool, batch, &[i]).await {
-                    Ok(mut one) => outcomes.push(one.swap_remove(i)),
-                    Err(e) => outcomes.push(Some(Outcome::Failed(failed(e)))),
+                    Ok(mut one) => outcomes.push(applied(one.swap_remove(i))),
+                    Err(e) => outcomes.push(Outcome::Failed(failed(e))),
                 }
             }
             outcomes
@@ -113,16 +97,13 @@ async fn commit(pool: &Pool, batch: &[Msg]) -> Vec<Option<Outcome>> {
                 "the state database cannot record a batch of {} writes: {e}",
                 batch.len()
             );
-            batch
-                .iter()
-                .map(|m| matches!(m, Msg::Write(..)).then(|| Outcome::Failed(e.clone())))
-                .collect()
+            vec![Outcome::Failed(e); batch.len()]
         }
     }
 }
 
 /// `attempt` of the writes at `include`, retried with backoff while the error is transient.
-async fn with_retries(pool: &Pool, batch: &[Msg], include: &[usize]) -> Result<Vec<Option<Outcome>>, DbError> {
+async fn with_retries(pool: &Pool, batch: &[Write], include: &[usize]) -> Result<Vec<Option<Outcome>>, DbError> {
     let started = Instant::now();
     let mut delay = Duration::from_millis(20);
     let mut warned = false;
@@ -202,15 +183,10 @@ impl Logs {
 }
 
 /// One transaction for the writes at `include`.
-async fn attempt(pool: &Pool, batch: &[Msg], include: &[usize]) -> Result<Vec<Option<Outcome>>, DbError> {
+async fn attempt(pool: &Pool, batch: &[Write], include: &[usize]) -> Result<Vec<Option<Outcome>>, DbError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    let writes = || {
-        include.iter().filter_map(|&i| match &batch[i] {
-            Msg::Write(w, _) => Some((i, w)),
-            Msg::Flush(_) => None,
-        })
-    };
+    let writes = || include.iter().map(|&i| (i, &batch[i]));
     // The rows whose state changes: locked, so no other process moves them meanwhile.
     let created: std::collections::HashSet<Uuid> = writes()
         .filter_map(|(_, w)| match w {
@@ -387,19 +363,10 @@ async fn attempt(pool: &Pool, batch: &[Msg], include: &[usize]) -> Result<Vec<Op
 /// The runs created in the batch, with the state the batch leaves them in.
 async fn insert_runs(
     tx: &Transaction<'_>,
-    batch: &[Msg],
+    batch: &[Write],
     rows: &HashMap<(RunKind, Uuid), RowState>,
 ) -> Result<(), DbError> {
-    let mut new: Vec<(&RowState, &Write)> = rows
-        .values()
-        .filter_map(|r| {
-            let i = r.created_at?;
-            match &batch[i] {
-                Msg::Write(w, _) => Some((r, w)),
-                Msg::Flush(_) => None,
-            }
-        })
-        .collect();
+    let mut new: Vec<(&RowState, &Write)> = rows.values().filter_map(|r| Some((r, &batch[r.created_at?]))).collect();
     new.sort_by_key(|(r, _)| r.created_at);
     let (mut flows, mut tasks) = (Vec::new(), Vec::new());
     for (row, w) in new {

@@ -56,17 +56,15 @@ mod read;
 mod writer;
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{SyncSender, sync_channel};
-use std::sync::{Mutex, RwLock};
-use std::thread::JoinHandle;
 
 use async_trait::async_trait;
 use kiln_store::model::*;
+use kiln_store::queue::WriteQueue;
 use kiln_store::{FlushDone, Reporter, Store, StoreError};
 use rusqlite::{Connection, ErrorCode, OpenFlags};
 use uuid::Uuid;
 
-use writer::{MAX_BATCH, Msg};
+use writer::{MAX_BATCH, Reap, Writer};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -87,8 +85,7 @@ const QUEUE: usize = 4 * MAX_BATCH;
 /// while a flow writes, and an async caller never waits on SQLite.
 pub struct SqliteStore {
     path: PathBuf,
-    tx: RwLock<Option<SyncSender<Msg>>>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    queue: WriteQueue<Reap>,
     reader: read::Reader,
 }
 
@@ -129,16 +126,12 @@ impl SqliteStore {
 
     /// The store over `conn` (migrated), with its writer and reader threads started.
     fn with_writer(path: PathBuf, conn: Connection) -> Result<Self, StoreError> {
-        let (tx, rx) = sync_channel(QUEUE);
-        let writer = std::thread::Builder::new()
-            .name("kiln-store-writer".into())
-            .spawn(move || writer::write_loop(conn, rx))
-            .map_err(|e| StoreError::WriterGone(format!("cannot start the writer thread: {e}")))?;
+        let name = path.display().to_string();
+        let queue = WriteQueue::start(name, "kiln-store-writer", QUEUE, MAX_BATCH, Writer::new(conn))?;
         Ok(SqliteStore {
             reader: read::Reader::start(path.clone())?,
             path,
-            tx: RwLock::new(Some(tx)),
-            writer: Mutex::new(Some(writer)),
+            queue,
         })
     }
 
@@ -203,9 +196,8 @@ impl SqliteStore {
         }
         Ok(SqliteStore {
             reader: read::Reader::start(path.clone())?,
+            queue: WriteQueue::closed(path.display().to_string()),
             path,
-            tx: RwLock::new(None),
-            writer: Mutex::new(None),
         })
     }
 
@@ -217,33 +209,7 @@ impl SqliteStore {
     /// Applies what is queued and stops the writer; later writes fail with
     /// [`StoreError::WriterGone`].
     pub fn close(&self) -> Result<(), StoreError> {
-        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
-        // Dropping the sender ends the writer's loop once the queue is drained.
-        drop(self.tx.write().unwrap_or_else(|p| p.into_inner()).take());
-        if let Some(h) = writer {
-            h.join()
-                .map_err(|_| StoreError::WriterGone("the writer thread panicked".into()))?;
-        }
-        Ok(())
-    }
-
-    fn gone(&self) -> StoreError {
-        if self.writer.lock().unwrap_or_else(|p| p.into_inner()).is_none() && self.path.exists() {
-            StoreError::WriterGone(format!(
-                "the store {} was closed or opened read-only",
-                self.path.display()
-            ))
-        } else {
-            StoreError::WriterGone("the writer thread exited".into())
-        }
-    }
-
-    /// Queues a message; gives it back when the writer is gone.
-    fn post(&self, msg: Msg) -> Result<(), Box<Msg>> {
-        match &*self.tx.read().unwrap_or_else(|p| p.into_inner()) {
-            Some(tx) => tx.send(msg).map_err(|e| Box::new(e.0)),
-            None => Err(Box::new(msg)),
-        }
+        self.queue.close()
     }
 }
 
@@ -308,15 +274,11 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
 #[async_trait]
 impl Store for SqliteStore {
     fn send(&self, write: Write, reporter: Reporter) -> Result<(), StoreError> {
-        self.post(Msg::Write(write, reporter)).map_err(|_| self.gone())
+        self.queue.send(write, reporter)
     }
 
     fn flush_then(&self, done: FlushDone) {
-        if let Err(msg) = self.post(Msg::Flush(done))
-            && let Msg::Flush(done) = *msg
-        {
-            done(Err(self.gone()));
-        }
+        self.queue.flush_then(done);
     }
 
     async fn flow_runs(&self, limit: usize) -> Result<Vec<FlowRun>, StoreError> {
@@ -362,12 +324,11 @@ impl Store for SqliteStore {
 
     async fn crash_orphans(&self, dead: &[Uuid], stale_before: Micros) -> Result<Vec<(RunKind, Uuid)>, StoreError> {
         let (reply, answer) = futures::channel::oneshot::channel();
-        let msg = Msg::Reap {
+        self.queue.send_other(Reap {
             dead: dead.to_vec(),
             stale_before,
             reply,
-        };
-        self.post(msg).map_err(|_| self.gone())?;
+        })?;
         answer
             .await
             .map_err(|_| StoreError::WriterGone("the writer dropped a reap".into()))?

@@ -3,12 +3,12 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use kiln_store::model::*;
+use kiln_store::queue::Batches;
 use kiln_store::state::{StateType, is_legal};
-use kiln_store::{FlushDone, Outcome, Reporter, StoreError, log_unreported};
+use kiln_store::{Outcome, StoreError};
 use rusqlite::{CachedStatement, Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 use uuid::Uuid;
 
@@ -23,15 +23,12 @@ const BUSY_DEADLINE: Duration = Duration::from_secs(300);
 /// need no lookup. Only a hint: every update is a compare-and-set on (state, seq).
 const KNOWN_MAX: usize = 65_536;
 
-pub(crate) enum Msg {
-    Write(Write, Reporter),
-    Flush(FlushDone),
-    /// Mark the unfinished runs of dead or silent processes Crashed (its own transaction).
-    Reap {
-        dead: Vec<Uuid>,
-        stale_before: Micros,
-        reply: futures::channel::oneshot::Sender<Result<Vec<(RunKind, Uuid)>, StoreError>>,
-    },
+/// Mark the unfinished runs of dead or silent processes Crashed (its own transaction, in
+/// order with the writes).
+pub(crate) struct Reap {
+    pub(crate) dead: Vec<Uuid>,
+    pub(crate) stale_before: Micros,
+    pub(crate) reply: futures::channel::oneshot::Sender<Result<Vec<(RunKind, Uuid)>, StoreError>>,
 }
 
 /// What the writer knows of a run: its state and the position of that state.
@@ -41,53 +38,35 @@ struct Current {
     seq: u32,
 }
 
-pub(crate) fn write_loop(mut conn: Connection, rx: Receiver<Msg>) {
-    let mut known: HashMap<Uuid, Current> = HashMap::new();
-    let mut batch = Vec::with_capacity(256);
-    let mut next = None;
-    loop {
-        let first = match next.take() {
-            Some(m) => m,
-            None => match rx.recv() {
-                Ok(m) => m,
-                Err(_) => return,
-            },
-        };
-        if let Msg::Reap {
-            dead,
-            stale_before,
-            reply,
-        } = first
-        {
-            let _ = reply.send(reap(&mut conn, &dead, stale_before, &mut known));
-            continue;
+/// The writer thread's state: its connection, and the runs whose state it knows.
+pub(crate) struct Writer {
+    conn: Connection,
+    known: HashMap<Uuid, Current>,
+}
+
+impl Writer {
+    pub(crate) fn new(conn: Connection) -> Writer {
+        Writer {
+            conn,
+            known: HashMap::new(),
         }
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                // A reap runs after the writes queued before it.
-                Ok(m @ Msg::Reap { .. }) => {
-                    next = Some(m);
-                    break;
-                }
-                Ok(m) => batch.push(m),
-                Err(_) => break,
-            }
-        }
-        let outcomes = commit(&mut conn, &batch, &mut known);
-        for (msg, outcome) in batch.drain(..).zip(outcomes) {
-            match msg {
-                Msg::Flush(done) => done(Ok(())),
-                Msg::Write(write, reporter) => {
-                    let outcome = outcome.unwrap_or(Outcome::Applied { seq: None });
-                    match reporter {
-                        Some(r) => r.report(&write, outcome),
-                        None => log_unreported(&write, &outcome),
-                    }
-                }
-                Msg::Reap { .. } => unreachable!("reaps are not batched"),
-            }
-        }
+    }
+}
+
+impl Batches for Writer {
+    type Message = Reap;
+
+    fn apply(&mut self, writes: &[Write]) -> Vec<Outcome> {
+        commit(&mut self.conn, writes, &mut self.known)
+    }
+
+    fn handle(&mut self, reap: Reap) {
+        let _ = reap.reply.send(self::reap(
+            &mut self.conn,
+            &reap.dead,
+            reap.stale_before,
+            &mut self.known,
+        ));
     }
 }
 
@@ -242,8 +221,8 @@ impl std::error::Error for AtFile {
 }
 
 /// Applies a batch, retrying it whole while the database is busy and leaving out only the
-/// writes that fail on their own. One outcome per message (`None` for flushes).
-fn commit(conn: &mut Connection, batch: &[Msg], known: &mut HashMap<Uuid, Current>) -> Vec<Option<Outcome>> {
+/// writes that fail on their own. One outcome per write.
+fn commit(conn: &mut Connection, batch: &[Write], known: &mut HashMap<Uuid, Current>) -> Vec<Outcome> {
     let mut failed: Vec<Option<Arc<StoreError>>> = vec![None; batch.len()];
     let path = conn.path().unwrap_or("the state database").to_owned();
     let started = Instant::now();
@@ -256,8 +235,8 @@ fn commit(conn: &mut Connection, batch: &[Msg], known: &mut HashMap<Uuid, Curren
                     .into_iter()
                     .zip(failed)
                     .map(|(applied, failed)| match failed {
-                        Some(e) => Some(Outcome::Failed(e)),
-                        None => applied,
+                        Some(e) => Outcome::Failed(e),
+                        None => applied.unwrap_or(Outcome::Applied { seq: None }),
                     })
                     .collect();
             }
@@ -282,10 +261,7 @@ fn commit(conn: &mut Connection, batch: &[Msg], known: &mut HashMap<Uuid, Curren
                     "the state database cannot record a batch of {} writes: {e}",
                     batch.len()
                 );
-                return batch
-                    .iter()
-                    .map(|m| matches!(m, Msg::Write(..)).then(|| Outcome::Failed(e.clone())))
-                    .collect();
+                return vec![Outcome::Failed(e); batch.len()];
             }
         }
     }
@@ -300,7 +276,7 @@ struct NewRow {
 /// One try at a batch inside one transaction. On success, `known` learns the new states.
 fn attempt(
     conn: &mut Connection,
-    batch: &[Msg],
+    batch: &[Write],
     failed: &[Option<Arc<StoreError>>],
     known: &mut HashMap<Uuid, Current>,
 ) -> Result<Vec<Option<Outcome>>, Stop> {
@@ -314,11 +290,7 @@ fn attempt(
         let mut st = Statements::prepare(&tx).map_err(|e| classify(e, usize::MAX))?;
         let mut new_rows: Vec<NewRow> = Vec::new();
         let mut new_index: HashMap<Uuid, usize> = HashMap::new();
-        for (i, msg) in batch.iter().enumerate() {
-            let Msg::Write(w, _) = msg else {
-                outcomes.push(None);
-                continue;
-            };
+        for (i, w) in batch.iter().enumerate() {
             if failed[i].is_some() {
                 outcomes.push(None);
                 continue;
@@ -428,9 +400,7 @@ fn attempt(
             outcomes.push(Some(outcome));
         }
         for row in &new_rows {
-            let Msg::Write(w, _) = &batch[row.index] else {
-                unreachable!("new rows come from writes")
-            };
+            let w = &batch[row.index];
             st.insert_run(w, row).map_err(|e| classify(e, row.index))?;
             learned.insert(
                 w.run_id(),

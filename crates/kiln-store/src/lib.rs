@@ -46,6 +46,7 @@
 
 mod error;
 pub mod model;
+pub mod queue;
 pub mod state;
 #[cfg(feature = "suite")]
 pub mod suite;
