@@ -52,7 +52,7 @@ pub(crate) fn open_store(
     settings: &kiln::settings::Settings,
 ) -> Result<Option<std::sync::Arc<dyn kiln::store::Store>>, kiln::Error> {
     match settings.api_url.as_deref() {
-        Some(api) => kiln::open_api(api).map(Some),
+        Some(api) => kiln::open_api(api, settings.api_key.as_deref()).map(Some),
         None => kiln::open_existing_store(home, settings.database_url.as_deref()),
     }
 }

@@ -10,28 +10,60 @@ use clap::Subcommand;
 pub(crate) enum ServerCommand {
     /// Serve the API over this home's state database (or KILN_DATABASE_URL) until Ctrl-C.
     Start {
-        /// The address to listen on. Only loopback addresses for now: the API has no tokens
-        /// yet, so anyone who reaches it could change runs.
+        /// The address to listen on. Beyond loopback only once an API token exists.
         #[arg(long, default_value = "127.0.0.1")]
         host: IpAddr,
         /// The port (0: a free one, printed at start).
         #[arg(long, default_value_t = 4200)]
         port: u16,
     },
+    /// API tokens: once one exists, every request needs one.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+pub(crate) enum TokenCommand {
+    /// Create a token and print its secret (shown this once; only its hash is stored).
+    Create {
+        /// A name for it (`ci`, `alice-laptop`).
+        name: String,
+        /// It may only read.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// List the tokens (names, never secrets).
+    Ls {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token: every server sharing the database refuses it within seconds.
+    Revoke {
+        /// Its name.
+        name: String,
+    },
+}
+
+fn database(home: &Path) -> Result<std::sync::Arc<dyn kiln::store::Store>> {
+    let settings = kiln::settings::Settings::load(home)?;
+    kiln::open_store(home, settings.database_url.as_deref())
+        .with_context(|| format!("opening the state database of {}", home.display()))
 }
 
 pub(crate) fn run(home: &Path, cmd: ServerCommand) -> Result<()> {
-    let ServerCommand::Start { host, port } = cmd;
-    if !host.is_loopback() {
+    let (host, port) = match cmd {
+        ServerCommand::Start { host, port } => (host, port),
+        ServerCommand::Token(cmd) => return token(home, cmd),
+    };
+    let store = database(home)?;
+    let tokens = crate::wait(store.api_tokens())?;
+    if !host.is_loopback() && !tokens.iter().any(|t| t.revoked.is_none()) {
         bail!(
-            "refusing to listen on {host}: the API has no authentication yet, so anyone who reaches it could \
-             record and change runs; listen on 127.0.0.1 (the default) and reach it through an SSH tunnel or \
-             an authenticating proxy"
+            "refusing to listen on {host} without API tokens: anyone who reaches it could record and change runs; \
+             create one first (`kiln server token create NAME`), or listen on 127.0.0.1 (the default)"
         );
     }
-    let settings = kiln::settings::Settings::load(home)?;
-    let store = kiln::open_store(home, settings.database_url.as_deref())
-        .with_context(|| format!("opening the state database of {}", home.display()))?;
     crate::wait(async move {
         let listener = tokio::net::TcpListener::bind((host, port))
             .await
@@ -45,4 +77,91 @@ pub(crate) fn run(home: &Path, cmd: ServerCommand) -> Result<()> {
         kiln_server::serve(listener, store, shutdown).await?;
         Ok(())
     })
+}
+
+fn token(home: &Path, cmd: TokenCommand) -> Result<()> {
+    use kiln::store::model::{ApiToken, Write, now_micros};
+    let store = database(home)?;
+    let mut out = std::io::stdout().lock();
+    use std::io::Write as _;
+    match cmd {
+        TokenCommand::Create { name, read_only } => {
+            if crate::wait(store.api_tokens())?.iter().any(|t| t.name == name) {
+                bail!("there is already a token named '{name}'; revoke it or choose another name");
+            }
+            let secret = ApiToken::new_secret();
+            let token = ApiToken {
+                name: name.clone(),
+                hash: ApiToken::hash_secret(&secret),
+                read_only,
+                created: now_micros(),
+                revoked: None,
+            };
+            crate::wait(write(&*store, Write::PutToken(token)))?;
+            writeln!(out, "{secret}")?;
+            eprintln!(
+                "token '{name}'{} created; its secret (above) is shown only now: give it to clients as KILN_API_KEY",
+                if read_only { " (read-only)" } else { "" }
+            );
+        }
+        TokenCommand::Ls { json } => {
+            let tokens = crate::wait(store.api_tokens())?;
+            if json {
+                let listed: Vec<_> = tokens
+                    .iter()
+                    .map(|t| {
+                        serde_json::json!({
+                            "name": t.name, "read_only": t.read_only, "created": t.created, "revoked": t.revoked
+                        })
+                    })
+                    .collect();
+                serde_json::to_writer_pretty(&mut out, &listed)?;
+                writeln!(out)?;
+            } else {
+                for t in &tokens {
+                    let mode = if t.read_only { "read-only" } else { "read-write" };
+                    let state = if t.revoked.is_some() { "revoked" } else { "active" };
+                    writeln!(
+                        out,
+                        "{:<24} {mode:<10} {state:<8} {}",
+                        t.name,
+                        crate::table::time(Some(t.created))
+                    )?;
+                }
+                if tokens.is_empty() {
+                    eprintln!("no API tokens: the server is open (and listens on loopback only)");
+                }
+            }
+        }
+        TokenCommand::Revoke { name } => {
+            crate::wait(write(
+                &*store,
+                Write::RevokeToken {
+                    name: name.clone(),
+                    at: now_micros(),
+                },
+            ))?;
+            eprintln!("token '{name}' revoked");
+        }
+    }
+    Ok(())
+}
+
+/// Sends one write and waits for its outcome.
+async fn write(store: &dyn kiln::store::Store, write: kiln::store::model::Write) -> Result<()> {
+    use kiln::store::{Outcome, Report};
+    struct Once(std::sync::Mutex<Option<Outcome>>);
+    impl Report for Once {
+        fn report(&self, _: &kiln::store::model::Write, outcome: Outcome) {
+            *self.0.lock().unwrap() = Some(outcome);
+        }
+    }
+    let once = std::sync::Arc::new(Once(std::sync::Mutex::new(None)));
+    store.send(write, Some(once.clone()))?;
+    store.flush().await?;
+    match once.0.lock().unwrap().take() {
+        Some(Outcome::Applied { .. }) => Ok(()),
+        Some(Outcome::Failed(e)) => Err(anyhow::anyhow!("{e}")),
+        other => Err(anyhow::anyhow!("the store did not record it: {other:?}")),
+    }
 }

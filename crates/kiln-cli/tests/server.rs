@@ -117,3 +117,77 @@ fn listening_beyond_loopback_without_tokens_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn tokens_are_shown_once_required_then_and_revoked() {
+    let (server_home, client_home) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let created = kiln(server_home.path())
+        .args(["server", "token", "create", "ci"])
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let secret = String::from_utf8(created.stdout).unwrap().trim().to_owned();
+    assert!(secret.starts_with("kiln_"), "{secret}");
+    assert!(String::from_utf8_lossy(&created.stderr).contains("shown only now"));
+    let again = kiln(server_home.path())
+        .args(["server", "token", "create", "ci"])
+        .output()
+        .unwrap();
+    assert!(!again.status.success(), "a name is taken once");
+    let ls = kiln(server_home.path())
+        .args(["server", "token", "ls", "--json"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8(ls.stdout).unwrap();
+    assert!(!listed.contains(&secret[5..]), "the secret is never listed");
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(
+        (listed[0]["name"].as_str(), listed[0]["revoked"].is_null()),
+        (Some("ci"), true)
+    );
+
+    let mut child = kiln(server_home.path())
+        .args(["server", "start", "--port", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let _server = Server(child);
+    let url = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap()
+        .to_owned();
+
+    let run = |key: Option<&str>| {
+        let mut c = Command::new(std::env::current_exe().unwrap());
+        c.args(["--exact", "program", "--ignored", "--nocapture"])
+            .env("KILN_HOME", client_home.path())
+            .env("KILN_API_URL", &url)
+            .env_remove("KILN_API_KEY");
+        if let Some(key) = key {
+            c.env("KILN_API_KEY", key);
+        }
+        c.output().unwrap()
+    };
+    let refused = run(None);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("KILN_API_KEY"));
+    assert!(run(Some(&secret)).status.success());
+
+    let revoked = kiln(server_home.path())
+        .args(["server", "token", "revoke", "ci"])
+        .output()
+        .unwrap();
+    assert!(revoked.status.success());
+    let ls = kiln(server_home.path())
+        .args(["server", "token", "ls", "--json"])
+        .output()
+        .unwrap();
+    let listed: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
+    assert!(!listed[0]["revoked"].is_null());
+}

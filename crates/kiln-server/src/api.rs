@@ -20,6 +20,7 @@ type Reply<T> = Result<Json<T>, Problem>;
 
 /// The API's routes over `store`.
 pub fn router(store: Arc<dyn Store>) -> Router {
+    let auth = Arc::new(crate::auth::Auth::new(store.clone()));
     Router::new()
         .route("/api/health", get(health))
         .route("/api/v1/writes", post(writes))
@@ -35,6 +36,7 @@ pub fn router(store: Arc<dyn Store>) -> Router {
         .route("/api/v1/processes", get(processes))
         .route("/api/v1/processes/crash_orphans", post(crash_orphans))
         .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "no such endpoint; the API is under /api/v1") })
+        .layer(axum::middleware::from_fn_with_state(auth, crate::auth::check))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(store)
 }
@@ -74,6 +76,15 @@ fn bad_body(e: JsonRejection) -> Problem {
 /// Applies the writes and answers once each has its outcome (they are durable, or failed).
 async fn writes(State(store): State<Shared>, body: Result<Json<WriteBatch>, JsonRejection>) -> Reply<OutcomeBatch> {
     let axum::Json(WriteBatch { writes }) = body.map_err(bad_body)?;
+    if writes
+        .iter()
+        .any(|w| matches!(w, Write::PutToken(_) | Write::RevokeToken { .. }))
+    {
+        return Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "API tokens cannot be created or revoked through the API; use `kiln server token` on the server",
+        ));
+    }
     let outcomes = Arc::new(Mutex::new(vec![None; writes.len()]));
     for (index, write) in writes.into_iter().enumerate() {
         let slot = Slot {

@@ -6,6 +6,9 @@
 //! `kiln-store-http` client is a `Store` over it and passes the same conformance suite as
 //! the databases do. Errors are RFC 9457 problem details naming the cause.
 //!
+//! Once the database holds an API token (`kiln server token create`), every endpoint but
+//! `/api/health` requires `Authorization: Bearer <secret>`; read-only tokens may only read.
+//!
 //! ```no_run
 //! # async fn run(store: std::sync::Arc<dyn kiln_store::Store>) -> std::io::Result<()> {
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:4200").await?;
@@ -15,6 +18,7 @@
 #![warn(missing_docs)]
 
 mod api;
+mod auth;
 mod problem;
 
 use std::future::Future;

@@ -63,9 +63,15 @@ async fn problem(response: reqwest::Response) -> StoreError {
 }
 
 impl HttpStore {
-    /// A store through the server at `base` (`http://host:4200`). Checks `/api/health`
-    /// first, so a wrong address fails here, within seconds, naming it.
+    /// A store through the server at `base` (`http://host:4200`) with no token.
     pub fn open(base: &str) -> Result<HttpStore, StoreError> {
+        Self::open_with_key(base, None)
+    }
+
+    /// A store through the server at `base`, sending `key` as its bearer token
+    /// (`KILN_API_KEY`). Checks the address and the token first, so either being wrong fails
+    /// here, within seconds, naming it.
+    pub fn open_with_key(base: &str, key: Option<&str>) -> Result<HttpStore, StoreError> {
         let base = base.trim_end_matches('/').to_owned();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -73,20 +79,49 @@ impl HttpStore {
             .enable_all()
             .build()
             .map_err(|e| StoreError::WriterGone(format!("cannot start the store's runtime: {e}")))?;
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(key) = key {
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.trim()))
+                .map_err(|_| http_error("KILN_API_KEY holds characters a header cannot carry", false))?;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
         let client = reqwest::Client::builder()
+            .default_headers(headers)
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(120))
             .build()
             .map_err(|e| http_error(e, false))?;
         let health = {
-            let (client, url) = (client.clone(), format!("{base}/api/health"));
+            let (client, base) = (client.clone(), base.clone());
             let (tx, rx) = std::sync::mpsc::channel();
             rt.spawn(async move {
-                let _ = tx.send(client.get(url).send().await.and_then(|r| r.error_for_status()));
+                let reached = client
+                    .get(format!("{base}/api/health"))
+                    .send()
+                    .await
+                    .and_then(|r| r.error_for_status());
+                let allowed = match reached {
+                    Err(e) => Err(Err(e)),
+                    Ok(_) => match client.get(format!("{base}/api/v1/flow_runs?limit=1")).send().await {
+                        Ok(r) if r.status().is_success() => Ok(()),
+                        Ok(r) => Err(Ok(problem(r).await)),
+                        Err(e) => Err(Err(e)),
+                    },
+                };
+                let _ = tx.send(allowed);
             });
             rx.recv().expect("the runtime ran the check")
         };
-        if let Err(e) = health {
+        if let Err(Ok(refused)) = health {
+            rt.shutdown_background();
+            return Err(StoreError::Open {
+                target: base,
+                source: Box::new(refused),
+                advice: "set KILN_API_KEY to a token the server knows (`kiln server token create NAME` on the server)",
+            });
+        }
+        if let Err(Err(e)) = health {
             let store_error = StoreError::Open {
                 target: base.clone(),
                 source: Box::new(e),
@@ -286,6 +321,13 @@ impl Store for HttpStore {
 
     async fn processes(&self, since: Micros) -> Result<Vec<Process>, StoreError> {
         self.call(self.get(&format!("processes?since={since}"))).await
+    }
+
+    async fn api_tokens(&self) -> Result<Vec<ApiToken>, StoreError> {
+        Err(StoreError::backend(
+            "API tokens are managed on the server's own database: run `kiln server token ls` there",
+            false,
+        ))
     }
 
     async fn crash_orphans(&self, dead: &[Uuid], stale_before: Micros) -> Result<Vec<(RunKind, Uuid)>, StoreError> {

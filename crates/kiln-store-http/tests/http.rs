@@ -97,3 +97,93 @@ fn malformed_requests_get_problem_details() {
         );
     });
 }
+
+#[test]
+fn tokens_guard_the_api() {
+    use kiln_store::model::{ApiToken, Write, now_micros};
+    kiln_store::suite::runtime().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(kiln_store_sqlite::SqliteStore::open(dir.path().join("kiln.db")).unwrap());
+        let (rw, ro) = (ApiToken::new_secret(), ApiToken::new_secret());
+        for (name, secret, read_only) in [("ci", &rw, false), ("viewer", &ro, true)] {
+            let token = ApiToken {
+                name: name.into(),
+                hash: ApiToken::hash_secret(secret),
+                read_only,
+                created: now_micros(),
+                revoked: None,
+            };
+            db.send(Write::PutToken(token), None).unwrap();
+        }
+        db.flush().await.unwrap();
+        let base = serve(db.clone()).await;
+        let client = reqwest::Client::new();
+
+        let health = client.get(format!("{base}/api/health")).send().await.unwrap();
+        assert_eq!(health.status().as_u16(), 200, "health needs no token");
+        let anonymous = client.get(format!("{base}/api/v1/flow_runs")).send().await.unwrap();
+        assert_eq!(anonymous.status().as_u16(), 401);
+        assert_eq!(anonymous.headers()["www-authenticate"], "Bearer");
+        let wrong = client
+            .get(format!("{base}/api/v1/flow_runs"))
+            .bearer_auth("kiln_guess")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(wrong.status().as_u16(), 401);
+
+        let open = |key: Option<String>| {
+            let base = base.clone();
+            tokio::task::spawn_blocking(move || HttpStore::open_with_key(&base, key.as_deref()))
+        };
+        let err = open(None).await.unwrap().unwrap_err().to_string();
+        assert!(err.contains("KILN_API_KEY"), "{err}");
+
+        // A read-only token reads, and its writes are refused.
+        let viewer = open(Some(ro.clone())).await.unwrap().unwrap();
+        assert!(viewer.flow_runs(10).await.unwrap().is_empty());
+        let refused = viewer.set_state(kiln_store::suite::change(
+            kiln_store::model::RunKind::Task,
+            uuid::Uuid::now_v7(),
+            kiln_store::state::StateType::Pending,
+            kiln_store::state::StateType::Running,
+            1,
+        ));
+        let err = refused.await.unwrap_err().to_string();
+        assert!(err.contains("read-only"), "{err}");
+
+        // A read-write token writes, but cannot mint tokens through the API.
+        let ci = open(Some(rw.clone())).await.unwrap().unwrap();
+        kiln_store::suite::records_a_run_lifecycle(&ci).await;
+        let minted = client
+            .post(format!("{base}/api/v1/writes"))
+            .bearer_auth(&rw)
+            .json(&serde_json::json!({ "writes": [{
+                "write": "put_token", "name": "mine", "hash": "blake3:00", "read_only": false,
+                "created": 0, "revoked": null
+            }]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(minted.status().as_u16(), 403);
+
+        // Revoked: refused within seconds.
+        db.send(
+            Write::RevokeToken {
+                name: "ci".into(),
+                at: now_micros(),
+            },
+            None,
+        )
+        .unwrap();
+        db.flush().await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
+        let after = client
+            .get(format!("{base}/api/v1/flow_runs"))
+            .bearer_auth(&rw)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(after.status().as_u16(), 401);
+    });
+}

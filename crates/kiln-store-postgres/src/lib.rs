@@ -40,6 +40,7 @@ use uuid::Uuid;
 const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_runs.sql"),
     include_str!("../migrations/0002_processes.sql"),
+    include_str!("../migrations/0003_api_tokens.sql"),
 ];
 
 /// Most writes applied in one transaction.
@@ -347,6 +348,11 @@ impl Store for PostgresStore {
     async fn processes(&self, since: Micros) -> Result<Vec<Process>, StoreError> {
         let pool = self.pool.clone();
         self.read(async move { read::processes(&pool, since).await }).await
+    }
+
+    async fn api_tokens(&self) -> Result<Vec<ApiToken>, StoreError> {
+        let pool = self.pool.clone();
+        self.read(async move { read::api_tokens(&pool).await }).await
     }
 
     async fn crash_orphans(&self, dead: &[Uuid], stale_before: Micros) -> Result<Vec<(RunKind, Uuid)>, StoreError> {

@@ -211,3 +211,17 @@ pub(crate) async fn processes(pool: &Pool, since: Micros) -> Result<Vec<Process>
     })
     .await
 }
+
+pub(crate) async fn api_tokens(pool: &Pool) -> Result<Vec<ApiToken>, StoreError> {
+    let sql = "SELECT name, hash, read_only, created, revoked FROM api_tokens ORDER BY name";
+    all(pool, sql, &[], |r| {
+        Ok(ApiToken {
+            name: get(r, "name")?,
+            hash: get(r, "hash")?,
+            read_only: get(r, "read_only")?,
+            created: get(r, "created")?,
+            revoked: get(r, "revoked")?,
+        })
+    })
+    .await
+}

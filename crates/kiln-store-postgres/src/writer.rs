@@ -241,6 +241,7 @@ async fn attempt(pool: &Pool, batch: &[Write], include: &[usize]) -> Result<Vec<
     let mut edges: (Vec<Uuid>, Vec<Uuid>, Vec<Option<Uuid>>) = Default::default();
     let mut logs = Logs::default();
     let mut beats: Vec<&Process> = Vec::new();
+    let mut tokens: Vec<&Write> = Vec::new();
     for (i, w) in writes() {
         let outcome = match w {
             Write::FlowRun(NewFlowRun {
@@ -298,6 +299,10 @@ async fn attempt(pool: &Pool, batch: &[Write], include: &[usize]) -> Result<Vec<
                 beats.push(p);
                 Outcome::Applied { seq: None }
             }
+            Write::PutToken(_) | Write::RevokeToken { .. } => {
+                tokens.push(w);
+                Outcome::Applied { seq: None }
+            }
             _ => Outcome::Failed(Arc::new(StoreError::Corrupt(format!(
                 "this backend does not know the write {w}"
             )))),
@@ -340,6 +345,31 @@ async fn attempt(pool: &Pool, batch: &[Write], include: &[usize]) -> Result<Vec<
             &[&p.id, &p.host, &(p.pid as i32), &(p.started as i64), &p.heartbeat],
         )
         .await?;
+    }
+    for w in tokens {
+        match w {
+            Write::PutToken(t) => {
+                tx.execute(
+                    "INSERT INTO api_tokens (name, hash, read_only, created, revoked) VALUES ($1, $2, $3, $4, $5)",
+                    &[&t.name, &t.hash, &t.read_only, &t.created, &t.revoked],
+                )
+                .await?;
+            }
+            Write::RevokeToken { name, at } => {
+                let changed = tx
+                    .execute(
+                        "UPDATE api_tokens SET revoked = COALESCE(revoked, $2) WHERE name = $1",
+                        &[name, at],
+                    )
+                    .await?;
+                if changed == 0 {
+                    return Err(DbError::Data(format!(
+                        "there is no API token named '{name}' (see `kiln server token ls`)"
+                    )));
+                }
+            }
+            _ => unreachable!("only token writes are collected here"),
+        }
     }
     if !logs.run_id.is_empty() {
         tx.execute(

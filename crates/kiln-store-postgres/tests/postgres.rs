@@ -74,3 +74,11 @@ fn two_stores_on_one_database_see_each_other() {
         assert_eq!(a.states(id).await.unwrap().len(), 2);
     });
 }
+
+#[test]
+fn api_tokens_are_kept_as_hashes() {
+    kiln_store::suite::runtime().block_on(async {
+        let Some((store, ())) = postgres().await else { return };
+        kiln_store::suite::api_tokens_are_kept_as_hashes(&store).await;
+    });
+}

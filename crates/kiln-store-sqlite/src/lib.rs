@@ -72,6 +72,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0002_results.sql"),
     include_str!("../migrations/0003_state_seq.sql"),
     include_str!("../migrations/0004_processes.sql"),
+    include_str!("../migrations/0005_api_tokens.sql"),
 ];
 
 /// Writes queued ahead of the writer at most. A producer faster than SQLite waits for room
@@ -320,6 +321,10 @@ impl Store for SqliteStore {
 
     async fn processes(&self, since: Micros) -> Result<Vec<Process>, StoreError> {
         self.reader.run(move |c| read::processes(c, since)).await
+    }
+
+    async fn api_tokens(&self) -> Result<Vec<ApiToken>, StoreError> {
+        self.reader.run(read::api_tokens).await
     }
 
     async fn crash_orphans(&self, dead: &[Uuid], stale_before: Micros) -> Result<Vec<(RunKind, Uuid)>, StoreError> {

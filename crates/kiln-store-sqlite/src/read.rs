@@ -307,3 +307,21 @@ pub(crate) fn processes(c: &Connection, since: Micros) -> Result<Vec<Process>, S
         .map_err(backend)?,
     )
 }
+
+pub(crate) fn api_tokens(c: &Connection) -> Result<Vec<ApiToken>, StoreError> {
+    let mut st = c
+        .prepare_cached("SELECT name, hash, read_only, created, revoked FROM api_tokens ORDER BY name")
+        .map_err(backend)?;
+    collect(
+        st.query_map([], |r| {
+            Ok(ApiToken {
+                name: r.get(0)?,
+                hash: r.get(1)?,
+                read_only: r.get(2)?,
+                created: r.get(3)?,
+                revoked: r.get(4)?,
+            })
+        })
+        .map_err(backend)?,
+    )
+}

@@ -374,6 +374,23 @@ fn attempt(
                         .map_err(|e| classify(e, i))?;
                     Outcome::Applied { seq: None }
                 }
+                Write::PutToken(t) => {
+                    st.put_token
+                        .execute(params![t.name, t.hash, t.read_only, t.created, t.revoked])
+                        .map_err(|e| classify(e, i))?;
+                    Outcome::Applied { seq: None }
+                }
+                Write::RevokeToken { name, at } => {
+                    let changed = st.revoke_token.execute(params![name, at]).map_err(|e| classify(e, i))?;
+                    if changed == 0 {
+                        Outcome::Failed(Arc::new(StoreError::backend(
+                            format!("there is no API token named '{name}' (see `kiln server token ls`)"),
+                            false,
+                        )))
+                    } else {
+                        Outcome::Applied { seq: None }
+                    }
+                }
                 Write::Heartbeat(p) => {
                     st.heartbeat
                         .execute(params![p.id, p.host, p.pid, p.started as i64, p.heartbeat])
@@ -437,6 +454,8 @@ struct Statements<'t> {
     edge: CachedStatement<'t>,
     log: CachedStatement<'t>,
     heartbeat: CachedStatement<'t>,
+    put_token: CachedStatement<'t>,
+    revoke_token: CachedStatement<'t>,
 }
 
 impl<'t> Statements<'t> {
@@ -482,6 +501,10 @@ impl<'t> Statements<'t> {
                 "INSERT INTO processes (id, host, pid, started, heartbeat) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (id) DO UPDATE SET heartbeat = excluded.heartbeat",
             )?,
+            put_token: tx.prepare_cached(
+                "INSERT INTO api_tokens (name, hash, read_only, created, revoked) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?,
+            revoke_token: tx.prepare_cached("UPDATE api_tokens SET revoked = COALESCE(revoked, ?2) WHERE name = ?1")?,
         })
     }
 

@@ -48,7 +48,7 @@ fn a_database_from_a_newer_kiln_is_refused() {
                 err,
                 StoreError::TooNew {
                     found: 99,
-                    known: 4,
+                    known: 5,
                     ..
                 }
             ),
@@ -186,4 +186,10 @@ fn a_corrupt_row_is_reported_not_guessed() {
     // The store refuses to move a run whose stored state it cannot read.
     let change = suite::change(RunKind::Task, id, Pending, Running, 1);
     assert!(block_on(store.set_state(change)).is_err());
+}
+
+#[test]
+fn api_tokens_are_kept_as_hashes() {
+    let (store, _dir) = sqlite();
+    block_on(suite::api_tokens_are_kept_as_hashes(&store));
 }

@@ -58,7 +58,9 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 pub use error::{BoxError, StoreError};
-use model::{Edge, FlowRun, LogRecord, Micros, Process, RunKind, RunRef, StateChange, StateRecord, TaskRun, Write};
+use model::{
+    ApiToken, Edge, FlowRun, LogRecord, Micros, Process, RunKind, RunRef, StateChange, StateRecord, TaskRun, Write,
+};
 pub use model::{Outcome, Transition};
 
 /// A callback run once the writes queued before it are applied (or reported failed).
@@ -152,6 +154,9 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// compare-and-set as any state change, with a message naming the process and why.
     /// Returns the runs it marked.
     async fn crash_orphans(&self, dead: &[Uuid], stale_before: Micros) -> Result<Vec<(RunKind, Uuid)>, StoreError>;
+
+    /// The Kiln server's API tokens (hashes only), revoked ones included.
+    async fn api_tokens(&self) -> Result<Vec<ApiToken>, StoreError>;
 }
 
 /// Logs a failed or rejected write that had no reporter: nothing fails silently.

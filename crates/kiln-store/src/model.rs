@@ -94,6 +94,37 @@ pub struct Process {
     pub heartbeat: Micros,
 }
 
+/// An API token of the Kiln server. Only a hash of its secret is stored; the secret is shown
+/// once, when it is created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiToken {
+    /// A name for people (`ci`, `alice-laptop`); unique.
+    pub name: String,
+    /// `blake3:<hex>` of the secret (see [`ApiToken::hash_secret`]).
+    pub hash: String,
+    /// Reads only: every request that changes something is refused.
+    pub read_only: bool,
+    /// When it was created.
+    pub created: Micros,
+    /// When it was revoked; a revoked token is refused.
+    pub revoked: Option<Micros>,
+}
+
+impl ApiToken {
+    /// A new secret (`kiln_` and 64 hex digits from the OS's random source).
+    pub fn new_secret() -> String {
+        format!("kiln_{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple())
+    }
+
+    /// The stored form of `secret`.
+    pub fn hash_secret(secret: &str) -> String {
+        let hash = blake3::Hasher::new_derive_key("kiln 2026-11 api token")
+            .update(secret.as_bytes())
+            .finalize();
+        format!("blake3:{}", hash.to_hex())
+    }
+}
+
 /// One entry of a run's state history.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StateRecord {
@@ -219,6 +250,15 @@ pub enum Write {
     Log(LogRecord),
     /// A process says it is alive (recorded, or its heartbeat moved forward).
     Heartbeat(Process),
+    /// Record a new API token (refused when the name is taken).
+    PutToken(ApiToken),
+    /// Revoke the API token of this name, from this time.
+    RevokeToken {
+        /// The token's name.
+        name: String,
+        /// When.
+        at: Micros,
+    },
 }
 
 impl Write {
@@ -231,6 +271,7 @@ impl Write {
             Write::Edge { edge, .. } => edge.downstream,
             Write::Log(l) => l.run_id,
             Write::Heartbeat(p) => p.id,
+            Write::PutToken(_) | Write::RevokeToken { .. } => Uuid::nil(),
         }
     }
 }
@@ -244,6 +285,8 @@ impl std::fmt::Display for Write {
             Write::Edge { edge, .. } => write!(f, "edge {} -> {}", edge.upstream, edge.downstream),
             Write::Log(l) => write!(f, "a log line of run {}", l.run_id),
             Write::Heartbeat(p) => write!(f, "a heartbeat of process {} (pid {} on {})", p.id, p.pid, p.host),
+            Write::PutToken(t) => write!(f, "the API token '{}'", t.name),
+            Write::RevokeToken { name, .. } => write!(f, "the revocation of API token '{name}'"),
         }
     }
 }

@@ -576,3 +576,64 @@ pub async fn dead_processes_have_their_runs_crashed(store: &dyn Store) {
     assert!(known.contains(&alive.id) && known.contains(&exited.id), "{known:?}");
     assert!(report.problems().is_empty(), "{:?}", report.problems());
 }
+
+/// API tokens are kept by name with the hash of their secret; a name is taken once; a
+/// revocation sticks; revoking an unknown name fails. (Database backends only: a server's
+/// tokens are managed on its own database.)
+pub async fn api_tokens_are_kept_as_hashes(store: &dyn Store) {
+    let report = Arc::new(Collect::default());
+    let secret = ApiToken::new_secret();
+    assert!(secret.starts_with("kiln_") && secret.len() == 69, "{secret}");
+    let token = |name: &str, read_only| ApiToken {
+        name: name.into(),
+        hash: ApiToken::hash_secret(&format!("{secret}-{name}")),
+        read_only,
+        created: now_micros(),
+        revoked: None,
+    };
+    send(
+        store,
+        &report,
+        [
+            Write::PutToken(token("ci", false)),
+            Write::PutToken(token("viewer", true)),
+        ],
+    );
+    store.flush().await.unwrap();
+    assert!(report.problems().is_empty(), "{:?}", report.problems());
+    let tokens = store.api_tokens().await.unwrap();
+    assert_eq!(
+        tokens.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+        ["ci", "viewer"]
+    );
+    assert!(
+        tokens
+            .iter()
+            .all(|t| t.hash.starts_with("blake3:") && !t.hash.contains(&secret))
+    );
+    assert!(tokens[1].read_only);
+
+    let again = Arc::new(Collect::default());
+    send(
+        store,
+        &again,
+        [
+            Write::PutToken(token("ci", true)),
+            Write::RevokeToken {
+                name: "viewer".into(),
+                at: now_micros(),
+            },
+            Write::RevokeToken {
+                name: "nobody".into(),
+                at: now_micros(),
+            },
+        ],
+    );
+    store.flush().await.unwrap();
+    let problems = again.problems();
+    assert_eq!(problems.len(), 2, "a taken name and an unknown token: {problems:?}");
+    assert!(problems[1].contains("nobody"), "{problems:?}");
+    let tokens = store.api_tokens().await.unwrap();
+    assert!(!tokens[0].read_only, "the first 'ci' token is unchanged");
+    assert!(tokens[1].revoked.is_some());
+}

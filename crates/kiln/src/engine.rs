@@ -75,7 +75,7 @@ impl Engine {
         let home = home.as_ref().to_path_buf();
         let settings = Settings::load(&home)?;
         let store = match settings.api_url.as_deref() {
-            Some(api) => open_api(api)?,
+            Some(api) => open_api(api, settings.api_key.as_deref())?,
             None => open_store(&home, settings.database_url.as_deref())?,
         };
         Ok(Engine::with_store(settings, store))
@@ -261,10 +261,13 @@ pub fn open_store(home: &Path, url: Option<&str>) -> Result<Arc<dyn Store>, Erro
     )))
 }
 
-/// The state store behind a Kiln server at `url` (`KILN_API_URL`).
-pub fn open_api(url: &str) -> Result<Arc<dyn Store>, Error> {
+/// The state store behind a Kiln server at `url` (`KILN_API_URL`), with token `key`
+/// (`KILN_API_KEY`).
+pub fn open_api(url: &str, key: Option<&str>) -> Result<Arc<dyn Store>, Error> {
     #[cfg(feature = "api")]
-    return Ok(Arc::new(kiln_store_http::HttpStore::open(url)?));
+    return Ok(Arc::new(kiln_store_http::HttpStore::open_with_key(url, key)?));
+    #[cfg(not(feature = "api"))]
+    let _ = key;
     #[cfg(not(feature = "api"))]
     return Err(Error::Setup(format!(
         "KILN_API_URL is set ({url}), but this build of Kiln cannot talk to a server; enable the `api` feature of the kiln crate"

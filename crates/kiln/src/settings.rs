@@ -5,6 +5,7 @@
 //! |---|---|---|---|
 //! | `KILN_HOME` | – | `~/.kiln` | state database, default local storages, `kiln.toml` |
 //! | `KILN_API_URL` | `[api] url` | – | record and read through a Kiln server (`http://host:4200`) instead of a database (feature `api`) |
+//! | `KILN_API_KEY` | – | – | the token for that server (environment only: it is a secret) |
 //! | `KILN_DATABASE_URL` | `[database] url` | `sqlite://$KILN_HOME/kiln.db` | the state database: `sqlite://PATH`, or `postgres://...` (feature `postgres`) |
 //! | `KILN_RESULTS_PERSIST_BY_DEFAULT` | `[results] persist_by_default` | `false` | persist every task's result |
 //! | `KILN_DEFAULT_STORAGE` | `[results] default_storage` | `local` | storage of results that name none |
@@ -50,6 +51,8 @@ pub struct Settings {
     pub database_url: Option<String>,
     /// A Kiln server to record through instead of a database.
     pub api_url: Option<String>,
+    /// The token for that server (`KILN_API_KEY`; from the environment only, never a file).
+    pub api_key: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -163,6 +166,7 @@ impl Settings {
             refresh_cache,
             database_url: env("KILN_DATABASE_URL").or(parsed.database.url),
             api_url: env("KILN_API_URL").or(parsed.api.url),
+            api_key: env("KILN_API_KEY"),
         })
     }
 

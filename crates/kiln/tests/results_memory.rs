@@ -39,9 +39,11 @@ async fn hundreds_of_large_results_do_not_accumulate_in_memory() {
     assert_eq!(last, (7 + STEPS) as u8);
     let image = u64::from(SIDE * SIDE * 3);
     let grown = peak.saturating_sub(before);
-    // Alive at once: the image, its encoded copy while it is written, a little slack.
+    // Alive at once: the image, its encoded copy while it is written, and slack for the
+    // allocator's per-thread arenas, which a loaded machine spreads over more threads
+    // (34 MiB was seen under the full suite). 150 images accumulating would be 650 MiB.
     assert!(
-        grown < 8 * image,
+        grown < 12 * image,
         "peak grew by {} MiB; one image is {} MiB",
         grown >> 20,
         image >> 20
