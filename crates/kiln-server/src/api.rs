@@ -23,6 +23,7 @@ pub fn router(store: Arc<dyn Store>) -> Router {
     let auth = Arc::new(crate::auth::Auth::new(store.clone()));
     Router::new()
         .route("/api/health", get(health))
+        .route("/api/version", get(health))
         .route("/api/v1/writes", post(writes))
         .route("/api/v1/flow_runs", get(flow_runs))
         .route("/api/v1/flow_runs/{id}", get(flow_run))
@@ -38,7 +39,25 @@ pub fn router(store: Arc<dyn Store>) -> Router {
         .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "no such endpoint; the API is under /api/v1") })
         .layer(axum::middleware::from_fn_with_state(auth, crate::auth::check))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::map_response(too_large))
         .with_state(store)
+}
+
+/// A body over the limit is refused by axum with plain text: say which limit, as a problem.
+async fn too_large(response: axum::response::Response) -> axum::response::Response {
+    if response.status() != StatusCode::PAYLOAD_TOO_LARGE {
+        return response;
+    }
+    use axum::response::IntoResponse;
+    Problem::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!(
+            "the request body is larger than the server's limit of {} MiB (kiln_server::BODY_LIMIT); send the \
+             writes in smaller batches",
+            BODY_LIMIT >> 20
+        ),
+    )
+    .into_response()
 }
 
 #[derive(Serialize)]

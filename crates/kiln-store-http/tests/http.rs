@@ -82,6 +82,26 @@ fn malformed_requests_get_problem_details() {
             let body: serde_json::Value = r.json().await.unwrap();
             assert!(body["detail"].as_str().unwrap().contains(says), "{path}: {body}");
         }
+        let version: serde_json::Value = client
+            .get(format!("{base}/api/version"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(version["version"].is_string(), "{version}");
+        let huge = client
+            .post(format!("{base}/api/v1/writes"))
+            .header("content-type", "application/json")
+            .body(vec![b' '; kiln_server::BODY_LIMIT + 1])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(huge.status().as_u16(), 413);
+        assert_eq!(huge.headers()["content-type"], "application/problem+json");
+        let body: serde_json::Value = huge.json().await.unwrap();
+        assert!(body["detail"].as_str().unwrap().contains("BODY_LIMIT"), "{body}");
         let r = client
             .post(format!("{base}/api/v1/writes"))
             .header("content-type", "application/json")
