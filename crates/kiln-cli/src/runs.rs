@@ -20,6 +20,21 @@ pub(crate) enum RunsCommand {
         /// How many to show.
         #[arg(long, short = 'n', default_value_t = 20)]
         limit: usize,
+        /// Only runs in this state (repeat for several: `--state Failed --state Crashed`).
+        #[arg(long, value_parser = parse_state)]
+        state: Vec<kiln::StateType>,
+        /// Only runs of this flow.
+        #[arg(long)]
+        flow: Option<String>,
+        /// Only runs with this tag.
+        #[arg(long)]
+        tag: Option<String>,
+        /// Only runs created within this long (`30m`, `2h`, `7d`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+        /// The page after this run id (the last id of the page before).
+        #[arg(long)]
+        after: Option<Uuid>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -77,7 +92,26 @@ pub(crate) fn run(home: &Path, cmd: RunsCommand) -> Result<()> {
         tracing_note(&e);
     }
     match cmd {
-        RunsCommand::Ls { limit, json } => ls(store, &mut out, limit, json),
+        RunsCommand::Ls {
+            limit,
+            state,
+            flow,
+            tag,
+            since,
+            after,
+            json,
+        } => {
+            let filter = kiln::store::model::RunFilter {
+                states: state,
+                flow,
+                tag,
+                since: since.map(|d| kiln::store::model::now_micros() - d.as_micros() as i64),
+                until: None,
+                after,
+                limit,
+            };
+            ls(store, &mut out, &filter, json)
+        }
         RunsCommand::Show { id, json } => match crate::wait(store.resolve(&id))? {
             RunRef::Flow(id) => show_flow(store, &mut out, id, json),
             RunRef::Task(id) => show_task(store, &mut out, id, json),
@@ -105,8 +139,19 @@ fn json_line(out: &mut impl Write, value: &impl Serialize) -> Result<()> {
     Ok(())
 }
 
-fn ls(store: &dyn Store, out: &mut impl Write, limit: usize, json: bool) -> Result<()> {
-    let runs = crate::wait(store.flow_runs(limit))?;
+fn parse_state(text: &str) -> Result<kiln::StateType, String> {
+    text.parse().map_err(|_| {
+        let all: Vec<&str> = kiln::StateType::ALL.iter().map(|s| s.as_str()).collect();
+        format!("unknown state '{text}'; states: {}", all.join(", "))
+    })
+}
+
+fn ls(store: &dyn Store, out: &mut impl Write, filter: &kiln::store::model::RunFilter, json: bool) -> Result<()> {
+    let page = crate::wait(store.list_flow_runs(filter))?;
+    let runs = page.runs;
+    if let Some(next) = page.next {
+        eprintln!("more runs: add `--after {next}` for the next page");
+    }
     if json {
         return json_line(out, &runs);
     }

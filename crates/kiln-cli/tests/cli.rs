@@ -169,3 +169,32 @@ fn unknown_ids_and_empty_homes_get_clear_answers() {
     let out = kiln(empty.path(), &["runs", "show", "0190"]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[test]
+fn runs_ls_filters_and_pages() {
+    let home = populated_home();
+    let count = |args: &[&str]| {
+        let mut all = vec!["runs", "ls", "--json"];
+        all.extend_from_slice(args);
+        json(&kiln(home.path(), &all)).as_array().unwrap().len()
+    };
+    assert_eq!(count(&["--state", "Completed"]), 2);
+    assert_eq!(count(&["--state", "Failed", "--state", "Crashed"]), 0);
+    assert_eq!(count(&["--flow", "numbers"]), 2);
+    assert_eq!(count(&["--flow", "other"]), 0);
+    assert_eq!(count(&["--since", "1h"]), 2);
+
+    let first = kiln(home.path(), &["runs", "ls", "--json", "-n", "1"]);
+    let hint = String::from_utf8_lossy(&first.stderr).to_string();
+    let newest = json(&first)[0]["id"].as_str().unwrap().to_owned();
+    assert!(hint.contains(&format!("--after {newest}")), "{hint}");
+    let second = json(&kiln(
+        home.path(),
+        &["runs", "ls", "--json", "-n", "1", "--after", &newest],
+    ));
+    assert_eq!(second[0]["parameters"], serde_json::json!({ "n": 4 }), "the older run");
+
+    let bad = kiln(home.path(), &["runs", "ls", "--state", "Bogus"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown state 'Bogus'"));
+}

@@ -142,18 +142,48 @@ fn found<T>(value: Option<T>, what: &str, id: Uuid) -> Reply<T> {
         .ok_or_else(|| Problem::new(StatusCode::NOT_FOUND, format!("no {what} with id {id}")))
 }
 
+/// `GET /api/v1/flow_runs`'s query: a [`RunFilter`] with states as a comma-separated list.
 #[derive(Deserialize)]
-struct Limit {
+struct ListQuery {
     limit: Option<usize>,
+    state: Option<String>,
+    flow: Option<String>,
+    tag: Option<String>,
+    since: Option<Micros>,
+    until: Option<Micros>,
+    after: Option<Uuid>,
 }
 
-async fn flow_runs(State(store): State<Shared>, q: Result<Query<Limit>, QueryRejection>) -> Reply<Vec<FlowRun>> {
+async fn flow_runs(State(store): State<Shared>, q: Result<Query<ListQuery>, QueryRejection>) -> Reply<FlowRunPage> {
     let Query(q) = q.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let limit = q.limit.unwrap_or(100);
     if limit > 10_000 {
         return Err(Problem::new(StatusCode::BAD_REQUEST, "limit is at most 10000"));
     }
-    Ok(axum::Json(store.flow_runs(limit).await?))
+    let states = q
+        .state
+        .iter()
+        .flat_map(|s| s.split(','))
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            s.trim().parse::<kiln_store::state::StateType>().map_err(|_| {
+                Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown state '{s}'; states: Scheduled, Pending, Running, AwaitingRetry, Completed, Cached, Failed, Crashed, Cancelled, TimedOut, RolledBack"),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let filter = RunFilter {
+        states,
+        flow: q.flow,
+        tag: q.tag,
+        since: q.since,
+        until: q.until,
+        after: q.after,
+        limit,
+    };
+    Ok(axum::Json(store.list_flow_runs(&filter).await?))
 }
 
 async fn flow_run(State(store): State<Shared>, path: Result<Path<String>, PathRejection>) -> Reply<FlowRun> {

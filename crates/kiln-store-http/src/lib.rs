@@ -256,8 +256,18 @@ impl Store for HttpStore {
         self.queue.flush_then(done);
     }
 
-    async fn flow_runs(&self, limit: usize) -> Result<Vec<FlowRun>, StoreError> {
-        self.call(self.get(&format!("flow_runs?limit={limit}"))).await
+    async fn list_flow_runs(&self, filter: &RunFilter) -> Result<FlowRunPage, StoreError> {
+        let mut query: Vec<(&str, String)> = vec![("limit", filter.limit.to_string())];
+        if !filter.states.is_empty() {
+            let states: Vec<&str> = filter.states.iter().map(|s| s.as_str()).collect();
+            query.push(("state", states.join(",")));
+        }
+        query.extend(filter.flow.clone().map(|f| ("flow", f)));
+        query.extend(filter.tag.clone().map(|t| ("tag", t)));
+        query.extend(filter.since.map(|t| ("since", t.to_string())));
+        query.extend(filter.until.map(|t| ("until", t.to_string())));
+        query.extend(filter.after.map(|a| ("after", a.to_string())));
+        self.call(self.get("flow_runs").query(&query)).await
     }
 
     async fn flow_run(&self, id: Uuid) -> Result<Option<FlowRun>, StoreError> {

@@ -304,6 +304,12 @@ impl Store for PostgresStore {
         self.read(async move { read::flow_runs(&pool, limit).await }).await
     }
 
+    async fn list_flow_runs(&self, filter: &RunFilter) -> Result<FlowRunPage, StoreError> {
+        let (pool, filter) = (self.pool.clone(), filter.clone());
+        self.read(async move { read::list_flow_runs(&pool, &filter).await })
+            .await
+    }
+
     async fn flow_run(&self, id: Uuid) -> Result<Option<FlowRun>, StoreError> {
         let pool = self.pool.clone();
         self.read(async move { read::flow_run(&pool, id).await }).await

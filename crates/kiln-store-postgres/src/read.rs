@@ -88,6 +88,47 @@ async fn all<T>(
     rows.iter().map(map).collect()
 }
 
+pub(crate) async fn list_flow_runs(pool: &Pool, f: &RunFilter) -> Result<FlowRunPage, StoreError> {
+    let mut sql = format!("SELECT {FLOW_COLUMNS} FROM flow_runs f WHERE TRUE");
+    let states: Vec<&str> = f.states.iter().map(|s| s.as_str()).collect();
+    let limit = f.limit as i64 + 1;
+    let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
+    if !states.is_empty() {
+        params.push(&states);
+        sql.push_str(&format!(" AND f.state = ANY(${})", params.len()));
+    }
+    if let Some(flow) = &f.flow {
+        params.push(flow);
+        sql.push_str(&format!(" AND f.name = ${}", params.len()));
+    }
+    if let Some(tag) = &f.tag {
+        params.push(tag);
+        sql.push_str(&format!(" AND f.tags @> jsonb_build_array(${}::text)", params.len()));
+    }
+    if let Some(since) = &f.since {
+        params.push(since);
+        sql.push_str(&format!(" AND f.created >= ${}", params.len()));
+    }
+    if let Some(until) = &f.until {
+        params.push(until);
+        sql.push_str(&format!(" AND f.created < ${}", params.len()));
+    }
+    if let Some(after) = &f.after {
+        params.push(after);
+        sql.push_str(&format!(" AND f.id < ${}", params.len()));
+    }
+    params.push(&limit);
+    sql.push_str(&format!(" ORDER BY f.id DESC LIMIT ${}", params.len()));
+    let mut runs = all(pool, &sql, &params, flow_row).await?;
+    let next = if runs.len() > f.limit {
+        runs.truncate(f.limit);
+        runs.last().map(|r| r.id)
+    } else {
+        None
+    };
+    Ok(FlowRunPage { runs, next })
+}
+
 pub(crate) async fn flow_runs(pool: &Pool, limit: usize) -> Result<Vec<FlowRun>, StoreError> {
     let sql = format!("SELECT {FLOW_COLUMNS} FROM flow_runs f ORDER BY f.id DESC LIMIT $1");
     all(pool, &sql, &[&(limit as i64)], flow_row).await

@@ -286,6 +286,11 @@ impl Store for SqliteStore {
         self.reader.run(move |c| read::flow_runs(c, limit)).await
     }
 
+    async fn list_flow_runs(&self, filter: &RunFilter) -> Result<FlowRunPage, StoreError> {
+        let filter = filter.clone();
+        self.reader.run(move |c| read::list_flow_runs(c, &filter)).await
+    }
+
     async fn flow_run(&self, id: Uuid) -> Result<Option<FlowRun>, StoreError> {
         self.reader.run(move |c| read::flow_run(c, id)).await
     }

@@ -138,6 +138,55 @@ fn collect<T>(rows: impl Iterator<Item = rusqlite::Result<T>>) -> Result<Vec<T>,
     rows.collect::<rusqlite::Result<Vec<T>>>().map_err(backend)
 }
 
+pub(crate) fn list_flow_runs(c: &Connection, f: &RunFilter) -> Result<FlowRunPage, StoreError> {
+    let mut sql = format!("SELECT {FLOW_COLUMNS} FROM flow_runs f WHERE 1 = 1");
+    let mut params: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
+    if !f.states.is_empty() {
+        sql.push_str(&format!(" AND f.state IN ({})", vec!["?"; f.states.len()].join(", ")));
+        params.extend(
+            f.states
+                .iter()
+                .map(|s| Box::new(s.as_str()) as Box<dyn rusqlite::ToSql>),
+        );
+    }
+    if let Some(flow) = &f.flow {
+        sql.push_str(" AND f.name = ?");
+        params.push(Box::new(flow.clone()));
+    }
+    if let Some(tag) = &f.tag {
+        sql.push_str(" AND EXISTS (SELECT 1 FROM json_each(f.tags) WHERE value = ?)");
+        params.push(Box::new(tag.clone()));
+    }
+    if let Some(since) = f.since {
+        sql.push_str(" AND f.created >= ?");
+        params.push(Box::new(since));
+    }
+    if let Some(until) = f.until {
+        sql.push_str(" AND f.created < ?");
+        params.push(Box::new(until));
+    }
+    if let Some(after) = f.after {
+        sql.push_str(" AND f.id < ?");
+        params.push(Box::new(after));
+    }
+    // One more than asked: whether there is a next page.
+    sql.push_str(" ORDER BY f.id DESC LIMIT ?");
+    params.push(Box::new(f.limit as i64 + 1));
+    let mut st = c.prepare_cached(&sql).map_err(backend)?;
+    let mut runs = collect(
+        st.query_map(rusqlite::params_from_iter(params.iter()), flow_row)
+            .map_err(backend)?,
+    )?;
+    let next = (runs.len() > f.limit).then(|| {
+        runs.truncate(f.limit);
+        runs.last().map(|r| r.id)
+    });
+    Ok(FlowRunPage {
+        runs,
+        next: next.flatten(),
+    })
+}
+
 pub(crate) fn flow_runs(c: &Connection, limit: usize) -> Result<Vec<FlowRun>, StoreError> {
     let mut st = c
         .prepare_cached(&format!(

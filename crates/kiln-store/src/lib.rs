@@ -59,7 +59,8 @@ use uuid::Uuid;
 
 pub use error::{BoxError, StoreError};
 use model::{
-    ApiToken, Edge, FlowRun, LogRecord, Micros, Process, RunKind, RunRef, StateChange, StateRecord, TaskRun, Write,
+    ApiToken, Edge, FlowRun, FlowRunPage, LogRecord, Micros, Process, RunFilter, RunKind, RunRef, StateChange,
+    StateRecord, TaskRun, Write,
 };
 pub use model::{Outcome, Transition};
 
@@ -128,7 +129,11 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     }
 
     /// The newest flow runs first, at most `limit`.
-    async fn flow_runs(&self, limit: usize) -> Result<Vec<FlowRun>, StoreError>;
+    async fn flow_runs(&self, limit: usize) -> Result<Vec<FlowRun>, StoreError> {
+        Ok(self.list_flow_runs(&RunFilter::newest(limit)).await?.runs)
+    }
+    /// The flow runs `filter` selects, newest first, one page at a time.
+    async fn list_flow_runs(&self, filter: &RunFilter) -> Result<FlowRunPage, StoreError>;
     /// One flow run.
     async fn flow_run(&self, id: Uuid) -> Result<Option<FlowRun>, StoreError>;
     /// The flow runs started by `parent` (subflows), oldest first.

@@ -464,6 +464,56 @@ pub struct CrashOrphans {
     pub stale_before: Micros,
 }
 
+/// Which flow runs to list: all the conditions hold; newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunFilter {
+    /// In any of these states (none: any state).
+    #[serde(default)]
+    pub states: Vec<StateType>,
+    /// Runs of this flow (its name).
+    #[serde(default)]
+    pub flow: Option<String>,
+    /// Runs with this tag.
+    #[serde(default)]
+    pub tag: Option<String>,
+    /// Created at or after this time.
+    #[serde(default)]
+    pub since: Option<Micros>,
+    /// Created before this time.
+    #[serde(default)]
+    pub until: Option<Micros>,
+    /// The page after this run (the `next` of the page before): ids are time-ordered, so
+    /// this is a stable cursor whatever is recorded meanwhile.
+    #[serde(default)]
+    pub after: Option<Uuid>,
+    /// At most this many runs.
+    pub limit: usize,
+}
+
+impl RunFilter {
+    /// The newest `limit` runs, unfiltered.
+    pub fn newest(limit: usize) -> RunFilter {
+        RunFilter {
+            states: Vec::new(),
+            flow: None,
+            tag: None,
+            since: None,
+            until: None,
+            after: None,
+            limit,
+        }
+    }
+}
+
+/// One page of flow runs, and the cursor of the next one (`None`: this is the last).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlowRunPage {
+    /// The runs, newest first.
+    pub runs: Vec<FlowRun>,
+    /// Pass as [`RunFilter::after`] for the next page.
+    pub next: Option<Uuid>,
+}
+
 /// A flow run as read back from the store.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FlowRun {

@@ -34,6 +34,7 @@ macro_rules! store_suite {
             lists_newest_first_within_the_limit,
             concurrent_writers_lose_nothing,
             dead_processes_have_their_runs_crashed,
+            flow_runs_filter_and_page,
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
@@ -636,4 +637,75 @@ pub async fn api_tokens_are_kept_as_hashes(store: &dyn Store) {
     let tokens = store.api_tokens().await.unwrap();
     assert!(!tokens[0].read_only, "the first 'ci' token is unchanged");
     assert!(tokens[1].revoked.is_some());
+}
+
+/// Flow runs are listed by state, flow, tag and time, newest first, a page at a time with a
+/// cursor that stays right while new runs are recorded.
+pub async fn flow_runs_filter_and_page(store: &dyn Store) {
+    let report = Arc::new(Collect::default());
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        let mut f = flow(if i % 2 == 0 { "even" } else { "odd" }, None);
+        f.tags = if i < 3 { vec!["nightly".into()] } else { vec![] };
+        ids.push(f.id);
+        send(store, &report, [Write::FlowRun(f)]);
+    }
+    store.flush().await.unwrap();
+    for &id in &ids[..2] {
+        walk(
+            store,
+            RunKind::Flow,
+            id,
+            Pending,
+            &[(Running, 1, None), (Failed, 1, Some("boom"))],
+        )
+        .await;
+    }
+    walk(store, RunKind::Flow, ids[2], Pending, &[(Running, 1, None)]).await;
+    let list = |filter: RunFilter| async move {
+        let page = store.list_flow_runs(&filter).await.unwrap();
+        (page.runs.iter().map(|r| r.id).collect::<Vec<_>>(), page.next)
+    };
+    let base = RunFilter::newest(100);
+    let failed = RunFilter {
+        states: vec![Failed],
+        ..base.clone()
+    };
+    assert_eq!(list(failed).await.0, [ids[1], ids[0]]);
+    let running_or_failed = RunFilter {
+        states: vec![Running, Failed],
+        ..base.clone()
+    };
+    assert_eq!(list(running_or_failed).await.0, [ids[2], ids[1], ids[0]]);
+    let odd = RunFilter {
+        flow: Some("odd".into()),
+        ..base.clone()
+    };
+    assert_eq!(list(odd).await.0, [ids[5], ids[3], ids[1]]);
+    let nightly_even = RunFilter {
+        flow: Some("even".into()),
+        tag: Some("nightly".into()),
+        ..base.clone()
+    };
+    assert_eq!(list(nightly_even).await.0, [ids[2], ids[0]]);
+    let none = RunFilter {
+        since: Some(now_micros() + 60_000_000),
+        ..base.clone()
+    };
+    assert!(list(none).await.0.is_empty());
+
+    // Pages of three, newest first; a run recorded meanwhile does not shift them.
+    let page = |after| RunFilter {
+        after,
+        ..RunFilter::newest(3)
+    };
+    let (first, next) = list(page(None)).await;
+    assert_eq!(first, [ids[6], ids[5], ids[4]]);
+    send(store, &report, [Write::FlowRun(flow("late", None))]);
+    store.flush().await.unwrap();
+    let (second, next) = list(page(next)).await;
+    assert_eq!(second, [ids[3], ids[2], ids[1]]);
+    let (third, next) = list(page(next)).await;
+    assert_eq!((third, next), (vec![ids[0]], None));
+    assert!(report.problems().is_empty(), "{:?}", report.problems());
 }
