@@ -124,14 +124,7 @@ impl Located {
     fn bytes(&self, rt: &tokio::runtime::Runtime) -> Result<bytes::Bytes> {
         match self {
             Located::Stored(storage, key) => Ok(rt.block_on(storage.get_bytes(key))?),
-            Located::Inline(r) => {
-                use base64::Engine as _;
-                let text = r.inline.as_deref().unwrap_or_default();
-                Ok(base64::engine::general_purpose::STANDARD
-                    .decode(text)
-                    .context("the inline record is not base64")?
-                    .into())
-            }
+            Located::Inline(r) => Ok(r.inline_bytes().expect("an inline reference")?),
         }
     }
 

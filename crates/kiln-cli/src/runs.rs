@@ -89,7 +89,7 @@ pub(crate) fn run(home: &Path, cmd: RunsCommand) -> Result<()> {
     let store = &*store;
     // A run whose process died is Crashed, not Running, before anything is shown or retried.
     if let Err(e) = crate::wait(kiln::heartbeat::crash_dead_processes(store, None)) {
-        tracing_note(&e);
+        note_unchecked(&e);
     }
     match cmd {
         RunsCommand::Ls {
@@ -127,7 +127,7 @@ pub(crate) fn run(home: &Path, cmd: RunsCommand) -> Result<()> {
 }
 
 /// The database could not be checked for dead processes (a read-only home): said once, quietly.
-fn tracing_note(e: &kiln::Error) {
+fn note_unchecked(e: &kiln::Error) {
     if std::env::var_os("KILN_LOG").is_some() {
         eprintln!("note: runs of dead processes were not checked: {e}");
     }

@@ -97,7 +97,7 @@ fn token(home: &Path, cmd: TokenCommand) -> Result<()> {
                 created: now_micros(),
                 revoked: None,
             };
-            crate::wait(write(&*store, Write::PutToken(token)))?;
+            write(&*store, Write::PutToken(token))?;
             writeln!(out, "{secret}")?;
             eprintln!(
                 "token '{name}'{} created; its secret (above) is shown only now: give it to clients as KILN_API_KEY",
@@ -134,34 +134,24 @@ fn token(home: &Path, cmd: TokenCommand) -> Result<()> {
             }
         }
         TokenCommand::Revoke { name } => {
-            crate::wait(write(
+            write(
                 &*store,
                 Write::RevokeToken {
                     name: name.clone(),
                     at: now_micros(),
                 },
-            ))?;
+            )?;
             eprintln!("token '{name}' revoked");
         }
     }
     Ok(())
 }
 
-/// Sends one write and waits for its outcome.
-async fn write(store: &dyn kiln::store::Store, write: kiln::store::model::Write) -> Result<()> {
-    use kiln::store::{Outcome, Report};
-    struct Once(std::sync::Mutex<Option<Outcome>>);
-    impl Report for Once {
-        fn report(&self, _: &kiln::store::model::Write, outcome: Outcome) {
-            *self.0.lock().unwrap() = Some(outcome);
-        }
-    }
-    let once = std::sync::Arc::new(Once(std::sync::Mutex::new(None)));
-    store.send(write, Some(once.clone()))?;
-    store.flush().await?;
-    match once.0.lock().unwrap().take() {
-        Some(Outcome::Applied { .. }) => Ok(()),
-        Some(Outcome::Failed(e)) => Err(anyhow::anyhow!("{e}")),
+/// Sends one write and says whether it was recorded.
+fn write(store: &dyn kiln::store::Store, write: kiln::store::model::Write) -> Result<()> {
+    match crate::wait(store.write(write))? {
+        kiln::store::Outcome::Applied { .. } => Ok(()),
+        kiln::store::Outcome::Failed(e) => Err(anyhow::anyhow!("{e}")),
         other => Err(anyhow::anyhow!("the store did not record it: {other:?}")),
     }
 }

@@ -45,14 +45,9 @@ impl Drop for Server {
     }
 }
 
-#[test]
-fn a_flow_recorded_through_the_server_is_read_from_another_home() {
-    let (server_home, client_home, reader_home) = (
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-    );
-    let mut child = kiln(server_home.path())
+/// `kiln server start` on a free port over `home`; the server and its address.
+fn start(home: &Path) -> (Server, String) {
+    let mut child = kiln(home)
         .args(["server", "start", "--port", "0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -62,12 +57,22 @@ fn a_flow_recorded_through_the_server_is_read_from_another_home() {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut first)
         .unwrap();
-    let _server = Server(child);
     let url = first
         .split_whitespace()
         .find(|w| w.starts_with("http://"))
         .unwrap_or_else(|| panic!("no address in {first:?}"))
         .to_owned();
+    (Server(child), url)
+}
+
+#[test]
+fn a_flow_recorded_through_the_server_is_read_from_another_home() {
+    let (server_home, client_home, reader_home) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let (_server, url) = start(server_home.path());
 
     let out = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "program", "--ignored", "--nocapture"])
@@ -146,22 +151,7 @@ fn tokens_are_shown_once_required_then_and_revoked() {
         (Some("ci"), true)
     );
 
-    let mut child = kiln(server_home.path())
-        .args(["server", "start", "--port", "0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    let _server = Server(child);
-    let url = first
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap()
-        .to_owned();
+    let (_server, url) = start(server_home.path());
 
     let run = |key: Option<&str>| {
         let mut c = Command::new(std::env::current_exe().unwrap());

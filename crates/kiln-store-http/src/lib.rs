@@ -41,6 +41,28 @@ fn http_error(e: impl Into<kiln_store::BoxError>, retryable: bool) -> StoreError
     StoreError::backend(e, retryable)
 }
 
+/// Whether the server answers at `base` and accepts the client's token; else why, and what
+/// to check.
+async fn check(client: &reqwest::Client, base: &str) -> Result<(), (kiln_store::BoxError, &'static str)> {
+    const ADDRESS: &str = "check that `kiln server start` runs there and KILN_API_URL is its address";
+    const TOKEN: &str = "set KILN_API_KEY to a token the server knows (`kiln server token create NAME` on the server)";
+    client
+        .get(format!("{base}/api/health"))
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .map_err(|e| (e.into(), ADDRESS))?;
+    let answer = client
+        .get(format!("{base}/api/v1/flow_runs?limit=1"))
+        .send()
+        .await
+        .map_err(|e| (e.into(), ADDRESS))?;
+    if !answer.status().is_success() {
+        return Err((problem(answer).await.into(), TOKEN));
+    }
+    Ok(())
+}
+
 /// The server's answer as a store error: its problem detail, or the status.
 async fn problem(response: reqwest::Response) -> StoreError {
     let status = response.status();
@@ -50,7 +72,8 @@ async fn problem(response: reqwest::Response) -> StoreError {
         .and_then(|v| v["detail"].as_str().map(str::to_owned))
         .unwrap_or(text);
     match status.as_u16() {
-        404 if detail.contains("no flow run or task run") => StoreError::UnknownRun(detail),
+        // "no flow run with id ...", "no task run with id ...", "no flow run or task run ...".
+        404 if detail.starts_with("no flow run") || detail.starts_with("no task run") => StoreError::UnknownRun(detail),
         409 if detail.contains("matches") => StoreError::AmbiguousRun {
             prefix: detail,
             count: 2,
@@ -92,43 +115,22 @@ impl HttpStore {
             .timeout(Duration::from_secs(120))
             .build()
             .map_err(|e| http_error(e, false))?;
-        let health = {
+        // The address first, then the token: each failure says what to check.
+        let checked = {
             let (client, base) = (client.clone(), base.clone());
             let (tx, rx) = std::sync::mpsc::channel();
             rt.spawn(async move {
-                let reached = client
-                    .get(format!("{base}/api/health"))
-                    .send()
-                    .await
-                    .and_then(|r| r.error_for_status());
-                let allowed = match reached {
-                    Err(e) => Err(Err(e)),
-                    Ok(_) => match client.get(format!("{base}/api/v1/flow_runs?limit=1")).send().await {
-                        Ok(r) if r.status().is_success() => Ok(()),
-                        Ok(r) => Err(Ok(problem(r).await)),
-                        Err(e) => Err(Err(e)),
-                    },
-                };
-                let _ = tx.send(allowed);
+                let _ = tx.send(check(&client, &base).await);
             });
             rx.recv().expect("the runtime ran the check")
         };
-        if let Err(Ok(refused)) = health {
+        if let Err((source, advice)) = checked {
             rt.shutdown_background();
             return Err(StoreError::Open {
                 target: base,
-                source: Box::new(refused),
-                advice: "set KILN_API_KEY to a token the server knows (`kiln server token create NAME` on the server)",
+                source,
+                advice,
             });
-        }
-        if let Err(Err(e)) = health {
-            let store_error = StoreError::Open {
-                target: base.clone(),
-                source: Box::new(e),
-                advice: "check that `kiln server start` runs there and KILN_API_URL is its address",
-            };
-            rt.shutdown_background();
-            return Err(store_error);
         }
         let writer = Writer {
             client: client.clone(),
@@ -273,7 +275,7 @@ impl Store for HttpStore {
     async fn flow_run(&self, id: Uuid) -> Result<Option<FlowRun>, StoreError> {
         match self.call(self.get(&format!("flow_runs/{id}"))).await {
             Ok(run) => Ok(Some(run)),
-            Err(StoreError::Backend { source, .. }) if source.to_string().contains("404") => Ok(None),
+            Err(StoreError::UnknownRun(_)) => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -289,7 +291,7 @@ impl Store for HttpStore {
     async fn task_run(&self, id: Uuid) -> Result<Option<TaskRun>, StoreError> {
         match self.call(self.get(&format!("task_runs/{id}"))).await {
             Ok(run) => Ok(Some(run)),
-            Err(StoreError::Backend { source, .. }) if source.to_string().contains("404") => Ok(None),
+            Err(StoreError::UnknownRun(_)) => Ok(None),
             Err(e) => Err(e),
         }
     }

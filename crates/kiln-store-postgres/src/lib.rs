@@ -299,11 +299,6 @@ impl Store for PostgresStore {
         self.queue.flush_then(done);
     }
 
-    async fn flow_runs(&self, limit: usize) -> Result<Vec<FlowRun>, StoreError> {
-        let pool = self.pool.clone();
-        self.read(async move { read::flow_runs(&pool, limit).await }).await
-    }
-
     async fn list_flow_runs(&self, filter: &RunFilter) -> Result<FlowRunPage, StoreError> {
         let (pool, filter) = (self.pool.clone(), filter.clone());
         self.read(async move { read::list_flow_runs(&pool, &filter).await })

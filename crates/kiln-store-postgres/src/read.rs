@@ -129,11 +129,6 @@ pub(crate) async fn list_flow_runs(pool: &Pool, f: &RunFilter) -> Result<FlowRun
     Ok(FlowRunPage { runs, next })
 }
 
-pub(crate) async fn flow_runs(pool: &Pool, limit: usize) -> Result<Vec<FlowRun>, StoreError> {
-    let sql = format!("SELECT {FLOW_COLUMNS} FROM flow_runs f ORDER BY f.id DESC LIMIT $1");
-    all(pool, &sql, &[&(limit as i64)], flow_row).await
-}
-
 pub(crate) async fn flow_run(pool: &Pool, id: Uuid) -> Result<Option<FlowRun>, StoreError> {
     let sql = format!("SELECT {FLOW_COLUMNS} FROM flow_runs f WHERE f.id = $1");
     Ok(all(pool, &sql, &[&id], flow_row).await?.pop())

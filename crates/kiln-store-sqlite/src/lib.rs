@@ -282,10 +282,6 @@ impl Store for SqliteStore {
         self.queue.flush_then(done);
     }
 
-    async fn flow_runs(&self, limit: usize) -> Result<Vec<FlowRun>, StoreError> {
-        self.reader.run(move |c| read::flow_runs(c, limit)).await
-    }
-
     async fn list_flow_runs(&self, filter: &RunFilter) -> Result<FlowRunPage, StoreError> {
         let filter = filter.clone();
         self.reader.run(move |c| read::list_flow_runs(c, &filter)).await

@@ -187,15 +187,6 @@ pub(crate) fn list_flow_runs(c: &Connection, f: &RunFilter) -> Result<FlowRunPag
     })
 }
 
-pub(crate) fn flow_runs(c: &Connection, limit: usize) -> Result<Vec<FlowRun>, StoreError> {
-    let mut st = c
-        .prepare_cached(&format!(
-            "SELECT {FLOW_COLUMNS} FROM flow_runs f ORDER BY f.id DESC LIMIT ?1"
-        ))
-        .map_err(backend)?;
-    collect(st.query_map([limit as i64], flow_row).map_err(backend)?)
-}
-
 pub(crate) fn flow_run(c: &Connection, id: Uuid) -> Result<Option<FlowRun>, StoreError> {
     let mut st = c
         .prepare_cached(&format!("SELECT {FLOW_COLUMNS} FROM flow_runs f WHERE f.id = ?1"))

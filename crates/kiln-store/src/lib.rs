@@ -116,16 +116,19 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Changes a run's state if it is in `change.from` and the rules allow it, and says
     /// which happened.
     async fn set_state(&self, change: StateChange) -> Result<Transition, StoreError> {
-        let (tx, rx) = futures::channel::oneshot::channel();
-        self.send(Write::State(change), Some(Arc::new(Once(Mutex::new(Some(tx))))))?;
-        match rx.await {
-            Ok(Outcome::Applied { seq }) => Ok(Transition::Accepted { seq: seq.unwrap_or(0) }),
-            Ok(Outcome::Rejected { current }) => Ok(Transition::Rejected { current }),
-            Ok(Outcome::Failed(e)) => Err(StoreError::backend(e.clone(), e.is_retryable())),
-            Err(_) => Err(StoreError::WriterGone(
-                "the write was dropped without an outcome".into(),
-            )),
+        match self.write(Write::State(change)).await? {
+            Outcome::Applied { seq } => Ok(Transition::Accepted { seq: seq.unwrap_or(0) }),
+            Outcome::Rejected { current } => Ok(Transition::Rejected { current }),
+            Outcome::Failed(e) => Err(StoreError::backend(e.clone(), e.is_retryable())),
         }
+    }
+
+    /// Sends one write and waits for its outcome.
+    async fn write(&self, write: Write) -> Result<Outcome, StoreError> {
+        let (tx, rx) = futures::channel::oneshot::channel();
+        self.send(write, Some(Arc::new(Once(Mutex::new(Some(tx))))))?;
+        rx.await
+            .map_err(|_| StoreError::WriterGone("the write was dropped without an outcome".into()))
     }
 
     /// The newest flow runs first, at most `limit`.

@@ -236,13 +236,18 @@ impl Engine {
     }
 }
 
+/// The file of a `sqlite://PATH` (or `sqlite:PATH`) URL.
+fn sqlite_path(url: &str) -> Option<&str> {
+    url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))
+}
+
 /// Opens the state store a URL names (as sqlx picks its driver): `sqlite://PATH` (or no URL:
 /// `home/kiln.db`), `postgres://...` with the `postgres` feature.
 pub fn open_store(home: &Path, url: Option<&str>) -> Result<Arc<dyn Store>, Error> {
     let Some(url) = url.map(str::trim).filter(|u| !u.is_empty()) else {
         return Ok(Arc::new(SqliteStore::open(home.join("kiln.db"))?));
     };
-    if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+    if let Some(path) = sqlite_path(url) {
         return Ok(Arc::new(SqliteStore::open(path)?));
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -280,7 +285,7 @@ pub fn open_api(url: &str, key: Option<&str>) -> Result<Arc<dyn Store>, Error> {
 pub fn open_existing_store(home: &Path, url: Option<&str>) -> Result<Option<Arc<dyn Store>>, Error> {
     let path = match url.map(str::trim).filter(|u| !u.is_empty()) {
         None => home.join("kiln.db"),
-        Some(url) => match url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+        Some(url) => match sqlite_path(url) {
             Some(path) => PathBuf::from(path),
             None => return open_existing_server(url).map(Some),
         },

@@ -8,7 +8,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use kiln_store::model::{RunKind, StateChange, Write};
 use kiln_store::state::StateType;
-use kiln_store::{Outcome, Report, Store};
+use kiln_store::{Outcome, Report};
 use uuid::Uuid;
 
 use crate::context::{InRun, RunScope};
@@ -191,14 +191,10 @@ impl Tracker {
         self.label.id
     }
 
-    pub(crate) fn store(&self) -> &Arc<dyn Store> {
-        self.engine.store()
-    }
-
     /// Sends a write about this run, its outcome reported to the run's problems.
     pub(crate) fn send(&self, write: Write) -> Result<(), Error> {
         let reporter: Arc<dyn Report> = self.problems.clone();
-        Ok(self.store().send(write, Some(reporter))?)
+        Ok(self.engine.store().send(write, Some(reporter))?)
     }
 
     pub(crate) fn to(&mut self, state: StateType, message: Option<String>) -> Result<(), Error> {

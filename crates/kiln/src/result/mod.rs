@@ -44,31 +44,43 @@ pub struct ResultRef {
 pub const INLINE: &str = "inline";
 
 impl ResultRef {
+    /// An inline result's record bytes as stored (not verified); `None` for a result in a
+    /// storage.
+    pub fn inline_bytes(&self) -> Option<Result<bytes::Bytes, ResultError>> {
+        use base64::Engine as _;
+        let text = self.inline.as_deref()?;
+        Some(
+            base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .map(bytes::Bytes::from)
+                .map_err(|e| {
+                    self.inline_corrupt(RecordError::BadHeader(format!("the inline record is not base64: {e}")))
+                }),
+        )
+    }
+
     /// An inline result's record, verified (length and hash, and the hash the reference
     /// names); `None` for a result in a storage.
     pub fn inline_record(&self) -> Option<Result<(RecordHeader, bytes::Bytes), ResultError>> {
-        use base64::Engine as _;
-        let text = self.inline.as_deref()?;
-        let corrupt = |source| ResultError::Corrupt {
+        let bytes = self.inline_bytes()?;
+        Some(bytes.and_then(|bytes| {
+            let (header, payload) = record::decode(bytes).map_err(|e| self.inline_corrupt(e))?;
+            if header.hash != self.hash {
+                return Err(self.inline_corrupt(RecordError::HashMismatch {
+                    expected: self.hash.clone(),
+                    found: header.hash,
+                }));
+            }
+            Ok((header, payload))
+        }))
+    }
+
+    fn inline_corrupt(&self, source: RecordError) -> ResultError {
+        ResultError::Corrupt {
             storage: INLINE.into(),
             key: self.hash.clone(),
             source,
-        };
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(text)
-            .map_err(|e| corrupt(RecordError::BadHeader(format!("the inline record is not base64: {e}"))))
-            .and_then(|bytes| record::decode(bytes.into()).map_err(corrupt))
-            .and_then(|(header, payload)| {
-                if header.hash == self.hash {
-                    Ok((header, payload))
-                } else {
-                    Err(corrupt(RecordError::HashMismatch {
-                        expected: self.hash.clone(),
-                        found: header.hash,
-                    }))
-                }
-            });
-        Some(decoded)
+        }
     }
 
     /// `storage:key`, the form the CLI accepts.

@@ -155,12 +155,7 @@ pub(crate) async fn persist<T: Send + 'static>(
         run_name: run_name.to_owned(),
     };
     let size = payload.len() as u64;
-    let prefix = super::record::encode_prefix(&header);
-    if inline_max.is_some_and(|max| (prefix.len() + payload.len()) as u64 <= max) {
-        use base64::Engine as _;
-        let mut record = Vec::with_capacity(prefix.len() + payload.len());
-        record.extend_from_slice(&prefix);
-        record.extend_from_slice(&payload);
+    if let Some(inline) = inline_max.and_then(|max| inline_record(&header, &payload, max)) {
         return Ok((
             value,
             ResultRef {
@@ -170,7 +165,7 @@ pub(crate) async fn persist<T: Send + 'static>(
                 size,
                 hash,
                 call: None,
-                inline: Some(base64::engine::general_purpose::STANDARD.encode(record)),
+                inline: Some(inline),
             },
         ));
     }
@@ -189,6 +184,23 @@ pub(crate) async fn persist<T: Send + 'static>(
             inline: None,
         },
     ))
+}
+
+/// The whole record, base64, when it fits in `max` bytes (the header is encoded only for a
+/// payload that may fit: a stored record's header is encoded by `put_record`).
+fn inline_record(header: &RecordHeader, payload: &[u8], max: u64) -> Option<String> {
+    use base64::Engine as _;
+    if payload.len() as u64 > max {
+        return None;
+    }
+    let prefix = super::record::encode_prefix(header);
+    if (prefix.len() + payload.len()) as u64 > max {
+        return None;
+    }
+    let mut record = Vec::with_capacity(prefix.len() + payload.len());
+    record.extend_from_slice(&prefix);
+    record.extend_from_slice(payload);
+    Some(base64::engine::general_purpose::STANDARD.encode(record))
 }
 
 /// Loads a persisted value, verifying the record and that `serializer` wrote it.
