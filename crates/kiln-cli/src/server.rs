@@ -8,7 +8,7 @@ use clap::Subcommand;
 
 #[derive(Subcommand)]
 pub(crate) enum ServerCommand {
-    /// Serve the API over this home's state database (or KILN_DATABASE_URL) until Ctrl-C.
+    /// Serve the API over this home's state database (or KILN_DATABASE_URL) until Ctrl-C or SIGTERM.
     Start {
         /// The address to listen on. Beyond loopback only once an API token exists.
         #[arg(long, default_value = "127.0.0.1")]
@@ -71,12 +71,28 @@ pub(crate) fn run(home: &Path, cmd: ServerCommand) -> Result<()> {
         let addr = listener.local_addr()?;
         println!("kiln server listening on http://{addr} (KILN_API_URL=http://{addr})");
         let shutdown = async {
-            let _ = tokio::signal::ctrl_c().await;
+            stopped().await;
             eprintln!("stopping: finishing the requests in flight");
         };
         kiln_server::serve(listener, store, shutdown).await?;
         Ok(())
     })
+}
+
+/// Ctrl-C, or SIGTERM (what service managers and container runtimes send to stop).
+async fn stopped() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 fn token(home: &Path, cmd: TokenCommand) -> Result<()> {

@@ -4,6 +4,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use kiln::prelude::*;
 
@@ -24,6 +25,32 @@ fn program() {
     let engine = kiln::Engine::open(std::env::var("KILN_HOME").unwrap()).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     assert_eq!(rt.block_on(engine.scope(remote(100))).unwrap(), 9900);
+}
+
+#[task]
+fn slow_step(x: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(5));
+    x + 1
+}
+
+/// A chain of `n` steps of 5 ms each: long enough to restart the server under it.
+#[flow]
+async fn long_remote(n: u64) -> Result<u64, kiln::Error> {
+    let mut x = 0;
+    for _ in 0..n {
+        x = slow_step(x).await?;
+    }
+    Ok(x)
+}
+
+const LONG_STEPS: u64 = 800;
+
+#[test]
+#[ignore = "the program that records through a server being restarted"]
+fn long_program() {
+    let engine = kiln::Engine::open(std::env::var("KILN_HOME").unwrap()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    assert_eq!(rt.block_on(engine.scope(long_remote(LONG_STEPS))).unwrap(), LONG_STEPS);
 }
 
 fn kiln(home: &Path) -> Command {
@@ -47,8 +74,18 @@ impl Drop for Server {
 
 /// `kiln server start` on a free port over `home`; the server and its address.
 fn start(home: &Path) -> (Server, String) {
-    let mut child = kiln(home)
-        .args(["server", "start", "--port", "0"])
+    start_on(home, 0, None)
+}
+
+/// `kiln server start` on `port` (0: a free one) over `home`, or over the PostgreSQL
+/// database at `database`.
+fn start_on(home: &Path, port: u16, database: Option<&str>) -> (Server, String) {
+    let mut server = kiln(home);
+    if let Some(url) = database {
+        server.env("KILN_DATABASE_URL", url);
+    }
+    let mut child = server
+        .args(["server", "start", "--port", &port.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -180,4 +217,163 @@ fn tokens_are_shown_once_required_then_and_revoked() {
         .unwrap();
     let listed: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
     assert!(!listed[0]["revoked"].is_null());
+}
+
+/// A TCP proxy in front of the server that can lose answers: while `cuts` is above zero,
+/// the next answer coming back from the server is swallowed and the connection closed, so
+/// the server applied a batch whose client never hears of it (and sends it again).
+struct LossyProxy {
+    url: String,
+    cuts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl LossyProxy {
+    fn start(upstream: std::net::SocketAddr) -> LossyProxy {
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let cuts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let shared = cuts.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(upstream) else {
+                    continue; // the server is down: the client sees the connection close
+                };
+                let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_in, &mut s_out);
+                    let _ = s_out.shutdown(Shutdown::Write);
+                });
+                let cuts = shared.clone();
+                std::thread::spawn(move || {
+                    use std::io::{Read, Write};
+                    let (mut from, mut to) = (server, client);
+                    let mut buf = [0u8; 16 * 1024];
+                    loop {
+                        let n = match from.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let cut = cuts
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| c.checked_sub(1))
+                            .is_ok();
+                        if cut || to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(Shutdown::Both);
+                    let _ = from.shutdown(Shutdown::Both);
+                });
+            }
+        });
+        LossyProxy { url, cuts }
+    }
+
+    fn lose_answers(&self, n: usize) {
+        self.cuts.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The server stops twice under a running flow: killed (SIGKILL), then stopped (SIGTERM:
+/// in-flight requests drained), each time back on the same address after a pause; and the
+/// network loses answers to batches the server applied. The client buffers and resends; the
+/// flow completes and every state is recorded exactly once.
+#[test]
+fn a_server_restarted_under_a_flow_loses_nothing_and_records_nothing_twice() {
+    restarted_under_a_flow(None);
+}
+
+/// The same with the server on PostgreSQL.
+#[test]
+fn a_server_on_postgres_restarted_under_a_flow_loses_nothing() {
+    let Some(url) = kiln_store_postgres::testing::fresh_database_blocking() else {
+        return;
+    };
+    restarted_under_a_flow(Some(&url));
+}
+
+fn restarted_under_a_flow(database: Option<&str>) {
+    let (server_home, client_home) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (mut server, _) = start_on(server_home.path(), port, database);
+    let proxy = LossyProxy::start(([127, 0, 0, 1], port).into());
+    let started = Instant::now();
+    let mut program = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "long_program", "--ignored", "--nocapture"])
+        .env("KILN_HOME", client_home.path())
+        .env("KILN_API_URL", &proxy.url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = program.stderr.take().unwrap();
+    let err_reader = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+    let still_running = |program: &mut std::process::Child| {
+        assert!(
+            program.try_wait().unwrap().is_none(),
+            "the flow ended too soon ({:?} in); make it longer",
+            started.elapsed()
+        );
+    };
+
+    std::thread::sleep(Duration::from_millis(400));
+    proxy.lose_answers(3);
+    for signal in ["KILL", "TERM"] {
+        std::thread::sleep(Duration::from_millis(500));
+        still_running(&mut program);
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), server.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let exit = server.0.wait().unwrap();
+        assert!(
+            signal == "KILL" || exit.success(),
+            "a stopped server exits cleanly: {exit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(700));
+        (server, _) = start_on(server_home.path(), port, database);
+        proxy.lose_answers(2);
+    }
+    still_running(&mut program);
+    let status = program.wait().unwrap();
+    let err = err_reader.join().unwrap();
+    assert!(status.success(), "{err}");
+    assert_eq!(
+        proxy.cuts.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "every planned loss happened"
+    );
+
+    // Read what the server's database holds.
+    let store = kiln::open_store(server_home.path(), database).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let runs = rt.block_on(store.flow_runs(10)).unwrap();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(runs[0].state, kiln::store::state::StateType::Completed);
+    let tasks = rt.block_on(store.task_runs(runs[0].id)).unwrap();
+    assert_eq!(tasks.len() as u64, LONG_STEPS);
+    use kiln::store::state::StateType::{Completed, Pending, Running};
+    for t in &tasks {
+        let history: Vec<_> = rt
+            .block_on(store.states(t.id))
+            .unwrap()
+            .iter()
+            .map(|s| s.state)
+            .collect();
+        assert_eq!(history, [Pending, Running, Completed], "task run {}", t.id);
+    }
+    let flow: Vec<_> = rt
+        .block_on(store.states(runs[0].id))
+        .unwrap()
+        .iter()
+        .map(|s| s.state)
+        .collect();
+    assert_eq!(flow, [Pending, Running, Completed]);
 }

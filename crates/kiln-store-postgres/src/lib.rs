@@ -41,6 +41,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_runs.sql"),
     include_str!("../migrations/0002_processes.sql"),
     include_str!("../migrations/0003_api_tokens.sql"),
+    include_str!("../migrations/0004_write_ids.sql"),
 ];
 
 /// Most writes applied in one transaction.

@@ -178,10 +178,11 @@ pub(crate) async fn edges(pool: &Pool, flow_run_id: Uuid) -> Result<Vec<Edge>, S
 }
 
 pub(crate) async fn logs(pool: &Pool, run_id: Uuid) -> Result<Vec<LogRecord>, StoreError> {
-    let sql = "SELECT run_id, flow_run_id, timestamp, level, target, message FROM logs
+    let sql = "SELECT run_id, flow_run_id, timestamp, level, target, message, id FROM logs
                WHERE run_id = $1 OR flow_run_id = $1 ORDER BY timestamp, seq";
     all(pool, sql, &[&run_id], |r| {
         Ok(LogRecord {
+            id: get::<Option<Uuid>>(r, "id")?.unwrap_or_default(),
             run_id: get(r, "run_id")?,
             flow_run_id: get(r, "flow_run_id")?,
             timestamp: get(r, "timestamp")?,

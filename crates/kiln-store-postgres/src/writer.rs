@@ -146,10 +146,12 @@ struct History {
     attempt: Vec<i32>,
     timestamp: Vec<i64>,
     result: Vec<Option<String>>,
+    change_id: Vec<Option<Uuid>>,
 }
 
 impl History {
-    fn push(&mut self, r: StateRecord) {
+    fn push(&mut self, r: StateRecord, change: Uuid) {
+        self.change_id.push((!change.is_nil()).then_some(change));
         self.run_id.push(r.run_id);
         self.seq.push(r.seq as i32);
         self.state.push(r.state.as_str());
@@ -163,6 +165,7 @@ impl History {
 /// Columns of the log lines of a batch.
 #[derive(Default)]
 struct Logs {
+    id: Vec<Option<Uuid>>,
     run_id: Vec<Uuid>,
     flow_run_id: Vec<Option<Uuid>>,
     timestamp: Vec<i64>,
@@ -173,6 +176,7 @@ struct Logs {
 
 impl Logs {
     fn push(&mut self, l: &LogRecord) {
+        self.id.push((!l.id.is_nil()).then_some(l.id));
         self.run_id.push(l.run_id);
         self.flow_run_id.push(l.flow_run_id);
         self.timestamp.push(l.timestamp);
@@ -188,13 +192,31 @@ async fn attempt(pool: &Pool, batch: &[Write], include: &[usize]) -> Result<Vec<
     let tx = client.transaction().await?;
     let writes = || include.iter().map(|&i| (i, &batch[i]));
     // The rows whose state changes: locked, so no other process moves them meanwhile.
-    let created: std::collections::HashSet<Uuid> = writes()
+    let mut created: std::collections::HashSet<Uuid> = writes()
         .filter_map(|(_, w)| match w {
             Write::FlowRun(r) => Some(r.id),
             Write::TaskRun(r) => Some(r.id),
             _ => None,
         })
         .collect();
+    // Runs this batch creates that exist already: a creation delivered again (or an id
+    // taken). Their rows are read like any other.
+    let mut existing: HashMap<Uuid, Micros> = HashMap::new();
+    if !created.is_empty() {
+        let ids: Vec<Uuid> = created.iter().copied().collect();
+        for row in tx
+            .query(
+                "SELECT id, created FROM flow_runs WHERE id = ANY($1)
+                 UNION ALL SELECT id, created FROM task_runs WHERE id = ANY($1)",
+                &[&ids],
+            )
+            .await?
+        {
+            let id: Uuid = row.try_get("id")?;
+            created.remove(&id);
+            existing.insert(id, row.try_get("created")?);
+        }
+    }
     let mut wanted: [Vec<Uuid>; 2] = [Vec::new(), Vec::new()];
     for (_, w) in writes() {
         if let Write::State(c) = w
@@ -261,7 +283,18 @@ async fn attempt(pool: &Pool, batch: &[Write], include: &[usize]) -> Result<Vec<
                 } else {
                     RunKind::Task
                 };
-                history.push(StateRecord::created(*id, *initial_state, *created));
+                if let Some(at) = existing.get(id) {
+                    outcomes[i] = Some(if at == created {
+                        Outcome::Applied { seq: Some(0) }
+                    } else {
+                        Outcome::Failed(Arc::new(StoreError::backend(
+                            format!("run id {id} is taken by another run; a new run needs a new id"),
+                            false,
+                        )))
+                    });
+                    continue;
+                }
+                history.push(StateRecord::created(*id, *initial_state, *created), Uuid::nil());
                 rows.insert(
                     (kind, *id),
                     RowState {
@@ -278,12 +311,17 @@ async fn attempt(pool: &Pool, batch: &[Write], include: &[usize]) -> Result<Vec<
                     let seq = row.run.seq + 1;
                     row.run.apply(c, seq);
                     row.changed = true;
-                    history.push(RunState::record(c, seq));
+                    history.push(RunState::record(c, seq), c.id);
                     Outcome::Applied { seq: Some(seq) }
                 }
-                other => Outcome::Rejected {
-                    current: other.map(|r| r.run.state),
-                },
+                other => {
+                    let current = other.map(|r| r.run.state);
+                    // Refused, unless this very change was applied before (a resend).
+                    match applied_seq(&tx, c).await? {
+                        Some(seq) => Outcome::Applied { seq: Some(seq) },
+                        None => Outcome::Rejected { current },
+                    }
+                }
             },
             Write::Edge { flow_run_id, edge } => {
                 edges.0.push(edge.upstream);
@@ -314,10 +352,11 @@ async fn attempt(pool: &Pool, batch: &[Write], include: &[usize]) -> Result<Vec<
     update_runs(&tx, &rows).await?;
     if !history.run_id.is_empty() {
         tx.execute(
-            "INSERT INTO states (run_id, seq, state, message, attempt, timestamp, result)
-             SELECT u.run_id, u.seq, u.state, u.message, u.attempt, u.ts, u.result::jsonb
-             FROM UNNEST($1::uuid[], $2::int[], $3::text[], $4::text[], $5::int[], $6::bigint[], $7::text[])
-                  AS u(run_id, seq, state, message, attempt, ts, result)",
+            "INSERT INTO states (run_id, seq, state, message, attempt, timestamp, result, change_id)
+             SELECT u.run_id, u.seq, u.state, u.message, u.attempt, u.ts, u.result::jsonb, u.change_id
+             FROM UNNEST($1::uuid[], $2::int[], $3::text[], $4::text[], $5::int[], $6::bigint[], $7::text[],
+                         $8::uuid[])
+                  AS u(run_id, seq, state, message, attempt, ts, result, change_id)",
             &[
                 &history.run_id,
                 &history.seq,
@@ -326,6 +365,7 @@ async fn attempt(pool: &Pool, batch: &[Write], include: &[usize]) -> Result<Vec<
                 &history.attempt,
                 &history.timestamp,
                 &history.result,
+                &history.change_id,
             ],
         )
         .await?;
@@ -373,9 +413,12 @@ async fn attempt(pool: &Pool, batch: &[Write], include: &[usize]) -> Result<Vec<
     }
     if !logs.run_id.is_empty() {
         tx.execute(
-            "INSERT INTO logs (run_id, flow_run_id, timestamp, level, target, message)
-             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[], $6::text[])",
+            "INSERT INTO logs (id, run_id, flow_run_id, timestamp, level, target, message)
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::bigint[], $5::text[], $6::text[],
+                                  $7::text[])
+             ON CONFLICT DO NOTHING",
             &[
+                &logs.id,
                 &logs.run_id,
                 &logs.flow_run_id,
                 &logs.timestamp,
@@ -388,6 +431,24 @@ async fn attempt(pool: &Pool, batch: &[Write], include: &[usize]) -> Result<Vec<
     }
     tx.commit().await?;
     Ok(outcomes)
+}
+
+/// The position `change` was given when it was applied before, if it was (it has an id and
+/// is in the run's history).
+async fn applied_seq(tx: &Transaction<'_>, change: &StateChange) -> Result<Option<u32>, DbError> {
+    if change.id.is_nil() {
+        return Ok(None);
+    }
+    let row = tx
+        .query_opt(
+            "SELECT seq FROM states WHERE run_id = $1 AND change_id = $2",
+            &[&change.run_id, &change.id],
+        )
+        .await?;
+    Ok(match row {
+        Some(row) => Some(row.try_get::<_, i32>("seq")? as u32),
+        None => None,
+    })
 }
 
 /// The runs created in the batch, with the state the batch leaves them in.
@@ -536,6 +597,7 @@ pub(crate) async fn reap(pool: &Pool, dead: &[Uuid], stale_before: Micros) -> Re
             let pid: i32 = row.try_get("pid")?;
             let host: String = row.try_get("host")?;
             let change = StateChange {
+                id: Uuid::nil(),
                 kind,
                 run_id: id,
                 from,

@@ -65,8 +65,13 @@ fn two_stores_on_one_database_see_each_other() {
             b.set_state(start.clone()).await.unwrap(),
             kiln_store::Transition::Accepted { seq: 1 }
         ));
+        // A's own change: another id (the same change delivered again would be acknowledged).
+        let late = kiln_store::model::StateChange {
+            id: kiln_store::model::write_id(),
+            ..start
+        };
         assert_eq!(
-            a.set_state(start).await.unwrap(),
+            a.set_state(late).await.unwrap(),
             kiln_store::Transition::Rejected {
                 current: Some(kiln_store::state::StateType::Running)
             }

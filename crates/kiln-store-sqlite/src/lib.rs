@@ -31,6 +31,7 @@
 //!     process_id: None,
 //! }), None)?;
 //! let running = StateChange {
+//!     id: write_id(),
 //!     kind: RunKind::Flow,
 //!     run_id: id,
 //!     from: StateType::Pending,
@@ -41,9 +42,12 @@
 //!     result: None,
 //! };
 //! assert_eq!(store.set_state(running.clone()).await?, Transition::Accepted { seq: 1 });
-//! // The same change again: the run is no longer Pending, so the store refuses it.
+//! // The same change delivered again (its answer was lost, say) is applied once.
+//! assert_eq!(store.set_state(running.clone()).await?, Transition::Accepted { seq: 1 });
+//! // Another change from Pending: the run is no longer Pending, so the store refuses it.
+//! let late = StateChange { id: write_id(), ..running };
 //! assert_eq!(
-//!     store.set_state(running).await?,
+//!     store.set_state(late).await?,
 //!     Transition::Rejected { current: Some(StateType::Running) }
 //! );
 //! assert_eq!(store.flow_run(id).await?.unwrap().state, StateType::Running);
@@ -73,6 +77,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0003_state_seq.sql"),
     include_str!("../migrations/0004_processes.sql"),
     include_str!("../migrations/0005_api_tokens.sql"),
+    include_str!("../migrations/0006_write_ids.sql"),
 ];
 
 /// Writes queued ahead of the writer at most. A producer faster than SQLite waits for room

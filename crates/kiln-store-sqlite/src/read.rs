@@ -259,13 +259,14 @@ pub(crate) fn edges(c: &Connection, flow_run_id: Uuid) -> Result<Vec<Edge>, Stor
 pub(crate) fn logs(c: &Connection, run_id: Uuid) -> Result<Vec<LogRecord>, StoreError> {
     let mut st = c
         .prepare_cached(
-            "SELECT run_id, flow_run_id, timestamp, level, target, message FROM logs
+            "SELECT run_id, flow_run_id, timestamp, level, target, message, id FROM logs
              WHERE run_id = ?1 OR flow_run_id = ?1 ORDER BY timestamp, seq",
         )
         .map_err(backend)?;
     collect(
         st.query_map([run_id], |r| {
             Ok(LogRecord {
+                id: r.get::<_, Option<Uuid>>(6)?.unwrap_or_default(),
                 run_id: r.get(0)?,
                 flow_run_id: r.get(1)?,
                 timestamp: r.get(2)?,

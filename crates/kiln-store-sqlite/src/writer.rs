@@ -135,6 +135,7 @@ fn reap(
             {
                 let from = state.parse::<StateType>()?;
                 let change = StateChange {
+                    id: Uuid::nil(),
                     kind,
                     run_id: id,
                     from,
@@ -146,7 +147,7 @@ fn reap(
                 };
                 let current = Current { state: from, seq };
                 if st.update_state(&change, current, seq + 1).map_err(crate::backend)? {
-                    st.insert_state(&RunState::record(&change, seq + 1))
+                    st.insert_state(&RunState::record(&change, seq + 1), Uuid::nil())
                         .map_err(crate::backend)?;
                     known.remove(&id);
                     crashed.push((kind, id));
@@ -308,8 +309,19 @@ fn attempt(
                     created,
                     ..
                 }) => {
-                    st.insert_state(&StateRecord::created(*id, *initial_state, *created))
+                    let kind = if matches!(w, Write::FlowRun(_)) {
+                        RunKind::Flow
+                    } else {
+                        RunKind::Task
+                    };
+                    let fresh = st
+                        .insert_created(&StateRecord::created(*id, *initial_state, *created))
                         .map_err(|e| classify(e, i))?;
+                    if !fresh {
+                        // This run exists: the same creation delivered again, or an id taken.
+                        outcomes.push(Some(st.created_again(kind, *id, *created).map_err(|e| classify(e, i))?));
+                        continue;
+                    }
                     new_index.insert(*id, new_rows.len());
                     new_rows.push(NewRow {
                         index: i,
@@ -339,8 +351,19 @@ fn attempt(
                     loop {
                         let Some(c) = current.filter(|c| c.state == change.from && is_legal(Some(c.state), change.to))
                         else {
-                            break Outcome::Rejected {
-                                current: current.map(|c| c.state),
+                            if !looked_up {
+                                // What this writer knew may be stale: decide on the database.
+                                known.remove(&change.run_id);
+                                current = st.current(change.kind, change.run_id).map_err(|e| classify(e, i))?;
+                                looked_up = true;
+                                continue;
+                            }
+                            // Refused, unless this very change was applied before (a resend).
+                            break match st.applied_seq(change).map_err(|e| classify(e, i))? {
+                                Some(seq) => Outcome::Applied { seq: Some(seq) },
+                                None => Outcome::Rejected {
+                                    current: current.map(|c| c.state),
+                                },
                             };
                         };
                         let seq = c.seq + 1;
@@ -355,14 +378,11 @@ fn attempt(
                             // What this writer knew is stale (another process changed the
                             // run): decide again on what the database holds.
                             known.remove(&change.run_id);
-                            if looked_up {
-                                break Outcome::Rejected { current: Some(c.state) };
-                            }
                             current = st.current(change.kind, change.run_id).map_err(|e| classify(e, i))?;
                             looked_up = true;
                             continue;
                         }
-                        st.insert_state(&RunState::record(change, seq))
+                        st.insert_state(&RunState::record(change, seq), change.id)
                             .map_err(|e| classify(e, i))?;
                         learned.insert(change.run_id, Current { state: change.to, seq });
                         break Outcome::Applied { seq: Some(seq) };
@@ -400,6 +420,7 @@ fn attempt(
                 Write::Log(l) => {
                     st.log
                         .execute(params![
+                            (!l.id.is_nil()).then_some(l.id),
                             l.run_id,
                             l.flow_run_id,
                             l.timestamp,
@@ -442,9 +463,27 @@ fn attempt(
     Ok(outcomes)
 }
 
+/// Inserts a history entry with `stmt`; the number of rows inserted.
+fn put_state(stmt: &mut CachedStatement<'_>, s: &StateRecord, change: Uuid) -> rusqlite::Result<usize> {
+    stmt.execute(params![
+        s.run_id,
+        s.seq,
+        s.state.as_str(),
+        s.message,
+        s.attempt,
+        s.timestamp,
+        s.result,
+        (!change.is_nil()).then_some(change)
+    ])
+}
+
 /// The statements of a batch, prepared once per transaction rather than looked up per write.
 struct Statements<'t> {
     state: CachedStatement<'t>,
+    created: CachedStatement<'t>,
+    applied: CachedStatement<'t>,
+    flow_created: CachedStatement<'t>,
+    task_created: CachedStatement<'t>,
     flow_run: CachedStatement<'t>,
     task_run: CachedStatement<'t>,
     flow_state: CachedStatement<'t>,
@@ -471,9 +510,16 @@ impl<'t> Statements<'t> {
         };
         Ok(Statements {
             state: tx.prepare_cached(
-                "INSERT INTO states (run_id, seq, state, message, attempt, timestamp, result)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO states (run_id, seq, state, message, attempt, timestamp, result, change_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?,
+            created: tx.prepare_cached(
+                "INSERT INTO states (run_id, seq, state, message, attempt, timestamp, result, change_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT DO NOTHING",
+            )?,
+            applied: tx.prepare_cached("SELECT seq FROM states WHERE run_id = ?1 AND change_id = ?2")?,
+            flow_created: tx.prepare_cached("SELECT created FROM flow_runs WHERE id = ?1")?,
+            task_created: tx.prepare_cached("SELECT created FROM task_runs WHERE id = ?1")?,
             flow_run: tx.prepare_cached(
                 "INSERT INTO flow_runs (id, name, parent_id, parameters, tags, state, state_message, attempt,
                                         created, start_time, end_time, result, command, retry_of, state_seq,
@@ -493,9 +539,10 @@ impl<'t> Statements<'t> {
             edge: tx.prepare_cached(
                 "INSERT OR IGNORE INTO edges (upstream, downstream, flow_run_id) VALUES (?1, ?2, ?3)",
             )?,
+            // A line delivered again (same id) is kept once.
             log: tx.prepare_cached(
-                "INSERT INTO logs (run_id, flow_run_id, timestamp, level, target, message)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO logs (id, run_id, flow_run_id, timestamp, level, target, message)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
             )?,
             heartbeat: tx.prepare_cached(
                 "INSERT INTO processes (id, host, pid, started, heartbeat) VALUES (?1, ?2, ?3, ?4, ?5)
@@ -525,17 +572,43 @@ impl<'t> Statements<'t> {
         .transpose()
     }
 
-    fn insert_state(&mut self, s: &StateRecord) -> rusqlite::Result<()> {
-        self.state.execute(params![
-            s.run_id,
-            s.seq,
-            s.state.as_str(),
-            s.message,
-            s.attempt,
-            s.timestamp,
-            s.result
-        ])?;
+    fn insert_state(&mut self, s: &StateRecord, change: Uuid) -> rusqlite::Result<()> {
+        put_state(&mut self.state, s, change)?;
         Ok(())
+    }
+
+    /// Records a run's first state; false when the run has one already.
+    fn insert_created(&mut self, s: &StateRecord) -> rusqlite::Result<bool> {
+        Ok(put_state(&mut self.created, s, Uuid::nil())? == 1)
+    }
+
+    /// The outcome of creating run `id` (created at `created`) when it exists: the same
+    /// creation delivered again is acknowledged; anything else is an id already taken.
+    fn created_again(&mut self, kind: RunKind, id: Uuid, created: Micros) -> rusqlite::Result<Outcome> {
+        let stmt = match kind {
+            RunKind::Flow => &mut self.flow_created,
+            RunKind::Task => &mut self.task_created,
+        };
+        let existing: Option<Micros> = stmt.query_row([id], |r| r.get(0)).optional()?;
+        Ok(if existing == Some(created) {
+            Outcome::Applied { seq: Some(0) }
+        } else {
+            Outcome::Failed(Arc::new(StoreError::backend(
+                format!("run id {id} is taken by another run; a new run needs a new id"),
+                false,
+            )))
+        })
+    }
+
+    /// The position `change` was given when it was applied before (it has an id and is in
+    /// the run's history).
+    fn applied_seq(&mut self, change: &StateChange) -> rusqlite::Result<Option<u32>> {
+        if change.id.is_nil() {
+            return Ok(None);
+        }
+        self.applied
+            .query_row(params![change.run_id, change.id], |r| r.get(0))
+            .optional()
     }
 
     /// Whether the row was still at `from` (and is now updated).

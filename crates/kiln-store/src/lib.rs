@@ -26,6 +26,7 @@
 //!
 //! async fn start(store: &dyn Store, run: uuid::Uuid) -> Result<(), kiln_store::StoreError> {
 //!     let change = StateChange {
+//!         id: write_id(),
 //!         kind: RunKind::Task,
 //!         run_id: run,
 //!         from: StateType::Pending,

@@ -160,6 +160,17 @@ impl StateRecord {
     }
 }
 
+/// A fresh identity for a write ([`StateChange::id`], [`LogRecord::id`]): a random 64-bit
+/// prefix chosen once per process and a counter, so it costs an atomic add, not a clock read.
+pub fn write_id() -> Uuid {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let prefix = *PREFIX.get_or_init(|| Uuid::new_v4().as_u64_pair().0);
+    Uuid::from_u64_pair(prefix, NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
 /// A dependency: `downstream` consumed the result of `upstream`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Edge {
@@ -172,6 +183,9 @@ pub struct Edge {
 /// A log event captured inside a run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LogRecord {
+    /// The line's identity ([`write_id`]): a line delivered twice is kept once. Nil: none.
+    #[serde(default, skip_serializing_if = "Uuid::is_nil")]
+    pub id: Uuid,
     /// The task run or flow run that emitted it.
     pub run_id: Uuid,
     /// The flow run it happened in (the run itself for a flow run).
@@ -191,8 +205,15 @@ pub struct LogRecord {
 /// The store accepts it only if the run's stored state is `from` and the rules of
 /// [`state`](crate::state) allow `from -> to`; it then assigns the change its position in the
 /// run's history. Anything else is [`Transition::Rejected`] with the state found.
+///
+/// A change delivered twice (a batch sent again after its answer was lost) is applied once:
+/// the store recognises it by `id` and answers with the position it got the first time.
+/// Another writer's change, even to the same state, has another id and is checked as usual.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StateChange {
+    /// This change's identity ([`write_id`]); nil: none, a repeat is checked like any change.
+    #[serde(default, skip_serializing_if = "Uuid::is_nil")]
+    pub id: Uuid,
     /// Flow or task run.
     pub kind: RunKind,
     /// The run.
@@ -422,7 +443,11 @@ impl From<&Outcome> for WireOutcome {
             Outcome::Applied { seq } => WireOutcome::Applied { seq: *seq },
             Outcome::Rejected { current } => WireOutcome::Rejected { current: *current },
             Outcome::Failed(e) => WireOutcome::Failed {
-                message: e.to_string(),
+                // The receiver wraps it as a backend error again: send what the backend said.
+                message: match &**e {
+                    crate::StoreError::Backend { source, .. } => source.to_string(),
+                    e => e.to_string(),
+                },
                 retryable: e.is_retryable(),
             },
         }

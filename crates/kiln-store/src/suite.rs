@@ -35,6 +35,7 @@ macro_rules! store_suite {
             concurrent_writers_lose_nothing,
             dead_processes_have_their_runs_crashed,
             flow_runs_filter_and_page,
+            a_write_delivered_twice_is_applied_once,
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
@@ -73,6 +74,19 @@ impl Report for Collect {
 }
 
 impl Collect {
+    /// Every write and its outcome, described, sorted by write.
+    pub fn outcomes(&self) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(w, o)| format!("{w}: {o:?}"))
+            .collect();
+        all.sort();
+        all
+    }
+
     /// The writes that failed or were rejected, described.
     pub fn problems(&self) -> Vec<String> {
         self.0
@@ -120,6 +134,7 @@ pub fn task(name: &str, flow: Option<Uuid>) -> NewTaskRun {
 /// A state change of `id` from `from` to `to`.
 pub fn change(kind: RunKind, id: Uuid, from: StateType, to: StateType, attempt: u32) -> StateChange {
     StateChange {
+        id: write_id(),
         kind,
         run_id: id,
         from,
@@ -345,6 +360,7 @@ pub async fn edges_logs_and_subflows(store: &dyn Store) {
             store,
             &report,
             [Write::Log(LogRecord {
+                id: write_id(),
                 run_id: run,
                 flow_run_id: Some(if run == cid { cid } else { pid }),
                 timestamp: now_micros(),
@@ -401,7 +417,10 @@ pub async fn ids_resolve_exactly_by_prefix_and_by_tail(store: &dyn Store) {
 pub async fn a_failed_write_is_reported_to_its_sender_and_loses_nothing_else(store: &dyn Store) {
     let first = Arc::new(Collect::default());
     let f = flow("dup", None);
-    let dup = f.clone();
+    // Another run with the same id (not the same creation delivered again).
+    let mut dup = f.clone();
+    dup.name = "impostor".into();
+    dup.created += 1;
     let other = task("after", None);
     let (fid, oid) = (f.id, other.id);
     send(store, &first, [Write::FlowRun(f)]);
@@ -708,4 +727,84 @@ pub async fn flow_runs_filter_and_page(store: &dyn Store) {
     let (third, next) = list(page(next)).await;
     assert_eq!((third, next), (vec![ids[0]], None));
     assert!(report.problems().is_empty(), "{:?}", report.problems());
+}
+
+/// A batch sent again after its answer was lost (in part or whole, even after the runs moved
+/// on): each write is applied once and answered as the first time. Another writer's change,
+/// or a change without an id, is still checked against the run's state.
+pub async fn a_write_delivered_twice_is_applied_once(store: &dyn Store) {
+    let (flow_kind, task_kind) = (RunKind::Flow, RunKind::Task);
+    let f = flow("resent", None);
+    let t = task("resent_step", Some(f.id));
+    let (fid, tid) = (f.id, t.id);
+    let line = LogRecord {
+        id: write_id(),
+        run_id: tid,
+        flow_run_id: Some(fid),
+        timestamp: now_micros(),
+        level: "INFO".into(),
+        target: "suite".into(),
+        message: "logged once".into(),
+    };
+    let batch = vec![
+        Write::FlowRun(f),
+        Write::State(change(flow_kind, fid, Pending, Running, 1)),
+        Write::TaskRun(t),
+        Write::State(change(task_kind, tid, Pending, Running, 1)),
+        Write::Log(line),
+        Write::State(change(task_kind, tid, Running, Completed, 1)),
+    ];
+    let deliver = async |writes: &[Write]| {
+        let report = Arc::new(Collect::default());
+        send(store, &report, writes.iter().cloned());
+        store.flush().await.unwrap();
+        report.outcomes()
+    };
+    // The first three writes arrive, their answer is lost; then the whole batch, twice.
+    deliver(&batch[..3]).await;
+    let first = deliver(&batch).await;
+    assert!(
+        !first.iter().any(|o| o.contains("Rejected") || o.contains("Failed")),
+        "{first:#?}"
+    );
+    assert_eq!(deliver(&batch).await, first);
+    // The flow moves on; the batch arrives once more, late: still the same answers.
+    let done = change(flow_kind, fid, Running, Completed, 1);
+    assert_eq!(store.set_state(done).await.unwrap(), Transition::Accepted { seq: 2 });
+    assert_eq!(deliver(&batch).await, first);
+
+    let history = |id| async move {
+        store
+            .states(id)
+            .await
+            .unwrap()
+            .iter()
+            .map(|s| s.state)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(history(fid).await, [Pending, Running, Completed]);
+    assert_eq!(history(tid).await, [Pending, Running, Completed]);
+    let lines: Vec<String> = store.logs(tid).await.unwrap().into_iter().map(|l| l.message).collect();
+    assert_eq!(lines, ["logged once"]);
+    // Another writer's change to the same state has its own id: refused, as before.
+    assert_eq!(
+        store
+            .set_state(change(task_kind, tid, Running, Completed, 1))
+            .await
+            .unwrap(),
+        Transition::Rejected {
+            current: Some(Completed)
+        }
+    );
+    // A change without an id cannot be recognised: a repeat is checked like any change.
+    let anonymous = StateChange {
+        id: Uuid::nil(),
+        ..change(flow_kind, fid, Pending, Running, 1)
+    };
+    assert_eq!(
+        store.set_state(anonymous).await.unwrap(),
+        Transition::Rejected {
+            current: Some(Completed)
+        }
+    );
 }

@@ -71,6 +71,7 @@ impl<S: Subscriber> tracing_subscriber::Layer<S> for CaptureLayer {
         let mut message = MessageVisitor(String::new());
         event.record(&mut message);
         let record = LogRecord {
+            id: kiln_store::model::write_id(),
             run_id: run.run_id,
             flow_run_id: run.flow_run_id,
             timestamp: kiln_store::model::now_micros(),

@@ -215,6 +215,7 @@ impl Tracker {
         kiln_store::state::check_transition(self.state, state)?;
         let from = self.state.expect("checked above: a run being changed has a state");
         self.send(Write::State(StateChange {
+            id: kiln_store::model::write_id(),
             kind: self.label.kind,
             run_id: self.label.id,
             from,

@@ -172,6 +172,7 @@ async fn a_run_changed_by_someone_else_fails_loudly() {
         let id = kiln::current_flow_run_id().unwrap();
         let engine = kiln::Engine::current()?;
         let change = kiln::store::model::StateChange {
+            id: kiln::store::model::write_id(),
             kind: kiln::store::model::RunKind::Flow,
             run_id: id,
             from: Running,
