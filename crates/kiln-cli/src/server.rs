@@ -56,6 +56,7 @@ pub(crate) fn run(home: &Path, cmd: ServerCommand) -> Result<()> {
         ServerCommand::Start { host, port } => (host, port),
         ServerCommand::Token(cmd) => return token(home, cmd),
     };
+    let settings = kiln::settings::Settings::load(home)?;
     let store = database(home)?;
     let tokens = crate::wait(store.api_tokens())?;
     if !host.is_loopback() && !tokens.iter().any(|t| t.revoked.is_none()) {
@@ -74,7 +75,10 @@ pub(crate) fn run(home: &Path, cmd: ServerCommand) -> Result<()> {
             stopped().await;
             eprintln!("stopping: finishing the requests in flight");
         };
-        kiln_server::serve(listener, store, shutdown).await?;
+        kiln_server::Server::new(store)
+            .with_results(settings)
+            .serve(listener, shutdown)
+            .await?;
         Ok(())
     })
 }

@@ -15,12 +15,25 @@ use uuid::Uuid;
 use crate::{BODY_LIMIT, Problem};
 
 type Shared = Arc<dyn Store>;
+
+/// What every handler can reach: the store, and the result storages.
+#[derive(Clone)]
+pub(crate) struct App {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) results: Option<Arc<crate::Results>>,
+}
+
+impl axum::extract::FromRef<App> for Shared {
+    fn from_ref(app: &App) -> Shared {
+        app.store.clone()
+    }
+}
 type Json<T> = axum::Json<T>;
 type Reply<T> = Result<Json<T>, Problem>;
 
-/// The API's routes over `store`.
-pub fn router(store: Arc<dyn Store>) -> Router {
-    let auth = Arc::new(crate::auth::Auth::new(store.clone()));
+/// The API's routes over `app`.
+pub(crate) fn router(app: App) -> Router {
+    let auth = Arc::new(crate::auth::Auth::new(app.store.clone()));
     Router::new()
         .route("/api/health", get(health))
         .route("/api/version", get(health))
@@ -34,13 +47,16 @@ pub fn router(store: Arc<dyn Store>) -> Router {
         .route("/api/v1/runs/{id}/states", get(states))
         .route("/api/v1/runs/{id}/logs", get(logs))
         .route("/api/v1/runs/resolve/{text}", get(resolve))
+        .route("/api/v1/runs/{id}/result", get(crate::results::info))
+        .route("/api/v1/runs/{id}/result/content", get(crate::results::content))
+        .route("/api/v1/runs/{id}/result/thumbnail", get(crate::results::thumbnail))
         .route("/api/v1/processes", get(processes))
         .route("/api/v1/processes/crash_orphans", post(crash_orphans))
         .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "no such endpoint; the API is under /api/v1") })
         .layer(axum::middleware::from_fn_with_state(auth, crate::auth::check))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::map_response(too_large))
-        .with_state(store)
+        .with_state(app)
 }
 
 /// A body over the limit is refused by axum with plain text: say which limit, as a problem.
@@ -126,7 +142,7 @@ async fn writes(State(store): State<Shared>, body: Result<Json<WriteBatch>, Json
     Ok(axum::Json(OutcomeBatch { outcomes }))
 }
 
-fn id(path: Result<Path<String>, PathRejection>) -> Result<Uuid, Problem> {
+pub(crate) fn id(path: Result<Path<String>, PathRejection>) -> Result<Uuid, Problem> {
     let Path(text) = path.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     Uuid::parse_str(&text).map_err(|e| {
         Problem::new(

@@ -10,9 +10,14 @@
 //! `/api/health` requires `Authorization: Bearer <secret>`; read-only tokens may only read.
 //!
 //! ```no_run
-//! # async fn run(store: std::sync::Arc<dyn kiln_store::Store>) -> std::io::Result<()> {
+//! # async fn run(store: std::sync::Arc<dyn kiln_store::Store>) -> Result<(), Box<dyn std::error::Error>> {
+//! let settings = kiln::settings::Settings::load(std::path::Path::new("/srv/kiln"))?;
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:4200").await?;
-//! kiln_server::serve(listener, store, std::future::pending()).await
+//! kiln_server::Server::new(store)
+//!     .with_results(settings)
+//!     .serve(listener, std::future::pending())
+//!     .await?;
+//! # Ok(())
 //! # }
 //! ```
 #![warn(missing_docs)]
@@ -20,25 +25,56 @@
 mod api;
 mod auth;
 mod problem;
+mod results;
 
 use std::future::Future;
 use std::sync::Arc;
 
 use kiln_store::Store;
 
-pub use api::router;
 pub use problem::Problem;
+use results::Results;
+pub use results::{CONVERT_LIMIT, Links, ResultInfo};
 
 /// The largest request body accepted (a batch of writes): 32 MiB.
 pub const BODY_LIMIT: usize = 32 * 1024 * 1024;
 
-/// Serves the API on `listener` until `shutdown` completes, then drains in-flight requests.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
+/// The API over a store, with the result storages it reads values from.
+#[derive(Debug)]
+pub struct Server {
     store: Arc<dyn Store>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router(store))
-        .with_graceful_shutdown(shutdown)
-        .await
+    results: Option<Arc<Results>>,
+}
+
+impl Server {
+    /// The API over `store`; results are not readable until [`with_results`](Self::with_results).
+    pub fn new(store: Arc<dyn Store>) -> Server {
+        Server { store, results: None }
+    }
+
+    /// Reads persisted results through the storages `settings` defines (the server home's
+    /// `kiln.toml`).
+    pub fn with_results(mut self, settings: kiln::settings::Settings) -> Server {
+        self.results = Some(Arc::new(Results::new(settings)));
+        self
+    }
+
+    /// The API's routes.
+    pub fn router(self) -> axum::Router {
+        api::router(api::App {
+            store: self.store,
+            results: self.results,
+        })
+    }
+
+    /// Serves the API on `listener` until `shutdown` completes, then drains in-flight requests.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        axum::serve(listener, self.router())
+            .with_graceful_shutdown(shutdown)
+            .await
+    }
 }

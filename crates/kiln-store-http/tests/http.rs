@@ -10,7 +10,7 @@ use kiln_store_http::HttpStore;
 async fn serve(store: Arc<dyn Store>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(kiln_server::serve(listener, store, std::future::pending()));
+    tokio::spawn(kiln_server::Server::new(store).serve(listener, std::future::pending()));
     format!("http://{addr}")
 }
 

@@ -82,6 +82,62 @@ pub fn content_hash(payload: &[u8]) -> String {
     format!("blake3:{}", hasher.finalize().to_hex())
 }
 
+/// Checks a payload that arrives in chunks against its header's length and hash.
+#[derive(Debug)]
+pub struct Verify {
+    hasher: blake3::Hasher,
+    seen: u64,
+    length: u64,
+    hash: String,
+}
+
+impl Verify {
+    /// A checker for the payload `header` describes.
+    pub fn new(header: &RecordHeader) -> Verify {
+        Verify {
+            hasher: blake3::Hasher::new(),
+            seen: 0,
+            length: header.length,
+            hash: header.hash.clone(),
+        }
+    }
+
+    /// Takes the next chunk: an error when it goes past the promised length, or when it
+    /// completes the payload and the hash differs.
+    pub fn chunk(&mut self, chunk: &[u8]) -> Result<(), RecordError> {
+        self.seen += chunk.len() as u64;
+        if self.seen > self.length {
+            return Err(RecordError::Truncated {
+                expected: self.length,
+                found: self.seen,
+            });
+        }
+        self.hasher.update(chunk);
+        if self.seen == self.length {
+            let found = format!("blake3:{}", self.hasher.finalize().to_hex());
+            if found != self.hash {
+                return Err(RecordError::HashMismatch {
+                    expected: self.hash.clone(),
+                    found,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// At the end of the payload: an error when bytes are missing.
+    pub fn finish(&self) -> Result<(), RecordError> {
+        if self.seen == self.length {
+            Ok(())
+        } else {
+            Err(RecordError::Truncated {
+                expected: self.length,
+                found: self.seen,
+            })
+        }
+    }
+}
+
 /// The bytes that precede the payload: magic, version, header length, header.
 pub fn encode_prefix(header: &RecordHeader) -> Bytes {
     let json = serde_json::to_vec(header).expect("a record header always serializes");

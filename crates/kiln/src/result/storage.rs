@@ -552,6 +552,63 @@ impl ResultStorage {
             .map_err(corrupt)
     }
 
+    /// A record's header, then its payload as a stream of chunks as the storage sends them,
+    /// verified on the way: when the bytes do not match the header's length and hash, the
+    /// stream ends with [`ResultError::Corrupt`] instead of its last chunk, so a reader never
+    /// gets a whole payload that is not the one written.
+    pub async fn stream_record(
+        &self,
+        key: &StorageKey,
+    ) -> Result<
+        (
+            RecordHeader,
+            futures::stream::BoxStream<'static, Result<Bytes, ResultError>>,
+        ),
+        ResultError,
+    > {
+        use futures::StreamExt;
+        let header = self.read_header(key).await?;
+        let offset = record::encode_prefix(&header).len() as u64;
+        let options = object_store::GetOptions {
+            range: Some(object_store::GetRange::Offset(offset)),
+            ..Default::default()
+        };
+        let got = self
+            .store
+            .get_opts(&self.path(key), options)
+            .await
+            .map_err(|e| self.backend("read", key, e))?;
+        let (name, key_text) = (self.name.to_string(), key.to_string());
+        let corrupt = move |source| ResultError::Corrupt {
+            storage: name.clone(),
+            key: key_text.clone(),
+            source,
+        };
+        let (storage, key) = (self.clone(), key.clone());
+        let chunks = got
+            .into_stream()
+            .map(move |chunk| chunk.map_err(|e| storage.backend("read", &key, e)))
+            .boxed();
+        // (chunks, checker, ended): a failure ends the stream after reporting it.
+        let state = (chunks, record::Verify::new(&header), false);
+        let verified = futures::stream::unfold(state, move |(mut chunks, mut verify, ended)| {
+            let corrupt = corrupt.clone();
+            async move {
+                if ended {
+                    return None;
+                }
+                let item = match chunks.next().await {
+                    Some(Ok(chunk)) => verify.chunk(&chunk).map(|()| chunk).map_err(corrupt),
+                    Some(Err(e)) => Err(e),
+                    None => verify.finish().err().map(corrupt).map(Err)?,
+                };
+                let ended = item.is_err();
+                Some((item, (chunks, verify, ended)))
+            }
+        });
+        Ok((header, verified.boxed()))
+    }
+
     /// Reads an object's bytes as they are.
     pub async fn get_bytes(&self, key: &StorageKey) -> Result<Bytes, ResultError> {
         let got = self

@@ -267,15 +267,39 @@ impl<T: ImageValue> Serializer<T> for RawPixels {
 }
 
 /// Re-encodes a QOI or raw-pixels payload as PNG for viewers.
-pub(crate) fn to_png(serializer: &str, payload: &[u8]) -> Result<Vec<u8>, String> {
-    let image: DynamicImage = if serializer == "qoi" {
-        image::load_from_memory_with_format(payload, ImageFormat::Qoi).map_err(|e| format!("qoi: {e}"))?
-    } else {
-        RawPixels.decode(payload).map_err(|e| e.to_string())?
+/// Decodes an image payload written by `serializer` (`png`, `jpeg`, `qoi`, `raw-pixels`).
+fn decode_image(serializer: &str, payload: &[u8]) -> Result<DynamicImage, String> {
+    let format = match serializer {
+        "png" => ImageFormat::Png,
+        "jpeg" => ImageFormat::Jpeg,
+        "qoi" => ImageFormat::Qoi,
+        "raw-pixels" => return RawPixels.decode(payload).map_err(|e| e.to_string()),
+        other => return Err(format!("serializer '{other}' does not write images")),
     };
+    image::load_from_memory_with_format(payload, format).map_err(|e| format!("{serializer}: {e}"))
+}
+
+fn encode_png(image: &DynamicImage) -> Result<Vec<u8>, String> {
     let mut out = Cursor::new(Vec::new());
     image
         .write_to(&mut out, ImageFormat::Png)
         .map_err(|e| format!("png: {e}"))?;
     Ok(out.into_inner())
+}
+
+/// An image payload as PNG bytes (a PNG payload is returned as it is).
+pub(crate) fn to_png(serializer: &str, payload: &[u8]) -> Result<Vec<u8>, String> {
+    if serializer == "png" {
+        return Ok(payload.to_vec());
+    }
+    encode_png(&decode_image(serializer, payload)?)
+}
+
+/// An image payload scaled to fit in `max` x `max` pixels (aspect kept, never enlarged), as PNG.
+pub(crate) fn thumbnail(serializer: &str, payload: &[u8], max: u32) -> Result<Vec<u8>, String> {
+    let image = decode_image(serializer, payload)?;
+    if image.width() <= max && image.height() <= max {
+        return encode_png(&image);
+    }
+    encode_png(&image.thumbnail(max, max))
 }

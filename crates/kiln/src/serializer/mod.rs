@@ -193,7 +193,7 @@ pub use images::{ImageValue, Jpeg, Png, PngCompression, Qoi, RawPixels};
 /// Decodes a record's payload without the Rust type, for tools (`kiln result get`):
 /// self-describing formats become JSON, images become PNG, anything else stays as it is.
 pub fn render(serializer: &str, payload: &[u8]) -> Result<Rendered, String> {
-    if let Some(inner) = serializer.strip_prefix("zstd(").and_then(|s| s.strip_suffix(')')) {
+    if let Some(inner) = zstd_inner(serializer) {
         let plain = zstd::stream::decode_all(payload).map_err(|e| format!("zstd: {e}"))?;
         return render(inner, &plain);
     }
@@ -220,6 +220,38 @@ pub fn render(serializer: &str, payload: &[u8]) -> Result<Rendered, String> {
         }),
         _ => Ok(Rendered::Raw(payload.to_vec())),
     }
+}
+
+/// Whether `serializer` writes images (`png`, `jpeg`, `qoi`, `raw-pixels`, or one of them
+/// compressed with `zstd(...)`).
+pub fn writes_images(serializer: &str) -> bool {
+    let inner = zstd_inner(serializer).unwrap_or(serializer);
+    matches!(inner, "png" | "jpeg" | "qoi" | "raw-pixels")
+}
+
+fn zstd_inner(serializer: &str) -> Option<&str> {
+    serializer.strip_prefix("zstd(").and_then(|s| s.strip_suffix(')'))
+}
+
+/// An image payload as a PNG file's bytes: a PNG payload as it is (bit-exact), other image
+/// formats decoded and encoded again. Anything else is an error naming the serializer.
+#[cfg(feature = "images")]
+pub fn image_as_png(serializer: &str, payload: &[u8]) -> Result<Vec<u8>, String> {
+    if let Some(inner) = zstd_inner(serializer) {
+        let plain = zstd::stream::decode_all(payload).map_err(|e| format!("zstd: {e}"))?;
+        return image_as_png(inner, &plain);
+    }
+    images::to_png(serializer, payload)
+}
+
+/// An image payload scaled down to fit in `max` x `max` pixels (aspect ratio kept), as PNG.
+#[cfg(feature = "images")]
+pub fn image_thumbnail(serializer: &str, payload: &[u8], max: u32) -> Result<Vec<u8>, String> {
+    if let Some(inner) = zstd_inner(serializer) {
+        let plain = zstd::stream::decode_all(payload).map_err(|e| format!("zstd: {e}"))?;
+        return image_thumbnail(inner, &plain, max);
+    }
+    images::thumbnail(serializer, payload, max)
 }
 
 /// A payload decoded for people.

@@ -1,0 +1,447 @@
+//! A run's persisted result: its metadata, and its content streamed from the storage that
+//! holds it (verified on the way), as PNG or JSON when asked, or as a thumbnail.
+//!
+//! The state database holds only the reference; values cross the API only when these
+//! endpoints are asked, and never through the database.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use axum::body::Body;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use kiln::result::{INLINE, RecordHeader, ResultError, ResultRef, ResultStorage, StorageKey};
+use kiln::serializer::{Rendered, render, writes_images};
+use kiln::settings::Settings;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::Problem;
+use crate::api::{App, id};
+
+/// Payloads larger than this are not decoded on the server (to PNG, JSON or a thumbnail):
+/// their raw content streams instead.
+pub const CONVERT_LIMIT: u64 = 256 * 1024 * 1024;
+
+/// The result storages the server reads from: those of its home's `kiln.toml`.
+#[derive(Debug)]
+pub(crate) struct Results {
+    settings: Settings,
+    built: Mutex<HashMap<String, ResultStorage>>,
+}
+
+impl Results {
+    /// Reads results through the storages `settings` defines.
+    pub(crate) fn new(settings: Settings) -> Results {
+        Results {
+            settings,
+            built: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn storage(&self, name: &str) -> Result<ResultStorage, Problem> {
+        if let Some(s) = self.built.lock().unwrap_or_else(|p| p.into_inner()).get(name) {
+            return Ok(s.clone());
+        }
+        let config = self.settings.storage(name).ok_or_else(|| {
+            Problem::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "this server has no storage named '{name}' (it has: {}); define it in the kiln.toml of the \
+                     server's home, as in the program that wrote the result",
+                    self.settings.storages().into_keys().collect::<Vec<_>>().join(", ")
+                ),
+            )
+        })?;
+        let storage = ResultStorage::build(name, &config, self.settings.home()).map_err(problem)?;
+        self.built
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), storage.clone());
+        Ok(storage)
+    }
+}
+
+/// A result error as a problem: missing is 404, damaged or replaced is 409, a storage that
+/// cannot be reached is 502 (503 when trying again may help).
+fn problem(e: ResultError) -> Problem {
+    let status = match &e {
+        ResultError::Missing { .. } => StatusCode::NOT_FOUND,
+        ResultError::Corrupt { .. } | ResultError::AlreadyExists { .. } => StatusCode::CONFLICT,
+        ResultError::InvalidKey(_) => StatusCode::BAD_REQUEST,
+        e if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::BAD_GATEWAY,
+    };
+    Problem::new(status, e.to_string())
+}
+
+/// What `GET /api/v1/runs/{id}/result` answers.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ResultInfo {
+    /// The task run or flow run whose result it is.
+    pub run_id: Uuid,
+    /// The storage holding the record (`inline`: the state database itself).
+    pub storage: String,
+    /// The record's key in that storage.
+    pub key: String,
+    /// `storage:key`, as `kiln result show` takes it.
+    pub uri: String,
+    /// The serializer that wrote the payload.
+    pub serializer: String,
+    /// The payload's size in bytes.
+    pub size: u64,
+    /// `blake3:<hex>` of the payload.
+    pub hash: String,
+    /// The media type of `content` (`image/png`, `application/json`, ...).
+    pub media_type: String,
+    /// The record's header as the storage holds it (type, creation, expiry, producing run).
+    pub header: Option<RecordHeader>,
+    /// Why the header could not be read, when it could not.
+    pub header_error: Option<String>,
+    /// Where to fetch the value: `content`, and `png`, `json`, `thumbnail` where they apply.
+    pub links: Links,
+}
+
+/// The content URLs of a result.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Links {
+    /// The payload as the serializer wrote it.
+    pub content: String,
+    /// The image as a PNG file (image results).
+    pub png: Option<String>,
+    /// A small PNG of the image (image results).
+    pub thumbnail: Option<String>,
+    /// The value as pretty JSON (self-describing serializers: msgpack, json).
+    pub json: Option<String>,
+}
+
+fn media_type(serializer: &str) -> &'static str {
+    match serializer {
+        "png" => "image/png",
+        "jpeg" => "image/jpeg",
+        "json" => "application/json",
+        "msgpack" => "application/msgpack",
+        _ => "application/octet-stream",
+    }
+}
+
+fn self_describing(serializer: &str) -> bool {
+    let inner = serializer
+        .strip_prefix("zstd(")
+        .and_then(|s| s.strip_suffix(')'))
+        .unwrap_or(serializer);
+    matches!(inner, "msgpack" | "json")
+}
+
+/// The result reference the run `id` recorded.
+async fn reference(app: &App, id: Uuid) -> Result<ResultRef, Problem> {
+    let value = match app.store.task_run(id).await? {
+        Some(run) => run.result,
+        None => match app.store.flow_run(id).await? {
+            Some(run) => run.result,
+            None => {
+                return Err(Problem::new(
+                    StatusCode::NOT_FOUND,
+                    format!("no flow run or task run with id {id}"),
+                ));
+            }
+        },
+    };
+    let value = value.ok_or_else(|| {
+        Problem::new(
+            StatusCode::NOT_FOUND,
+            format!("run {id} has no persisted result (it is not finished, or its task does not persist)"),
+        )
+    })?;
+    serde_json::from_value(value).map_err(|e| {
+        Problem::new(
+            StatusCode::CONFLICT,
+            format!("run {id}'s result reference cannot be read ({e}); the database holds something else"),
+        )
+    })
+}
+
+fn results(app: &App) -> Result<&Results, Problem> {
+    app.results.as_deref().ok_or_else(|| {
+        Problem::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "this server was started without result storages (kiln_server::Server::with_results)",
+        )
+    })
+}
+
+/// `GET /api/v1/runs/{id}/result`: the result's metadata (no content).
+pub(crate) async fn info(
+    State(app): State<App>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<axum::Json<ResultInfo>, Problem> {
+    let id = id(path)?;
+    let r = reference(&app, id).await?;
+    let (header, header_error) = if r.inline.is_some() {
+        match r.inline_record().expect("an inline reference") {
+            Ok((header, _)) => (Some(header), None),
+            Err(e) => (None, Some(e.to_string())),
+        }
+    } else {
+        let read = async {
+            let storage = results(&app)?.storage(&r.storage)?;
+            let key = StorageKey::new(r.key.clone()).map_err(|e| Problem::new(StatusCode::CONFLICT, e))?;
+            storage.read_header(&key).await.map_err(problem)
+        };
+        match read.await {
+            Ok(header) => (Some(header), None),
+            Err(p) => (None, Some(p.detail)),
+        }
+    };
+    let base = format!("/api/v1/runs/{id}/result");
+    let image = writes_images(&r.serializer);
+    Ok(axum::Json(ResultInfo {
+        run_id: id,
+        uri: r.uri(),
+        media_type: media_type(&r.serializer).into(),
+        links: Links {
+            content: format!("{base}/content"),
+            png: image.then(|| format!("{base}/content?as=png")),
+            thumbnail: image.then(|| format!("{base}/thumbnail")),
+            json: self_describing(&r.serializer).then(|| format!("{base}/content?as=json")),
+        },
+        storage: r.storage,
+        key: r.key,
+        serializer: r.serializer,
+        size: r.size,
+        hash: r.hash,
+        header,
+        header_error,
+    }))
+}
+
+/// `?as=`: the form to send the value in.
+#[derive(Deserialize)]
+pub(crate) struct As {
+    #[serde(rename = "as")]
+    form: Option<String>,
+}
+
+/// `GET /api/v1/runs/{id}/result/content[?as=png|json]`.
+pub(crate) async fn content(
+    State(app): State<App>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<As>, QueryRejection>,
+) -> Result<Response, Problem> {
+    let id = id(path)?;
+    let Query(As { form }) = query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let r = reference(&app, id).await?;
+    let name = file_stem(&r, id);
+    match form.as_deref() {
+        None | Some("") | Some("raw") => {}
+        Some("png") if r.serializer == "png" => {}
+        Some("png") if writes_images(&r.serializer) => {
+            let payload = payload(&app, &r).await?;
+            let serializer = r.serializer.clone();
+            let png = blocking(move || kiln::serializer::image_as_png(&serializer, &payload)).await?;
+            return Ok(file(png.into(), "image/png", &format!("{name}.png")));
+        }
+        Some("json") if self_describing(&r.serializer) => {
+            let payload = payload(&app, &r).await?;
+            let serializer = r.serializer.clone();
+            let json = blocking(move || match render(&serializer, &payload)? {
+                Rendered::Json(v) => serde_json::to_vec_pretty(&v).map_err(|e| e.to_string()),
+                _ => Err(format!("serializer '{serializer}' did not give a JSON value")),
+            })
+            .await?;
+            return Ok(file(json.into(), "application/json", &format!("{name}.json")));
+        }
+        Some(other @ ("png" | "json")) => {
+            return Err(Problem::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "the result of run {id} was written by serializer '{}', which cannot be shown as {other}; ask \
+                     for its raw content (no `as`)",
+                    r.serializer
+                ),
+            ));
+        }
+        Some(other) => {
+            return Err(Problem::new(
+                StatusCode::BAD_REQUEST,
+                format!("unknown form as={other}; ask for as=png (images), as=json (serde values), or no `as`"),
+            ));
+        }
+    }
+    // The payload as written, streamed from the storage and verified as it goes.
+    let media = media_type(&r.serializer);
+    let extension = match r.serializer.as_str() {
+        "png" => "png",
+        "jpeg" => "jpg",
+        "json" => "json",
+        "msgpack" => "msgpack",
+        _ => "bin",
+    };
+    let filename = format!("{name}.{extension}");
+    if r.inline.is_some() {
+        return Ok(file(payload(&app, &r).await?, media, &filename));
+    }
+    let (storage, key) = locate(&app, &r)?;
+    let (header, chunks) = storage.stream_record(&key).await.map_err(problem)?;
+    replaced(&r, &header)?;
+    let mut response = file_response(Body::from_stream(chunks), media, &filename);
+    response
+        .headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(header.length));
+    Ok(response)
+}
+
+#[derive(Deserialize)]
+pub(crate) struct Size {
+    size: Option<u32>,
+}
+
+/// `GET /api/v1/runs/{id}/result/thumbnail[?size=256]`: the image scaled to fit `size`.
+pub(crate) async fn thumbnail(
+    State(app): State<App>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<Size>, QueryRejection>,
+) -> Result<Response, Problem> {
+    let id = id(path)?;
+    let Query(Size { size }) = query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let size = size.unwrap_or(256);
+    if !(16..=2048).contains(&size) {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            format!("size={size} is out of range: a thumbnail is 16 to 2048 pixels wide"),
+        ));
+    }
+    let r = reference(&app, id).await?;
+    if !writes_images(&r.serializer) {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the result of run {id} is not an image (serializer '{}'); thumbnails are for images",
+                r.serializer
+            ),
+        ));
+    }
+    let payload = payload(&app, &r).await?;
+    let serializer = r.serializer.clone();
+    let png = blocking(move || kiln::serializer::image_thumbnail(&serializer, &payload, size)).await?;
+    Ok(file(
+        png.into(),
+        "image/png",
+        &format!("{}-{size}.png", file_stem(&r, id)),
+    ))
+}
+
+fn locate(app: &App, r: &ResultRef) -> Result<(ResultStorage, StorageKey), Problem> {
+    let storage = results(app)?.storage(&r.storage)?;
+    let key = StorageKey::new(r.key.clone()).map_err(|e| {
+        Problem::new(
+            StatusCode::CONFLICT,
+            format!("run's result key '{}' is not a valid storage key: {e}", r.key),
+        )
+    })?;
+    Ok((storage, key))
+}
+
+/// The record a reference names must be the one it recorded (a key can be written again).
+fn replaced(r: &ResultRef, header: &RecordHeader) -> Result<(), Problem> {
+    if header.hash == r.hash {
+        return Ok(());
+    }
+    Err(Problem::new(
+        StatusCode::CONFLICT,
+        format!(
+            "the record at {} was replaced: it holds {} but the run recorded {}; the run's own value is gone",
+            r.uri(),
+            header.hash,
+            r.hash
+        ),
+    ))
+}
+
+/// The whole payload, verified (for conversions).
+async fn payload(app: &App, r: &ResultRef) -> Result<Bytes, Problem> {
+    if r.size > CONVERT_LIMIT {
+        return Err(Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "this result is {} MiB, over the {} MiB the server converts (kiln_server::CONVERT_LIMIT); fetch its \
+                 raw content instead",
+                r.size >> 20,
+                CONVERT_LIMIT >> 20
+            ),
+        ));
+    }
+    let (header, payload) = match r.inline_record() {
+        Some(record) => record.map_err(problem)?,
+        None => {
+            let (storage, key) = locate(app, r)?;
+            storage.get_record(&key).await.map_err(problem)?
+        }
+    };
+    replaced(r, &header)?;
+    Ok(payload)
+}
+
+/// Runs a conversion off the async threads; its error is the payload's fault (422).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, String> + Send + 'static) -> Result<T, Problem> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| {
+            Problem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the conversion stopped: {e}"),
+            )
+        })?
+        .map_err(|e| {
+            Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("the result cannot be converted: {e}"),
+            )
+        })
+}
+
+fn file_stem(r: &ResultRef, id: Uuid) -> String {
+    let tail = r.key.rsplit('/').next().unwrap_or("result");
+    let safe: String = tail
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    if r.storage == INLINE || safe.is_empty() {
+        format!("result-{}", id.simple())
+    } else {
+        safe
+    }
+}
+
+fn file(bytes: Bytes, media: &str, filename: &str) -> Response {
+    let length = bytes.len();
+    let mut response = file_response(Body::from(bytes), media, filename);
+    response
+        .headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    response
+}
+
+fn file_response(body: Body, media: &str, filename: &str) -> Response {
+    let mut response = (StatusCode::OK, body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(media).unwrap_or(HeaderValue::from_static("application/octet-stream")),
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!("inline; filename=\"{filename}\"")) {
+        headers.insert(header::CONTENT_DISPOSITION, v);
+    }
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    response
+}
