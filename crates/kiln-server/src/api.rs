@@ -3,15 +3,20 @@
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::StatusCode;
-use axum::routing::{get, post};
+use axum::http::{StatusCode, header};
+use axum::routing::get;
 use kiln_store::model::*;
 use kiln_store::{Outcome, Report, Store};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
+use crate::body::JsonBody;
+use crate::openapi::{ReadErrors, WriteErrors};
 use crate::{BODY_LIMIT, Problem};
 
 type Shared = Arc<dyn Store>;
@@ -31,27 +36,37 @@ impl axum::extract::FromRef<App> for Shared {
 type Json<T> = axum::Json<T>;
 type Reply<T> = Result<Json<T>, Problem>;
 
-/// The API's routes over `app`.
+/// The API's routes over `app`, and `/api/openapi.json` describing them.
 pub(crate) fn router(app: App) -> Router {
     let auth = Arc::new(crate::auth::Auth::new(app.store.clone()));
-    Router::new()
-        .route("/api/health", get(health))
-        .route("/api/version", get(health))
-        .route("/api/v1/writes", post(writes))
-        .route("/api/v1/flow_runs", get(flow_runs))
-        .route("/api/v1/flow_runs/{id}", get(flow_run))
-        .route("/api/v1/flow_runs/{id}/subflows", get(subflow_runs))
-        .route("/api/v1/flow_runs/{id}/task_runs", get(task_runs))
-        .route("/api/v1/flow_runs/{id}/edges", get(edges))
-        .route("/api/v1/task_runs/{id}", get(task_run))
-        .route("/api/v1/runs/{id}/states", get(states))
-        .route("/api/v1/runs/{id}/logs", get(logs))
-        .route("/api/v1/runs/resolve/{text}", get(resolve))
-        .route("/api/v1/runs/{id}/result", get(crate::results::info))
-        .route("/api/v1/runs/{id}/result/content", get(crate::results::content))
-        .route("/api/v1/runs/{id}/result/thumbnail", get(crate::results::thumbnail))
-        .route("/api/v1/processes", get(processes))
-        .route("/api/v1/processes/crash_orphans", post(crash_orphans))
+    let (routes, doc) = OpenApiRouter::with_openapi(crate::openapi::base())
+        .routes(routes!(health))
+        .routes(routes!(version))
+        .routes(routes!(writes))
+        .routes(routes!(flow_runs))
+        .routes(routes!(flow_run))
+        .routes(routes!(subflow_runs))
+        .routes(routes!(task_runs))
+        .routes(routes!(edges))
+        .routes(routes!(task_run))
+        .routes(routes!(states))
+        .routes(routes!(logs))
+        .routes(routes!(resolve))
+        .routes(routes!(crate::results::info))
+        .routes(routes!(crate::results::content))
+        .routes(routes!(crate::results::thumbnail))
+        .routes(routes!(processes))
+        .routes(routes!(crash_orphans))
+        .split_for_parts();
+    let doc = Arc::new(crate::openapi::document(doc));
+    routes
+        .route(
+            "/api/openapi.json",
+            get(move || {
+                let doc = doc.clone();
+                async move { ([(header::CONTENT_TYPE, "application/json")], doc.as_str().to_owned()) }
+            }),
+        )
         .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "no such endpoint; the API is under /api/v1") })
         .layer(axum::middleware::from_fn_with_state(auth, crate::auth::check))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -76,18 +91,59 @@ async fn too_large(response: axum::response::Response) -> axum::response::Respon
     .into_response()
 }
 
-#[derive(Serialize)]
-struct Health {
+/// The server answers, and which Kiln it is.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Health {
+    /// `ok`.
     status: &'static str,
+    /// Kiln's version.
     version: &'static str,
 }
 
-async fn health() -> Json<Health> {
+fn health_now() -> Json<Health> {
     axum::Json(Health {
         status: "ok",
         version: env!("CARGO_PKG_VERSION"),
     })
 }
+
+/// Whether the server answers (no token needed).
+#[utoipa::path(get, path = "/api/health", tag = "server", security(()),
+    responses((status = 200, description = "The server answers", body = Health)))]
+async fn health() -> Json<Health> {
+    health_now()
+}
+
+/// The server's version.
+#[utoipa::path(get, path = "/api/version", tag = "server",
+    responses((status = 200, description = "Kiln's version", body = Health), ReadErrors))]
+async fn version() -> Json<Health> {
+    health_now()
+}
+
+/// A run marked Crashed, as the answer's `[kind, id]` pairs (a tuple: `prefixItems`).
+struct Crashed;
+
+impl utoipa::PartialSchema for Crashed {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ArrayBuilder, ArrayItems, KnownFormat, ObjectBuilder, SchemaFormat, Type};
+        let kind = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some(["flow", "task"]));
+        let id = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Uuid)));
+        ArrayBuilder::new()
+            .description(Some("A run marked Crashed: its kind and id"))
+            .prefix_items([kind, id])
+            .items(ArrayItems::False)
+            .min_items(Some(2))
+            .max_items(Some(2))
+            .into()
+    }
+}
+
+impl ToSchema for Crashed {}
 
 /// Where the outcome of the n-th write of a request goes.
 struct Slot {
@@ -101,16 +157,14 @@ impl Report for Slot {
     }
 }
 
-fn bad_body(e: JsonRejection) -> Problem {
-    Problem::new(
-        e.status(),
-        format!("the request body is not a valid batch of writes: {}", e.body_text()),
-    )
-}
+/// Applies a batch of writes in order and answers once each has its outcome: applied (and
+/// durable), rejected by the state rules, or failed. A write delivered again (same id) is
+/// applied once and answered as the first time.
+#[utoipa::path(post, path = "/api/v1/writes", tag = "store", request_body = WriteBatch,
+    responses((status = 200, description = "One outcome per write, in order", body = OutcomeBatch), WriteErrors))]
+async fn writes(State(store): State<Shared>, JsonBody(batch): JsonBody<WriteBatch>) -> Reply<OutcomeBatch> {
+    let WriteBatch { writes } = batch;
 
-/// Applies the writes and answers once each has its outcome (they are durable, or failed).
-async fn writes(State(store): State<Shared>, body: Result<Json<WriteBatch>, JsonRejection>) -> Reply<OutcomeBatch> {
-    let axum::Json(WriteBatch { writes }) = body.map_err(bad_body)?;
     if writes
         .iter()
         .any(|w| matches!(w, Write::PutToken(_) | Write::RevokeToken { .. }))
@@ -122,6 +176,14 @@ async fn writes(State(store): State<Shared>, body: Result<Json<WriteBatch>, Json
     }
     let outcomes = Arc::new(Mutex::new(vec![None; writes.len()]));
     for (index, write) in writes.into_iter().enumerate() {
+        // A malformed write fails alone, as it would in the database; the others go on.
+        if let Err(e) = write.check() {
+            outcomes.lock().unwrap_or_else(|p| p.into_inner())[index] = Some(WireOutcome::Failed {
+                message: format!("{write} is malformed: {e}"),
+                retryable: false,
+            });
+            continue;
+        }
         let slot = Slot {
             outcomes: outcomes.clone(),
             index,
@@ -159,17 +221,32 @@ fn found<T>(value: Option<T>, what: &str, id: Uuid) -> Reply<T> {
 }
 
 /// `GET /api/v1/flow_runs`'s query: a [`RunFilter`] with states as a comma-separated list.
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
+    /// The most runs to list (default 100).
+    #[param(minimum = 0, maximum = 10000)]
     limit: Option<usize>,
+    /// Only runs in these states, comma-separated (`Failed,Crashed`).
+    #[param(
+        pattern = r"^\s*(Scheduled|Pending|Running|AwaitingRetry|Completed|Cached|Failed|Crashed|Cancelled|TimedOut|RolledBack)?\s*(,\s*(Scheduled|Pending|Running|AwaitingRetry|Completed|Cached|Failed|Crashed|Cancelled|TimedOut|RolledBack)?\s*)*$"
+    )]
     state: Option<String>,
+    /// Only runs of this flow.
     flow: Option<String>,
+    /// Only runs with this tag.
     tag: Option<String>,
+    /// Only runs created at or after this time (microseconds since the Unix epoch).
     since: Option<Micros>,
+    /// Only runs created before this time (microseconds since the Unix epoch).
     until: Option<Micros>,
+    /// The page after this run id (the previous page's `next`).
     after: Option<Uuid>,
 }
 
+/// Flow runs, newest first, filtered, a page at a time (`next` is the cursor of the next page).
+#[utoipa::path(get, path = "/api/v1/flow_runs", tag = "runs", params(ListQuery),
+    responses((status = 200, description = "A page of flow runs", body = FlowRunPage), ReadErrors))]
 async fn flow_runs(State(store): State<Shared>, q: Result<Query<ListQuery>, QueryRejection>) -> Reply<FlowRunPage> {
     let Query(q) = q.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let limit = q.limit.unwrap_or(100);
@@ -199,57 +276,102 @@ async fn flow_runs(State(store): State<Shared>, q: Result<Query<ListQuery>, Quer
         after: q.after,
         limit,
     };
+    // No run's name or tag holds a NUL character (PostgreSQL text cannot): nothing matches.
+    if [&filter.flow, &filter.tag]
+        .into_iter()
+        .flatten()
+        .any(|t| t.contains('\0'))
+    {
+        return Ok(axum::Json(FlowRunPage {
+            runs: Vec::new(),
+            next: None,
+        }));
+    }
     Ok(axum::Json(store.list_flow_runs(&filter).await?))
 }
 
+/// One flow run.
+#[utoipa::path(get, path = "/api/v1/flow_runs/{id}", tag = "runs", params(("id" = Uuid, Path, description = "The run's id")),
+    responses((status = 200, description = "The flow run", body = FlowRun), ReadErrors))]
 async fn flow_run(State(store): State<Shared>, path: Result<Path<String>, PathRejection>) -> Reply<FlowRun> {
     let id = id(path)?;
     found(store.flow_run(id).await?, "flow run", id)
 }
 
+/// The flow runs this flow run called (its subflows).
+#[utoipa::path(get, path = "/api/v1/flow_runs/{id}/subflows", tag = "runs", params(("id" = Uuid, Path, description = "The run's id")),
+    responses((status = 200, description = "Its subflow runs", body = Vec<FlowRun>), ReadErrors))]
 async fn subflow_runs(State(store): State<Shared>, path: Result<Path<String>, PathRejection>) -> Reply<Vec<FlowRun>> {
     Ok(axum::Json(store.subflow_runs(id(path)?).await?))
 }
 
+/// The task runs of a flow run, in creation order.
+#[utoipa::path(get, path = "/api/v1/flow_runs/{id}/task_runs", tag = "runs", params(("id" = Uuid, Path, description = "The run's id")),
+    responses((status = 200, description = "Its task runs", body = Vec<TaskRun>), ReadErrors))]
 async fn task_runs(State(store): State<Shared>, path: Result<Path<String>, PathRejection>) -> Reply<Vec<TaskRun>> {
     Ok(axum::Json(store.task_runs(id(path)?).await?))
 }
 
+/// The dependency edges between a flow run's task runs.
+#[utoipa::path(get, path = "/api/v1/flow_runs/{id}/edges", tag = "runs", params(("id" = Uuid, Path, description = "The run's id")),
+    responses((status = 200, description = "Its edges", body = Vec<Edge>), ReadErrors))]
 async fn edges(State(store): State<Shared>, path: Result<Path<String>, PathRejection>) -> Reply<Vec<Edge>> {
     Ok(axum::Json(store.edges(id(path)?).await?))
 }
 
+/// One task run.
+#[utoipa::path(get, path = "/api/v1/task_runs/{id}", tag = "runs", params(("id" = Uuid, Path, description = "The run's id")),
+    responses((status = 200, description = "The task run", body = TaskRun), ReadErrors))]
 async fn task_run(State(store): State<Shared>, path: Result<Path<String>, PathRejection>) -> Reply<TaskRun> {
     let id = id(path)?;
     found(store.task_run(id).await?, "task run", id)
 }
 
+/// A run's state history, oldest first.
+#[utoipa::path(get, path = "/api/v1/runs/{id}/states", tag = "runs", params(("id" = Uuid, Path, description = "The run's id")),
+    responses((status = 200, description = "Its states", body = Vec<StateRecord>), ReadErrors))]
 async fn states(State(store): State<Shared>, path: Result<Path<String>, PathRejection>) -> Reply<Vec<StateRecord>> {
     Ok(axum::Json(store.states(id(path)?).await?))
 }
 
+/// The log lines a run captured (a flow run's include its task runs').
+#[utoipa::path(get, path = "/api/v1/runs/{id}/logs", tag = "runs", params(("id" = Uuid, Path, description = "The run's id")),
+    responses((status = 200, description = "Its log lines", body = Vec<LogRecord>), ReadErrors))]
 async fn logs(State(store): State<Shared>, path: Result<Path<String>, PathRejection>) -> Reply<Vec<LogRecord>> {
     Ok(axum::Json(store.logs(id(path)?).await?))
 }
 
+/// The run an id, a unique prefix of one, or its last characters name.
+#[utoipa::path(get, path = "/api/v1/runs/resolve/{text}", tag = "runs", params(("text" = String, Path, description = "An id or a unique prefix or tail of one")),
+    responses((status = 200, description = "The run it names", body = RunRef),
+        (status = 409, description = "A prefix that several runs share", body = Problem,
+            content_type = "application/problem+json"), ReadErrors))]
 async fn resolve(State(store): State<Shared>, Path(text): Path<String>) -> Reply<RunRef> {
     Ok(axum::Json(store.resolve(&text).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct Since {
+    /// Only processes heard from at or after this time (microseconds since the Unix epoch).
     since: Option<Micros>,
 }
 
+/// The processes that heartbeat since a time.
+#[utoipa::path(get, path = "/api/v1/processes", tag = "processes", params(Since),
+    responses((status = 200, description = "Processes", body = Vec<Process>), ReadErrors))]
 async fn processes(State(store): State<Shared>, q: Result<Query<Since>, QueryRejection>) -> Reply<Vec<Process>> {
     let Query(q) = q.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     Ok(axum::Json(store.processes(q.since.unwrap_or(0)).await?))
 }
 
+/// Marks Crashed the unfinished runs of processes that exited (`dead`) or fell silent before
+/// `stale_before`; the runs marked.
+#[utoipa::path(post, path = "/api/v1/processes/crash_orphans", tag = "processes", request_body = CrashOrphans,
+    responses((status = 200, description = "The runs marked Crashed", body = Vec<Crashed>), WriteErrors))]
 async fn crash_orphans(
     State(store): State<Shared>,
-    body: Result<Json<CrashOrphans>, JsonRejection>,
+    JsonBody(req): JsonBody<CrashOrphans>,
 ) -> Reply<Vec<(RunKind, Uuid)>> {
-    let axum::Json(req) = body.map_err(|e| Problem::new(e.status(), e.body_text()))?;
     Ok(axum::Json(store.crash_orphans(&req.dead, req.stale_before).await?))
 }

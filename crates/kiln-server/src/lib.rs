@@ -24,6 +24,8 @@
 
 mod api;
 mod auth;
+mod body;
+mod openapi;
 mod problem;
 mod results;
 

@@ -7,7 +7,7 @@ use kiln_store::StoreError;
 use serde::{Deserialize, Serialize};
 
 /// A problem detail (RFC 9457), as the API returns it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Problem {
     /// A URI naming the kind of problem (`about:blank` when the status says it all).
     #[serde(rename = "type")]

@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 use crate::Problem;
 use crate::api::{App, id};
+use crate::openapi::ResultErrors;
 
 /// Payloads larger than this are not decoded on the server (to PNG, JSON or a thumbnail):
 /// their raw content streams instead.
@@ -79,7 +80,7 @@ fn problem(e: ResultError) -> Problem {
 }
 
 /// What `GET /api/v1/runs/{id}/result` answers.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ResultInfo {
     /// The task run or flow run whose result it is.
     pub run_id: Uuid,
@@ -98,6 +99,7 @@ pub struct ResultInfo {
     /// The media type of `content` (`image/png`, `application/json`, ...).
     pub media_type: String,
     /// The record's header as the storage holds it (type, creation, expiry, producing run).
+    #[schema(value_type = Option<Object>)]
     pub header: Option<RecordHeader>,
     /// Why the header could not be read, when it could not.
     pub header_error: Option<String>,
@@ -106,7 +108,7 @@ pub struct ResultInfo {
 }
 
 /// The content URLs of a result.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Links {
     /// The payload as the serializer wrote it.
     pub content: String,
@@ -173,7 +175,11 @@ fn results(app: &App) -> Result<&Results, Problem> {
     })
 }
 
-/// `GET /api/v1/runs/{id}/result`: the result's metadata (no content).
+/// A run's persisted result: where it is, its serializer, size and hash, the record's
+/// header, and links to its content. The value itself is not sent.
+#[utoipa::path(get, path = "/api/v1/runs/{id}/result", tag = "results",
+    params(("id" = Uuid, Path, description = "A task run's or flow run's id")),
+    responses((status = 200, description = "The result's metadata", body = ResultInfo), ResultErrors))]
 pub(crate) async fn info(
     State(app): State<App>,
     path: Result<Path<String>, PathRejection>,
@@ -219,13 +225,23 @@ pub(crate) async fn info(
 }
 
 /// `?as=`: the form to send the value in.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct As {
+    /// `png`: an image result as a PNG file; `json`: a serde value as pretty JSON; none
+    /// (or `raw`): the payload as its serializer wrote it.
     #[serde(rename = "as")]
+    #[param(rename = "as", pattern = "^(raw|png|json)?$")]
     form: Option<String>,
 }
 
-/// `GET /api/v1/runs/{id}/result/content[?as=png|json]`.
+/// A run's result value: streamed from its storage as written and verified on the way (a
+/// payload that does not match its hash ends the stream with an error), or converted.
+#[utoipa::path(get, path = "/api/v1/runs/{id}/result/content", tag = "results",
+    params(("id" = Uuid, Path, description = "A task run's or flow run's id"), As),
+    responses((status = 200, description = "The value", content(
+        (Vec<u8> = "application/octet-stream"), (Vec<u8> = "image/png"), (Vec<u8> = "image/jpeg"),
+        (Object = "application/json"), (Vec<u8> = "application/msgpack"))), ResultErrors))]
 pub(crate) async fn content(
     State(app): State<App>,
     path: Result<Path<String>, PathRejection>,
@@ -294,12 +310,18 @@ pub(crate) async fn content(
     Ok(response)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct Size {
+    /// The largest width and height in pixels (default 256).
+    #[param(minimum = 16, maximum = 2048)]
     size: Option<u32>,
 }
 
-/// `GET /api/v1/runs/{id}/result/thumbnail[?size=256]`: the image scaled to fit `size`.
+/// An image result scaled down to fit `size` x `size` pixels, as PNG.
+#[utoipa::path(get, path = "/api/v1/runs/{id}/result/thumbnail", tag = "results",
+    params(("id" = Uuid, Path, description = "A task run's or flow run's id"), Size),
+    responses((status = 200, description = "A PNG image", content((Vec<u8> = "image/png"))), ResultErrors))]
 pub(crate) async fn thumbnail(
     State(app): State<App>,
     path: Result<Path<String>, PathRejection>,

@@ -505,13 +505,13 @@ impl<'t> Statements<'t> {
             format!(
                 "UPDATE {table} SET state = ?2, state_seq = ?3, state_message = ?4, attempt = ?5,
                  start_time = COALESCE(start_time, ?6), end_time = COALESCE(?7, end_time),
-                 result = COALESCE(?8, result) WHERE id = ?1 AND state = ?9 AND state_seq = ?10"
+                 result = COALESCE(json(?8), result) WHERE id = ?1 AND state = ?9 AND state_seq = ?10"
             )
         };
         Ok(Statements {
             state: tx.prepare_cached(
                 "INSERT INTO states (run_id, seq, state, message, attempt, timestamp, result, change_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, json(?7), ?8)",
             )?,
             created: tx.prepare_cached(
                 "INSERT INTO states (run_id, seq, state, message, attempt, timestamp, result, change_id)
@@ -524,13 +524,13 @@ impl<'t> Statements<'t> {
                 "INSERT INTO flow_runs (id, name, parent_id, parameters, tags, state, state_message, attempt,
                                         created, start_time, end_time, result, command, retry_of, state_seq,
                                         process_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, json(?12), json(?13), ?14, ?15, ?16)",
             )?,
             task_run: tx.prepare_cached(
                 "INSERT INTO task_runs (id, flow_run_id, name, task_key, inputs, tags, state, state_message, attempt,
                                         created, start_time, end_time, result, call_key, state_seq,
                                         process_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, json(?13), ?14, ?15, ?16)",
             )?,
             flow_state: tx.prepare_cached(&update("flow_runs"))?,
             task_state: tx.prepare_cached(&update("task_runs"))?,

@@ -17,6 +17,7 @@ pub fn now_micros() -> Micros {
 
 /// Which kind of run a state or log belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum RunKind {
     /// A flow run.
@@ -27,6 +28,7 @@ pub enum RunKind {
 
 /// A new flow run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NewFlowRun {
     /// Its id (UUIDv7).
     pub id: Uuid,
@@ -52,6 +54,7 @@ pub struct NewFlowRun {
 
 /// A new task run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NewTaskRun {
     /// Its id (UUIDv7).
     pub id: Uuid,
@@ -80,6 +83,7 @@ pub struct NewTaskRun {
 /// heartbeating for longer than the lease, or that is seen dead on its host, has its
 /// unfinished runs marked Crashed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Process {
     /// Chosen by the process when it opens the store.
     pub id: Uuid,
@@ -97,6 +101,7 @@ pub struct Process {
 /// An API token of the Kiln server. Only a hash of its secret is stored; the secret is shown
 /// once, when it is created.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ApiToken {
     /// A name for people (`ci`, `alice-laptop`); unique.
     pub name: String,
@@ -127,6 +132,7 @@ impl ApiToken {
 
 /// One entry of a run's state history.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StateRecord {
     /// The run that entered the state.
     pub run_id: Uuid,
@@ -173,6 +179,7 @@ pub fn write_id() -> Uuid {
 
 /// A dependency: `downstream` consumed the result of `upstream`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Edge {
     /// The producing task run.
     pub upstream: Uuid,
@@ -182,6 +189,7 @@ pub struct Edge {
 
 /// A log event captured inside a run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LogRecord {
     /// The line's identity ([`write_id`]): a line delivered twice is kept once. Nil: none.
     #[serde(default, skip_serializing_if = "Uuid::is_nil")]
@@ -210,6 +218,7 @@ pub struct LogRecord {
 /// the store recognises it by `id` and answers with the position it got the first time.
 /// Another writer's change, even to the same state, has another id and is checked as usual.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StateChange {
     /// This change's identity ([`write_id`]); nil: none, a repeat is checked like any change.
     #[serde(default, skip_serializing_if = "Uuid::is_nil")]
@@ -234,6 +243,7 @@ pub struct StateChange {
 
 /// What the store made of a [`StateChange`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Transition {
     /// Applied as entry `seq` of the run's history.
@@ -251,6 +261,7 @@ pub enum Transition {
 
 /// One write to the store. Writes are applied in the order they are sent.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "write", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Write {
@@ -293,6 +304,26 @@ impl Write {
             Write::Log(l) => l.run_id,
             Write::Heartbeat(p) => p.id,
             Write::PutToken(_) | Write::RevokeToken { .. } => Uuid::nil(),
+        }
+    }
+}
+
+impl Write {
+    /// Whether the write is well formed: fields that hold JSON text hold JSON. Backends
+    /// refuse malformed ones too; a server checks first, to answer the request that sent it.
+    pub fn check(&self) -> Result<(), String> {
+        let json = |field: &str, text: &Option<String>| match text {
+            // As readers parse it (a number out of range or a lone surrogate is refused here,
+            // not found unreadable later).
+            Some(t) => serde_json::from_str::<serde_json::Value>(t)
+                .map(drop)
+                .map_err(|e| format!("{field} is not JSON text ({e})")),
+            None => Ok(()),
+        };
+        match self {
+            Write::FlowRun(r) => json("command", &r.command),
+            Write::State(c) => json("result", &c.result),
+            _ => Ok(()),
         }
     }
 }
@@ -416,6 +447,7 @@ pub enum Outcome {
 /// An [`Outcome`] as it crosses a wire (the server's API): a failure travels as its message
 /// and whether it is retryable.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum WireOutcome {
     /// See [`Outcome::Applied`].
@@ -468,6 +500,7 @@ impl From<WireOutcome> for Outcome {
 
 /// A batch of writes as it crosses a wire (`POST /api/v1/writes`), applied in order.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WriteBatch {
     /// The writes.
     pub writes: Vec<Write>,
@@ -475,6 +508,7 @@ pub struct WriteBatch {
 
 /// One outcome per write of a [`WriteBatch`], in the same order.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct OutcomeBatch {
     /// The outcomes.
     pub outcomes: Vec<WireOutcome>,
@@ -482,6 +516,7 @@ pub struct OutcomeBatch {
 
 /// A request to mark the runs of dead processes Crashed (see `Store::crash_orphans`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CrashOrphans {
     /// Processes known dead.
     pub dead: Vec<Uuid>,
@@ -532,6 +567,7 @@ impl RunFilter {
 
 /// One page of flow runs, and the cursor of the next one (`None`: this is the last).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FlowRunPage {
     /// The runs, newest first.
     pub runs: Vec<FlowRun>,
@@ -541,6 +577,7 @@ pub struct FlowRunPage {
 
 /// A flow run as read back from the store.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FlowRun {
     /// Its id.
     pub id: Uuid,
@@ -576,6 +613,7 @@ pub struct FlowRun {
 
 /// A task run as read back from the store.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TaskRun {
     /// Its id.
     pub id: Uuid,
@@ -609,6 +647,7 @@ pub struct TaskRun {
 
 /// What a user-given id (or id prefix) refers to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "kind", content = "id", rename_all = "snake_case")]
 pub enum RunRef {
     /// A flow run.

@@ -12,6 +12,7 @@ use crate::StoreError;
 
 /// The state a flow run or task run is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[non_exhaustive]
 pub enum StateType {
     /// Created, waiting for its start time.

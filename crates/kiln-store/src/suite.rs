@@ -36,6 +36,7 @@ macro_rules! store_suite {
             dead_processes_have_their_runs_crashed,
             flow_runs_filter_and_page,
             a_write_delivered_twice_is_applied_once,
+            malformed_json_text_is_refused_alone,
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
@@ -806,5 +807,42 @@ pub async fn a_write_delivered_twice_is_applied_once(store: &dyn Store) {
         Transition::Rejected {
             current: Some(Completed)
         }
+    );
+}
+
+/// Fields that hold JSON text (a flow run's command, a state's result) must hold JSON: a
+/// write that breaks this fails alone and the store stays readable.
+pub async fn malformed_json_text_is_refused_alone(store: &dyn Store) {
+    let report = Arc::new(Collect::default());
+    let mut bad = flow("bad_command", None);
+    bad.command = Some("{not json".into());
+    let good = flow("good_command", None);
+    let (bad_id, good_id) = (bad.id, good.id);
+    let t = task("bad_result", None);
+    let tid = t.id;
+    let mut done = change(RunKind::Task, tid, Running, Completed, 1);
+    done.result = Some(String::new());
+    send(
+        store,
+        &report,
+        [
+            Write::FlowRun(bad),
+            Write::FlowRun(good),
+            Write::TaskRun(t),
+            Write::State(change(RunKind::Task, tid, Pending, Running, 1)),
+            Write::State(done),
+        ],
+    );
+    store.flush().await.unwrap();
+    let problems = report.problems();
+    assert_eq!(problems.len(), 2, "{problems:#?}");
+    assert!(problems[0].contains(&bad_id.to_string()), "{problems:#?}");
+    assert!(problems[1].contains("Running -> Completed"), "{problems:#?}");
+    assert!(store.flow_run(bad_id).await.unwrap().is_none());
+    assert!(store.flow_run(good_id).await.unwrap().is_some());
+    assert_eq!(store.task_run(tid).await.unwrap().unwrap().state, Running);
+    assert_eq!(
+        store.list_flow_runs(&RunFilter::newest(10)).await.unwrap().runs.len(),
+        1
     );
 }

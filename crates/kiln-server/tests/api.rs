@@ -1,0 +1,115 @@
+//! The API document and request bodies, in-process.
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+
+fn app() -> (tempfile::TempDir, axum::Router) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = kiln::open_store(dir.path(), None).unwrap();
+    (dir, kiln_server::Server::new(store).router())
+}
+
+async fn call(app: &axum::Router, request: Request<Body>) -> (StatusCode, serde_json::Value) {
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null))
+}
+
+fn post(path: &str, content_type: &str, body: &str) -> Request<Body> {
+    Request::post(path)
+        .header("content-type", content_type)
+        .body(Body::from(body.to_owned()))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_openapi_document_describes_every_route_and_needs_no_token() {
+    let (_dir, app) = app();
+    let (status, doc) = call(&app, Request::get("/api/openapi.json").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(doc["openapi"], "3.1.0");
+    for path in [
+        "/api/health",
+        "/api/v1/writes",
+        "/api/v1/flow_runs",
+        "/api/v1/flow_runs/{id}",
+        "/api/v1/runs/{id}/states",
+        "/api/v1/runs/{id}/result",
+        "/api/v1/runs/{id}/result/content",
+        "/api/v1/runs/{id}/result/thumbnail",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} is not in the document");
+    }
+    assert_eq!(doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+    assert!(doc["components"]["schemas"]["Problem"].is_object());
+    // Ids are constrained to what the server parses.
+    let id = &doc["components"]["schemas"]["FlowRun"]["properties"]["id"];
+    assert_eq!(id["format"], "uuid");
+    assert!(id["pattern"].as_str().unwrap().starts_with("^[0-9a-fA-F]{8}-"));
+    // Health is open; everything else needs the bearer token by default.
+    assert_eq!(doc["security"][0]["bearer"], serde_json::json!([]));
+    assert_eq!(doc["paths"]["/api/health"]["get"]["security"], serde_json::json!([{}]));
+}
+
+#[tokio::test]
+async fn bodies_are_json_of_the_documented_shape() {
+    let (_dir, app) = app();
+    let (status, p) = call(&app, post("/api/v1/writes", "text/plain", "{\"writes\": []}")).await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{p}");
+    assert!(p["detail"].as_str().unwrap().contains("Content-Type: application/json"));
+    let (status, p) = call(&app, post("/api/v1/writes", "application/json", "{\"writes\": [")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{p}");
+    // JSON Schema counts 1.0 an integer, so the API takes it where an integer goes...
+    let crash = r#"{"dead": [], "stale_before": 1000.0}"#;
+    let (status, p) = call(&app, post("/api/v1/processes/crash_orphans", "application/json", crash)).await;
+    assert_eq!(status, StatusCode::OK, "{p}");
+    // ...but not 1.5, nor a number beyond what a float holds exactly.
+    for bad in ["1000.5", "-9223372036854775809"] {
+        let body = format!(r#"{{"dead": [], "stale_before": {bad}}}"#);
+        let (status, p) = call(&app, post("/api/v1/processes/crash_orphans", "application/json", &body)).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {p}");
+        assert!(p["detail"].as_str().unwrap().contains("crash request"), "{p}");
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_write_fails_alone() {
+    let (_dir, app) = app();
+    let good = uuid::Uuid::now_v7();
+    let run = |id: uuid::Uuid, command: &str| {
+        serde_json::json!({
+            "write": "flow_run", "id": id, "name": "f", "parent_id": null, "parameters": {}, "tags": [],
+            "created": 1, "initial_state": "Pending", "command": command, "retry_of": null, "process_id": null
+        })
+    };
+    let batch = serde_json::json!({ "writes": [run(uuid::Uuid::now_v7(), "1e999"), run(good, "{\"argv\": []}")] });
+    let (status, answer) = call(&app, post("/api/v1/writes", "application/json", &batch.to_string())).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["outcomes"][0]["outcome"], "failed", "{answer}");
+    assert!(
+        answer["outcomes"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("command is not JSON text")
+    );
+    assert_eq!(answer["outcomes"][1]["outcome"], "applied", "{answer}");
+    let (status, page) = call(&app, Request::get("/api/v1/flow_runs").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(page["runs"].as_array().unwrap().len(), 1);
+    assert_eq!(page["runs"][0]["id"], good.to_string());
+    // A filter no run can match (a NUL character) is an empty page, not an error.
+    let (status, page) = call(
+        &app,
+        Request::get("/api/v1/flow_runs?flow=a%00b")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, page["runs"].as_array().map(Vec::len)),
+        (StatusCode::OK, Some(0))
+    );
+}
