@@ -103,12 +103,11 @@ pub(crate) fn run(home: &Path, cmd: RunsCommand) -> Result<()> {
         } => {
             let filter = kiln::store::model::RunFilter {
                 states: state,
-                flow,
+                name: flow,
                 tag,
                 since: since.map(|d| kiln::store::model::now_micros() - d.as_micros() as i64),
-                until: None,
                 after,
-                limit,
+                ..kiln::store::model::RunFilter::newest(limit)
             };
             ls(store, &mut out, &filter, json)
         }

@@ -49,6 +49,7 @@ pub(crate) fn router(app: App) -> Router {
         .routes(routes!(task_runs))
         .routes(routes!(edges))
         .routes(routes!(task_run))
+        .routes(routes!(list_task_runs))
         .routes(routes!(states))
         .routes(routes!(logs))
         .routes(routes!(resolve))
@@ -220,74 +221,167 @@ fn found<T>(value: Option<T>, what: &str, id: Uuid) -> Reply<T> {
         .ok_or_else(|| Problem::new(StatusCode::NOT_FOUND, format!("no {what} with id {id}")))
 }
 
-/// `GET /api/v1/flow_runs`'s query: a [`RunFilter`] with states as a comma-separated list.
-#[derive(Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-struct ListQuery {
-    /// The most runs to list (default 100).
-    #[param(minimum = 0, maximum = 10000)]
-    limit: Option<usize>,
-    /// Only runs in these states, comma-separated (`Failed,Crashed`).
-    #[param(
-        pattern = r"^\s*(Scheduled|Pending|Running|AwaitingRetry|Completed|Cached|Failed|Crashed|Cancelled|TimedOut|RolledBack)?\s*(,\s*(Scheduled|Pending|Running|AwaitingRetry|Completed|Cached|Failed|Crashed|Cancelled|TimedOut|RolledBack)?\s*)*$"
-    )]
-    state: Option<String>,
-    /// Only runs of this flow.
-    flow: Option<String>,
-    /// Only runs with this tag.
-    tag: Option<String>,
-    /// Only runs created at or after this time (microseconds since the Unix epoch).
-    since: Option<Micros>,
-    /// Only runs created before this time (microseconds since the Unix epoch).
-    until: Option<Micros>,
-    /// The page after this run id (the previous page's `next`).
-    after: Option<Uuid>,
+const STATES: &str =
+    "Scheduled|Pending|Running|AwaitingRetry|Completed|Cached|Failed|Crashed|Cancelled|TimedOut|RolledBack";
+
+/// The order of a list.
+#[derive(Deserialize, ToSchema, Clone, Copy, Default)]
+#[serde(rename_all = "lowercase")]
+enum Sort {
+    /// Newest first (the default).
+    #[default]
+    Newest,
+    /// Oldest first.
+    Oldest,
 }
 
-/// Flow runs, newest first, filtered, a page at a time (`next` is the cursor of the next page).
-#[utoipa::path(get, path = "/api/v1/flow_runs", tag = "runs", params(ListQuery),
-    responses((status = 200, description = "A page of flow runs", body = FlowRunPage), ReadErrors))]
-async fn flow_runs(State(store): State<Shared>, q: Result<Query<ListQuery>, QueryRejection>) -> Reply<FlowRunPage> {
-    let Query(q) = q.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let limit = q.limit.unwrap_or(100);
-    if limit > 10_000 {
-        return Err(Problem::new(StatusCode::BAD_REQUEST, "limit is at most 10000"));
-    }
-    let states = q
-        .state
-        .iter()
-        .flat_map(|s| s.split(','))
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| {
-            s.trim().parse::<kiln_store::state::StateType>().map_err(|_| {
-                Problem::new(
-                    StatusCode::BAD_REQUEST,
-                    format!("unknown state '{s}'; states: Scheduled, Pending, Running, AwaitingRetry, Completed, Cached, Failed, Crashed, Cancelled, TimedOut, RolledBack"),
-                )
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let filter = RunFilter {
-        states,
-        flow: q.flow,
-        tag: q.tag,
-        since: q.since,
-        until: q.until,
-        after: q.after,
-        limit,
+/// A list query: the fields of every list of runs, and `$extra` ones (serde's `flatten`
+/// cannot be used: query strings carry numbers as text).
+macro_rules! list_query {
+    ($(#[$doc:meta])* $name:ident { $($extra:tt)* }) => {
+        $(#[$doc])*
+        #[derive(Deserialize, IntoParams)]
+        #[into_params(parameter_in = Query)]
+        struct $name {
+            $($extra)*
+            /// The most runs to list (default 100).
+            #[param(minimum = 0, maximum = 10000)]
+            limit: Option<usize>,
+            /// Only runs in these states, comma-separated (`Failed,Crashed`).
+            #[param(pattern = r"^\s*(Scheduled|Pending|Running|AwaitingRetry|Completed|Cached|Failed|Crashed|Cancelled|TimedOut|RolledBack)?\s*(,\s*(Scheduled|Pending|Running|AwaitingRetry|Completed|Cached|Failed|Crashed|Cancelled|TimedOut|RolledBack)?\s*)*$")]
+            state: Option<String>,
+            /// Only runs with this tag.
+            tag: Option<String>,
+            /// Only runs created at or after this time (microseconds since the Unix epoch).
+            since: Option<Micros>,
+            /// Only runs created before this time (microseconds since the Unix epoch).
+            until: Option<Micros>,
+            /// The page after this run id (the previous page's `next`).
+            after: Option<Uuid>,
+            /// `newest` first (the default) or `oldest` first.
+            sort: Option<Sort>,
+        }
+
+        impl $name {
+            fn common(&self) -> ListQuery {
+                ListQuery {
+                    limit: self.limit,
+                    state: self.state.clone(),
+                    tag: self.tag.clone(),
+                    since: self.since,
+                    until: self.until,
+                    after: self.after,
+                    sort: self.sort,
+                }
+            }
+        }
     };
-    // No run's name or tag holds a NUL character (PostgreSQL text cannot): nothing matches.
-    if [&filter.flow, &filter.tag]
-        .into_iter()
-        .flatten()
-        .any(|t| t.contains('\0'))
-    {
-        return Ok(axum::Json(FlowRunPage {
+}
+
+list_query! {
+    /// `GET /api/v1/flow_runs`'s query.
+    FlowRunQuery {
+        /// Only runs of this flow.
+        flow: Option<String>,
+        /// Only subflow runs of this flow run.
+        parent: Option<Uuid>,
+    }
+}
+
+list_query! {
+    /// `GET /api/v1/task_runs`'s query.
+    TaskRunQuery {
+        /// Only runs of this task (its name).
+        task: Option<String>,
+        /// Only task runs of this flow run.
+        flow_run: Option<Uuid>,
+    }
+}
+
+/// What lists of flow runs and task runs share.
+struct ListQuery {
+    limit: Option<usize>,
+    state: Option<String>,
+    tag: Option<String>,
+    since: Option<Micros>,
+    until: Option<Micros>,
+    after: Option<Uuid>,
+    sort: Option<Sort>,
+}
+
+impl ListQuery {
+    /// The filter, with `name` and `parent`; `None` when no run can match (a NUL
+    /// character in a text, which no run's text holds, and PostgreSQL's cannot).
+    fn filter(self, name: Option<String>, parent: Option<Uuid>) -> Result<Option<RunFilter>, Problem> {
+        let limit = self.limit.unwrap_or(100);
+        if limit > 10_000 {
+            return Err(Problem::new(StatusCode::BAD_REQUEST, "limit is at most 10000"));
+        }
+        let states = self
+            .state
+            .iter()
+            .flat_map(|s| s.split(','))
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| {
+                s.trim().parse::<kiln_store::state::StateType>().map_err(|_| {
+                    Problem::new(
+                        StatusCode::BAD_REQUEST,
+                        format!("unknown state '{s}'; states: {}", STATES.replace('|', ", ")),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if [&name, &self.tag].into_iter().flatten().any(|t| t.contains('\0')) {
+            return Ok(None);
+        }
+        Ok(Some(RunFilter {
+            states,
+            name,
+            tag: self.tag,
+            parent,
+            since: self.since,
+            until: self.until,
+            after: self.after,
+            oldest_first: matches!(self.sort.unwrap_or_default(), Sort::Oldest),
+            limit,
+        }))
+    }
+}
+
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, Problem> {
+    q.map(|Query(q)| q)
+        .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e.body_text()))
+}
+
+/// Flow runs, filtered, a page at a time (`next` is the cursor of the next page).
+#[utoipa::path(get, path = "/api/v1/flow_runs", tag = "runs", params(FlowRunQuery),
+    responses((status = 200, description = "A page of flow runs", body = FlowRunPage), ReadErrors))]
+async fn flow_runs(State(store): State<Shared>, q: Result<Query<FlowRunQuery>, QueryRejection>) -> Reply<FlowRunPage> {
+    let q = query(q)?;
+    Ok(axum::Json(match q.common().filter(q.flow, q.parent)? {
+        Some(filter) => store.list_flow_runs(&filter).await?,
+        None => FlowRunPage {
             runs: Vec::new(),
             next: None,
-        }));
-    }
-    Ok(axum::Json(store.list_flow_runs(&filter).await?))
+        },
+    }))
+}
+
+/// Task runs across flow runs (or of one), filtered, a page at a time.
+#[utoipa::path(get, path = "/api/v1/task_runs", tag = "runs", params(TaskRunQuery),
+    responses((status = 200, description = "A page of task runs", body = TaskRunPage), ReadErrors))]
+async fn list_task_runs(
+    State(store): State<Shared>,
+    q: Result<Query<TaskRunQuery>, QueryRejection>,
+) -> Reply<TaskRunPage> {
+    let q = query(q)?;
+    Ok(axum::Json(match q.common().filter(q.task, q.flow_run)? {
+        Some(filter) => store.list_task_runs(&filter).await?,
+        None => TaskRunPage {
+            runs: Vec::new(),
+            next: None,
+        },
+    }))
 }
 
 /// One flow run.
@@ -334,11 +428,42 @@ async fn states(State(store): State<Shared>, path: Result<Path<String>, PathReje
     Ok(axum::Json(store.states(id(path)?).await?))
 }
 
-/// The log lines a run captured (a flow run's include its task runs').
-#[utoipa::path(get, path = "/api/v1/runs/{id}/logs", tag = "runs", params(("id" = Uuid, Path, description = "The run's id")),
-    responses((status = 200, description = "Its log lines", body = Vec<LogRecord>), ReadErrors))]
-async fn logs(State(store): State<Shared>, path: Result<Path<String>, PathRejection>) -> Reply<Vec<LogRecord>> {
-    Ok(axum::Json(store.logs(id(path)?).await?))
+/// `GET /api/v1/runs/{id}/logs`'s query.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct LogQuery {
+    /// Only lines at this level or more severe.
+    #[param(pattern = "^(?i)(error|warn|warning|info|debug|trace)$")]
+    level: Option<String>,
+    /// The page after this position (the previous page's `next`).
+    after: Option<i64>,
+    /// The most lines to list (default 1000).
+    #[param(minimum = 0, maximum = 10000)]
+    limit: Option<usize>,
+}
+
+/// The log lines a run captured (a flow run's include its task runs'), oldest first, a
+/// page at a time.
+#[utoipa::path(get, path = "/api/v1/runs/{id}/logs", tag = "runs",
+    params(("id" = Uuid, Path, description = "The run's id"), LogQuery),
+    responses((status = 200, description = "A page of its log lines", body = LogPage), ReadErrors))]
+async fn logs(
+    State(store): State<Shared>,
+    path: Result<Path<String>, PathRejection>,
+    q: Result<Query<LogQuery>, QueryRejection>,
+) -> Reply<LogPage> {
+    let id = id(path)?;
+    let q = query(q)?;
+    let filter = LogFilter {
+        level: q.level,
+        after: q.after,
+        limit: q.limit.unwrap_or(1000),
+    };
+    if filter.limit > 10_000 {
+        return Err(Problem::new(StatusCode::BAD_REQUEST, "limit is at most 10000"));
+    }
+    filter.levels().map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e))?;
+    Ok(axum::Json(store.list_logs(id, &filter).await?))
 }
 
 /// The run an id, a unique prefix of one, or its last characters name.

@@ -203,6 +203,25 @@ impl Batches for Writer {
     }
 }
 
+/// A list's query string: `name` and `parent` under the names the endpoint gives them.
+fn list_query(filter: &RunFilter, name: &'static str, parent: &'static str) -> Vec<(&'static str, String)> {
+    let mut query: Vec<(&str, String)> = vec![("limit", filter.limit.to_string())];
+    if !filter.states.is_empty() {
+        let states: Vec<&str> = filter.states.iter().map(|s| s.as_str()).collect();
+        query.push(("state", states.join(",")));
+    }
+    query.extend(filter.name.clone().map(|f| (name, f)));
+    query.extend(filter.parent.map(|p| (parent, p.to_string())));
+    query.extend(filter.tag.clone().map(|t| ("tag", t)));
+    query.extend(filter.since.map(|t| ("since", t.to_string())));
+    query.extend(filter.until.map(|t| ("until", t.to_string())));
+    query.extend(filter.after.map(|a| ("after", a.to_string())));
+    if filter.oldest_first {
+        query.push(("sort", "oldest".into()));
+    }
+    query
+}
+
 /// One batch, retried whole while the server is unreachable or answers 5xx.
 async fn send_batch(client: &reqwest::Client, url: &str, writes: Vec<Write>) -> Result<Vec<WireOutcome>, StoreError> {
     let body = WriteBatch { writes };
@@ -259,17 +278,20 @@ impl Store for HttpStore {
     }
 
     async fn list_flow_runs(&self, filter: &RunFilter) -> Result<FlowRunPage, StoreError> {
-        let mut query: Vec<(&str, String)> = vec![("limit", filter.limit.to_string())];
-        if !filter.states.is_empty() {
-            let states: Vec<&str> = filter.states.iter().map(|s| s.as_str()).collect();
-            query.push(("state", states.join(",")));
-        }
-        query.extend(filter.flow.clone().map(|f| ("flow", f)));
-        query.extend(filter.tag.clone().map(|t| ("tag", t)));
-        query.extend(filter.since.map(|t| ("since", t.to_string())));
-        query.extend(filter.until.map(|t| ("until", t.to_string())));
-        query.extend(filter.after.map(|a| ("after", a.to_string())));
+        let query = list_query(filter, "flow", "parent");
         self.call(self.get("flow_runs").query(&query)).await
+    }
+
+    async fn list_task_runs(&self, filter: &RunFilter) -> Result<TaskRunPage, StoreError> {
+        let query = list_query(filter, "task", "flow_run");
+        self.call(self.get("task_runs").query(&query)).await
+    }
+
+    async fn list_logs(&self, run_id: Uuid, filter: &LogFilter) -> Result<LogPage, StoreError> {
+        let mut query: Vec<(&str, String)> = vec![("limit", filter.limit.to_string())];
+        query.extend(filter.level.clone().map(|l| ("level", l)));
+        query.extend(filter.after.map(|a| ("after", a.to_string())));
+        self.call(self.get(&format!("runs/{run_id}/logs")).query(&query)).await
     }
 
     async fn flow_run(&self, id: Uuid) -> Result<Option<FlowRun>, StoreError> {
@@ -305,7 +327,20 @@ impl Store for HttpStore {
     }
 
     async fn logs(&self, run_id: Uuid) -> Result<Vec<LogRecord>, StoreError> {
-        self.call(self.get(&format!("runs/{run_id}/logs"))).await
+        let mut filter = LogFilter {
+            level: None,
+            after: None,
+            limit: 10_000,
+        };
+        let mut all = Vec::new();
+        loop {
+            let page = self.list_logs(run_id, &filter).await?;
+            all.extend(page.logs);
+            match page.next {
+                Some(next) => filter.after = Some(next),
+                None => return Ok(all),
+            }
+        }
     }
 
     async fn resolve(&self, id_or_prefix: &str) -> Result<RunRef, StoreError> {

@@ -316,6 +316,18 @@ impl Store for PostgresStore {
         self.read(async move { read::subflow_runs(&pool, parent).await }).await
     }
 
+    async fn list_task_runs(&self, filter: &RunFilter) -> Result<TaskRunPage, StoreError> {
+        let (pool, filter) = (self.pool.clone(), filter.clone());
+        self.read(async move { read::list_task_runs(&pool, &filter).await })
+            .await
+    }
+
+    async fn list_logs(&self, run_id: Uuid, filter: &LogFilter) -> Result<LogPage, StoreError> {
+        let (pool, filter) = (self.pool.clone(), filter.clone());
+        self.read(async move { read::list_logs(&pool, run_id, &filter).await })
+            .await
+    }
+
     async fn task_runs(&self, flow_run_id: Uuid) -> Result<Vec<TaskRun>, StoreError> {
         let pool = self.pool.clone();
         self.read(async move { read::task_runs(&pool, flow_run_id).await })

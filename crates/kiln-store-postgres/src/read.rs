@@ -31,9 +31,9 @@ fn tags(row: &PgRow) -> Result<Vec<String>, StoreError> {
     serde_json::from_value(v).map_err(|e| StoreError::Corrupt(format!("tags: {e}")))
 }
 
-const FLOW_COLUMNS: &str = "f.id, f.name, f.parent_id, f.parameters, f.tags, f.state, f.state_message, f.attempt,
-     f.created, f.start_time, f.end_time,
-     (SELECT COUNT(*) FROM task_runs t WHERE t.flow_run_id = f.id) AS task_count, f.result, f.command, f.retry_of";
+const FLOW_COLUMNS: &str = "r.id, r.name, r.parent_id, r.parameters, r.tags, r.state, r.state_message, r.attempt,
+     r.created, r.start_time, r.end_time,
+     (SELECT COUNT(*) FROM task_runs t WHERE t.flow_run_id = r.id) AS task_count, r.result, r.command, r.retry_of";
 
 fn flow_row(row: &PgRow) -> Result<FlowRun, StoreError> {
     Ok(FlowRun {
@@ -55,8 +55,8 @@ fn flow_row(row: &PgRow) -> Result<FlowRun, StoreError> {
     })
 }
 
-const TASK_COLUMNS: &str = "id, flow_run_id, name, task_key, inputs, tags, state, state_message, attempt,
-     created, start_time, end_time, result, call_key";
+const TASK_COLUMNS: &str = "r.id, r.flow_run_id, r.name, r.task_key, r.inputs, r.tags, r.state, r.state_message,
+     r.attempt, r.created, r.start_time, r.end_time, r.result, r.call_key";
 
 fn task_row(row: &PgRow) -> Result<TaskRun, StoreError> {
     Ok(TaskRun {
@@ -88,64 +88,93 @@ async fn all<T>(
     rows.iter().map(map).collect()
 }
 
-pub(crate) async fn list_flow_runs(pool: &Pool, f: &RunFilter) -> Result<FlowRunPage, StoreError> {
-    let mut sql = format!("SELECT {FLOW_COLUMNS} FROM flow_runs f WHERE TRUE");
+/// The rows of `select` (alias `r`, whose parent is `parent_column`) that `f` selects, one
+/// more than the page: the caller learns whether there is a next page.
+async fn list_runs<T>(
+    pool: &Pool,
+    f: &RunFilter,
+    select: &str,
+    parent_column: &str,
+    row: fn(&PgRow) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    let mut sql = format!("{select} WHERE TRUE");
     let states: Vec<&str> = f.states.iter().map(|s| s.as_str()).collect();
     let limit = f.limit as i64 + 1;
     let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
     if !states.is_empty() {
         params.push(&states);
-        sql.push_str(&format!(" AND f.state = ANY(${})", params.len()));
+        sql.push_str(&format!(" AND r.state = ANY(${})", params.len()));
     }
-    if let Some(flow) = &f.flow {
-        params.push(flow);
-        sql.push_str(&format!(" AND f.name = ${}", params.len()));
+    if let Some(name) = &f.name {
+        params.push(name);
+        sql.push_str(&format!(" AND r.name = ${}", params.len()));
     }
     if let Some(tag) = &f.tag {
         params.push(tag);
-        sql.push_str(&format!(" AND f.tags @> jsonb_build_array(${}::text)", params.len()));
+        sql.push_str(&format!(" AND r.tags @> jsonb_build_array(${}::text)", params.len()));
+    }
+    if let Some(parent) = &f.parent {
+        params.push(parent);
+        sql.push_str(&format!(" AND r.{parent_column} = ${}", params.len()));
     }
     if let Some(since) = &f.since {
         params.push(since);
-        sql.push_str(&format!(" AND f.created >= ${}", params.len()));
+        sql.push_str(&format!(" AND r.created >= ${}", params.len()));
     }
     if let Some(until) = &f.until {
         params.push(until);
-        sql.push_str(&format!(" AND f.created < ${}", params.len()));
+        sql.push_str(&format!(" AND r.created < ${}", params.len()));
     }
+    let (cursor, order) = if f.oldest_first { (">", "ASC") } else { ("<", "DESC") };
     if let Some(after) = &f.after {
         params.push(after);
-        sql.push_str(&format!(" AND f.id < ${}", params.len()));
+        sql.push_str(&format!(" AND r.id {cursor} ${}", params.len()));
     }
     params.push(&limit);
-    sql.push_str(&format!(" ORDER BY f.id DESC LIMIT ${}", params.len()));
-    let mut runs = all(pool, &sql, &params, flow_row).await?;
-    let next = if runs.len() > f.limit {
-        runs.truncate(f.limit);
-        runs.last().map(|r| r.id)
-    } else {
-        None
-    };
+    sql.push_str(&format!(" ORDER BY r.id {order} LIMIT ${}", params.len()));
+    all(pool, &sql, &params, row).await
+}
+
+/// Cuts the extra row [`list_runs`] read; the cursor of the next page, if there is one.
+fn page<T>(rows: &mut Vec<T>, limit: usize, id: fn(&T) -> Uuid) -> Option<Uuid> {
+    if rows.len() <= limit {
+        return None;
+    }
+    rows.truncate(limit);
+    rows.last().map(id)
+}
+
+pub(crate) async fn list_flow_runs(pool: &Pool, f: &RunFilter) -> Result<FlowRunPage, StoreError> {
+    let select = format!("SELECT {FLOW_COLUMNS} FROM flow_runs r");
+    let mut runs = list_runs(pool, f, &select, "parent_id", flow_row).await?;
+    let next = page(&mut runs, f.limit, |r| r.id);
     Ok(FlowRunPage { runs, next })
 }
 
+pub(crate) async fn list_task_runs(pool: &Pool, f: &RunFilter) -> Result<TaskRunPage, StoreError> {
+    let select = format!("SELECT {TASK_COLUMNS} FROM task_runs r");
+    let mut runs = list_runs(pool, f, &select, "flow_run_id", task_row).await?;
+    let next = page(&mut runs, f.limit, |r| r.id);
+    Ok(TaskRunPage { runs, next })
+}
+
 pub(crate) async fn flow_run(pool: &Pool, id: Uuid) -> Result<Option<FlowRun>, StoreError> {
-    let sql = format!("SELECT {FLOW_COLUMNS} FROM flow_runs f WHERE f.id = $1");
+    let sql = format!("SELECT {FLOW_COLUMNS} FROM flow_runs r WHERE r.id = $1");
     Ok(all(pool, &sql, &[&id], flow_row).await?.pop())
 }
 
 pub(crate) async fn subflow_runs(pool: &Pool, parent: Uuid) -> Result<Vec<FlowRun>, StoreError> {
-    let sql = format!("SELECT {FLOW_COLUMNS} FROM flow_runs f WHERE f.parent_id = $1 ORDER BY f.id");
+    let sql = format!("SELECT {FLOW_COLUMNS} FROM flow_runs r WHERE r.parent_id = $1 ORDER BY r.id");
     all(pool, &sql, &[&parent], flow_row).await
 }
 
 pub(crate) async fn task_runs(pool: &Pool, flow_run_id: Uuid) -> Result<Vec<TaskRun>, StoreError> {
-    let sql = format!("SELECT {TASK_COLUMNS} FROM task_runs WHERE flow_run_id = $1 ORDER BY id");
+    let sql = format!("SELECT {TASK_COLUMNS} FROM task_runs r WHERE r.flow_run_id = $1 ORDER BY r.id");
     all(pool, &sql, &[&flow_run_id], task_row).await
 }
 
 pub(crate) async fn task_run(pool: &Pool, id: Uuid) -> Result<Option<TaskRun>, StoreError> {
-    let sql = format!("SELECT {TASK_COLUMNS} FROM task_runs WHERE id = $1");
+    let sql = format!("SELECT {TASK_COLUMNS} FROM task_runs r WHERE r.id = $1");
     Ok(all(pool, &sql, &[&id], task_row).await?.pop())
 }
 
@@ -177,21 +206,48 @@ pub(crate) async fn edges(pool: &Pool, flow_run_id: Uuid) -> Result<Vec<Edge>, S
     .await
 }
 
-pub(crate) async fn logs(pool: &Pool, run_id: Uuid) -> Result<Vec<LogRecord>, StoreError> {
-    let sql = "SELECT run_id, flow_run_id, timestamp, level, target, message, id FROM logs
-               WHERE run_id = $1 OR flow_run_id = $1 ORDER BY timestamp, seq";
-    all(pool, sql, &[&run_id], |r| {
-        Ok(LogRecord {
-            id: get::<Option<Uuid>>(r, "id")?.unwrap_or_default(),
+const LOG_COLUMNS: &str = "run_id, flow_run_id, timestamp, level, target, message, id, seq";
+
+fn log_row(r: &PgRow) -> Result<(LogRecord, i64), StoreError> {
+    let id: Option<Uuid> = get(r, "id")?;
+    Ok((
+        LogRecord {
+            id: id.unwrap_or_default(),
             run_id: get(r, "run_id")?,
             flow_run_id: get(r, "flow_run_id")?,
             timestamp: get(r, "timestamp")?,
             level: get(r, "level")?,
             target: get(r, "target")?,
             message: get(r, "message")?,
-        })
+        },
+        get(r, "seq")?,
+    ))
+}
+
+pub(crate) async fn logs(pool: &Pool, run_id: Uuid) -> Result<Vec<LogRecord>, StoreError> {
+    let sql = format!("SELECT {LOG_COLUMNS} FROM logs WHERE run_id = $1 OR flow_run_id = $1 ORDER BY timestamp, seq");
+    let rows = all(pool, &sql, &[&run_id], log_row).await?;
+    Ok(rows.into_iter().map(|(l, _)| l).collect())
+}
+
+pub(crate) async fn list_logs(pool: &Pool, run_id: Uuid, f: &LogFilter) -> Result<LogPage, StoreError> {
+    let levels = f.levels().map_err(|e| StoreError::backend(e, false))?;
+    let sql = format!(
+        "SELECT {LOG_COLUMNS} FROM logs WHERE (run_id = $1 OR flow_run_id = $1) AND seq > $2
+         AND level = ANY($3) ORDER BY seq LIMIT $4"
+    );
+    let (after, limit) = (f.after.unwrap_or(i64::MIN), f.limit as i64 + 1);
+    let mut rows = all(pool, &sql, &[&run_id, &after, &levels, &limit], log_row).await?;
+    let next = if rows.len() > f.limit {
+        rows.truncate(f.limit);
+        rows.last().map(|(_, seq)| *seq)
+    } else {
+        None
+    };
+    Ok(LogPage {
+        logs: rows.into_iter().map(|(l, _)| l).collect(),
+        next,
     })
-    .await
 }
 
 pub(crate) async fn resolve(pool: &Pool, id_or_prefix: &str) -> Result<RunRef, StoreError> {

@@ -292,6 +292,16 @@ impl Store for SqliteStore {
         self.reader.run(move |c| read::list_flow_runs(c, &filter)).await
     }
 
+    async fn list_task_runs(&self, filter: &RunFilter) -> Result<TaskRunPage, StoreError> {
+        let filter = filter.clone();
+        self.reader.run(move |c| read::list_task_runs(c, &filter)).await
+    }
+
+    async fn list_logs(&self, run_id: Uuid, filter: &LogFilter) -> Result<LogPage, StoreError> {
+        let filter = filter.clone();
+        self.reader.run(move |c| read::list_logs(c, run_id, &filter)).await
+    }
+
     async fn flow_run(&self, id: Uuid) -> Result<Option<FlowRun>, StoreError> {
         self.reader.run(move |c| read::flow_run(c, id)).await
     }

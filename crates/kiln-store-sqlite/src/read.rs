@@ -79,9 +79,9 @@ fn state_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<StateType> {
     })
 }
 
-const FLOW_COLUMNS: &str = "f.id, f.name, f.parent_id, f.parameters, f.tags, f.state, f.state_message, f.attempt,
-     f.created, f.start_time, f.end_time,
-     (SELECT COUNT(*) FROM task_runs t WHERE t.flow_run_id = f.id), f.result, f.command, f.retry_of";
+const FLOW_COLUMNS: &str = "r.id, r.name, r.parent_id, r.parameters, r.tags, r.state, r.state_message, r.attempt,
+     r.created, r.start_time, r.end_time,
+     (SELECT COUNT(*) FROM task_runs t WHERE t.flow_run_id = r.id), r.result, r.command, r.retry_of";
 
 fn flow_row(row: &Row<'_>) -> rusqlite::Result<FlowRun> {
     Ok(FlowRun {
@@ -103,8 +103,9 @@ fn flow_row(row: &Row<'_>) -> rusqlite::Result<FlowRun> {
     })
 }
 
-const TASK_COLUMNS: &str = "id, flow_run_id, name, task_key, inputs, tags, state, state_message, attempt,
-     created, start_time, end_time, result, call_key";
+const TASK_COLUMNS: &str =
+    "r.id, r.flow_run_id, r.name, r.task_key, r.inputs, r.tags, r.state, r.state_message, r.attempt,
+     r.created, r.start_time, r.end_time, r.result, r.call_key";
 
 fn task_row(row: &Row<'_>) -> rusqlite::Result<TaskRun> {
     Ok(TaskRun {
@@ -138,58 +139,85 @@ fn collect<T>(rows: impl Iterator<Item = rusqlite::Result<T>>) -> Result<Vec<T>,
     rows.collect::<rusqlite::Result<Vec<T>>>().map_err(backend)
 }
 
-pub(crate) fn list_flow_runs(c: &Connection, f: &RunFilter) -> Result<FlowRunPage, StoreError> {
-    let mut sql = format!("SELECT {FLOW_COLUMNS} FROM flow_runs f WHERE 1 = 1");
+/// The rows of `table` (alias `r`, whose parent is `parent_column`) that `f` selects, one
+/// more than the page: the caller learns whether there is a next page.
+fn list_runs<T>(
+    c: &Connection,
+    f: &RunFilter,
+    select: &str,
+    parent_column: &str,
+    row: fn(&Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Vec<T>, StoreError> {
+    let mut sql = format!("{select} WHERE 1 = 1");
     let mut params: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
     if !f.states.is_empty() {
-        sql.push_str(&format!(" AND f.state IN ({})", vec!["?"; f.states.len()].join(", ")));
+        sql.push_str(&format!(" AND r.state IN ({})", vec!["?"; f.states.len()].join(", ")));
         params.extend(
             f.states
                 .iter()
                 .map(|s| Box::new(s.as_str()) as Box<dyn rusqlite::ToSql>),
         );
     }
-    if let Some(flow) = &f.flow {
-        sql.push_str(" AND f.name = ?");
-        params.push(Box::new(flow.clone()));
+    if let Some(name) = &f.name {
+        sql.push_str(" AND r.name = ?");
+        params.push(Box::new(name.clone()));
     }
     if let Some(tag) = &f.tag {
-        sql.push_str(" AND EXISTS (SELECT 1 FROM json_each(f.tags) WHERE value = ?)");
+        sql.push_str(" AND EXISTS (SELECT 1 FROM json_each(r.tags) WHERE value = ?)");
         params.push(Box::new(tag.clone()));
     }
+    if let Some(parent) = f.parent {
+        sql.push_str(&format!(" AND r.{parent_column} = ?"));
+        params.push(Box::new(parent));
+    }
     if let Some(since) = f.since {
-        sql.push_str(" AND f.created >= ?");
+        sql.push_str(" AND r.created >= ?");
         params.push(Box::new(since));
     }
     if let Some(until) = f.until {
-        sql.push_str(" AND f.created < ?");
+        sql.push_str(" AND r.created < ?");
         params.push(Box::new(until));
     }
+    let (cursor, order) = if f.oldest_first { (">", "ASC") } else { ("<", "DESC") };
     if let Some(after) = f.after {
-        sql.push_str(" AND f.id < ?");
+        sql.push_str(&format!(" AND r.id {cursor} ?"));
         params.push(Box::new(after));
     }
-    // One more than asked: whether there is a next page.
-    sql.push_str(" ORDER BY f.id DESC LIMIT ?");
+    sql.push_str(&format!(" ORDER BY r.id {order} LIMIT ?"));
     params.push(Box::new(f.limit as i64 + 1));
     let mut st = c.prepare_cached(&sql).map_err(backend)?;
-    let mut runs = collect(
-        st.query_map(rusqlite::params_from_iter(params.iter()), flow_row)
+    collect(
+        st.query_map(rusqlite::params_from_iter(params.iter()), row)
             .map_err(backend)?,
-    )?;
-    let next = (runs.len() > f.limit).then(|| {
-        runs.truncate(f.limit);
-        runs.last().map(|r| r.id)
-    });
-    Ok(FlowRunPage {
-        runs,
-        next: next.flatten(),
-    })
+    )
+}
+
+/// Cuts the extra row [`list_runs`] read; the cursor of the next page, if there is one.
+fn page<T>(rows: &mut Vec<T>, limit: usize, id: fn(&T) -> Uuid) -> Option<Uuid> {
+    if rows.len() <= limit {
+        return None;
+    }
+    rows.truncate(limit);
+    rows.last().map(id)
+}
+
+pub(crate) fn list_flow_runs(c: &Connection, f: &RunFilter) -> Result<FlowRunPage, StoreError> {
+    let select = format!("SELECT {FLOW_COLUMNS} FROM flow_runs r");
+    let mut runs = list_runs(c, f, &select, "parent_id", flow_row)?;
+    let next = page(&mut runs, f.limit, |r| r.id);
+    Ok(FlowRunPage { runs, next })
+}
+
+pub(crate) fn list_task_runs(c: &Connection, f: &RunFilter) -> Result<TaskRunPage, StoreError> {
+    let select = format!("SELECT {TASK_COLUMNS} FROM task_runs r");
+    let mut runs = list_runs(c, f, &select, "flow_run_id", task_row)?;
+    let next = page(&mut runs, f.limit, |r| r.id);
+    Ok(TaskRunPage { runs, next })
 }
 
 pub(crate) fn flow_run(c: &Connection, id: Uuid) -> Result<Option<FlowRun>, StoreError> {
     let mut st = c
-        .prepare_cached(&format!("SELECT {FLOW_COLUMNS} FROM flow_runs f WHERE f.id = ?1"))
+        .prepare_cached(&format!("SELECT {FLOW_COLUMNS} FROM flow_runs r WHERE r.id = ?1"))
         .map_err(backend)?;
     st.query_row([id], flow_row).optional().map_err(backend)
 }
@@ -197,7 +225,7 @@ pub(crate) fn flow_run(c: &Connection, id: Uuid) -> Result<Option<FlowRun>, Stor
 pub(crate) fn subflow_runs(c: &Connection, parent: Uuid) -> Result<Vec<FlowRun>, StoreError> {
     let mut st = c
         .prepare_cached(&format!(
-            "SELECT {FLOW_COLUMNS} FROM flow_runs f WHERE f.parent_id = ?1 ORDER BY f.id"
+            "SELECT {FLOW_COLUMNS} FROM flow_runs r WHERE r.parent_id = ?1 ORDER BY r.id"
         ))
         .map_err(backend)?;
     collect(st.query_map([parent], flow_row).map_err(backend)?)
@@ -206,7 +234,7 @@ pub(crate) fn subflow_runs(c: &Connection, parent: Uuid) -> Result<Vec<FlowRun>,
 pub(crate) fn task_runs(c: &Connection, flow_run_id: Uuid) -> Result<Vec<TaskRun>, StoreError> {
     let mut st = c
         .prepare_cached(&format!(
-            "SELECT {TASK_COLUMNS} FROM task_runs WHERE flow_run_id = ?1 ORDER BY id"
+            "SELECT {TASK_COLUMNS} FROM task_runs r WHERE r.flow_run_id = ?1 ORDER BY r.id"
         ))
         .map_err(backend)?;
     collect(st.query_map([flow_run_id], task_row).map_err(backend)?)
@@ -214,7 +242,7 @@ pub(crate) fn task_runs(c: &Connection, flow_run_id: Uuid) -> Result<Vec<TaskRun
 
 pub(crate) fn task_run(c: &Connection, id: Uuid) -> Result<Option<TaskRun>, StoreError> {
     let mut st = c
-        .prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM task_runs WHERE id = ?1"))
+        .prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM task_runs r WHERE r.id = ?1"))
         .map_err(backend)?;
     st.query_row([id], task_row).optional().map_err(backend)
 }
@@ -256,27 +284,56 @@ pub(crate) fn edges(c: &Connection, flow_run_id: Uuid) -> Result<Vec<Edge>, Stor
     )
 }
 
+const LOG_COLUMNS: &str = "run_id, flow_run_id, timestamp, level, target, message, id, seq";
+
+fn log_row(r: &Row<'_>) -> rusqlite::Result<(LogRecord, i64)> {
+    Ok((
+        LogRecord {
+            id: r.get::<_, Option<Uuid>>(6)?.unwrap_or_default(),
+            run_id: r.get(0)?,
+            flow_run_id: r.get(1)?,
+            timestamp: r.get(2)?,
+            level: r.get(3)?,
+            target: r.get(4)?,
+            message: r.get(5)?,
+        },
+        r.get(7)?,
+    ))
+}
+
 pub(crate) fn logs(c: &Connection, run_id: Uuid) -> Result<Vec<LogRecord>, StoreError> {
     let mut st = c
-        .prepare_cached(
-            "SELECT run_id, flow_run_id, timestamp, level, target, message, id FROM logs
-             WHERE run_id = ?1 OR flow_run_id = ?1 ORDER BY timestamp, seq",
-        )
+        .prepare_cached(&format!(
+            "SELECT {LOG_COLUMNS} FROM logs WHERE run_id = ?1 OR flow_run_id = ?1 ORDER BY timestamp, seq"
+        ))
         .map_err(backend)?;
-    collect(
-        st.query_map([run_id], |r| {
-            Ok(LogRecord {
-                id: r.get::<_, Option<Uuid>>(6)?.unwrap_or_default(),
-                run_id: r.get(0)?,
-                flow_run_id: r.get(1)?,
-                timestamp: r.get(2)?,
-                level: r.get(3)?,
-                target: r.get(4)?,
-                message: r.get(5)?,
-            })
-        })
+    let rows = collect(st.query_map([run_id], log_row).map_err(backend)?)?;
+    Ok(rows.into_iter().map(|(l, _)| l).collect())
+}
+
+pub(crate) fn list_logs(c: &Connection, run_id: Uuid, f: &LogFilter) -> Result<LogPage, StoreError> {
+    let levels = f.levels().map_err(|e| StoreError::backend(e, false))?;
+    let sql = format!(
+        "SELECT {LOG_COLUMNS} FROM logs WHERE (run_id = ?1 OR flow_run_id = ?1) AND seq > ?2
+         AND level IN ({}) ORDER BY seq LIMIT ?3",
+        levels.iter().map(|l| format!("'{l}'")).collect::<Vec<_>>().join(", ")
+    );
+    let mut st = c.prepare_cached(&sql).map_err(backend)?;
+    let mut rows = collect(
+        st.query_map(
+            rusqlite::params![run_id, f.after.unwrap_or(i64::MIN), f.limit as i64 + 1],
+            log_row,
+        )
         .map_err(backend)?,
-    )
+    )?;
+    let next = (rows.len() > f.limit).then(|| {
+        rows.truncate(f.limit);
+        rows.last().map(|(_, seq)| *seq)
+    });
+    Ok(LogPage {
+        logs: rows.into_iter().map(|(l, _)| l).collect(),
+        next: next.flatten(),
+    })
 }
 
 pub(crate) fn resolve(c: &Connection, id_or_prefix: &str) -> Result<RunRef, StoreError> {

@@ -60,8 +60,8 @@ use uuid::Uuid;
 
 pub use error::{BoxError, StoreError};
 use model::{
-    ApiToken, Edge, FlowRun, FlowRunPage, LogRecord, Micros, Process, RunFilter, RunKind, RunRef, StateChange,
-    StateRecord, TaskRun, Write,
+    ApiToken, Edge, FlowRun, FlowRunPage, LogFilter, LogPage, LogRecord, Micros, Process, RunFilter, RunKind, RunRef,
+    StateChange, StateRecord, TaskRun, TaskRunPage, Write,
 };
 pub use model::{Outcome, Transition};
 
@@ -136,8 +136,11 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     async fn flow_runs(&self, limit: usize) -> Result<Vec<FlowRun>, StoreError> {
         Ok(self.list_flow_runs(&RunFilter::newest(limit)).await?.runs)
     }
-    /// The flow runs `filter` selects, newest first, one page at a time.
+    /// The flow runs `filter` selects, one page at a time (`parent`: subflows of that run).
     async fn list_flow_runs(&self, filter: &RunFilter) -> Result<FlowRunPage, StoreError>;
+    /// The task runs `filter` selects, across flow runs, one page at a time (`parent`: the
+    /// task runs of that flow run).
+    async fn list_task_runs(&self, filter: &RunFilter) -> Result<TaskRunPage, StoreError>;
     /// One flow run.
     async fn flow_run(&self, id: Uuid) -> Result<Option<FlowRun>, StoreError>;
     /// The flow runs started by `parent` (subflows), oldest first.
@@ -152,6 +155,8 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     async fn edges(&self, flow_run_id: Uuid) -> Result<Vec<Edge>, StoreError>;
     /// The logs of a run (for a flow run: its own and its task runs'), oldest first.
     async fn logs(&self, run_id: Uuid) -> Result<Vec<LogRecord>, StoreError>;
+    /// A page of a run's logs (as [`logs`](Self::logs)), at a level or more severe.
+    async fn list_logs(&self, run_id: Uuid, filter: &LogFilter) -> Result<LogPage, StoreError>;
     /// Finds the run a full id or an unambiguous id prefix (or tail) names.
     async fn resolve(&self, id_or_prefix: &str) -> Result<RunRef, StoreError>;
 

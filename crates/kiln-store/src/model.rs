@@ -524,18 +524,22 @@ pub struct CrashOrphans {
     pub stale_before: Micros,
 }
 
-/// Which flow runs to list: all the conditions hold; newest first.
+/// Which runs to list (flow runs, or task runs): all the conditions hold; newest first
+/// unless `oldest_first`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunFilter {
     /// In any of these states (none: any state).
     #[serde(default)]
     pub states: Vec<StateType>,
-    /// Runs of this flow (its name).
+    /// Runs of this flow, or of this task (its name).
     #[serde(default)]
-    pub flow: Option<String>,
+    pub name: Option<String>,
     /// Runs with this tag.
     #[serde(default)]
     pub tag: Option<String>,
+    /// Flow runs called by this flow run (subflows); task runs of this flow run.
+    #[serde(default)]
+    pub parent: Option<Uuid>,
     /// Created at or after this time.
     #[serde(default)]
     pub since: Option<Micros>,
@@ -546,6 +550,9 @@ pub struct RunFilter {
     /// this is a stable cursor whatever is recorded meanwhile.
     #[serde(default)]
     pub after: Option<Uuid>,
+    /// Oldest first instead of newest first.
+    #[serde(default)]
+    pub oldest_first: bool,
     /// At most this many runs.
     pub limit: usize,
 }
@@ -555,14 +562,66 @@ impl RunFilter {
     pub fn newest(limit: usize) -> RunFilter {
         RunFilter {
             states: Vec::new(),
-            flow: None,
+            name: None,
             tag: None,
+            parent: None,
             since: None,
             until: None,
             after: None,
+            oldest_first: false,
             limit,
         }
     }
+}
+
+/// Which log lines of a run to list: oldest first, a page at a time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogFilter {
+    /// Only lines at this level or more severe (`ERROR`, `WARN`, `INFO`, `DEBUG`, `TRACE`).
+    #[serde(default)]
+    pub level: Option<String>,
+    /// The page after this position (the `next` of the page before).
+    #[serde(default)]
+    pub after: Option<i64>,
+    /// At most this many lines.
+    pub limit: usize,
+}
+
+impl LogFilter {
+    /// The levels at `level` or more severe, or an error naming the levels.
+    pub fn levels(&self) -> Result<Vec<&'static str>, String> {
+        const LEVELS: [&str; 5] = ["ERROR", "WARN", "INFO", "DEBUG", "TRACE"];
+        let Some(level) = &self.level else {
+            return Ok(LEVELS.to_vec());
+        };
+        let wanted = level.trim().to_ascii_uppercase();
+        let wanted = if wanted == "WARNING" { "WARN".to_owned() } else { wanted };
+        LEVELS
+            .iter()
+            .position(|l| *l == wanted)
+            .map(|i| LEVELS[..=i].to_vec())
+            .ok_or_else(|| format!("unknown log level '{level}'; levels: error, warn, info, debug, trace"))
+    }
+}
+
+/// One page of a run's log lines, and the cursor of the next one (`None`: this is the last).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct LogPage {
+    /// The lines, oldest first.
+    pub logs: Vec<LogRecord>,
+    /// Pass as [`LogFilter::after`] for the next page.
+    pub next: Option<i64>,
+}
+
+/// One page of task runs, and the cursor of the next one (`None`: this is the last).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TaskRunPage {
+    /// The runs, in the order asked.
+    pub runs: Vec<TaskRun>,
+    /// Pass as [`RunFilter::after`] for the next page.
+    pub next: Option<Uuid>,
 }
 
 /// One page of flow runs, and the cursor of the next one (`None`: this is the last).

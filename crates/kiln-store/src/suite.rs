@@ -37,6 +37,8 @@ macro_rules! store_suite {
             flow_runs_filter_and_page,
             a_write_delivered_twice_is_applied_once,
             malformed_json_text_is_refused_alone,
+            task_runs_filter_and_page,
+            logs_filter_by_level_and_page,
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
@@ -698,12 +700,12 @@ pub async fn flow_runs_filter_and_page(store: &dyn Store) {
     };
     assert_eq!(list(running_or_failed).await.0, [ids[2], ids[1], ids[0]]);
     let odd = RunFilter {
-        flow: Some("odd".into()),
+        name: Some("odd".into()),
         ..base.clone()
     };
     assert_eq!(list(odd).await.0, [ids[5], ids[3], ids[1]]);
     let nightly_even = RunFilter {
-        flow: Some("even".into()),
+        name: Some("even".into()),
         tag: Some("nightly".into()),
         ..base.clone()
     };
@@ -727,6 +729,136 @@ pub async fn flow_runs_filter_and_page(store: &dyn Store) {
     assert_eq!(second, [ids[3], ids[2], ids[1]]);
     let (third, next) = list(page(next)).await;
     assert_eq!((third, next), (vec![ids[0]], None));
+    // Oldest first, a page at a time.
+    let oldest = |after| RunFilter {
+        after,
+        oldest_first: true,
+        ..RunFilter::newest(4)
+    };
+    let (first, next) = list(oldest(None)).await;
+    assert_eq!(first, ids[..4]);
+    let (second, _) = list(oldest(next)).await;
+    assert_eq!(second[..3], ids[4..]);
+    // Subflows of a run.
+    let child = flow("child", Some(ids[3]));
+    let child_id = child.id;
+    send(store, &report, [Write::FlowRun(child)]);
+    store.flush().await.unwrap();
+    let children = RunFilter {
+        parent: Some(ids[3]),
+        ..base.clone()
+    };
+    assert_eq!(list(children).await.0, [child_id]);
+    assert!(report.problems().is_empty(), "{:?}", report.problems());
+}
+
+/// Task runs across flow runs (and outside any), filtered, sorted and paged like flow runs.
+pub async fn task_runs_filter_and_page(store: &dyn Store) {
+    let report = Arc::new(Collect::default());
+    let (a, b) = (flow("a", None), flow("b", None));
+    let (aid, bid) = (a.id, b.id);
+    send(store, &report, [Write::FlowRun(a), Write::FlowRun(b)]);
+    let mut ids = Vec::new();
+    for (i, parent) in [Some(aid), Some(bid), Some(aid), None, Some(bid), Some(aid)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut t = task(if i % 2 == 0 { "even" } else { "odd" }, parent);
+        t.tags = if i < 3 { vec!["early".into()] } else { vec![] };
+        ids.push(t.id);
+        send(store, &report, [Write::TaskRun(t)]);
+    }
+    store.flush().await.unwrap();
+    walk(
+        store,
+        RunKind::Task,
+        ids[1],
+        Pending,
+        &[(Running, 1, None), (Failed, 1, Some("boom"))],
+    )
+    .await;
+    let list = |filter: RunFilter| async move {
+        let page = store.list_task_runs(&filter).await.unwrap();
+        (page.runs.iter().map(|r| r.id).collect::<Vec<_>>(), page.next)
+    };
+    let base = RunFilter::newest(100);
+    assert_eq!(
+        list(base.clone()).await.0,
+        ids.iter().rev().copied().collect::<Vec<_>>()
+    );
+    let of_a = RunFilter {
+        parent: Some(aid),
+        ..base.clone()
+    };
+    assert_eq!(list(of_a).await.0, [ids[5], ids[2], ids[0]]);
+    let failed = RunFilter {
+        states: vec![Failed],
+        ..base.clone()
+    };
+    assert_eq!(list(failed).await.0, [ids[1]]);
+    let odd_early = RunFilter {
+        name: Some("odd".into()),
+        tag: Some("early".into()),
+        ..base.clone()
+    };
+    assert_eq!(list(odd_early).await.0, [ids[1]]);
+    let (first, next) = list(RunFilter {
+        oldest_first: true,
+        ..RunFilter::newest(4)
+    })
+    .await;
+    assert_eq!(first, ids[..4]);
+    let (rest, next) = list(RunFilter {
+        oldest_first: true,
+        after: next,
+        ..RunFilter::newest(4)
+    })
+    .await;
+    assert_eq!((rest, next), (ids[4..].to_vec(), None));
+    assert!(report.problems().is_empty(), "{:?}", report.problems());
+}
+
+/// A run's log lines by level, a page at a time; a flow run's include its task runs'.
+pub async fn logs_filter_by_level_and_page(store: &dyn Store) {
+    let report = Arc::new(Collect::default());
+    let f = flow("logged", None);
+    let t = task("step", Some(f.id));
+    let (fid, tid) = (f.id, t.id);
+    send(store, &report, [Write::FlowRun(f), Write::TaskRun(t)]);
+    let levels = ["INFO", "DEBUG", "ERROR", "WARN", "TRACE", "INFO", "ERROR"];
+    for (i, level) in levels.iter().enumerate() {
+        let line = LogRecord {
+            id: write_id(),
+            run_id: if i % 2 == 0 { fid } else { tid },
+            flow_run_id: Some(fid),
+            timestamp: now_micros(),
+            level: (*level).into(),
+            target: "suite".into(),
+            message: format!("line {i}"),
+        };
+        send(store, &report, [Write::Log(line)]);
+    }
+    store.flush().await.unwrap();
+    let messages = |page: &LogPage| page.logs.iter().map(|l| l.message.clone()).collect::<Vec<_>>();
+    let filter = |level: Option<&str>, after, limit| LogFilter {
+        level: level.map(str::to_owned),
+        after,
+        limit,
+    };
+    let all = store.list_logs(fid, &filter(None, None, 100)).await.unwrap();
+    assert_eq!(all.logs.len(), 7);
+    assert_eq!(all.next, None);
+    let warn = store.list_logs(fid, &filter(Some("warn"), None, 100)).await.unwrap();
+    assert_eq!(messages(&warn), ["line 2", "line 3", "line 6"]);
+    let task_info = store.list_logs(tid, &filter(Some("INFO"), None, 100)).await.unwrap();
+    assert_eq!(messages(&task_info), ["line 3", "line 5"], "a task run's own lines only");
+    // Pages of three.
+    let first = store.list_logs(fid, &filter(None, None, 3)).await.unwrap();
+    assert_eq!(messages(&first), ["line 0", "line 1", "line 2"]);
+    let second = store.list_logs(fid, &filter(None, first.next, 3)).await.unwrap();
+    assert_eq!(messages(&second), ["line 3", "line 4", "line 5"]);
+    let third = store.list_logs(fid, &filter(None, second.next, 3)).await.unwrap();
+    assert_eq!((messages(&third), third.next), (vec!["line 6".to_owned()], None));
     assert!(report.problems().is_empty(), "{:?}", report.problems());
 }
 
