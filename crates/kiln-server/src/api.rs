@@ -45,6 +45,8 @@ pub(crate) fn router(app: App) -> Router {
         .routes(routes!(writes))
         .routes(routes!(flow_runs))
         .routes(routes!(flow_run))
+        .routes(routes!(flow_run_detail))
+        .routes(routes!(set_state))
         .routes(routes!(subflow_runs))
         .routes(routes!(task_runs))
         .routes(routes!(edges))
@@ -390,6 +392,132 @@ async fn list_task_runs(
 async fn flow_run(State(store): State<Shared>, path: Result<Path<String>, PathRejection>) -> Reply<FlowRun> {
     let id = id(path)?;
     found(store.flow_run(id).await?, "flow run", id)
+}
+
+/// A flow run with everything a page about it shows: its states (attempts included), its
+/// task runs, the edges between them, and its subflow runs.
+#[derive(Serialize, ToSchema)]
+struct FlowRunDetail {
+    run: FlowRun,
+    states: Vec<StateRecord>,
+    task_runs: Vec<TaskRun>,
+    edges: Vec<Edge>,
+    subflows: Vec<FlowRun>,
+}
+
+/// One flow run with its states, task runs, edges and subflows, in one call.
+#[utoipa::path(get, path = "/api/v1/flow_runs/{id}/detail", tag = "runs", params(("id" = Uuid, Path, description = "The run's id")),
+    responses((status = 200, description = "The flow run and what belongs to it", body = FlowRunDetail), ReadErrors))]
+async fn flow_run_detail(
+    State(store): State<Shared>,
+    path: Result<Path<String>, PathRejection>,
+) -> Reply<FlowRunDetail> {
+    let id = id(path)?;
+    let axum::Json(run) = found(store.flow_run(id).await?, "flow run", id)?;
+    let (states, task_runs, edges, subflows) = tokio::try_join!(
+        store.states(id),
+        store.task_runs(id),
+        store.edges(id),
+        store.subflow_runs(id)
+    )?;
+    Ok(axum::Json(FlowRunDetail {
+        run,
+        states,
+        task_runs,
+        edges,
+        subflows,
+    }))
+}
+
+/// What `POST /api/v1/runs/{id}/state` asks: move the run from the state the caller believes
+/// it is in to another, as the store's rules allow.
+#[derive(Deserialize, ToSchema)]
+pub(crate) struct SetState {
+    /// The state the caller believes the run is in.
+    from: kiln_store::state::StateType,
+    /// The state to enter.
+    to: kiln_store::state::StateType,
+    /// Why.
+    #[serde(default)]
+    message: Option<String>,
+    /// This change's identity: sent again (a retry after a lost answer), it is applied once.
+    #[serde(default)]
+    id: Option<Uuid>,
+}
+
+/// The change made.
+#[derive(Serialize, ToSchema)]
+struct StateSet {
+    /// The run's kind.
+    kind: RunKind,
+    /// The state entered.
+    state: kiln_store::state::StateType,
+    /// Its position in the run's history.
+    seq: u32,
+}
+
+/// Changes a run's state through the store's compare-and-set: applied only if the run is in
+/// `from` and the rules allow `from -> to` (409 naming the state it is in otherwise).
+#[utoipa::path(post, path = "/api/v1/runs/{id}/state", tag = "runs", request_body = SetState,
+    params(("id" = Uuid, Path, description = "The run's id")),
+    responses((status = 200, description = "The change was applied", body = StateSet),
+        (status = 404, description = "No such run", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The run is not in `from`, or the rules forbid the move", body = Problem,
+            content_type = "application/problem+json"),
+        WriteErrors))]
+async fn set_state(
+    State(store): State<Shared>,
+    path: Result<Path<String>, PathRejection>,
+    JsonBody(req): JsonBody<SetState>,
+) -> Reply<StateSet> {
+    let id = id(path)?;
+    let (kind, attempt) = match store.task_run(id).await? {
+        Some(run) => (RunKind::Task, run.attempt),
+        None => match store.flow_run(id).await? {
+            Some(run) => (RunKind::Flow, run.attempt),
+            None => {
+                return Err(Problem::new(
+                    StatusCode::NOT_FOUND,
+                    format!("no flow run or task run with id {id}"),
+                ));
+            }
+        },
+    };
+    if req.message.as_deref().is_some_and(|m| m.contains('\0')) {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "message contains a NUL character",
+        ));
+    }
+    let change = StateChange {
+        id: req.id.unwrap_or_else(write_id),
+        kind,
+        run_id: id,
+        from: req.from,
+        to: req.to,
+        message: req.message,
+        attempt,
+        timestamp: now_micros(),
+        result: None,
+    };
+    match store.set_state(change).await? {
+        kiln_store::Transition::Accepted { seq } => Ok(axum::Json(StateSet {
+            kind,
+            state: req.to,
+            seq,
+        })),
+        kiln_store::Transition::Rejected { current } => Err(Problem::new(
+            StatusCode::CONFLICT,
+            match current {
+                Some(current) if current != req.from => format!(
+                    "run {id} is {current}, not {}; read it again and decide on what it is now",
+                    req.from
+                ),
+                Some(current) => format!("the rules do not allow {current} -> {} (run {id})", req.to),
+                None => format!("run {id} is gone"),
+            },
+        )),
+    }
 }
 
 /// The flow runs this flow run called (its subflows).

@@ -22,6 +22,10 @@ impl Shape for kiln_store::model::CrashOrphans {
     const WHAT: &'static str = "crash request (`dead`, `stale_before`)";
 }
 
+impl Shape for crate::api::SetState {
+    const WHAT: &'static str = "state change (`from`, `to`, `message`)";
+}
+
 /// A JSON request body parsed as `T`. Numbers written with a zero fraction (`3.0`) are
 /// accepted where integers go, as JSON Schema (and so the API document) counts them integers.
 pub(crate) struct JsonBody<T>(pub T);

@@ -113,3 +113,120 @@ async fn a_malformed_write_fails_alone() {
         (StatusCode::OK, Some(0))
     );
 }
+
+use kiln::prelude::*;
+
+#[task]
+fn base() -> u32 {
+    20
+}
+
+#[task]
+fn plus_one(x: u32) -> u32 {
+    x + 1
+}
+
+#[flow]
+async fn inner() -> Result<u32, kiln::Error> {
+    Ok(1)
+}
+
+#[flow]
+async fn outer() -> Result<u32, kiln::Error> {
+    let x = base().await?;
+    Ok(plus_one(x).await? + inner().await?)
+}
+
+#[test]
+fn a_flow_run_in_one_call_and_state_changes_through_the_compare_and_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = kiln::Engine::open(dir.path()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    assert_eq!(rt.block_on(engine.scope(outer())).unwrap(), 22);
+    let app = kiln_server::Server::new(engine.store().clone()).router();
+    let flows = rt.block_on(engine.store().flow_runs(10)).unwrap();
+    let top = flows.iter().find(|f| f.name == "outer").unwrap();
+    rt.block_on(async {
+        let (status, detail) = call(
+            &app,
+            Request::get(format!("/api/v1/flow_runs/{}/detail", top.id))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{detail}");
+        assert_eq!(detail["run"]["state"], "Completed");
+        let states: Vec<&str> = detail["states"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["state"].as_str().unwrap())
+            .collect();
+        assert_eq!(states, ["Pending", "Running", "Completed"]);
+        assert_eq!(detail["task_runs"].as_array().unwrap().len(), 2);
+        assert!(detail["edges"].is_array());
+        assert_eq!(detail["subflows"][0]["name"], "inner");
+
+        // A finished task run cannot run again.
+        let task = detail["task_runs"][0]["id"].as_str().unwrap().to_owned();
+        let body = r#"{"from": "Completed", "to": "Running"}"#;
+        let (status, p) = call(
+            &app,
+            post(&format!("/api/v1/runs/{task}/state"), "application/json", body),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CONFLICT, "{p}");
+        assert!(
+            p["detail"]
+                .as_str()
+                .unwrap()
+                .contains("do not allow Completed -> Running"),
+            "{p}"
+        );
+
+        // A pending run recorded through the API, then started: once, even when asked twice.
+        let id = uuid::Uuid::now_v7();
+        let run = serde_json::json!({ "writes": [{
+            "write": "flow_run", "id": id, "name": "remote", "parent_id": null, "parameters": {}, "tags": [],
+            "created": 1, "initial_state": "Pending", "command": null, "retry_of": null, "process_id": null
+        }]});
+        let (status, _) = call(&app, post("/api/v1/writes", "application/json", &run.to_string())).await;
+        assert_eq!(status, StatusCode::OK);
+        let change =
+            serde_json::json!({ "from": "Pending", "to": "Running", "message": "by hand", "id": uuid::Uuid::now_v7() });
+        for _ in 0..2 {
+            let (status, set) = call(
+                &app,
+                post(
+                    &format!("/api/v1/runs/{id}/state"),
+                    "application/json",
+                    &change.to_string(),
+                ),
+            )
+            .await;
+            assert_eq!(status, StatusCode::OK, "{set}");
+            assert_eq!(
+                (set["kind"].as_str(), set["state"].as_str(), set["seq"].as_u64()),
+                (Some("flow"), Some("Running"), Some(1))
+            );
+        }
+        let other = r#"{"from": "Pending", "to": "Running"}"#;
+        let (status, p) = call(
+            &app,
+            post(&format!("/api/v1/runs/{id}/state"), "application/json", other),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert!(p["detail"].as_str().unwrap().contains("is Running, not Pending"), "{p}");
+        let (status, _) = call(
+            &app,
+            post(
+                &format!("/api/v1/runs/{}/state", uuid::Uuid::now_v7()),
+                "application/json",
+                other,
+            ),
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    });
+}

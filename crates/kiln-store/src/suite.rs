@@ -851,7 +851,11 @@ pub async fn logs_filter_by_level_and_page(store: &dyn Store) {
     let warn = store.list_logs(fid, &filter(Some("warn"), None, 100)).await.unwrap();
     assert_eq!(messages(&warn), ["line 2", "line 3", "line 6"]);
     let task_info = store.list_logs(tid, &filter(Some("INFO"), None, 100)).await.unwrap();
-    assert_eq!(messages(&task_info), ["line 3", "line 5"], "a task run's own lines only");
+    assert_eq!(
+        messages(&task_info),
+        ["line 3", "line 5"],
+        "a task run's own lines only"
+    );
     // Pages of three.
     let first = store.list_logs(fid, &filter(None, None, 3)).await.unwrap();
     assert_eq!(messages(&first), ["line 0", "line 1", "line 2"]);
