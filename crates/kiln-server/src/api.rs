@@ -26,6 +26,7 @@ type Shared = Arc<dyn Store>;
 pub(crate) struct App {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) results: Option<Arc<crate::Results>>,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl axum::extract::FromRef<App> for Shared {
@@ -58,6 +59,8 @@ pub(crate) fn router(app: App) -> Router {
         .routes(routes!(crate::results::info))
         .routes(routes!(crate::results::content))
         .routes(routes!(crate::results::thumbnail))
+        .routes(routes!(run_counts))
+        .routes(routes!(crate::metrics::metrics))
         .routes(routes!(processes))
         .routes(routes!(crash_orphans))
         .split_for_parts();
@@ -71,7 +74,12 @@ pub(crate) fn router(app: App) -> Router {
             }),
         )
         .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "no such endpoint; the API is under /api/v1") })
-        .layer(axum::middleware::from_fn_with_state(auth, crate::auth::check))
+        // Inside the routes, so that requests are counted by their route, refused ones too.
+        .route_layer(axum::middleware::from_fn_with_state(auth, crate::auth::check))
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.metrics.clone(),
+            crate::metrics::track,
+        ))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::map_response(too_large))
         .with_state(app)
@@ -261,6 +269,7 @@ macro_rules! list_query {
             /// The page after this run id (the previous page's `next`).
             after: Option<Uuid>,
             /// `newest` first (the default) or `oldest` first.
+            #[param(inline)]
             sort: Option<Sort>,
         }
 
@@ -561,7 +570,7 @@ async fn states(State(store): State<Shared>, path: Result<Path<String>, PathReje
 #[into_params(parameter_in = Query)]
 struct LogQuery {
     /// Only lines at this level or more severe.
-    #[param(pattern = "^(?i)(error|warn|warning|info|debug|trace)$")]
+    #[param(pattern = "^(error|warn|warning|info|debug|trace|ERROR|WARN|WARNING|INFO|DEBUG|TRACE)$")]
     level: Option<String>,
     /// The page after this position (the previous page's `next`).
     after: Option<i64>,
@@ -590,8 +599,21 @@ async fn logs(
     if filter.limit > 10_000 {
         return Err(Problem::new(StatusCode::BAD_REQUEST, "limit is at most 10000"));
     }
-    filter.levels().map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e))?;
+    let known = |l: &str| filter.levels().is_ok() && (l == l.to_ascii_lowercase() || l == l.to_ascii_uppercase());
+    if let Some(level) = filter.level.as_deref().filter(|l| !known(l)) {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            format!("unknown log level '{level}'; levels: error, warn, info, debug, trace (or in capitals)"),
+        ));
+    }
     Ok(axum::Json(store.list_logs(id, &filter).await?))
+}
+
+/// How many flow runs and task runs are in each state.
+#[utoipa::path(get, path = "/api/v1/runs/counts", tag = "runs",
+    responses((status = 200, description = "Counts by kind and state", body = Vec<RunCount>), ReadErrors))]
+async fn run_counts(State(store): State<Shared>) -> Reply<Vec<RunCount>> {
+    Ok(axum::Json(store.run_counts().await?))
 }
 
 /// The run an id, a unique prefix of one, or its last characters name.

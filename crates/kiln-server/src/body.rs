@@ -4,7 +4,6 @@ use axum::extract::{FromRequest, Request};
 use axum::http::{StatusCode, header};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
-use serde_json::Value;
 
 use crate::Problem;
 
@@ -59,9 +58,8 @@ impl<S: Send + Sync, T: Shape> FromRequest<S> for JsonBody<T> {
             Err(e) => e,
         };
         if first.is_data()
-            && let Ok(mut value) = serde_json::from_slice::<Value>(&bytes)
-            && integers(&mut value)
-            && let Ok(parsed) = serde_json::from_value::<T>(value)
+            && let Some(rewritten) = integral_numbers(&bytes)
+            && let Ok(parsed) = serde_json::from_slice::<T>(&rewritten)
         {
             return Ok(JsonBody(parsed));
         }
@@ -77,21 +75,112 @@ impl<S: Send + Sync, T: Shape> FromRequest<S> for JsonBody<T> {
     }
 }
 
-/// Turns numbers with a zero fraction into integers; whether any changed.
-fn integers(value: &mut Value) -> bool {
-    match value {
-        Value::Number(n) if n.is_f64() => {
-            let f = n.as_f64().unwrap_or(f64::NAN);
-            // Only where a float is exact (below 2^53): beyond, `3e19` may not be the integer meant.
-            let whole = if f.fract() != 0.0 || !f.is_finite() || f.abs() >= 9_007_199_254_740_992.0 {
-                None
-            } else {
-                Some(serde_json::Number::from(f as i64))
-            };
-            whole.map(|w| *n = w).is_some()
+/// The JSON text with every number that is a whole number written with a fraction or an
+/// exponent (`3.0`, `1e+16`, `2.5e1`) written as an integer instead, exactly (decimal digits
+/// are shifted, never rounded through a float), so that the parser's own range checks
+/// apply; `None` when there is none.
+fn integral_numbers(json: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(json.len());
+    let (mut i, mut changed) = (0, false);
+    while i < json.len() {
+        let b = json[i];
+        if b == b'"' {
+            // Copy the string through, escapes included.
+            let start = i;
+            i += 1;
+            while i < json.len() && json[i] != b'"' {
+                i += if json[i] == b'\\' { 2 } else { 1 };
+            }
+            i = (i + 1).min(json.len());
+            out.extend_from_slice(&json[start..i]);
+        } else if b == b'-' || b.is_ascii_digit() {
+            let start = i;
+            while i < json.len() && matches!(json[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') {
+                i += 1;
+            }
+            let token = &json[start..i];
+            match std::str::from_utf8(token).ok().and_then(whole) {
+                Some(integer) => {
+                    out.extend_from_slice(integer.as_bytes());
+                    changed = true;
+                }
+                None => out.extend_from_slice(token),
+            }
+        } else {
+            out.push(b);
+            i += 1;
         }
-        Value::Array(items) => items.iter_mut().fold(false, |changed, v| integers(v) | changed),
-        Value::Object(fields) => fields.values_mut().fold(false, |changed, v| integers(v) | changed),
-        _ => false,
+    }
+    changed.then_some(out)
+}
+
+/// `number` as an integer literal, when it has a fraction or exponent and is whole.
+fn whole(number: &str) -> Option<String> {
+    let (negative, rest) = match number.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, number),
+    };
+    let (mantissa, exponent) = match rest.find(['e', 'E']) {
+        Some(at) => (&rest[..at], rest[at + 1..].parse::<i32>().ok()?),
+        None => (rest, 0),
+    };
+    if mantissa.len() == rest.len() && !mantissa.contains('.') {
+        return None; // an integer already
+    }
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if int.is_empty() || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) || exponent.abs() > 40 {
+        return None;
+    }
+    let digits = format!("{int}{frac}");
+    // The decimal point sits after `point` digits.
+    let point = int.len() as i32 + exponent;
+    if point < 0 {
+        return digits.bytes().all(|b| b == b'0').then(|| "0".to_owned());
+    }
+    let point = point as usize;
+    let (whole, fraction) = if point >= digits.len() {
+        (format!("{digits}{}", "0".repeat(point - digits.len())), String::new())
+    } else {
+        (digits[..point].to_owned(), digits[point..].to_owned())
+    };
+    if !fraction.bytes().all(|b| b == b'0') {
+        return None;
+    }
+    let trimmed = whole.trim_start_matches('0');
+    let trimmed = if trimmed.is_empty() { "0" } else { trimmed };
+    Some(if negative && trimmed != "0" {
+        format!("-{trimmed}")
+    } else {
+        trimmed.to_owned()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{integral_numbers, whole};
+
+    #[test]
+    fn whole_numbers_are_written_as_integers_exactly() {
+        for (number, expected) in [
+            ("3.0", Some("3")),
+            ("-0.0", Some("0")),
+            ("1e+16", Some("10000000000000000")),
+            ("9007199254740993.0", Some("9007199254740993")),
+            ("-9223372036854775809.0", Some("-9223372036854775809")),
+            ("2.5e1", Some("25")),
+            ("2.5", None),
+            ("1e-3", None),
+            ("12", None),
+            ("1.0e400", None),
+        ] {
+            assert_eq!(whole(number).as_deref(), expected, "{number}");
+        }
+        let json = br#"{"a": 1.0, "b": "1.0 in a \" string", "c": [2e1, 0.5]}"#;
+        let out = integral_numbers(json).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"a": 1, "b": "1.0 in a \" string", "c": [20, 0.5]}"#
+        );
+        assert!(integral_numbers(b"[1, 2.5]").is_none());
     }
 }

@@ -25,6 +25,7 @@
 mod api;
 mod auth;
 mod body;
+mod metrics;
 mod openapi;
 mod problem;
 mod results;
@@ -66,6 +67,7 @@ impl Server {
         api::router(api::App {
             store: self.store,
             results: self.results,
+            metrics: Arc::new(metrics::Metrics::new()),
         })
     }
 

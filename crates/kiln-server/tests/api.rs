@@ -228,5 +228,32 @@ fn a_flow_run_in_one_call_and_state_changes_through_the_compare_and_set() {
         )
         .await;
         assert_eq!(status, StatusCode::NOT_FOUND);
+
+        // What happened, as Prometheus scrapes it.
+        let response = app
+            .clone()
+            .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(
+            response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/openmetrics-text")
+        );
+        let text = String::from_utf8(response.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+        for line in [
+            r#"kiln_http_requests_total{method="POST",route="/api/v1/runs/{id}/state",status="200"} 2"#,
+            r#"kiln_http_requests_total{method="POST",route="/api/v1/runs/{id}/state",status="409"} 2"#,
+            r#"kiln_http_requests_total{method="GET",route="/api/v1/flow_runs/{id}/detail",status="200"} 1"#,
+            r#"kiln_runs{kind="flow",state="Completed"} 2"#,
+            r#"kiln_runs{kind="flow",state="Running"} 1"#,
+            r#"kiln_runs{kind="task",state="Completed"} 2"#,
+            "kiln_store_pending_writes 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no line {line} in\n{text}");
+        }
+        assert!(text.contains("kiln_http_request_duration_seconds_bucket{le="), "{text}");
     });
 }

@@ -277,6 +277,10 @@ impl Store for HttpStore {
         self.queue.flush_then(done);
     }
 
+    fn pending_writes(&self) -> usize {
+        self.queue.pending()
+    }
+
     async fn list_flow_runs(&self, filter: &RunFilter) -> Result<FlowRunPage, StoreError> {
         let query = list_query(filter, "flow", "parent");
         self.call(self.get("flow_runs").query(&query)).await
@@ -285,6 +289,10 @@ impl Store for HttpStore {
     async fn list_task_runs(&self, filter: &RunFilter) -> Result<TaskRunPage, StoreError> {
         let query = list_query(filter, "task", "flow_run");
         self.call(self.get("task_runs").query(&query)).await
+    }
+
+    async fn run_counts(&self) -> Result<Vec<RunCount>, StoreError> {
+        self.call(self.get("runs/counts")).await
     }
 
     async fn list_logs(&self, run_id: Uuid, filter: &LogFilter) -> Result<LogPage, StoreError> {

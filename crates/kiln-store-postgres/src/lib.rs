@@ -300,6 +300,10 @@ impl Store for PostgresStore {
         self.queue.flush_then(done);
     }
 
+    fn pending_writes(&self) -> usize {
+        self.queue.pending()
+    }
+
     async fn list_flow_runs(&self, filter: &RunFilter) -> Result<FlowRunPage, StoreError> {
         let (pool, filter) = (self.pool.clone(), filter.clone());
         self.read(async move { read::list_flow_runs(&pool, &filter).await })
@@ -320,6 +324,11 @@ impl Store for PostgresStore {
         let (pool, filter) = (self.pool.clone(), filter.clone());
         self.read(async move { read::list_task_runs(&pool, &filter).await })
             .await
+    }
+
+    async fn run_counts(&self) -> Result<Vec<RunCount>, StoreError> {
+        let pool = self.pool.clone();
+        self.read(async move { read::run_counts(&pool).await }).await
     }
 
     async fn list_logs(&self, run_id: Uuid, filter: &LogFilter) -> Result<LogPage, StoreError> {

@@ -158,6 +158,23 @@ pub(crate) async fn list_task_runs(pool: &Pool, f: &RunFilter) -> Result<TaskRun
     Ok(TaskRunPage { runs, next })
 }
 
+pub(crate) async fn run_counts(pool: &Pool) -> Result<Vec<RunCount>, StoreError> {
+    let sql = "SELECT 'flow' AS kind, state, COUNT(*) AS count FROM flow_runs GROUP BY state
+               UNION ALL SELECT 'task', state, COUNT(*) FROM task_runs GROUP BY state";
+    all(pool, sql, &[], |r| {
+        Ok(RunCount {
+            kind: if get::<String>(r, "kind")? == "flow" {
+                RunKind::Flow
+            } else {
+                RunKind::Task
+            },
+            state: state(r, "state")?,
+            count: get::<i64>(r, "count")? as u64,
+        })
+    })
+    .await
+}
+
 pub(crate) async fn flow_run(pool: &Pool, id: Uuid) -> Result<Option<FlowRun>, StoreError> {
     let sql = format!("SELECT {FLOW_COLUMNS} FROM flow_runs r WHERE r.id = $1");
     Ok(all(pool, &sql, &[&id], flow_row).await?.pop())

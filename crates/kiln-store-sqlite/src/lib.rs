@@ -287,6 +287,10 @@ impl Store for SqliteStore {
         self.queue.flush_then(done);
     }
 
+    fn pending_writes(&self) -> usize {
+        self.queue.pending()
+    }
+
     async fn list_flow_runs(&self, filter: &RunFilter) -> Result<FlowRunPage, StoreError> {
         let filter = filter.clone();
         self.reader.run(move |c| read::list_flow_runs(c, &filter)).await
@@ -295,6 +299,10 @@ impl Store for SqliteStore {
     async fn list_task_runs(&self, filter: &RunFilter) -> Result<TaskRunPage, StoreError> {
         let filter = filter.clone();
         self.reader.run(move |c| read::list_task_runs(c, &filter)).await
+    }
+
+    async fn run_counts(&self) -> Result<Vec<RunCount>, StoreError> {
+        self.reader.run(read::run_counts).await
     }
 
     async fn list_logs(&self, run_id: Uuid, filter: &LogFilter) -> Result<LogPage, StoreError> {

@@ -215,6 +215,29 @@ pub(crate) fn list_task_runs(c: &Connection, f: &RunFilter) -> Result<TaskRunPag
     Ok(TaskRunPage { runs, next })
 }
 
+pub(crate) fn run_counts(c: &Connection) -> Result<Vec<RunCount>, StoreError> {
+    let mut st = c
+        .prepare_cached(
+            "SELECT 'flow', state, COUNT(*) FROM flow_runs GROUP BY state
+             UNION ALL SELECT 'task', state, COUNT(*) FROM task_runs GROUP BY state",
+        )
+        .map_err(backend)?;
+    collect(
+        st.query_map([], |r| {
+            Ok(RunCount {
+                kind: if r.get::<_, String>(0)? == "flow" {
+                    RunKind::Flow
+                } else {
+                    RunKind::Task
+                },
+                state: state_col(r, 1)?,
+                count: r.get::<_, i64>(2)? as u64,
+            })
+        })
+        .map_err(backend)?,
+    )
+}
+
 pub(crate) fn flow_run(c: &Connection, id: Uuid) -> Result<Option<FlowRun>, StoreError> {
     let mut st = c
         .prepare_cached(&format!("SELECT {FLOW_COLUMNS} FROM flow_runs r WHERE r.id = ?1"))

@@ -60,8 +60,8 @@ use uuid::Uuid;
 
 pub use error::{BoxError, StoreError};
 use model::{
-    ApiToken, Edge, FlowRun, FlowRunPage, LogFilter, LogPage, LogRecord, Micros, Process, RunFilter, RunKind, RunRef,
-    StateChange, StateRecord, TaskRun, TaskRunPage, Write,
+    ApiToken, Edge, FlowRun, FlowRunPage, LogFilter, LogPage, LogRecord, Micros, Process, RunCount, RunFilter, RunKind,
+    RunRef, StateChange, StateRecord, TaskRun, TaskRunPage, Write,
 };
 pub use model::{Outcome, Transition};
 
@@ -103,6 +103,11 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// they were processed (their own failures went to their reporters); `Err` when the
     /// store itself cannot go on.
     fn flush_then(&self, done: FlushDone);
+
+    /// How many writes were sent and are not applied yet (a gauge for monitoring).
+    fn pending_writes(&self) -> usize {
+        0
+    }
 
     /// Waits until every write queued before this call has its outcome.
     async fn flush(&self) -> Result<(), StoreError> {
@@ -168,6 +173,9 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// compare-and-set as any state change, with a message naming the process and why.
     /// Returns the runs it marked.
     async fn crash_orphans(&self, dead: &[Uuid], stale_before: Micros) -> Result<Vec<(RunKind, Uuid)>, StoreError>;
+
+    /// How many flow runs and task runs are in each state (states with none left out).
+    async fn run_counts(&self) -> Result<Vec<RunCount>, StoreError>;
 
     /// The Kiln server's API tokens (hashes only), revoked ones included.
     async fn api_tokens(&self) -> Result<Vec<ApiToken>, StoreError>;

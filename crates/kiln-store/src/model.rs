@@ -614,6 +614,18 @@ pub struct LogPage {
     pub next: Option<i64>,
 }
 
+/// How many runs of a kind are in a state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RunCount {
+    /// Flow runs or task runs.
+    pub kind: RunKind,
+    /// The state.
+    pub state: StateType,
+    /// How many.
+    pub count: u64,
+}
+
 /// One page of task runs, and the cursor of the next one (`None`: this is the last).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

@@ -6,6 +6,8 @@
 //! writer); the queue does the rest: backpressure, batching, flushes that answer once every
 //! write before them has its outcome, reporters, and an orderly close.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -48,6 +50,8 @@ pub struct WriteQueue<X: Send + 'static = ()> {
     name: String,
     tx: RwLock<Option<SyncSender<Queued<X>>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// Writes sent and not yet applied.
+    pending: Arc<AtomicUsize>,
 }
 
 impl<X: Send + 'static> std::fmt::Debug for WriteQueue<X> {
@@ -67,14 +71,17 @@ impl<X: Send + 'static> WriteQueue<X> {
         mut batches: impl Batches<Message = X>,
     ) -> Result<WriteQueue<X>, StoreError> {
         let (tx, rx) = sync_channel(capacity);
+        let pending = Arc::new(AtomicUsize::new(0));
+        let applied = pending.clone();
         let writer = std::thread::Builder::new()
             .name(thread.into())
-            .spawn(move || write_loop(rx, max_batch, &mut batches))
+            .spawn(move || write_loop(rx, max_batch, &mut batches, &applied))
             .map_err(|e| StoreError::WriterGone(format!("cannot start the writer thread: {e}")))?;
         Ok(WriteQueue {
             name: name.into(),
             tx: RwLock::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
+            pending,
         })
     }
 
@@ -84,6 +91,7 @@ impl<X: Send + 'static> WriteQueue<X> {
             name: name.into(),
             tx: RwLock::new(None),
             writer: Mutex::new(None),
+            pending: Arc::default(),
         }
     }
 
@@ -101,7 +109,17 @@ impl<X: Send + 'static> WriteQueue<X> {
 
     /// Queues a write (waiting for room when the queue is full).
     pub fn send(&self, write: Write, reporter: Reporter) -> Result<(), StoreError> {
-        self.post(Queued::Write(write, reporter)).map_err(|_| self.gone())
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        self.post(Queued::Write(write, reporter)).map_err(|_| {
+            self.pending.fetch_sub(1, Ordering::Relaxed);
+            self.gone()
+        })
+    }
+
+    /// How many writes were sent and are not applied yet (queued, or in the batch being
+    /// applied).
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
     }
 
     /// Calls `done` once every write queued before has its outcome.
@@ -135,7 +153,7 @@ impl<X: Send + 'static> Drop for WriteQueue<X> {
     }
 }
 
-fn write_loop<B: Batches>(rx: Receiver<Queued<B::Message>>, max_batch: usize, batches: &mut B) {
+fn write_loop<B: Batches>(rx: Receiver<Queued<B::Message>>, max_batch: usize, batches: &mut B, pending: &AtomicUsize) {
     let mut next = None;
     loop {
         let first = match next.take() {
@@ -176,6 +194,7 @@ fn write_loop<B: Batches>(rx: Receiver<Queued<B::Message>>, max_batch: usize, ba
         } else {
             batches.apply(&writes)
         };
+        pending.fetch_sub(writes.len(), Ordering::Relaxed);
         let (mut outcomes, mut writes) = (outcomes.into_iter(), writes.into_iter());
         for entry in entries {
             match entry {

@@ -39,6 +39,7 @@ macro_rules! store_suite {
             malformed_json_text_is_refused_alone,
             task_runs_filter_and_page,
             logs_filter_by_level_and_page,
+            counts_runs_by_state,
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
@@ -981,4 +982,44 @@ pub async fn malformed_json_text_is_refused_alone(store: &dyn Store) {
         store.list_flow_runs(&RunFilter::newest(10)).await.unwrap().runs.len(),
         1
     );
+}
+
+/// How many runs are in each state, and no write left pending once flushed.
+pub async fn counts_runs_by_state(store: &dyn Store) {
+    let report = Arc::new(Collect::default());
+    let f = flow("counted", None);
+    let fid = f.id;
+    let tasks: Vec<NewTaskRun> = (0..3).map(|_| task("counted", Some(fid))).collect();
+    let ids: Vec<Uuid> = tasks.iter().map(|t| t.id).collect();
+    send(store, &report, [Write::FlowRun(f)]);
+    send(store, &report, tasks.into_iter().map(Write::TaskRun));
+    store.flush().await.unwrap();
+    walk(
+        store,
+        RunKind::Task,
+        ids[0],
+        Pending,
+        &[(Running, 1, None), (Completed, 1, None)],
+    )
+    .await;
+    walk(store, RunKind::Task, ids[1], Pending, &[(Running, 1, None)]).await;
+    assert_eq!(store.pending_writes(), 0);
+    let mut counts: Vec<(RunKind, StateType, u64)> = store
+        .run_counts()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.kind, c.state, c.count))
+        .collect();
+    counts.sort_by_key(|(k, s, _)| (*k == RunKind::Task, s.as_str()));
+    assert_eq!(
+        counts,
+        [
+            (RunKind::Flow, Pending, 1),
+            (RunKind::Task, Completed, 1),
+            (RunKind::Task, Pending, 1),
+            (RunKind::Task, Running, 1),
+        ]
+    );
+    assert!(report.problems().is_empty(), "{:?}", report.problems());
 }
