@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
-use kiln::result::{ResultStorage, StorageConfig, StorageKey};
+use kiln::result::{ResultStorage, StorageConfig};
 use kiln::settings::Settings;
 use serde::Serialize;
 
@@ -173,23 +173,8 @@ pub(crate) fn run(home: &Path, cmd: StorageCommand) -> Result<()> {
             };
             let storage = ResultStorage::build(&name, &config, home)?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let key = StorageKey::new(format!(".kiln-probe/{}", uuid::Uuid::now_v7())).map_err(anyhow::Error::msg)?;
-            let probe = bytes_of(&key);
-            rt.block_on(async {
-                storage.put_bytes(&key, probe.clone().into()).await?;
-                writeln!(out, "write  ok ({key})")?;
-                let back = storage.get_bytes(&key).await?;
-                if back[..] != probe[..] {
-                    bail!("storage '{name}': the probe read back differs from what was written");
-                }
-                writeln!(out, "read   ok")?;
-                storage.delete(&key).await?;
-                if storage.exists(&key).await? {
-                    bail!("storage '{name}': the probe is still there after deleting it");
-                }
-                writeln!(out, "delete ok")?;
-                Ok(())
-            })?;
+            rt.block_on(storage.probe())?;
+            writeln!(out, "write, read back and delete: ok")?;
             writeln!(out, "storage '{name}' works ({})", config.location(&name, home))?;
         }
         StorageCommand::Rm { name } => {
@@ -203,8 +188,4 @@ pub(crate) fn run(home: &Path, cmd: StorageCommand) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn bytes_of(key: &StorageKey) -> Vec<u8> {
-    format!("kiln storage probe {key}").into_bytes()
 }

@@ -182,7 +182,7 @@ fn storages_are_added_listed_tested_and_removed_without_showing_secrets() {
         assert!(!text.contains("SECRET"), "a secret was printed: {text}");
     }
     let tested = ok(kiln(home.path(), &["storage", "test", "archive"]));
-    assert!(tested.contains("write  ok") && tested.contains("delete ok"), "{tested}");
+    assert!(tested.contains("write, read back and delete: ok"), "{tested}");
     // A dead endpoint fails with the storage, the step and the advice.
     let dead = kiln(home.path(), &["storage", "test", "lake"]);
     assert_eq!(dead.status.code(), Some(1));

@@ -61,6 +61,13 @@ pub(crate) fn router(app: App) -> Router {
         .routes(routes!(crate::results::thumbnail))
         .routes(routes!(run_counts))
         .routes(routes!(crate::metrics::metrics))
+        .routes(routes!(crate::storages::list))
+        .routes(routes!(
+            crate::storages::get,
+            crate::storages::put,
+            crate::storages::delete
+        ))
+        .routes(routes!(crate::storages::test))
         .routes(routes!(processes))
         .routes(routes!(crash_orphans))
         .split_for_parts();

@@ -29,6 +29,7 @@ mod metrics;
 mod openapi;
 mod problem;
 mod results;
+mod storages;
 
 use std::future::Future;
 use std::sync::Arc;

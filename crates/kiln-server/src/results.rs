@@ -27,48 +27,64 @@ use crate::openapi::ResultErrors;
 /// their raw content streams instead.
 pub const CONVERT_LIMIT: u64 = 256 * 1024 * 1024;
 
-/// The result storages the server reads from: those of its home's `kiln.toml`.
+/// The result storages the server reads from: those of its settings file (`kiln.toml`),
+/// read again on every use, so that edits (through the API or by hand) apply at once.
 #[derive(Debug)]
 pub(crate) struct Results {
-    settings: Settings,
-    built: Mutex<HashMap<String, ResultStorage>>,
+    home: std::path::PathBuf,
+    file: std::path::PathBuf,
+    built: Mutex<HashMap<String, (kiln::result::StorageConfig, ResultStorage)>>,
 }
 
 impl Results {
-    /// Reads results through the storages `settings` defines.
+    /// Reads results through the storages `settings` defines (and later versions of its file).
     pub(crate) fn new(settings: Settings) -> Results {
         Results {
-            settings,
+            home: settings.home().to_owned(),
+            file: settings.file().to_owned(),
             built: Mutex::new(HashMap::new()),
         }
     }
 
-    fn storage(&self, name: &str) -> Result<ResultStorage, Problem> {
-        if let Some(s) = self.built.lock().unwrap_or_else(|p| p.into_inner()).get(name) {
-            return Ok(s.clone());
-        }
-        let config = self.settings.storage(name).ok_or_else(|| {
+    /// The settings as the file holds them now.
+    pub(crate) fn settings(&self) -> Result<Settings, Problem> {
+        Settings::load_file(&self.home, &self.file).map_err(|e| {
+            Problem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the server's settings cannot be read: {e}"),
+            )
+        })
+    }
+
+    pub(crate) fn storage(&self, name: &str) -> Result<ResultStorage, Problem> {
+        let settings = self.settings()?;
+        let config = settings.storage(name).ok_or_else(|| {
             Problem::new(
                 StatusCode::NOT_FOUND,
                 format!(
-                    "this server has no storage named '{name}' (it has: {}); define it in the kiln.toml of the \
-                     server's home, as in the program that wrote the result",
-                    self.settings.storages().into_keys().collect::<Vec<_>>().join(", ")
+                    "this server has no storage named '{name}' (it has: {}); add it (PUT /api/v1/storages/{name}, \
+                     or `kiln storage add` on the server), as in the program that wrote the result",
+                    settings.storages().into_keys().collect::<Vec<_>>().join(", ")
                 ),
             )
         })?;
-        let storage = ResultStorage::build(name, &config, self.settings.home()).map_err(problem)?;
+        if let Some((built_from, storage)) = self.built.lock().unwrap_or_else(|p| p.into_inner()).get(name)
+            && *built_from == config
+        {
+            return Ok(storage.clone());
+        }
+        let storage = ResultStorage::build(name, &config, settings.home()).map_err(problem)?;
         self.built
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_owned(), storage.clone());
+            .insert(name.to_owned(), (config, storage.clone()));
         Ok(storage)
     }
 }
 
 /// A result error as a problem: missing is 404, damaged or replaced is 409, a storage that
 /// cannot be reached is 502 (503 when trying again may help).
-fn problem(e: ResultError) -> Problem {
+pub(crate) fn problem(e: ResultError) -> Problem {
     let status = match &e {
         ResultError::Missing { .. } => StatusCode::NOT_FOUND,
         ResultError::Corrupt { .. } | ResultError::AlreadyExists { .. } => StatusCode::CONFLICT,
@@ -166,7 +182,7 @@ async fn reference(app: &App, id: Uuid) -> Result<ResultRef, Problem> {
     })
 }
 
-fn results(app: &App) -> Result<&Results, Problem> {
+pub(crate) fn results(app: &App) -> Result<&Results, Problem> {
     app.results.as_deref().ok_or_else(|| {
         Problem::new(
             StatusCode::NOT_IMPLEMENTED,

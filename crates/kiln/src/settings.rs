@@ -239,9 +239,20 @@ impl Settings {
         if let Some(dir) = self.file.parent() {
             std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
         }
-        // Write beside, then rename: a crash never leaves a half-written settings file.
+        // Write beside, then rename: a crash never leaves a half-written settings file. It
+        // may hold secrets (storage keys): only its owner may read it.
         let tmp = self.file.with_extension("toml.tmp");
-        std::fs::write(&tmp, toml::to_string_pretty(&doc).map_err(|e| fail(e.to_string()))?)
+        let text = toml::to_string_pretty(&doc).map_err(|e| fail(e.to_string()))?;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        options
+            .open(&tmp)
+            .and_then(|mut f| {
+                use std::io::Write as _;
+                f.write_all(text.as_bytes())
+            })
             .and_then(|()| std::fs::rename(&tmp, &self.file))
             .map_err(|e| fail(e.to_string()))
     }

@@ -609,6 +609,29 @@ impl ResultStorage {
         Ok((header, verified.boxed()))
     }
 
+    /// Writes a probe object, reads it back and deletes it: whether the storage works, and
+    /// if not, which step failed and why.
+    pub async fn probe(&self) -> Result<(), ResultError> {
+        let key = StorageKey::new(format!(".kiln-probe/{}", uuid::Uuid::now_v7())).map_err(ResultError::InvalidKey)?;
+        let probe = Bytes::from(format!("kiln storage probe {key}"));
+        self.put_bytes(&key, probe.clone()).await?;
+        let back = self.get_bytes(&key).await?;
+        let differs = back != probe;
+        self.delete(&key).await?;
+        let lingers = self.exists(&key).await?;
+        if differs || lingers {
+            return Err(ResultError::Config {
+                storage: self.name.to_string(),
+                message: if differs {
+                    "the probe object read back differs from what was written".into()
+                } else {
+                    "the probe object is still there after deleting it".into()
+                },
+            });
+        }
+        Ok(())
+    }
+
     /// Reads an object's bytes as they are.
     pub async fn get_bytes(&self, key: &StorageKey) -> Result<Bytes, ResultError> {
         let got = self
