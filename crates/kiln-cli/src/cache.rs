@@ -5,9 +5,8 @@ use std::path::Path;
 
 use anyhow::{Result, bail};
 use clap::Subcommand;
-use kiln::result::{ResultStorage, StorageKey};
+use kiln::result::{CacheEntry, ResultStorage, StorageKey};
 use kiln::settings::Settings;
-use serde::Serialize;
 
 use crate::table;
 
@@ -41,17 +40,6 @@ pub(crate) enum CacheCommand {
     },
 }
 
-#[derive(Serialize)]
-struct Entry {
-    key: String,
-    size: u64,
-    created: i64,
-    expires: Option<i64>,
-    run_id: Option<uuid::Uuid>,
-    run_name: String,
-    serializer: String,
-}
-
 pub(crate) fn run(home: &Path, cmd: CacheCommand) -> Result<()> {
     let settings = Settings::load(home)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -65,26 +53,12 @@ pub(crate) fn run(home: &Path, cmd: CacheCommand) -> Result<()> {
         };
         Ok(ResultStorage::build(&name, &config, home)?)
     };
-    let entries = |storage: &ResultStorage| -> Result<Vec<Entry>> {
-        rt.block_on(async {
-            let mut out = Vec::new();
-            for object in storage.list(Some("cache")).await? {
-                let key = StorageKey::new(object.key.clone()).map_err(anyhow::Error::msg)?;
-                match storage.read_header(&key).await {
-                    Ok(h) => out.push(Entry {
-                        key: object.key,
-                        size: h.length,
-                        created: h.created,
-                        expires: h.expires,
-                        run_id: h.run_id,
-                        run_name: h.run_name,
-                        serializer: h.serializer,
-                    }),
-                    Err(e) => eprintln!("skipping {}: {e}", object.key),
-                }
-            }
-            Ok(out)
-        })
+    let entries = |storage: &ResultStorage| -> Result<Vec<CacheEntry>> {
+        let listing = rt.block_on(storage.cache_entries())?;
+        for (key, e) in &listing.unreadable {
+            eprintln!("skipping {key}: {e}");
+        }
+        Ok(listing.entries)
     };
     let mut out = std::io::stdout().lock();
     match cmd {
@@ -134,15 +108,7 @@ pub(crate) fn run(home: &Path, cmd: CacheCommand) -> Result<()> {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)?
                 .as_micros() as i64;
-            let mut pruned = 0;
-            for e in entries(&storage)?
-                .into_iter()
-                .filter(|e| e.expires.is_some_and(|x| x <= now))
-            {
-                let key = StorageKey::new(e.key).map_err(anyhow::Error::msg)?;
-                rt.block_on(storage.delete(&key))?;
-                pruned += 1;
-            }
+            let pruned = rt.block_on(storage.prune_expired_cache(now))?;
             eprintln!(
                 "pruned {pruned} expired cached result(s) from storage '{}'",
                 storage.name()

@@ -68,6 +68,8 @@ pub(crate) fn router(app: App) -> Router {
             crate::storages::delete
         ))
         .routes(routes!(crate::storages::test))
+        .routes(routes!(crate::storages::cache, crate::storages::uncache))
+        .routes(routes!(crate::storages::prune))
         .routes(routes!(processes))
         .routes(routes!(crash_orphans))
         .split_for_parts();

@@ -338,3 +338,160 @@ pub(crate) async fn test(
         error: outcome,
     }))
 }
+
+/// A cached result, as the API lists it.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct CachedResult {
+    /// Its key (`cache/<task>/<hash>`).
+    key: String,
+    /// The payload's size in bytes.
+    size: u64,
+    /// When it was written (microseconds since the Unix epoch).
+    created: i64,
+    /// When it stops being valid, if ever.
+    expires: Option<i64>,
+    /// The run that produced it.
+    run_id: Option<uuid::Uuid>,
+    /// That run's name.
+    run_name: String,
+    /// The serializer that wrote it.
+    serializer: String,
+}
+
+/// An object under `cache/` that is not a readable record.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Unreadable {
+    /// Its key.
+    key: String,
+    /// Why it cannot be read.
+    error: String,
+}
+
+/// A storage's cached results.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct CacheListing {
+    /// The storage.
+    storage: String,
+    /// The cached results, by key.
+    entries: Vec<CachedResult>,
+    /// Objects under `cache/` that are not readable records.
+    unreadable: Vec<Unreadable>,
+}
+
+fn storage_of(app: &App, name: &str) -> Result<ResultStorage, Problem> {
+    let results = results(app)?;
+    if results.settings()?.storage(name).is_none() {
+        return Err(unknown(name));
+    }
+    results.storage(name)
+}
+
+/// The cached task results a storage holds: key, size, creation, expiry, producing run.
+#[utoipa::path(get, path = "/api/v1/storages/{name}/cache", tag = "cache",
+    params(("name" = String, Path, description = "The storage's name")),
+    responses((status = 200, description = "Its cached results", body = CacheListing), crate::openapi::ResultErrors))]
+pub(crate) async fn cache(
+    State(app): State<App>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<axum::Json<CacheListing>, Problem> {
+    let name = name(path)?;
+    let storage = storage_of(&app, &name)?;
+    let listing = storage.cache_entries().await.map_err(crate::results::problem)?;
+    Ok(axum::Json(CacheListing {
+        storage: name,
+        entries: listing
+            .entries
+            .into_iter()
+            .map(|e| CachedResult {
+                key: e.key,
+                size: e.size,
+                created: e.created,
+                expires: e.expires,
+                run_id: e.run_id,
+                run_name: e.run_name,
+                serializer: e.serializer,
+            })
+            .collect(),
+        unreadable: listing
+            .unreadable
+            .into_iter()
+            .map(|(key, error)| Unreadable { key, error })
+            .collect(),
+    }))
+}
+
+/// `?key=`: one cached result.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct CacheKey {
+    /// The key, as the listing gives it (`cache/<task>/<hash>`).
+    #[param(pattern = "^cache/")]
+    key: String,
+}
+
+/// Deletes one cached result (the next run of its task computes it again).
+#[utoipa::path(delete, path = "/api/v1/storages/{name}/cache", tag = "cache",
+    params(("name" = String, Path, description = "The storage's name"), CacheKey),
+    responses((status = 204, description = "Deleted"),
+        (status = 404, description = "No such storage or cached result", body = Problem,
+            content_type = "application/problem+json"),
+        WriteErrors))]
+pub(crate) async fn uncache(
+    State(app): State<App>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<axum::extract::Query<CacheKey>, axum::extract::rejection::QueryRejection>,
+) -> Result<StatusCode, Problem> {
+    let name = name(path)?;
+    let axum::extract::Query(CacheKey { key }) =
+        query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    if !key.starts_with("cache/") {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            format!("'{key}' is not a cache key: they start with cache/ (see the listing)"),
+        ));
+    }
+    // A key that would leave the storage's root (`..`) names nothing there.
+    let key = kiln::result::StorageKey::new(key.clone()).map_err(|e| {
+        Problem::new(
+            StatusCode::NOT_FOUND,
+            format!("no cached result can have the key '{key}' ({e})"),
+        )
+    })?;
+    let storage = storage_of(&app, &name)?;
+    if !storage.exists(&key).await.map_err(crate::results::problem)? {
+        return Err(Problem::new(
+            StatusCode::NOT_FOUND,
+            format!("no cached result '{key}' in storage '{name}'"),
+        ));
+    }
+    storage.delete(&key).await.map_err(crate::results::problem)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// How many cached results a prune deleted.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Pruned {
+    /// The storage.
+    storage: String,
+    /// How many expired cached results were deleted.
+    pruned: u64,
+}
+
+/// Deletes the cached results that have expired.
+#[utoipa::path(post, path = "/api/v1/storages/{name}/cache/prune", tag = "cache",
+    params(("name" = String, Path, description = "The storage's name")),
+    responses((status = 200, description = "What was deleted", body = Pruned),
+        (status = 404, description = "No such storage", body = Problem, content_type = "application/problem+json"),
+        WriteErrors))]
+pub(crate) async fn prune(
+    State(app): State<App>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<axum::Json<Pruned>, Problem> {
+    let name = name(path)?;
+    let storage = storage_of(&app, &name)?;
+    let pruned = storage
+        .prune_expired_cache(kiln_store::model::now_micros())
+        .await
+        .map_err(crate::results::problem)?;
+    Ok(axum::Json(Pruned { storage: name, pruned }))
+}

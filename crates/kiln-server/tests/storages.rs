@@ -184,3 +184,73 @@ async fn a_storage_test_reports_what_failed() {
         }
     }
 }
+
+use kiln::prelude::*;
+
+#[task(cache = inputs)]
+fn kept(x: u32) -> u32 {
+    x
+}
+
+#[task(cache = inputs, cache_expiration = 0.1)]
+fn short_lived(x: u32) -> u32 {
+    x
+}
+
+#[flow]
+async fn fill() -> Result<u32, kiln::Error> {
+    Ok(kept(1).await? + kept(2).await? + short_lived(3).await?)
+}
+
+#[test]
+fn cached_results_are_listed_deleted_and_pruned() {
+    let f = Fixture::new();
+    let engine = kiln::Engine::open(f.home.path()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    assert_eq!(rt.block_on(engine.scope(fill())).unwrap(), 6);
+    rt.block_on(async {
+        let listing = async |f: &Fixture| {
+            let (status, body) = f.call("GET", "/api/v1/storages/local/cache", None).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            serde_json::from_str::<serde_json::Value>(&body).unwrap()
+        };
+        let all = listing(&f).await;
+        let entries = all["entries"].as_array().unwrap();
+        assert_eq!(entries.len(), 3, "{all}");
+        assert!(
+            entries
+                .iter()
+                .all(|e| e["key"].as_str().unwrap().starts_with("cache/") && e["run_id"].is_string())
+        );
+        let kept_key = entries
+            .iter()
+            .find(|e| e["run_name"].as_str().unwrap().starts_with("kept") && e["expires"].is_null())
+            .unwrap()["key"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+
+        for (key, status) in [
+            ("../../kiln.db", StatusCode::BAD_REQUEST),
+            ("runs/elsewhere", StatusCode::BAD_REQUEST),
+            ("cache/../../kiln.toml", StatusCode::NOT_FOUND),
+            ("cache/none/such", StatusCode::NOT_FOUND),
+            (kept_key.as_str(), StatusCode::NO_CONTENT),
+            (kept_key.as_str(), StatusCode::NOT_FOUND),
+        ] {
+            let path = format!("/api/v1/storages/local/cache?key={}", key.replace('/', "%2F"));
+            let (got, body) = f.call("DELETE", &path, None).await;
+            assert_eq!(got, status, "{key}: {body}");
+        }
+        assert!(f.home.path().join("kiln.db").exists());
+        assert_eq!(listing(&f).await["entries"].as_array().unwrap().len(), 2);
+
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        let (status, body) = f.call("POST", "/api/v1/storages/local/cache/prune", None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["pruned"], 1);
+        assert_eq!(listing(&f).await["entries"].as_array().unwrap().len(), 1);
+        let (status, _) = f.call("GET", "/api/v1/storages/nowhere/cache", None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    });
+}

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 pub use object::ObjectRef;
 pub use record::{RecordError, RecordHeader};
-pub use storage::{ResultStorage, StorageConfig, StorageKey, StoredObject};
+pub use storage::{CacheEntry, CacheListing, ResultStorage, StorageConfig, StorageKey, StoredObject};
 
 /// Where a persisted result lives: what the state database records for it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -318,7 +318,77 @@ pub struct StoredObject {
     pub modified: i64,
 }
 
+/// A cached task result in a storage (a record under `cache/`), as its header describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CacheEntry {
+    /// Its key (`cache/<task>/<hash>`).
+    pub key: String,
+    /// The payload's size in bytes.
+    pub size: u64,
+    /// When it was written, microseconds since the Unix epoch.
+    pub created: i64,
+    /// When it stops being valid, if ever.
+    pub expires: Option<i64>,
+    /// The run that produced it.
+    pub run_id: Option<uuid::Uuid>,
+    /// That run's name.
+    pub run_name: String,
+    /// The serializer that wrote it.
+    pub serializer: String,
+}
+
+/// The cached results of a storage, and the objects under `cache/` that are not readable
+/// records (with why).
+#[derive(Debug, Clone, Default)]
+pub struct CacheListing {
+    /// The readable entries, by key.
+    pub entries: Vec<CacheEntry>,
+    /// Keys that could not be read as records, and why.
+    pub unreadable: Vec<(String, String)>,
+}
+
 impl ResultStorage {
+    /// The cached task results this storage holds.
+    pub async fn cache_entries(&self) -> Result<CacheListing, ResultError> {
+        let mut listing = CacheListing::default();
+        for object in self.list(Some("cache")).await? {
+            let key = match StorageKey::new(object.key.clone()) {
+                Ok(key) => key,
+                Err(e) => {
+                    listing.unreadable.push((object.key, e));
+                    continue;
+                }
+            };
+            match self.read_header(&key).await {
+                Ok(h) => listing.entries.push(CacheEntry {
+                    key: object.key,
+                    size: h.length,
+                    created: h.created,
+                    expires: h.expires,
+                    run_id: h.run_id,
+                    run_name: h.run_name,
+                    serializer: h.serializer,
+                }),
+                Err(e) => listing.unreadable.push((object.key, e.to_string())),
+            }
+        }
+        Ok(listing)
+    }
+
+    /// Deletes the cached results that expired at `now` (microseconds since the Unix epoch);
+    /// how many.
+    pub async fn prune_expired_cache(&self, now: i64) -> Result<u64, ResultError> {
+        let mut pruned = 0;
+        for entry in self.cache_entries().await?.entries {
+            if entry.expires.is_some_and(|x| x <= now) {
+                let key = StorageKey::new(entry.key).map_err(ResultError::InvalidKey)?;
+                self.delete(&key).await?;
+                pruned += 1;
+            }
+        }
+        Ok(pruned)
+    }
+
     /// Builds the storage `name` from its configuration (`home` roots default local paths).
     pub fn build(name: &str, config: &StorageConfig, home: &FsPath) -> Result<ResultStorage, ResultError> {
         let fail = |message: String| ResultError::Config {
