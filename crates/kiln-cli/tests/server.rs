@@ -377,3 +377,164 @@ fn restarted_under_a_flow(database: Option<&str>) {
         .collect();
     assert_eq!(flow, [Pending, Running, Completed]);
 }
+
+/// Every pixel differs, so a wrong byte anywhere shows.
+fn picture() -> image::RgbImage {
+    image::RgbImage::from_fn(512, 512, |x, y| image::Rgb([x as u8, y as u8, (x ^ y) as u8]))
+}
+
+#[task(persist, storage = "shared", serializer = Png::default())]
+async fn make_picture() -> anyhow::Result<image::RgbImage> {
+    Ok(picture())
+}
+
+#[flow]
+async fn picture_pipeline() -> anyhow::Result<u32> {
+    Ok(make_picture().await?.width())
+}
+
+#[test]
+#[ignore = "the program that records a PNG result through the server"]
+fn png_program() {
+    let engine = kiln::Engine::open(std::env::var("KILN_HOME").unwrap()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    assert_eq!(rt.block_on(engine.scope(picture_pipeline())).unwrap(), 512);
+}
+
+/// A GET over plain HTTP/1.1: the status and the body.
+fn http_get(url: &str, path: &str, token: Option<&str>) -> (u16, Vec<u8>) {
+    use std::io::{Read, Write};
+    let host = url.strip_prefix("http://").unwrap();
+    let mut stream = std::net::TcpStream::connect(host).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{auth}\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut body = raw[split + 4..].to_vec();
+    if head.contains("transfer-encoding: chunked") {
+        let (mut plain, mut rest) = (Vec::new(), &body[..]);
+        loop {
+            let line = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+            let size = usize::from_str_radix(std::str::from_utf8(&rest[..line]).unwrap().trim(), 16).unwrap();
+            if size == 0 {
+                break;
+            }
+            plain.extend_from_slice(&rest[line + 2..line + 2 + size]);
+            rest = &rest[line + 2 + size + 2..];
+        }
+        body = plain;
+    }
+    (status, body)
+}
+
+/// The check the server issue names: a program recording through the server (with a token)
+/// shows up in GET /api/v1/flow_runs with the token and not without; its PNG result, written
+/// to a folder both the program and the server use, downloads through the API bit-exact.
+#[test]
+fn a_png_result_recorded_through_the_server_downloads_bit_exact() {
+    let (server_home, client_home) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let shared = server_home.path().join("shared");
+    for home in [server_home.path(), client_home.path()] {
+        let added = kiln(home)
+            .args(["storage", "add", "shared", "--kind", "local", "--path"])
+            .arg(&shared)
+            .output()
+            .unwrap();
+        assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
+    }
+    let created = kiln(server_home.path())
+        .args(["server", "token", "create", "ci"])
+        .output()
+        .unwrap();
+    let token = String::from_utf8(created.stdout).unwrap().trim().to_owned();
+    let (_server, url) = start(server_home.path());
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "png_program", "--ignored", "--nocapture"])
+        .env("KILN_HOME", client_home.path())
+        .env("KILN_API_URL", &url)
+        .env("KILN_API_KEY", &token)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let (status, _) = http_get(&url, "/api/v1/flow_runs", None);
+    assert_eq!(status, 401, "refused without a token");
+    let (status, body) = http_get(&url, "/api/v1/flow_runs", Some(&token));
+    assert_eq!(status, 200);
+    let page: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(page["runs"][0]["name"], "picture_pipeline", "{page}");
+    let flow = page["runs"][0]["id"].as_str().unwrap();
+    let (_, body) = http_get(&url, &format!("/api/v1/flow_runs/{flow}/task_runs"), Some(&token));
+    let tasks: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let task = tasks[0]["id"].as_str().unwrap();
+    let (status, body) = http_get(&url, &format!("/api/v1/runs/{task}/result"), Some(&token));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let info: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let (status, png) = http_get(&url, &format!("/api/v1/runs/{task}/result/content"), Some(&token));
+    assert_eq!(status, 200);
+    assert_eq!(
+        Some(kiln::result::record::content_hash(&png).as_str()),
+        info["hash"].as_str()
+    );
+    assert_eq!(png.len() as u64, info["size"].as_u64().unwrap());
+    assert_eq!(image::load_from_memory(&png).unwrap().into_rgb8(), picture());
+}
+
+/// The scale-out path: two servers over one PostgreSQL database. A token created once is
+/// honoured by both; a flow recorded through one is read through the other.
+#[test]
+fn two_servers_share_one_postgres_database() {
+    let Some(database) = kiln_store_postgres::testing::fresh_database_blocking() else {
+        return;
+    };
+    let (home_a, home_b, client, reader) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let created = kiln(home_a.path())
+        .env("KILN_DATABASE_URL", &database)
+        .args(["server", "token", "create", "shared"])
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let token = String::from_utf8(created.stdout).unwrap().trim().to_owned();
+    let (_a, url_a) = start_on(home_a.path(), 0, Some(&database));
+    let (_b, url_b) = start_on(home_b.path(), 0, Some(&database));
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "program", "--ignored", "--nocapture"])
+        .env("KILN_HOME", client.path())
+        .env("KILN_API_URL", &url_a)
+        .env("KILN_API_KEY", &token)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ls = kiln(reader.path())
+        .args(["runs", "ls", "--json"])
+        .env("KILN_API_URL", &url_b)
+        .env("KILN_API_KEY", &token)
+        .output()
+        .unwrap();
+    assert!(ls.status.success(), "{}", String::from_utf8_lossy(&ls.stderr));
+    let runs: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
+    assert_eq!(
+        (
+            runs[0]["name"].as_str(),
+            runs[0]["state"].as_str(),
+            runs[0]["task_count"].as_u64()
+        ),
+        (Some("remote"), Some("Completed"), Some(100))
+    );
+    let (status, _) = http_get(&url_b, "/api/v1/flow_runs", None);
+    assert_eq!(status, 401, "server B knows the token exists");
+}

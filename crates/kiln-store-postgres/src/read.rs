@@ -101,7 +101,11 @@ async fn list_runs<T>(
     let states: Vec<&str> = f.states.iter().map(|s| s.as_str()).collect();
     let limit = f.limit as i64 + 1;
     let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
-    if !states.is_empty() {
+    if let [state] = states.as_slice() {
+        // One state: `=`, so the (state, id) index gives the rows in order, no sort.
+        params.push(state);
+        sql.push_str(&format!(" AND r.state = ${}", params.len()));
+    } else if !states.is_empty() {
         params.push(&states);
         sql.push_str(&format!(" AND r.state = ANY(${})", params.len()));
     }

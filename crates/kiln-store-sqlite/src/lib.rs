@@ -78,6 +78,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0004_processes.sql"),
     include_str!("../migrations/0005_api_tokens.sql"),
     include_str!("../migrations/0006_write_ids.sql"),
+    include_str!("../migrations/0007_run_list_indexes.sql"),
 ];
 
 /// Writes queued ahead of the writer at most. A producer faster than SQLite waits for room

@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release -p kiln --example store_load -- PROCESSES TASKS_PER_PROCESS
 //! KILN_DATABASE_URL=postgres://... cargo run --release -p kiln --features postgres --example store_load -- 4 20000
+//! KILN_API_URL=http://127.0.0.1:4200 cargo run --release -p kiln --features api --example store_load -- 4 20000
 //! ```
 //!
 //! Starts PROCESSES copies of itself at once, each running one flow of TASKS_PER_PROCESS
@@ -53,8 +54,9 @@ fn main() -> anyhow::Result<()> {
     }
     let wall = started.elapsed();
     let rows = processes as u64 * (tasks * 3 + 3);
-    let backend = match std::env::var("KILN_DATABASE_URL") {
-        Ok(url) if !url.is_empty() => url.split(':').next().unwrap_or("?").to_owned(),
+    let backend = match (std::env::var("KILN_API_URL"), std::env::var("KILN_DATABASE_URL")) {
+        (Ok(url), _) if !url.is_empty() => format!("server at {url}"),
+        (_, Ok(url)) if !url.is_empty() => url.split(':').next().unwrap_or("?").to_owned(),
         _ => "sqlite".into(),
     };
     println!(
