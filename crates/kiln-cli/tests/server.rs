@@ -466,8 +466,12 @@ fn a_png_result_recorded_through_the_server_downloads_bit_exact() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
-    let (status, _) = http_get(&url, "/api/v1/flow_runs", None);
-    assert_eq!(status, 401, "refused without a token");
+    for path in ["/api/v1/flow_runs", "/api/openapi.json", "/metrics"] {
+        let (status, _) = http_get(&url, path, None);
+        assert_eq!(status, 401, "{path} is refused without a token");
+    }
+    let (status, _) = http_get(&url, "/api/health", None);
+    assert_eq!(status, 200, "health needs no token");
     let (status, body) = http_get(&url, "/api/v1/flow_runs", Some(&token));
     assert_eq!(status, 200);
     let page: serde_json::Value = serde_json::from_slice(&body).unwrap();

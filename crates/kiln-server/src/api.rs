@@ -224,11 +224,12 @@ async fn writes(State(store): State<Shared>, JsonBody(batch): JsonBody<WriteBatc
     Ok(axum::Json(OutcomeBatch { outcomes }))
 }
 
+/// The run id in a path. Text that is no id names no run: 404, saying why.
 pub(crate) fn id(path: Result<Path<String>, PathRejection>) -> Result<Uuid, Problem> {
     let Path(text) = path.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     Uuid::parse_str(&text).map_err(|e| {
         Problem::new(
-            StatusCode::BAD_REQUEST,
+            StatusCode::NOT_FOUND,
             format!("'{text}' is not a run id ({e}); resolve a short id with /api/v1/runs/resolve/{{text}}"),
         )
     })

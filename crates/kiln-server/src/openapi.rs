@@ -16,7 +16,7 @@ pub(crate) fn base() -> OpenApi {
                 .version(env!("CARGO_PKG_VERSION"))
                 .description(Some(
                     "Flow runs, task runs, their states, logs and results, recorded and read by Kiln programs and \
-                     tools. Every endpoint but /api/health and this document needs `Authorization: Bearer <token>` \
+                     tools. Every endpoint but /api/health (this document too) needs `Authorization: Bearer <token>` \
                      once the server has a token (`kiln server token create`). Errors are RFC 9457 problem details.",
                 ))
                 .build(),
@@ -67,13 +67,13 @@ fn constrain_ids(value: &mut serde_json::Value) {
 #[derive(IntoResponses)]
 #[allow(dead_code)] // describes responses in the API document
 pub(crate) enum ReadErrors {
-    /// A malformed id or parameter.
+    /// A malformed parameter.
     #[response(status = 400, content_type = "application/problem+json")]
     BadRequest(Problem),
     /// No token, or one the server does not know (or revoked).
     #[response(status = 401, content_type = "application/problem+json")]
     Unauthorized(Problem),
-    /// No such run.
+    /// No such run (or a path id that is no run id).
     #[response(status = 404, content_type = "application/problem+json")]
     NotFound(Problem),
     /// The database is busy or unreachable: try again.

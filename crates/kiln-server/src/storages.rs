@@ -23,7 +23,7 @@ const MASK: &str = "********";
 /// The fields that hold secrets.
 const SECRETS: [&str; 2] = ["secret_access_key", "access_key"];
 /// How long a storage test may take.
-const TEST_TIMEOUT: Duration = Duration::from_secs(15);
+const TEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A storage's configuration, as `kiln.toml` holds it (`kind` says which).
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -159,8 +159,8 @@ pub(crate) async fn get(
     Ok(axum::Json(view(&name, &config, settings.home())))
 }
 
-/// Creates or replaces a storage. Secrets left out keep their values (an empty one removes
-/// it). Local folders must be absolute and inside the server's home (or a root listed in
+/// Creates or replaces a storage, once a probe object was written to it, read back and
+/// deleted. Secrets left out keep their values (an empty one removes it). Local folders must be absolute and inside the server's home (or a root listed in
 /// KILN_SERVER_STORAGE_ROOTS); the built-in `local` storage stays a local folder.
 #[utoipa::path(put, path = "/api/v1/storages/{name}", tag = "storages", request_body = StorageBody,
     params(("name" = String, Path, description = "The storage's name")),
@@ -219,9 +219,21 @@ pub(crate) async fn put(
     if let StorageConfig::Local { path: Some(path) } = &config {
         allowed_folder(path, settings.home())?;
     }
-    // Built before it is saved: a configuration the storage layer refuses is not kept.
-    ResultStorage::build(&name, &config, settings.home())
+    // Built and tested before it is saved: a storage that cannot hold results is not kept
+    // (every later read through it would fail).
+    let storage = ResultStorage::build(&name, &config, settings.home())
         .map_err(|e| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+    let failed = match tokio::time::timeout(TEST_TIMEOUT, storage.probe()).await {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some(format!("no answer within {TEST_TIMEOUT:?}")),
+    };
+    if let Some(why) = failed {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("storage '{name}' was not saved: writing, reading back and deleting a probe failed: {why}"),
+        ));
+    }
     settings
         .put_storage(&name, config.clone())
         .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e.to_string()))?;

@@ -26,7 +26,7 @@ fn post(path: &str, content_type: &str, body: &str) -> Request<Body> {
 }
 
 #[tokio::test]
-async fn the_openapi_document_describes_every_route_and_needs_no_token() {
+async fn the_openapi_document_describes_every_route() {
     let (_dir, app) = app();
     let (status, doc) = call(&app, Request::get("/api/openapi.json").body(Body::empty()).unwrap()).await;
     assert_eq!(status, StatusCode::OK);

@@ -186,7 +186,7 @@ fn bad_requests_are_4xx_problems_that_name_the_cause() {
     let cases = [
         (
             "/api/v1/runs/not-an-id/result".to_owned(),
-            StatusCode::BAD_REQUEST,
+            StatusCode::NOT_FOUND,
             "is not a run id",
         ),
         (
@@ -291,4 +291,39 @@ fn a_damaged_or_replaced_record_is_never_served_whole() {
     assert_eq!(status, StatusCode::OK);
     assert!(info["header"].is_null());
     assert!(info["header_error"].as_str().unwrap().contains(key.as_str()), "{info}");
+}
+
+/// A result reference whose key would leave its storage (written by a buggy or hostile
+/// client) is refused: nothing outside the storage root is ever read.
+#[test]
+fn a_result_key_that_leaves_its_storage_is_refused() {
+    let f = Fixture::new();
+    let id = uuid::Uuid::now_v7();
+    let reference = serde_json::json!({
+        "storage": "pictures", "key": "../../kiln.db", "serializer": "png", "size": 10, "hash": "blake3:00"
+    });
+    let writes = serde_json::json!({ "writes": [
+        { "write": "task_run", "id": id, "flow_run_id": null, "name": "sneaky", "task_key": "x", "inputs": {},
+          "tags": [], "created": 1, "initial_state": "Pending", "call_key": null, "process_id": null },
+        { "write": "state", "kind": "task", "run_id": id, "from": "Pending", "to": "Running", "message": null,
+          "attempt": 1, "timestamp": 2, "result": null },
+        { "write": "state", "kind": "task", "run_id": id, "from": "Running", "to": "Completed", "message": null,
+          "attempt": 1, "timestamp": 3, "result": reference.to_string() },
+    ]});
+    let request = Request::post("/api/v1/writes")
+        .header("content-type", "application/json")
+        .body(Body::from(writes.to_string()))
+        .unwrap();
+    let response = f.rt.block_on(f.app.clone().oneshot(request)).unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    for path in ["content", "content?as=png", "thumbnail"] {
+        let (status, media, body) = f.get(&format!("/api/v1/runs/{id}/result/{path}"));
+        let body = String::from_utf8(body.unwrap()).unwrap();
+        assert_eq!(
+            (status, media.as_str()),
+            (StatusCode::CONFLICT, "application/problem+json"),
+            "{path}: {body}"
+        );
+        assert!(body.contains("not a valid storage key"), "{path}: {body}");
+    }
 }

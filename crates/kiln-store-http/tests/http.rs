@@ -67,7 +67,7 @@ fn malformed_requests_get_problem_details() {
         let base = serve(Arc::new(db)).await;
         let client = reqwest::Client::new();
         for (path, status, says) in [
-            ("/api/v1/flow_runs/not-a-uuid", 400, "is not a run id"),
+            ("/api/v1/flow_runs/not-a-uuid", 404, "is not a run id"),
             (
                 "/api/v1/flow_runs/0193f6a0-0000-7000-8000-000000000000",
                 404,
