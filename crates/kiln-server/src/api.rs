@@ -369,7 +369,8 @@ impl ListQuery {
     }
 }
 
-fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, Problem> {
+/// A query string's parameters, or a 400 saying what is wrong with them.
+pub(crate) fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, Problem> {
     q.map(|Query(q)| q)
         .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e.body_text()))
 }
@@ -646,7 +647,7 @@ struct Since {
 #[utoipa::path(get, path = "/api/v1/processes", tag = "processes", params(Since),
     responses((status = 200, description = "Processes", body = Vec<Process>), ReadErrors))]
 async fn processes(State(store): State<Shared>, q: Result<Query<Since>, QueryRejection>) -> Reply<Vec<Process>> {
-    let Query(q) = q.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let q = query(q)?;
     Ok(axum::Json(store.processes(q.since.unwrap_or(0)).await?))
 }
 

@@ -14,7 +14,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use kiln::result::{INLINE, RecordHeader, ResultError, ResultRef, ResultStorage, StorageKey};
-use kiln::serializer::{Rendered, render, writes_images};
+use kiln::serializer::{Rendered, render, writes_images, writes_values};
 use kiln::settings::Settings;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -146,14 +146,6 @@ fn media_type(serializer: &str) -> &'static str {
     }
 }
 
-fn self_describing(serializer: &str) -> bool {
-    let inner = serializer
-        .strip_prefix("zstd(")
-        .and_then(|s| s.strip_suffix(')'))
-        .unwrap_or(serializer);
-    matches!(inner, "msgpack" | "json")
-}
-
 /// The result reference the run `id` recorded.
 async fn reference(app: &App, id: Uuid) -> Result<ResultRef, Problem> {
     let value = match app.store.task_run(id).await? {
@@ -228,7 +220,7 @@ pub(crate) async fn info(
             content: format!("{base}/content"),
             png: image.then(|| format!("{base}/content?as=png")),
             thumbnail: image.then(|| format!("{base}/thumbnail")),
-            json: self_describing(&r.serializer).then(|| format!("{base}/content?as=json")),
+            json: writes_values(&r.serializer).then(|| format!("{base}/content?as=json")),
         },
         storage: r.storage,
         key: r.key,
@@ -264,7 +256,7 @@ pub(crate) async fn content(
     query: Result<Query<As>, QueryRejection>,
 ) -> Result<Response, Problem> {
     let id = id(path)?;
-    let Query(As { form }) = query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let As { form } = crate::api::query(query)?;
     let r = reference(&app, id).await?;
     let name = file_stem(&r, id);
     match form.as_deref() {
@@ -276,7 +268,7 @@ pub(crate) async fn content(
             let png = blocking(move || kiln::serializer::image_as_png(&serializer, &payload)).await?;
             return Ok(file(png.into(), "image/png", &format!("{name}.png")));
         }
-        Some("json") if self_describing(&r.serializer) => {
+        Some("json") if writes_values(&r.serializer) => {
             let payload = payload(&app, &r).await?;
             let serializer = r.serializer.clone();
             let json = blocking(move || match render(&serializer, &payload)? {
@@ -344,7 +336,7 @@ pub(crate) async fn thumbnail(
     query: Result<Query<Size>, QueryRejection>,
 ) -> Result<Response, Problem> {
     let id = id(path)?;
-    let Query(Size { size }) = query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let Size { size } = crate::api::query(query)?;
     let size = size.unwrap_or(256);
     if !(16..=2048).contains(&size) {
         return Err(Problem::new(

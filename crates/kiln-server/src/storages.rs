@@ -223,12 +223,7 @@ pub(crate) async fn put(
     // (every later read through it would fail).
     let storage = ResultStorage::build(&name, &config, settings.home())
         .map_err(|e| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
-    let failed = match tokio::time::timeout(TEST_TIMEOUT, storage.probe()).await {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(e.to_string()),
-        Err(_) => Some(format!("no answer within {TEST_TIMEOUT:?}")),
-    };
-    if let Some(why) = failed {
+    if let Some(why) = probe(&storage).await {
         return Err(Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             format!("storage '{name}' was not saved: writing, reading back and deleting a probe failed: {why}"),
@@ -239,6 +234,16 @@ pub(crate) async fn put(
         .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e.to_string()))?;
     tracing::info!(storage = %name, kind = config.kind(), "storage saved");
     Ok(axum::Json(view(&name, &config, settings.home())))
+}
+
+/// Writes, reads back and deletes a probe object within [`TEST_TIMEOUT`]; what failed, if
+/// anything.
+async fn probe(storage: &ResultStorage) -> Option<String> {
+    match tokio::time::timeout(TEST_TIMEOUT, storage.probe()).await {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some(format!("no answer within {TEST_TIMEOUT:?}")),
+    }
 }
 
 /// A local folder given through the API must be absolute and inside the server's home or a
@@ -337,11 +342,7 @@ pub(crate) async fn test(
         return Err(unknown(&name));
     }
     let outcome = match results.storage(&name) {
-        Ok(storage) => match tokio::time::timeout(TEST_TIMEOUT, storage.probe()).await {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some(format!("no answer within {TEST_TIMEOUT:?}")),
-        },
+        Ok(storage) => probe(&storage).await,
         Err(p) => Some(p.detail),
     };
     Ok(axum::Json(TestReport {
@@ -391,11 +392,7 @@ pub(crate) struct CacheListing {
 }
 
 fn storage_of(app: &App, name: &str) -> Result<ResultStorage, Problem> {
-    let results = results(app)?;
-    if results.settings()?.storage(name).is_none() {
-        return Err(unknown(name));
-    }
-    results.storage(name)
+    results(app)?.storage(name)
 }
 
 /// The cached task results a storage holds: key, size, creation, expiry, producing run.
@@ -454,8 +451,7 @@ pub(crate) async fn uncache(
     query: Result<axum::extract::Query<CacheKey>, axum::extract::rejection::QueryRejection>,
 ) -> Result<StatusCode, Problem> {
     let name = name(path)?;
-    let axum::extract::Query(CacheKey { key }) =
-        query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let CacheKey { key } = crate::api::query(query)?;
     if !key.starts_with("cache/") {
         return Err(Problem::new(
             StatusCode::BAD_REQUEST,

@@ -139,26 +139,17 @@ async fn list_runs<T>(
     all(pool, &sql, &params, row).await
 }
 
-/// Cuts the extra row [`list_runs`] read; the cursor of the next page, if there is one.
-fn page<T>(rows: &mut Vec<T>, limit: usize, id: fn(&T) -> Uuid) -> Option<Uuid> {
-    if rows.len() <= limit {
-        return None;
-    }
-    rows.truncate(limit);
-    rows.last().map(id)
-}
-
 pub(crate) async fn list_flow_runs(pool: &Pool, f: &RunFilter) -> Result<FlowRunPage, StoreError> {
     let select = format!("SELECT {FLOW_COLUMNS} FROM flow_runs r");
     let mut runs = list_runs(pool, f, &select, "parent_id", flow_row).await?;
-    let next = page(&mut runs, f.limit, |r| r.id);
+    let next = f.page(&mut runs, |r| r.id);
     Ok(FlowRunPage { runs, next })
 }
 
 pub(crate) async fn list_task_runs(pool: &Pool, f: &RunFilter) -> Result<TaskRunPage, StoreError> {
     let select = format!("SELECT {TASK_COLUMNS} FROM task_runs r");
     let mut runs = list_runs(pool, f, &select, "flow_run_id", task_row).await?;
-    let next = page(&mut runs, f.limit, |r| r.id);
+    let next = f.page(&mut runs, |r| r.id);
     Ok(TaskRunPage { runs, next })
 }
 

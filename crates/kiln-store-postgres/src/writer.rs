@@ -103,13 +103,19 @@ async fn commit(pool: &Pool, batch: &[Write]) -> Vec<Outcome> {
 }
 
 /// `attempt` of the writes at `include`, retried with backoff while the error is transient.
+/// Runs it creates are taken to be new (no read first); when one exists already (a batch
+/// delivered again), the batch is tried once more, looking its creations up.
 async fn with_retries(pool: &Pool, batch: &[Write], include: &[usize]) -> Result<Vec<Option<Outcome>>, DbError> {
     let started = Instant::now();
     let mut delay = Duration::from_millis(20);
     let mut warned = false;
+    let mut look_up_creations = false;
     loop {
-        match attempt(pool, batch, include).await {
+        match attempt(pool, batch, include, look_up_creations).await {
             Ok(outcomes) => return Ok(outcomes),
+            Err(DbError::Pg(e)) if !look_up_creations && e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                look_up_creations = true;
+            }
             Err(e) if is_transient(&e) && started.elapsed() < RETRY_DEADLINE => {
                 if !warned && started.elapsed() > Duration::from_secs(5) {
                     tracing::warn!(
@@ -187,7 +193,12 @@ impl Logs {
 }
 
 /// One transaction for the writes at `include`.
-async fn attempt(pool: &Pool, batch: &[Write], include: &[usize]) -> Result<Vec<Option<Outcome>>, DbError> {
+async fn attempt(
+    pool: &Pool,
+    batch: &[Write],
+    include: &[usize],
+    look_up_creations: bool,
+) -> Result<Vec<Option<Outcome>>, DbError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let writes = || include.iter().map(|&i| (i, &batch[i]));
@@ -202,7 +213,7 @@ async fn attempt(pool: &Pool, batch: &[Write], include: &[usize]) -> Result<Vec<
     // Runs this batch creates that exist already: a creation delivered again (or an id
     // taken). Their rows are read like any other.
     let mut existing: HashMap<Uuid, Micros> = HashMap::new();
-    if !created.is_empty() {
+    if look_up_creations && !created.is_empty() {
         let ids: Vec<Uuid> = created.iter().copied().collect();
         for row in tx
             .query(

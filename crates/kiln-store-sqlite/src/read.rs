@@ -192,26 +192,17 @@ fn list_runs<T>(
     )
 }
 
-/// Cuts the extra row [`list_runs`] read; the cursor of the next page, if there is one.
-fn page<T>(rows: &mut Vec<T>, limit: usize, id: fn(&T) -> Uuid) -> Option<Uuid> {
-    if rows.len() <= limit {
-        return None;
-    }
-    rows.truncate(limit);
-    rows.last().map(id)
-}
-
 pub(crate) fn list_flow_runs(c: &Connection, f: &RunFilter) -> Result<FlowRunPage, StoreError> {
     let select = format!("SELECT {FLOW_COLUMNS} FROM flow_runs r");
     let mut runs = list_runs(c, f, &select, "parent_id", flow_row)?;
-    let next = page(&mut runs, f.limit, |r| r.id);
+    let next = f.page(&mut runs, |r| r.id);
     Ok(FlowRunPage { runs, next })
 }
 
 pub(crate) fn list_task_runs(c: &Connection, f: &RunFilter) -> Result<TaskRunPage, StoreError> {
     let select = format!("SELECT {TASK_COLUMNS} FROM task_runs r");
     let mut runs = list_runs(c, f, &select, "flow_run_id", task_row)?;
-    let next = page(&mut runs, f.limit, |r| r.id);
+    let next = f.page(&mut runs, |r| r.id);
     Ok(TaskRunPage { runs, next })
 }
 

@@ -558,6 +558,16 @@ pub struct RunFilter {
 }
 
 impl RunFilter {
+    /// Cuts `rows`, read one more than [`limit`](Self::limit) so as to know, to the page;
+    /// the cursor of the next page (`None`: this is the last).
+    pub fn page<T>(&self, rows: &mut Vec<T>, id: fn(&T) -> Uuid) -> Option<Uuid> {
+        if rows.len() <= self.limit {
+            return None;
+        }
+        rows.truncate(self.limit);
+        rows.last().map(id)
+    }
+
     /// The newest `limit` runs, unfiltered.
     pub fn newest(limit: usize) -> RunFilter {
         RunFilter {

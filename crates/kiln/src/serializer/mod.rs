@@ -229,6 +229,13 @@ pub fn writes_images(serializer: &str) -> bool {
     matches!(inner, "png" | "jpeg" | "qoi" | "raw-pixels")
 }
 
+/// Whether `serializer` writes self-describing values that [`render`] turns into JSON
+/// (`msgpack`, `json`, or one of them compressed with `zstd(...)`).
+pub fn writes_values(serializer: &str) -> bool {
+    let inner = zstd_inner(serializer).unwrap_or(serializer);
+    matches!(inner, "msgpack" | "json")
+}
+
 fn zstd_inner(serializer: &str) -> Option<&str> {
     serializer.strip_prefix("zstd(").and_then(|s| s.strip_suffix(')'))
 }
