@@ -189,7 +189,9 @@ fn expand(kind: Kind, attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
             }
         },
         Kind::Flow => quote! {
-            impl<const __KILN_CONFIGURED: bool> ::kiln::Flow for #ident<__KILN_CONFIGURED> {}
+            impl<const __KILN_CONFIGURED: bool> ::kiln::Flow for #ident<__KILN_CONFIGURED> {
+                const ARG_NAMES: &'static [&'static str] = &[#(#name_strs),*];
+            }
         },
     };
     let what = match kind {

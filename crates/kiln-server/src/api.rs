@@ -19,7 +19,7 @@ use crate::body::JsonBody;
 use crate::openapi::{ReadErrors, WriteErrors};
 use crate::{BODY_LIMIT, Problem};
 
-type Shared = Arc<dyn Store>;
+pub(crate) type Shared = Arc<dyn Store>;
 
 /// What every handler can reach: the store, and the result storages.
 #[derive(Clone)]
@@ -72,6 +72,13 @@ pub(crate) fn router(app: App) -> Router {
         .routes(routes!(crate::storages::prune))
         .routes(routes!(processes))
         .routes(routes!(crash_orphans))
+        .routes(routes!(crate::work::claim))
+        .routes(routes!(crate::work::queue))
+        .routes(routes!(crate::work::work_pools))
+        .routes(routes!(crate::work::deployments))
+        .routes(routes!(crate::work::deployment))
+        .routes(routes!(crate::work::run))
+        .routes(routes!(crate::work::cancel))
         .split_for_parts();
     let doc = Arc::new(crate::openapi::document(doc));
     routes
@@ -519,6 +526,7 @@ async fn set_state(
         attempt,
         timestamp: now_micros(),
         result: None,
+        fence: None,
     };
     match store.set_state(change).await? {
         kiln_store::Transition::Accepted { seq } => Ok(axum::Json(StateSet {

@@ -25,6 +25,14 @@ impl Shape for crate::api::SetState {
     const WHAT: &'static str = "state change (`from`, `to`, `message`)";
 }
 
+impl Shape for kiln_store::work::ClaimRequest {
+    const WHAT: &'static str = "claim (`process_id`, `pools`, `limit`, `wait_ms`)";
+}
+
+impl Shape for crate::work::NewRun {
+    const WHAT: &'static str = "run request (`parameters`, `tags`, `scheduled`)";
+}
+
 /// A JSON request body parsed as `T`. Numbers written with a zero fraction (`3.0`) are
 /// accepted where integers go, as JSON Schema (and so the API document) counts them integers.
 pub(crate) struct JsonBody<T>(pub T);

@@ -30,6 +30,7 @@ mod openapi;
 mod problem;
 mod results;
 mod storages;
+mod work;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -78,8 +79,11 @@ impl Server {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        axum::serve(listener, self.router())
+        let scheduler = tokio::spawn(work::scheduler(self.store.clone()));
+        let served = axum::serve(listener, self.router())
             .with_graceful_shutdown(shutdown)
-            .await
+            .await;
+        scheduler.abort();
+        served
     }
 }

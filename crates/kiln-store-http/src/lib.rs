@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use kiln_store::model::*;
 use kiln_store::queue::{Batches, WriteQueue};
+use kiln_store::work::{Claim, ClaimRequest, Deployment, QueuedRun, WorkPool};
 use kiln_store::{FlushDone, Outcome, Reporter, Store, StoreError};
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
@@ -376,6 +377,28 @@ impl Store for HttpStore {
 
     async fn processes(&self, since: Micros) -> Result<Vec<Process>, StoreError> {
         self.call(self.get(&format!("processes?since={since}"))).await
+    }
+
+    async fn claim(&self, request: &ClaimRequest) -> Result<Vec<Claim>, StoreError> {
+        let request = self
+            .client
+            .post(format!("{}/api/v1/work/claim", self.base))
+            .json(request);
+        self.call(request).await
+    }
+
+    async fn deployments(&self) -> Result<Vec<Deployment>, StoreError> {
+        self.call(self.get("deployments")).await
+    }
+
+    async fn work_pools(&self) -> Result<Vec<WorkPool>, StoreError> {
+        self.call(self.get("work_pools")).await
+    }
+
+    async fn queued_runs(&self, pool: Option<&str>, limit: usize) -> Result<Vec<QueuedRun>, StoreError> {
+        let mut query = vec![("limit", limit.to_string())];
+        query.extend(pool.map(|p| ("pool", p.to_owned())));
+        self.call(self.get("work/queue").query(&query)).await
     }
 
     async fn api_tokens(&self) -> Result<Vec<ApiToken>, StoreError> {

@@ -24,6 +24,7 @@
 mod read;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod work;
 mod writer;
 
 use std::time::Duration;
@@ -32,6 +33,7 @@ use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use kiln_store::model::*;
 use kiln_store::queue::WriteQueue;
+use kiln_store::work::{Claim, ClaimRequest, Deployment, QueuedRun, WorkPool};
 use kiln_store::{FlushDone, Reporter, Store, StoreError};
 use tokio_postgres::NoTls;
 use uuid::Uuid;
@@ -43,6 +45,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0003_api_tokens.sql"),
     include_str!("../migrations/0004_write_ids.sql"),
     include_str!("../migrations/0005_run_list_indexes.sql"),
+    include_str!("../migrations/0006_work_pools.sql"),
 ];
 
 /// Most writes applied in one transaction.
@@ -59,6 +62,7 @@ pub struct PostgresStore {
     target: String,
     queue: WriteQueue,
     pool: Pool,
+    listener: std::sync::Arc<work::Listener>,
     rt: Rt,
 }
 
@@ -162,6 +166,7 @@ impl PostgresStore {
             None => "-c jit=off".to_owned(),
         };
         config.options(&options);
+        let listener = std::sync::Arc::new(work::Listener::new(config.clone()));
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -192,6 +197,7 @@ impl PostgresStore {
             target,
             queue,
             pool,
+            listener,
             rt,
         })
     }
@@ -384,6 +390,30 @@ impl Store for PostgresStore {
     async fn api_tokens(&self) -> Result<Vec<ApiToken>, StoreError> {
         let pool = self.pool.clone();
         self.read(async move { read::api_tokens(&pool).await }).await
+    }
+
+    async fn claim(&self, request: &ClaimRequest) -> Result<Vec<Claim>, StoreError> {
+        let (pool, listener, request) = (self.pool.clone(), self.listener.clone(), request.clone());
+        self.read(async move { work::claim(&pool, &listener, &request).await.map_err(backend) })
+            .await
+    }
+
+    async fn deployments(&self) -> Result<Vec<Deployment>, StoreError> {
+        let pool = self.pool.clone();
+        self.read(async move { work::deployments(&pool).await.map_err(backend) })
+            .await
+    }
+
+    async fn work_pools(&self) -> Result<Vec<WorkPool>, StoreError> {
+        let pool = self.pool.clone();
+        self.read(async move { work::work_pools(&pool).await.map_err(backend) })
+            .await
+    }
+
+    async fn queued_runs(&self, name: Option<&str>, limit: usize) -> Result<Vec<QueuedRun>, StoreError> {
+        let (pool, name) = (self.pool.clone(), name.map(str::to_owned));
+        self.read(async move { work::queued_runs(&pool, name, limit).await.map_err(backend) })
+            .await
     }
 
     async fn crash_orphans(&self, dead: &[Uuid], stale_before: Micros) -> Result<Vec<(RunKind, Uuid)>, StoreError> {

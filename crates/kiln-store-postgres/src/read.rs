@@ -304,6 +304,7 @@ pub(crate) async fn processes(pool: &Pool, since: Micros) -> Result<Vec<Process>
     let sql = "SELECT id, host, pid, started, heartbeat FROM processes p WHERE heartbeat >= $1
                   OR EXISTS (SELECT 1 FROM task_runs WHERE process_id = p.id AND state IN ('Pending', 'Running', 'AwaitingRetry'))
                   OR EXISTS (SELECT 1 FROM flow_runs WHERE process_id = p.id AND state IN ('Pending', 'Running', 'AwaitingRetry'))
+                  OR EXISTS (SELECT 1 FROM queue WHERE claimed_by = p.id)
                ORDER BY heartbeat DESC";
     all(pool, sql, &[&since], |r| {
         Ok(Process {

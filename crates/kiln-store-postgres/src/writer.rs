@@ -236,6 +236,26 @@ async fn attempt(
             wanted[matches!(c.kind, RunKind::Task) as usize].push(c.run_id);
         }
     }
+    // The claims that fenced changes name: locked, so no claim or take-back moves them meanwhile.
+    let fenced: Vec<Uuid> = writes()
+        .filter_map(|(_, w)| match w {
+            Write::State(c) if c.fence.is_some() => Some(c.run_id),
+            _ => None,
+        })
+        .collect();
+    let mut fences: HashMap<Uuid, i64> = HashMap::new();
+    if !fenced.is_empty() {
+        for row in tx
+            .query(
+                "SELECT run_id, fence FROM queue WHERE run_id = ANY($1) AND claimed_by IS NOT NULL
+                 ORDER BY run_id FOR UPDATE",
+                &[&fenced],
+            )
+            .await?
+        {
+            fences.insert(row.try_get("run_id")?, row.try_get("fence")?);
+        }
+    }
     let mut rows: HashMap<(RunKind, Uuid), RowState> = HashMap::new();
     for (kind, table) in [(RunKind::Flow, "flow_runs"), (RunKind::Task, "task_runs")] {
         let ids = &wanted[matches!(kind, RunKind::Task) as usize];
@@ -274,7 +294,9 @@ async fn attempt(
     let mut edges: (Vec<Uuid>, Vec<Uuid>, Vec<Option<Uuid>>) = Default::default();
     let mut logs = Logs::default();
     let mut beats: Vec<&Process> = Vec::new();
+    // Token, queue and deployment writes: few, applied one statement each.
     let mut tokens: Vec<&Write> = Vec::new();
+    let mut dequeued: Vec<Uuid> = Vec::new();
     for (i, w) in writes() {
         let outcome = match w {
             Write::FlowRun(NewFlowRun {
@@ -318,11 +340,18 @@ async fn attempt(
                 Outcome::Applied { seq: Some(0) }
             }
             Write::State(c) => match rows.get_mut(&(c.kind, c.run_id)) {
-                Some(row) if row.run.accepts(c) => {
+                Some(row)
+                    if row.run.accepts(c) && c.fence.is_none_or(|f| fences.get(&c.run_id) == Some(&(f as i64))) =>
+                {
                     let seq = row.run.seq + 1;
                     row.run.apply(c, seq);
                     row.changed = true;
                     history.push(RunState::record(c, seq), c.id);
+                    if c.fence.is_some() && c.to.is_terminal() {
+                        // Finished by its worker: out of the queue.
+                        fences.remove(&c.run_id);
+                        dequeued.push(c.run_id);
+                    }
                     Outcome::Applied { seq: Some(seq) }
                 }
                 other => {
@@ -348,7 +377,11 @@ async fn attempt(
                 beats.push(p);
                 Outcome::Applied { seq: None }
             }
-            Write::PutToken(_) | Write::RevokeToken { .. } => {
+            Write::PutToken(_)
+            | Write::RevokeToken { .. }
+            | Write::Enqueue(_)
+            | Write::PutDeployment(_)
+            | Write::PutPool(_) => {
                 tokens.push(w);
                 Outcome::Applied { seq: None }
             }
@@ -419,8 +452,64 @@ async fn attempt(
                     )));
                 }
             }
-            _ => unreachable!("only token writes are collected here"),
+            Write::Enqueue(e) => {
+                // Queued twice: the first entry stays.
+                tx.execute(
+                    "INSERT INTO queue (run_id, kind, pool, deployment, target, scheduled, max_attempts)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                    &[
+                        &e.run_id,
+                        &crate::work::kind_str(e.kind),
+                        &e.pool,
+                        &e.deployment,
+                        &e.target,
+                        &e.scheduled,
+                        &(e.max_attempts as i32),
+                    ],
+                )
+                .await?;
+            }
+            Write::PutDeployment(d) => {
+                let schedule = d.schedule.as_ref().and_then(|s| serde_json::to_value(s).ok());
+                tx.execute(
+                    "INSERT INTO deployments (name, flow, pool, parameters, parameter_schema, tags, schedule, catchup,
+                                              concurrency, max_attempts, updated)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                     ON CONFLICT (name) DO UPDATE SET flow = excluded.flow, pool = excluded.pool,
+                         parameters = excluded.parameters, parameter_schema = excluded.parameter_schema,
+                         tags = excluded.tags, schedule = excluded.schedule, catchup = excluded.catchup,
+                         concurrency = excluded.concurrency, max_attempts = excluded.max_attempts,
+                         updated = excluded.updated",
+                    &[
+                        &d.name,
+                        &d.flow,
+                        &d.pool,
+                        &d.parameters,
+                        &d.parameter_schema,
+                        &serde_json::json!(d.tags),
+                        &schedule,
+                        &d.catchup,
+                        &d.concurrency.map(|c| c as i32),
+                        &(d.max_attempts as i32),
+                        &d.updated,
+                    ],
+                )
+                .await?;
+            }
+            Write::PutPool(p) => {
+                tx.execute(
+                    "INSERT INTO work_pools (name, concurrency) VALUES ($1, $2)
+                     ON CONFLICT (name) DO UPDATE SET concurrency = excluded.concurrency",
+                    &[&p.name, &p.concurrency.map(|c| c as i32)],
+                )
+                .await?;
+            }
+            _ => unreachable!("only token, queue and deployment writes are collected here"),
         }
+    }
+    if !dequeued.is_empty() {
+        tx.execute("DELETE FROM queue WHERE run_id = ANY($1)", &[&dequeued])
+            .await?;
     }
     if !logs.run_id.is_empty() {
         tx.execute(
@@ -622,6 +711,7 @@ pub(crate) async fn reap(pool: &Pool, dead: &[Uuid], stale_before: Micros) -> Re
                 attempt: row.try_get::<_, i32>("attempt")? as u32,
                 timestamp: now_micros(),
                 result: None,
+                fence: None,
             };
             let update = format!(
                 "UPDATE {table} SET state = 'Crashed', state_seq = $2, state_message = $3,
@@ -645,6 +735,7 @@ pub(crate) async fn reap(pool: &Pool, dead: &[Uuid], stale_before: Micros) -> Re
             crashed.push((kind, id));
         }
     }
+    crashed.extend(crate::work::take_back_claims(&tx, dead, stale_before).await?);
     tx.commit().await?;
     Ok(crashed)
 }

@@ -40,6 +40,7 @@
 //!     attempt: 1,
 //!     timestamp: now_micros(),
 //!     result: None,
+//!     fence: None,
 //! };
 //! assert_eq!(store.set_state(running.clone()).await?, Transition::Accepted { seq: 1 });
 //! // The same change delivered again (its answer was lost, say) is applied once.
@@ -57,18 +58,22 @@
 #![warn(missing_docs)]
 
 mod read;
+mod work;
 mod writer;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use kiln_store::model::*;
 use kiln_store::queue::WriteQueue;
+use kiln_store::work::{Claim, ClaimRequest, Deployment, QueuedRun, WorkPool};
 use kiln_store::{FlushDone, Reporter, Store, StoreError};
 use rusqlite::{Connection, ErrorCode, OpenFlags};
 use uuid::Uuid;
 
-use writer::{MAX_BATCH, Reap, Writer};
+use writer::{Job, MAX_BATCH, Reap, Writer};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -79,6 +84,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0005_api_tokens.sql"),
     include_str!("../migrations/0006_write_ids.sql"),
     include_str!("../migrations/0007_run_list_indexes.sql"),
+    include_str!("../migrations/0008_work_pools.sql"),
 ];
 
 /// Writes queued ahead of the writer at most. A producer faster than SQLite waits for room
@@ -86,14 +92,24 @@ const MIGRATIONS: &[&str] = &[
 /// holds at most this many pending writes (a few MiB), not a million.
 const QUEUE: usize = 4 * MAX_BATCH;
 
+/// The longest a claim waits for work (its request may ask less).
+const MAX_WAIT_MS: u64 = 60_000;
+
+/// How often a waiting claim looks again for runs that other processes queued (they cannot
+/// wake it) or that came due.
+const POLL: Duration = Duration::from_millis(200);
+
 /// The embedded state store: a SQLite database file written by one background thread.
 ///
 /// Reads use their own connection on their own thread (WAL mode), so the CLI can read
 /// while a flow writes, and an async caller never waits on SQLite.
 pub struct SqliteStore {
     path: PathBuf,
-    queue: WriteQueue<Reap>,
+    queue: WriteQueue<Job>,
     reader: read::Reader,
+    /// Woken when this process queues a run or takes a claim back; claims by other
+    /// processes on the same file are seen by polling (see `claim`).
+    work: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -134,11 +150,14 @@ impl SqliteStore {
     /// The store over `conn` (migrated), with its writer and reader threads started.
     fn with_writer(path: PathBuf, conn: Connection) -> Result<Self, StoreError> {
         let name = path.display().to_string();
-        let queue = WriteQueue::start(name, "kiln-store-writer", QUEUE, MAX_BATCH, Writer::new(conn))?;
+        let work = Arc::new(tokio::sync::Notify::new());
+        let writer = Writer::new(conn, work.clone());
+        let queue = WriteQueue::start(name, "kiln-store-writer", QUEUE, MAX_BATCH, writer)?;
         Ok(SqliteStore {
             reader: read::Reader::start(path.clone())?,
             path,
             queue,
+            work,
         })
     }
 
@@ -205,6 +224,7 @@ impl SqliteStore {
             reader: read::Reader::start(path.clone())?,
             queue: WriteQueue::closed(path.display().to_string()),
             path,
+            work: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -352,13 +372,51 @@ impl Store for SqliteStore {
         self.reader.run(read::api_tokens).await
     }
 
+    async fn claim(&self, request: &ClaimRequest) -> Result<Vec<Claim>, StoreError> {
+        let deadline = Instant::now() + Duration::from_millis(request.wait_ms.min(MAX_WAIT_MS));
+        loop {
+            // Registered before the claim: a run queued meanwhile wakes the wait below.
+            let queued = self.work.notified();
+            let (reply, answer) = futures::channel::oneshot::channel();
+            self.queue.send_other(Job::Claim(work::ClaimJob {
+                request: request.clone(),
+                reply,
+            }))?;
+            let claims = answer
+                .await
+                .map_err(|_| StoreError::WriterGone("the writer dropped a claim".into()))??;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !claims.is_empty() || left.is_zero() || tokio::runtime::Handle::try_current().is_err() {
+                return Ok(claims);
+            }
+            // Other processes on this file queue runs too, and scheduled runs come due:
+            // look again after a short while even without a wake-up.
+            let _ = tokio::time::timeout(left.min(POLL), queued).await;
+        }
+    }
+
+    async fn deployments(&self) -> Result<Vec<Deployment>, StoreError> {
+        self.reader.run(work::deployments).await
+    }
+
+    async fn work_pools(&self) -> Result<Vec<WorkPool>, StoreError> {
+        self.reader.run(work::work_pools).await
+    }
+
+    async fn queued_runs(&self, pool: Option<&str>, limit: usize) -> Result<Vec<QueuedRun>, StoreError> {
+        let pool = pool.map(str::to_owned);
+        self.reader
+            .run(move |c| work::queued_runs(c, pool.as_deref(), limit))
+            .await
+    }
+
     async fn crash_orphans(&self, dead: &[Uuid], stale_before: Micros) -> Result<Vec<(RunKind, Uuid)>, StoreError> {
         let (reply, answer) = futures::channel::oneshot::channel();
-        self.queue.send_other(Reap {
+        self.queue.send_other(Job::Reap(Reap {
             dead: dead.to_vec(),
             stale_before,
             reply,
-        })?;
+        }))?;
         answer
             .await
             .map_err(|_| StoreError::WriterGone("the writer dropped a reap".into()))?

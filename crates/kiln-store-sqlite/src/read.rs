@@ -403,6 +403,7 @@ pub(crate) fn processes(c: &Connection, since: Micros) -> Result<Vec<Process>, S
             "SELECT id, host, pid, started, heartbeat FROM processes p WHERE heartbeat >= ?1
                 OR EXISTS (SELECT 1 FROM task_runs WHERE process_id = p.id AND state IN ('Pending', 'Running', 'AwaitingRetry'))
                 OR EXISTS (SELECT 1 FROM flow_runs WHERE process_id = p.id AND state IN ('Pending', 'Running', 'AwaitingRetry'))
+                OR EXISTS (SELECT 1 FROM queue WHERE claimed_by = p.id)
              ORDER BY heartbeat DESC",
         )
         .map_err(backend)?;

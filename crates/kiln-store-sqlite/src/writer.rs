@@ -23,8 +23,16 @@ const BUSY_DEADLINE: Duration = Duration::from_secs(300);
 /// need no lookup. Only a hint: every update is a compare-and-set on (state, seq).
 const KNOWN_MAX: usize = 65_536;
 
-/// Mark the unfinished runs of dead or silent processes Crashed (its own transaction, in
-/// order with the writes).
+/// What the writer thread does besides writes, each in its own transaction, in order with
+/// the writes.
+pub(crate) enum Job {
+    /// Mark the runs of dead processes Crashed and take back their claims.
+    Reap(Reap),
+    /// Claim queued runs.
+    Claim(crate::work::ClaimJob),
+}
+
+/// Mark the unfinished runs of dead or silent processes Crashed.
 pub(crate) struct Reap {
     pub(crate) dead: Vec<Uuid>,
     pub(crate) stale_before: Micros,
@@ -33,40 +41,63 @@ pub(crate) struct Reap {
 
 /// What the writer knows of a run: its state and the position of that state.
 #[derive(Clone, Copy)]
-struct Current {
-    state: StateType,
-    seq: u32,
+pub(crate) struct Current {
+    pub(crate) state: StateType,
+    pub(crate) seq: u32,
 }
 
 /// The writer thread's state: its connection, and the runs whose state it knows.
 pub(crate) struct Writer {
     conn: Connection,
     known: HashMap<Uuid, Current>,
+    /// Woken when a run becomes claimable (queued, or handed back by a dead worker).
+    work: Arc<tokio::sync::Notify>,
 }
 
 impl Writer {
-    pub(crate) fn new(conn: Connection) -> Writer {
+    pub(crate) fn new(conn: Connection, work: Arc<tokio::sync::Notify>) -> Writer {
         Writer {
             conn,
             known: HashMap::new(),
+            work,
         }
     }
 }
 
 impl Batches for Writer {
-    type Message = Reap;
+    type Message = Job;
 
     fn apply(&mut self, writes: &[Write]) -> Vec<Outcome> {
-        commit(&mut self.conn, writes, &mut self.known)
+        let outcomes = commit(&mut self.conn, writes, &mut self.known);
+        let queued = writes
+            .iter()
+            .zip(&outcomes)
+            .any(|(w, o)| matches!((w, o), (Write::Enqueue(_), Outcome::Applied { .. })));
+        if queued {
+            self.work.notify_waiters();
+        }
+        outcomes
     }
 
-    fn handle(&mut self, reap: Reap) {
-        let _ = reap.reply.send(self::reap(
-            &mut self.conn,
-            &reap.dead,
-            reap.stale_before,
-            &mut self.known,
-        ));
+    fn handle(&mut self, job: Job) {
+        match job {
+            Job::Reap(reap) => {
+                let _ = reap.reply.send(self::reap(
+                    &mut self.conn,
+                    &reap.dead,
+                    reap.stale_before,
+                    &mut self.known,
+                ));
+                // Claims taken back are claimable again.
+                self.work.notify_waiters();
+            }
+            Job::Claim(job) => {
+                let claimed = crate::work::claim(&mut self.conn, &job.request, &mut |id| {
+                    self.known.remove(&id);
+                });
+                let _ = job.reply.send(claimed);
+            }
+        }
     }
 }
 
@@ -144,6 +175,7 @@ fn reap(
                     attempt,
                     timestamp: now_micros(),
                     result: None,
+                    fence: None,
                 };
                 let current = Current { state: from, seq };
                 if st.update_state(&change, current, seq + 1).map_err(crate::backend)? {
@@ -153,6 +185,10 @@ fn reap(
                     crashed.push((kind, id));
                 }
             }
+        }
+        for (kind, id) in crate::work::take_back_claims(&tx, &mut st, stale_before, &dead_json)? {
+            known.remove(&id);
+            crashed.push((kind, id));
         }
     }
     tx.commit().map_err(crate::backend)?;
@@ -329,6 +365,18 @@ fn attempt(
                     });
                     Outcome::Applied { seq: Some(0) }
                 }
+                Write::State(change) if change.fence.is_some() && !st.holds(change).map_err(|e| classify(e, i))? => {
+                    // Its claim has ended: refused, unless this very change was applied before.
+                    match st.applied_seq(change).map_err(|e| classify(e, i))? {
+                        Some(seq) => Outcome::Applied { seq: Some(seq) },
+                        None => Outcome::Rejected {
+                            current: st
+                                .current(change.kind, change.run_id)
+                                .map_err(|e| classify(e, i))?
+                                .map(|c| c.state),
+                        },
+                    }
+                }
                 Write::State(change) => {
                     let in_batch = new_index.get(&change.run_id).copied();
                     // A run of this batch, else what this writer last wrote (a hint), else the row.
@@ -384,6 +432,10 @@ fn attempt(
                         }
                         st.insert_state(&RunState::record(change, seq), change.id)
                             .map_err(|e| classify(e, i))?;
+                        if change.fence.is_some() && change.to.is_terminal() {
+                            // Finished by its worker: out of the queue.
+                            st.dequeue.execute([change.run_id]).map_err(|e| classify(e, i))?;
+                        }
                         learned.insert(change.run_id, Current { state: change.to, seq });
                         break Outcome::Applied { seq: Some(seq) };
                     }
@@ -410,6 +462,47 @@ fn attempt(
                     } else {
                         Outcome::Applied { seq: None }
                     }
+                }
+                Write::Enqueue(e) => {
+                    st.enqueue
+                        .execute(params![
+                            e.run_id,
+                            kind_str(e.kind),
+                            e.pool,
+                            e.deployment,
+                            e.target,
+                            e.scheduled,
+                            e.max_attempts
+                        ])
+                        .map_err(|e| classify(e, i))?;
+                    Outcome::Applied { seq: None }
+                }
+                Write::PutDeployment(d) => {
+                    let json = |v: &serde_json::Value| v.to_string();
+                    st.deployment
+                        .execute(params![
+                            d.name,
+                            d.flow,
+                            d.pool,
+                            json(&d.parameters),
+                            json(&d.parameter_schema),
+                            crate::read::tags_json(&d.tags),
+                            d.schedule
+                                .as_ref()
+                                .map(|s| serde_json::to_string(s).unwrap_or_default()),
+                            d.catchup,
+                            d.concurrency,
+                            d.max_attempts,
+                            d.updated
+                        ])
+                        .map_err(|e| classify(e, i))?;
+                    Outcome::Applied { seq: None }
+                }
+                Write::PutPool(p) => {
+                    st.pool
+                        .execute(params![p.name, p.concurrency])
+                        .map_err(|e| classify(e, i))?;
+                    Outcome::Applied { seq: None }
                 }
                 Write::Heartbeat(p) => {
                     st.heartbeat
@@ -477,8 +570,21 @@ fn put_state(stmt: &mut CachedStatement<'_>, s: &StateRecord, change: Uuid) -> r
     ])
 }
 
+/// How a run kind is stored in the queue.
+pub(crate) fn kind_str(kind: RunKind) -> &'static str {
+    match kind {
+        RunKind::Flow => "flow",
+        RunKind::Task => "task",
+    }
+}
+
 /// The statements of a batch, prepared once per transaction rather than looked up per write.
-struct Statements<'t> {
+pub(crate) struct Statements<'t> {
+    enqueue: CachedStatement<'t>,
+    pub(crate) dequeue: CachedStatement<'t>,
+    holds: CachedStatement<'t>,
+    deployment: CachedStatement<'t>,
+    pool: CachedStatement<'t>,
     state: CachedStatement<'t>,
     created: CachedStatement<'t>,
     applied: CachedStatement<'t>,
@@ -498,7 +604,7 @@ struct Statements<'t> {
 }
 
 impl<'t> Statements<'t> {
-    fn prepare(tx: &'t rusqlite::Transaction<'_>) -> rusqlite::Result<Self> {
+    pub(crate) fn prepare(tx: &'t rusqlite::Transaction<'_>) -> rusqlite::Result<Self> {
         // The row update is the compare-and-set: it matches only the state and position
         // the change was checked against.
         let update = |table: &str| {
@@ -509,6 +615,20 @@ impl<'t> Statements<'t> {
             )
         };
         Ok(Statements {
+            // Queued twice: the first entry stays.
+            enqueue: tx.prepare_cached(
+                "INSERT INTO queue (run_id, kind, pool, deployment, target, scheduled, max_attempts)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
+            )?,
+            dequeue: tx.prepare_cached("DELETE FROM queue WHERE run_id = ?1")?,
+            holds: tx
+                .prepare_cached("SELECT 1 FROM queue WHERE run_id = ?1 AND fence = ?2 AND claimed_by IS NOT NULL")?,
+            deployment: tx.prepare_cached(
+                "INSERT OR REPLACE INTO deployments (name, flow, pool, parameters, parameter_schema, tags, schedule,
+                                                     catchup, concurrency, max_attempts, updated)
+                 VALUES (?1, ?2, ?3, json(?4), json(?5), ?6, json(?7), ?8, ?9, ?10, ?11)",
+            )?,
+            pool: tx.prepare_cached("INSERT OR REPLACE INTO work_pools (name, concurrency) VALUES (?1, ?2)")?,
             state: tx.prepare_cached(
                 "INSERT INTO states (run_id, seq, state, message, attempt, timestamp, result, change_id)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, json(?7), ?8)",
@@ -555,7 +675,17 @@ impl<'t> Statements<'t> {
         })
     }
 
-    fn current(&mut self, kind: RunKind, id: Uuid) -> rusqlite::Result<Option<Current>> {
+    /// Whether the claim `change.fence` names still holds the run.
+    fn holds(&mut self, change: &StateChange) -> rusqlite::Result<bool> {
+        let fence = change.fence.unwrap_or(0) as i64;
+        Ok(self
+            .holds
+            .query_row(params![change.run_id, fence], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    pub(crate) fn current(&mut self, kind: RunKind, id: Uuid) -> rusqlite::Result<Option<Current>> {
         let stmt = match kind {
             RunKind::Flow => &mut self.flow_current,
             RunKind::Task => &mut self.task_current,
@@ -572,7 +702,7 @@ impl<'t> Statements<'t> {
         .transpose()
     }
 
-    fn insert_state(&mut self, s: &StateRecord, change: Uuid) -> rusqlite::Result<()> {
+    pub(crate) fn insert_state(&mut self, s: &StateRecord, change: Uuid) -> rusqlite::Result<()> {
         put_state(&mut self.state, s, change)?;
         Ok(())
     }
@@ -612,7 +742,7 @@ impl<'t> Statements<'t> {
     }
 
     /// Whether the row was still at `from` (and is now updated).
-    fn update_state(&mut self, c: &StateChange, from: Current, seq: u32) -> rusqlite::Result<bool> {
+    pub(crate) fn update_state(&mut self, c: &StateChange, from: Current, seq: u32) -> rusqlite::Result<bool> {
         let stmt = match c.kind {
             RunKind::Flow => &mut self.flow_state,
             RunKind::Task => &mut self.task_state,

@@ -35,6 +35,7 @@
 //!         attempt: 1,
 //!         timestamp: now_micros(),
 //!         result: None,
+//!         fence: None,
 //!     };
 //!     match store.set_state(change).await? {
 //!         Transition::Accepted { seq } => println!("running (history entry {seq})"),
@@ -51,6 +52,7 @@ pub mod queue;
 pub mod state;
 #[cfg(feature = "suite")]
 pub mod suite;
+pub mod work;
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -171,8 +173,28 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Marks Crashed every unfinished run (Pending, Running, AwaitingRetry) of a process in
     /// `dead` or whose last heartbeat is older than `stale_before`, each through the same
     /// compare-and-set as any state change, with a message naming the process and why.
-    /// Returns the runs it marked.
+    ///
+    /// Takes back the claims of those processes too: a claimed run that was Running goes to
+    /// AwaitingRetry (queued again for another worker) while it has attempts left, else to
+    /// Crashed; a Cancelling one to Cancelled; one not started yet is queued again as it is.
+    /// Returns the runs whose state it changed.
     async fn crash_orphans(&self, dead: &[Uuid], stale_before: Micros) -> Result<Vec<(RunKind, Uuid)>, StoreError>;
+
+    /// Claims up to `request.limit` queued runs of the pools it names for its process,
+    /// oldest scheduled first, within the pools' and deployments' concurrency limits: each
+    /// run to one claimer only, with a fresh fencing token. A claimed Scheduled run enters
+    /// Pending. Waits up to `request.wait_ms` when none is claimable.
+    async fn claim(&self, request: &work::ClaimRequest) -> Result<Vec<work::Claim>, StoreError>;
+
+    /// The deployments, by name.
+    async fn deployments(&self) -> Result<Vec<work::Deployment>, StoreError>;
+
+    /// The work pools that have a limit, by name.
+    async fn work_pools(&self) -> Result<Vec<work::WorkPool>, StoreError>;
+
+    /// The runs queued in `pool` (every pool: `None`) that have not finished, oldest
+    /// scheduled first, at most `limit`.
+    async fn queued_runs(&self, pool: Option<&str>, limit: usize) -> Result<Vec<work::QueuedRun>, StoreError>;
 
     /// How many flow runs and task runs are in each state (states with none left out).
     async fn run_counts(&self) -> Result<Vec<RunCount>, StoreError>;

@@ -239,6 +239,12 @@ pub struct StateChange {
     pub timestamp: Micros,
     /// For a Completed or Cached state: the result it refers to, as JSON.
     pub result: Option<String>,
+    /// For a run claimed from a work pool: the claim's fencing token
+    /// ([`Claim::fence`](crate::work::Claim::fence)). The store refuses the change unless
+    /// the run is still claimed with this token: a worker that lost its claim cannot move
+    /// the run. `None` for changes by anyone else (a user cancelling, the engine's own runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<u64>,
 }
 
 /// What the store made of a [`StateChange`].
@@ -291,6 +297,13 @@ pub enum Write {
         /// When.
         at: Micros,
     },
+    /// Queue a run (created before it, in state Scheduled or Pending) in a work pool; a run
+    /// queued twice keeps its first entry.
+    Enqueue(crate::work::QueueEntry),
+    /// Record a deployment, or replace the one of the same name.
+    PutDeployment(Box<crate::work::Deployment>),
+    /// Record a work pool's limit, or replace it.
+    PutPool(crate::work::WorkPool),
 }
 
 impl Write {
@@ -303,7 +316,8 @@ impl Write {
             Write::Edge { edge, .. } => edge.downstream,
             Write::Log(l) => l.run_id,
             Write::Heartbeat(p) => p.id,
-            Write::PutToken(_) | Write::RevokeToken { .. } => Uuid::nil(),
+            Write::Enqueue(e) => e.run_id,
+            Write::PutToken(_) | Write::RevokeToken { .. } | Write::PutDeployment(_) | Write::PutPool(_) => Uuid::nil(),
         }
     }
 }
@@ -323,6 +337,12 @@ impl Write {
         match self {
             Write::FlowRun(r) => json("command", &r.command),
             Write::State(c) => json("result", &c.result),
+            Write::Enqueue(e) if e.pool.trim().is_empty() || e.target.is_empty() => {
+                Err("a queued run needs a pool and a target".into())
+            }
+            Write::Enqueue(e) if e.max_attempts == 0 => Err("max_attempts must be at least 1".into()),
+            Write::PutDeployment(d) => d.check(),
+            Write::PutPool(p) if p.name.trim().is_empty() => Err("a work pool needs a name".into()),
             _ => Ok(()),
         }
     }
@@ -339,6 +359,9 @@ impl std::fmt::Display for Write {
             Write::Heartbeat(p) => write!(f, "a heartbeat of process {} (pid {} on {})", p.id, p.pid, p.host),
             Write::PutToken(t) => write!(f, "the API token '{}'", t.name),
             Write::RevokeToken { name, .. } => write!(f, "the revocation of API token '{name}'"),
+            Write::Enqueue(e) => write!(f, "the queueing of run {} in work pool '{}'", e.run_id, e.pool),
+            Write::PutDeployment(d) => write!(f, "the deployment '{}'", d.name),
+            Write::PutPool(p) => write!(f, "the work pool '{}'", p.name),
         }
     }
 }

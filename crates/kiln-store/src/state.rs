@@ -23,6 +23,8 @@ pub enum StateType {
     Running,
     /// An attempt failed and another one will follow after the retry delay.
     AwaitingRetry,
+    /// A user asked to cancel it while it ran; its worker is stopping it.
+    Cancelling,
     /// Finished successfully.
     Completed,
     /// Finished without running: the result came from the cache.
@@ -41,11 +43,12 @@ pub enum StateType {
 
 impl StateType {
     /// Every state, in lifecycle order.
-    pub const ALL: [StateType; 11] = [
+    pub const ALL: [StateType; 12] = [
         StateType::Scheduled,
         StateType::Pending,
         StateType::Running,
         StateType::AwaitingRetry,
+        StateType::Cancelling,
         StateType::Completed,
         StateType::Cached,
         StateType::Failed,
@@ -62,6 +65,7 @@ impl StateType {
             StateType::Pending => "Pending",
             StateType::Running => "Running",
             StateType::AwaitingRetry => "AwaitingRetry",
+            StateType::Cancelling => "Cancelling",
             StateType::Completed => "Completed",
             StateType::Cached => "Cached",
             StateType::Failed => "Failed",
@@ -119,8 +123,10 @@ pub const fn is_legal(from: Option<StateType>, to: StateType) -> bool {
         // A task run in a transaction stays Running until the transaction ends.
         Some(Running) => matches!(
             to,
-            Completed | Failed | Crashed | Cancelled | TimedOut | AwaitingRetry | RolledBack
+            Completed | Failed | Crashed | Cancelled | TimedOut | AwaitingRetry | RolledBack | Cancelling
         ),
+        // The worker stops it, or dies first.
+        Some(Cancelling) => matches!(to, Cancelled | Crashed),
         Some(AwaitingRetry) => matches!(to, Running | Cancelled | Crashed),
         // Terminal states end a run; a retry of the whole run starts a new attempt.
         Some(Completed | Cached | Failed | Crashed | Cancelled | TimedOut | RolledBack) => false,
@@ -150,6 +156,7 @@ mod tests {
             &[Pending, Running, TimedOut],
             &[Pending, Running, RolledBack],
             &[Pending, Failed],
+            &[Pending, Running, Cancelling, Cancelled],
         ];
         for path in paths {
             let mut from = None;

@@ -40,6 +40,10 @@ macro_rules! store_suite {
             task_runs_filter_and_page,
             logs_filter_by_level_and_page,
             counts_runs_by_state,
+            claims_hand_each_run_to_one_worker,
+            claims_of_dead_processes_are_taken_back,
+            claims_respect_concurrency_limits,
+            a_waiting_claim_wakes_when_work_arrives,
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
@@ -147,6 +151,7 @@ pub fn change(kind: RunKind, id: Uuid, from: StateType, to: StateType, attempt: 
         attempt,
         timestamp: now_micros(),
         result: None,
+        fence: None,
     }
 }
 
@@ -1022,4 +1027,293 @@ pub async fn counts_runs_by_state(store: &dyn Store) {
         ]
     );
     assert!(report.problems().is_empty(), "{:?}", report.problems());
+}
+
+/// A flow run created Scheduled and queued in `pool` (of `deployment`), claimable from `at`.
+fn queued(name: &str, pool: &str, deployment: Option<&str>, at: Micros, max_attempts: u32) -> [Write; 2] {
+    let mut run = flow(name, None);
+    run.initial_state = Scheduled;
+    let entry = crate::work::QueueEntry {
+        run_id: run.id,
+        kind: RunKind::Flow,
+        pool: pool.into(),
+        deployment: deployment.map(str::to_owned),
+        target: name.into(),
+        scheduled: at,
+        max_attempts,
+    };
+    [Write::FlowRun(run), Write::Enqueue(entry)]
+}
+
+fn claim_request(process: Uuid, pools: &[&str], limit: u32) -> crate::work::ClaimRequest {
+    crate::work::ClaimRequest {
+        process_id: process,
+        pools: pools.iter().map(|p| (*p).to_owned()).collect(),
+        targets: Vec::new(),
+        limit,
+        wait_ms: 0,
+    }
+}
+
+/// A fenced change: the claim's token, from the state the worker believes.
+fn fenced(id: Uuid, from: StateType, to: StateType, attempt: u32, fence: u64) -> StateChange {
+    StateChange {
+        fence: Some(fence),
+        ..change(RunKind::Flow, id, from, to, attempt)
+    }
+}
+
+/// Claims: each queued run to one claimer, oldest first, only when due, only from the pools
+/// and targets named; a claimed Scheduled run enters Pending; fenced changes need the
+/// current token; a run finished by its worker leaves the queue; one cancelled before any
+/// claim is never handed out.
+pub async fn claims_hand_each_run_to_one_worker(store: &dyn Store) {
+    let report = Arc::new(Collect::default());
+    let now = now_micros();
+    let [a_run, a_entry] = queued("etl", "cpu", None, now - 2_000, 1);
+    let [b_run, b_entry] = queued("etl", "cpu", None, now - 1_000, 1);
+    let [later_run, later_entry] = queued("etl", "cpu", None, now + 3_600_000_000, 1);
+    let [gpu_run, gpu_entry] = queued("train", "gpu", None, now - 3_000, 1);
+    let [gone_run, gone_entry] = queued("etl", "cpu", None, now - 5_000, 1);
+    let (a, b, gone) = (a_run.run_id(), b_run.run_id(), gone_run.run_id());
+    send(
+        store,
+        &report,
+        [
+            a_run,
+            a_entry,
+            b_run,
+            b_entry,
+            later_run,
+            later_entry,
+            gpu_run,
+            gpu_entry,
+            gone_run,
+            gone_entry,
+        ],
+    );
+    store.flush().await.unwrap();
+    assert_eq!(report.problems(), Vec::<String>::new());
+    // Cancelled before anyone claimed it: never handed out.
+    walk(store, RunKind::Flow, gone, Scheduled, &[(Cancelled, 0, None)]).await;
+
+    let (w1, w2) = (Uuid::now_v7(), Uuid::now_v7());
+    let mut only_train = claim_request(w1, &["cpu", "gpu"], 10);
+    only_train.targets = vec!["train".into()];
+    let trains = store.claim(&only_train).await.unwrap();
+    assert_eq!(trains.iter().map(|c| c.target.as_str()).collect::<Vec<_>>(), ["train"]);
+    let first = store.claim(&claim_request(w1, &["cpu"], 1)).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].run_id, a, "the oldest scheduled run first");
+    assert_eq!(first[0].state, Pending, "a claimed Scheduled run enters Pending");
+    assert_eq!(first[0].parameters, serde_json::json!({ "n": 1, "label": "x" }));
+    let second = store.claim(&claim_request(w2, &["cpu"], 10)).await.unwrap();
+    assert_eq!(
+        second.iter().map(|c| c.run_id).collect::<Vec<_>>(),
+        [b],
+        "not yet due, taken, or cancelled: not claimable"
+    );
+    assert!(store.claim(&claim_request(w2, &["cpu"], 10)).await.unwrap().is_empty());
+    let history = store.states(a).await.unwrap();
+    assert_eq!(
+        history.iter().map(|s| s.state).collect::<Vec<_>>(),
+        [Scheduled, Pending]
+    );
+
+    // Fenced changes: the claim's token moves the run; another token does not.
+    let fence = first[0].fence;
+    let wrong = store
+        .set_state(fenced(a, Pending, Running, 1, fence + 1))
+        .await
+        .unwrap();
+    assert_eq!(wrong, Transition::Rejected { current: Some(Pending) });
+    let right = store.set_state(fenced(a, Pending, Running, 1, fence)).await.unwrap();
+    assert!(matches!(right, Transition::Accepted { .. }), "{right:?}");
+    let done = store.set_state(fenced(a, Running, Completed, 1, fence)).await.unwrap();
+    assert!(matches!(done, Transition::Accepted { .. }), "{done:?}");
+    let queue = store.queued_runs(Some("cpu"), 100).await.unwrap();
+    assert!(
+        queue.iter().all(|q| q.entry.run_id != a),
+        "a run finished by its worker leaves the queue"
+    );
+    assert!(queue.iter().any(|q| q.entry.run_id == b && q.claimed_by == Some(w2)));
+}
+
+/// A claim ends with its process: a running run goes back to the queue (AwaitingRetry) while
+/// attempts remain, and its old token is refused from then on; without attempts left it is
+/// Crashed; a Cancelling one ends Cancelled.
+pub async fn claims_of_dead_processes_are_taken_back(store: &dyn Store) {
+    let report = Arc::new(Collect::default());
+    let now = now_micros();
+    let worker = |pid: u32, heartbeat: Micros| Process {
+        id: Uuid::now_v7(),
+        host: "suite-host".into(),
+        pid,
+        started: 7,
+        heartbeat,
+    };
+    let (dead, alive) = (worker(201, now - 120_000_000), worker(202, now));
+    send(
+        store,
+        &report,
+        [Write::Heartbeat(dead.clone()), Write::Heartbeat(alive.clone())],
+    );
+    let [r_run, r_entry] = queued("retry-me", "pool", None, now - 1_000, 2);
+    let [c_run, c_entry] = queued("crash-me", "pool", None, now - 900, 1);
+    let [x_run, x_entry] = queued("cancel-me", "pool", None, now - 800, 3);
+    let (r, c, x) = (r_run.run_id(), c_run.run_id(), x_run.run_id());
+    send(store, &report, [r_run, r_entry, c_run, c_entry, x_run, x_entry]);
+    store.flush().await.unwrap();
+    let claims = store.claim(&claim_request(dead.id, &["pool"], 10)).await.unwrap();
+    assert_eq!(claims.len(), 3);
+    for claim in &claims {
+        walk_fenced(store, claim.run_id, claim.fence, &[(Pending, Running, 1)]).await;
+    }
+    store
+        .set_state(change(RunKind::Flow, x, Running, Cancelling, 1))
+        .await
+        .unwrap();
+    let old = claims.iter().find(|cl| cl.run_id == r).unwrap().fence;
+
+    let changed = store.crash_orphans(&[], now - 30_000_000).await.unwrap();
+    let mut changed: Vec<Uuid> = changed.into_iter().map(|(_, id)| id).collect();
+    changed.sort();
+    let mut expected = vec![r, c, x];
+    expected.sort();
+    assert_eq!(changed, expected);
+    assert_eq!(store.flow_run(r).await.unwrap().unwrap().state, AwaitingRetry);
+    let crashed = store.flow_run(c).await.unwrap().unwrap();
+    assert_eq!(crashed.state, Crashed);
+    assert!(crashed.state_message.unwrap().contains("no attempts left"));
+    assert_eq!(store.flow_run(x).await.unwrap().unwrap().state, Cancelled);
+    // Taken back once: nothing more to do.
+    assert!(store.crash_orphans(&[], now - 30_000_000).await.unwrap().is_empty());
+
+    // The late worker's result is refused; the run goes to another worker, with a new token.
+    let late = store.set_state(fenced(r, Running, Completed, 1, old)).await.unwrap();
+    assert!(matches!(late, Transition::Rejected { .. }), "{late:?}");
+    let again = store.claim(&claim_request(alive.id, &["pool"], 10)).await.unwrap();
+    assert_eq!(again.iter().map(|cl| cl.run_id).collect::<Vec<_>>(), [r]);
+    assert_eq!((again[0].state, again[0].attempt), (AwaitingRetry, 1));
+    assert!(again[0].fence > old);
+    walk_fenced(
+        store,
+        r,
+        again[0].fence,
+        &[(AwaitingRetry, Running, 2), (Running, Completed, 2)],
+    )
+    .await;
+    let history: Vec<StateType> = store.states(r).await.unwrap().iter().map(|s| s.state).collect();
+    assert_eq!(
+        history,
+        [Scheduled, Pending, Running, AwaitingRetry, Running, Completed]
+    );
+    assert!(store.queued_runs(None, 100).await.unwrap().is_empty());
+}
+
+async fn walk_fenced(store: &dyn Store, id: Uuid, fence: u64, steps: &[(StateType, StateType, u32)]) {
+    for &(from, to, attempt) in steps {
+        let t = store.set_state(fenced(id, from, to, attempt, fence)).await.unwrap();
+        assert!(matches!(t, Transition::Accepted { .. }), "{from} -> {to}: {t:?}");
+    }
+}
+
+/// Concurrency limits: a pool's and a deployment's count the claims held, across claimers;
+/// a slot frees when its run finishes.
+pub async fn claims_respect_concurrency_limits(store: &dyn Store) {
+    let report = Arc::new(Collect::default());
+    let now = now_micros();
+    let deployment = crate::work::Deployment {
+        name: "nightly".into(),
+        flow: "etl".into(),
+        pool: "big".into(),
+        parameters: serde_json::json!({}),
+        parameter_schema: serde_json::json!({ "type": "object" }),
+        tags: vec!["t".into()],
+        schedule: Some(crate::work::Schedule::Cron {
+            expr: "0 3 * * *".into(),
+            timezone: Some("Europe/Paris".into()),
+        }),
+        catchup: false,
+        concurrency: Some(1),
+        max_attempts: 1,
+        updated: now,
+    };
+    send(
+        store,
+        &report,
+        [
+            Write::PutDeployment(Box::new(deployment.clone())),
+            Write::PutPool(crate::work::WorkPool {
+                name: "small".into(),
+                concurrency: Some(2),
+            }),
+        ],
+    );
+    let mut runs = Vec::new();
+    for i in 0..3 {
+        let [run, entry] = queued("etl", "big", Some("nightly"), now - 1_000 + i, 1);
+        runs.push(run.run_id());
+        send(store, &report, [run, entry]);
+    }
+    for i in 0..3 {
+        let [run, entry] = queued("etl", "small", None, now - 1_000 + i, 1);
+        send(store, &report, [run, entry]);
+    }
+    store.flush().await.unwrap();
+    assert_eq!(report.problems(), Vec::<String>::new());
+    assert_eq!(store.deployments().await.unwrap(), [deployment]);
+    assert_eq!(
+        store.work_pools().await.unwrap(),
+        [crate::work::WorkPool {
+            name: "small".into(),
+            concurrency: Some(2),
+        }]
+    );
+    let (w1, w2) = (Uuid::now_v7(), Uuid::now_v7());
+    let big = store.claim(&claim_request(w1, &["big"], 10)).await.unwrap();
+    assert_eq!(big.len(), 1, "deployment 'nightly' allows one run at a time");
+    assert!(store.claim(&claim_request(w2, &["big"], 10)).await.unwrap().is_empty());
+    let small = store.claim(&claim_request(w1, &["small"], 1)).await.unwrap().len()
+        + store.claim(&claim_request(w2, &["small"], 10)).await.unwrap().len();
+    assert_eq!(small, 2, "pool 'small' allows two");
+    // The nightly run finishes: its slot frees.
+    walk_fenced(
+        store,
+        big[0].run_id,
+        big[0].fence,
+        &[(Pending, Running, 1), (Running, Completed, 1)],
+    )
+    .await;
+    let next = store.claim(&claim_request(w2, &["big"], 10)).await.unwrap();
+    assert_eq!(next.len(), 1);
+    assert_ne!(next[0].run_id, big[0].run_id);
+}
+
+/// A claim that waits is answered as soon as a run is queued (without polling where the
+/// backend can), and after its wait when none is.
+pub async fn a_waiting_claim_wakes_when_work_arrives(store: &dyn Store) {
+    let worker = Uuid::now_v7();
+    let mut request = claim_request(worker, &["wake"], 1);
+    request.wait_ms = 300;
+    let started = std::time::Instant::now();
+    assert!(store.claim(&request).await.unwrap().is_empty());
+    assert!(started.elapsed() >= std::time::Duration::from_millis(250), "it waited");
+    request.wait_ms = 20_000;
+    let waiting = store.claim(&request);
+    let queue = async {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let [run, entry] = queued("late", "wake", None, now_micros(), 1);
+        let id = run.run_id();
+        assert!(matches!(store.write(run).await.unwrap(), Outcome::Applied { .. }));
+        assert!(matches!(store.write(entry).await.unwrap(), Outcome::Applied { .. }));
+        id
+    };
+    let (claims, id) = tokio::join!(waiting, queue);
+    let claims = claims.unwrap();
+    assert_eq!(claims.iter().map(|c| c.run_id).collect::<Vec<_>>(), [id]);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "woken, not timed out"
+    );
 }

@@ -113,6 +113,12 @@ pub enum Error {
     /// Kiln is not set up to run here (no state directory, no async runtime, ...).
     #[error("{0}")]
     Setup(String),
+    /// What was asked for does not exist (a deployment, a run); the message names it.
+    #[error("{0}")]
+    NotFound(String),
+    /// A run's parameters do not fit its flow; the message names the parameter.
+    #[error("{0}")]
+    InvalidParameters(String),
 }
 
 impl Error {
@@ -123,7 +129,11 @@ impl Error {
             Error::Store(e) => e.is_retryable(),
             Error::Result(e) => e.is_retryable(),
             Error::RolledBack { .. } | Error::NotRecorded { .. } => true,
-            Error::Cancelled { .. } | Error::UpstreamFailed { .. } | Error::Setup(_) => false,
+            Error::Cancelled { .. }
+            | Error::UpstreamFailed { .. }
+            | Error::Setup(_)
+            | Error::NotFound(_)
+            | Error::InvalidParameters(_) => false,
         }
     }
 
@@ -136,7 +146,12 @@ impl Error {
             | Error::Cancelled { run, .. }
             | Error::UpstreamFailed { run, .. }
             | Error::NotRecorded { run, .. } => Some(run),
-            Error::RolledBack { .. } | Error::Store(_) | Error::Result(_) | Error::Setup(_) => None,
+            Error::RolledBack { .. }
+            | Error::Store(_)
+            | Error::Result(_)
+            | Error::Setup(_)
+            | Error::NotFound(_)
+            | Error::InvalidParameters(_) => None,
         }
     }
 }

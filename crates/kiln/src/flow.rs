@@ -13,7 +13,10 @@ use crate::context::{self, FLOW, FlowContext};
 use crate::run::{self, Body, Failure, Problems, Tracker};
 
 /// A function marked `#[flow]`. Implemented by the macro, never by hand.
-pub trait Flow: Body + Clone {}
+pub trait Flow: Body + Clone {
+    /// The parameter names, in order.
+    const ARG_NAMES: &'static [&'static str];
+}
 
 /// A call of a flow with its arguments, not started yet: `.await` it, or [`wait`](Self::wait)
 /// for it from synchronous code.
@@ -70,7 +73,7 @@ async fn run_flow<F: Flow>(flow: F, args: F::Args) -> Result<F::Output, Failure<
     let parameters = Arc::new(F::parameters(&args));
     // The flow run and its task runs report their unrecorded writes here.
     let problems = Arc::new(Problems::default());
-    let mut tracker = Tracker::new(
+    let tracker = Tracker::new(
         RunKind::Flow,
         name,
         engine.clone(),
@@ -90,6 +93,25 @@ async fn run_flow<F: Flow>(flow: F, args: F::Args) -> Result<F::Output, Failure<
         retry_of,
         process_id: Some(engine.process_id()),
     }))?;
+    drive(flow, args, tracker, options, parameters, parent, retry_of, None).await
+}
+
+/// Runs a flow run recorded before: the attempts, the children, and its final state.
+#[allow(clippy::too_many_arguments)]
+async fn drive<F: Flow>(
+    flow: F,
+    args: F::Args,
+    mut tracker: Tracker,
+    options: Arc<crate::Options<F::Error>>,
+    parameters: Arc<serde_json::Value>,
+    parent: Option<Arc<FlowContext>>,
+    retry_of: Option<uuid::Uuid>,
+    // A worker's run: stopped when this says the run is being cancelled.
+    cancel: Option<futures::channel::oneshot::Receiver<StateType>>,
+) -> Result<F::Output, Failure<F::Error>> {
+    let engine = tracker.engine.clone();
+    let problems = tracker.problems.clone();
+    let id = tracker.id();
     let label = tracker.label.clone();
     tracing::info!("{label} started");
     // A flow that may be retried persists its tasks' results, so a retry loads them.
@@ -118,7 +140,7 @@ async fn run_flow<F: Flow>(flow: F, args: F::Args) -> Result<F::Output, Failure<
     };
     let span = tracing::info_span!("flow_run", name = %label.name, id = %id);
     // A flow run's own result is not part of a transaction its caller may be in.
-    let outcome = run::attempts::<F>(&mut tracker, &options, args, Some(id), persisting, None, |body| {
+    let run = run::attempts::<F>(&mut tracker, &options, args, Some(id), persisting, None, |body| {
         let ctx = ctx.clone();
         Box::pin(async move {
             ctx.begin_attempt().await;
@@ -128,9 +150,40 @@ async fn run_flow<F: Flow>(flow: F, args: F::Args) -> Result<F::Output, Failure<
             result
         })
     })
-    .instrument(span)
-    .await
-    .map(|done| done.value);
+    .instrument(span);
+    let outcome = match cancel {
+        None => run.await.map(|done| done.value),
+        Some(cancel) => {
+            // A dropped sender is no request to cancel.
+            let requested = async {
+                match cancel.await {
+                    Ok(state) => state,
+                    Err(_) => std::future::pending().await,
+                }
+            };
+            let stopped = tokio::select! {
+                outcome = run => Err(outcome),
+                state = requested => Ok(state),
+            };
+            match stopped {
+                Err(outcome) => outcome.map(|done| done.value),
+                Ok(state) => {
+                    // The body is dropped (a synchronous one is told through kiln::cancelled()).
+                    tracker.state = Some(state);
+                    if state == StateType::Cancelling {
+                        tracker.to(
+                            StateType::Cancelled,
+                            Some("cancelled by a user; its worker stopped it".into()),
+                        )?;
+                    }
+                    Err(Failure::Kiln(crate::Error::Cancelled {
+                        run: label.clone(),
+                        reason: "a user cancelled it".into(),
+                    }))
+                }
+            }
+        }
+    };
     // After a timeout or crash, stop what the body left running (those runs record Cancelled).
     ctx.cancel_children().await;
     let state = tracker.state;
@@ -140,6 +193,96 @@ async fn run_flow<F: Flow>(flow: F, args: F::Args) -> Result<F::Output, Failure<
     problems.recorded(&engine, &label).await?;
     tracing::info!("{label} finished in state {}", state.map_or("?", StateType::as_str));
     outcome
+}
+
+/// Runs a flow run a worker claimed from a work pool, with the claim's fencing token, to
+/// its final state (recorded in the store; nothing is returned). Parameters that do not
+/// fit the flow fail the run, naming the parameter.
+pub(crate) async fn run_claimed<F: Flow>(
+    flow: F,
+    engine: Engine,
+    claim: kiln_store::work::Claim,
+    cancel: futures::channel::oneshot::Receiver<StateType>,
+) where
+    F::Args: serde::de::DeserializeOwned,
+{
+    let base = flow.options();
+    let options = Arc::new(
+        crate::Options::new()
+            .retries(claim.max_attempts.saturating_sub(1))
+            .over(&base),
+    );
+    let name = options.name.clone().unwrap_or_else(|| Arc::from(F::NAME));
+    let label = crate::RunLabel {
+        kind: RunKind::Flow,
+        name,
+        id: claim.run_id,
+    };
+    let problems = Arc::new(Problems::default());
+    let mut tracker = Tracker::adopt(label.clone(), engine.clone(), &claim, problems.clone());
+    let args = match args_from_json::<F>(&claim.parameters) {
+        Ok(args) => args,
+        Err(message) => {
+            tracing::error!("{label}: {message}");
+            if tracker.to(StateType::Failed, Some(message)).is_ok() {
+                let _ = problems.recorded(&engine, &label).await;
+            }
+            return;
+        }
+    };
+    let parameters = Arc::new(claim.parameters.clone());
+    // After a crashed worker's attempt, the task results it persisted are loaded, not computed again.
+    let earlier = (claim.attempt > 0).then_some(claim.run_id);
+    let outcome = engine
+        .scope(drive(
+            flow,
+            args,
+            tracker,
+            options,
+            parameters,
+            None,
+            earlier,
+            Some(cancel),
+        ))
+        .await;
+    if let Err(failure) = outcome {
+        tracing::info!("{label}: {}", failure.into_kiln(&label));
+    }
+}
+
+/// A flow's arguments from its parameters as JSON (an object by name); the error names
+/// the parameter that does not fit.
+fn args_from_json<F: Flow>(parameters: &serde_json::Value) -> Result<F::Args, String>
+where
+    F::Args: serde::de::DeserializeOwned,
+{
+    let empty = serde_json::Map::new();
+    let given = match parameters {
+        serde_json::Value::Object(map) => map,
+        serde_json::Value::Null => &empty,
+        _ => return Err("its parameters are not a JSON object".into()),
+    };
+    if let Some(unknown) = given.keys().find(|k| !F::ARG_NAMES.contains(&k.as_str())) {
+        return Err(format!("flow '{}' has no parameter '{unknown}'", F::NAME));
+    }
+    let mut values = Vec::with_capacity(F::ARG_NAMES.len());
+    for name in F::ARG_NAMES {
+        match given.get(*name) {
+            Some(v) => values.push(v.clone()),
+            None => return Err(format!("parameter '{name}' of flow '{}' is missing", F::NAME)),
+        }
+    }
+    let array = serde_json::Value::Array(values);
+    serde_path_to_error::deserialize(array).map_err(|e| {
+        let index = e.path().iter().next().and_then(|segment| match segment {
+            serde_path_to_error::Segment::Seq { index } => Some(*index),
+            _ => None,
+        });
+        match index.and_then(|i| F::ARG_NAMES.get(i)) {
+            Some(name) => format!("parameter '{name}' of flow '{}' does not fit: {}", F::NAME, e.inner()),
+            None => format!("the parameters of flow '{}' do not fit: {}", F::NAME, e.inner()),
+        }
+    })
 }
 
 /// How this process was started, as `kiln runs retry` needs it: JSON `{argv, cwd}`.

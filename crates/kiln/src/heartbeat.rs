@@ -16,11 +16,27 @@ use kiln_store::Store;
 use kiln_store::model::{Micros, Process, Write, now_micros};
 use uuid::Uuid;
 
-/// How long a process may stay silent before its runs count as crashed.
+/// How long a process may stay silent before its runs count as crashed (and a worker's
+/// claims are taken back): three heartbeats.
 pub const LEASE: Duration = Duration::from_secs(30);
 
 /// How often a process heartbeats (and looks for dead processes).
 const BEAT: Duration = Duration::from_secs(10);
+
+/// The heartbeat period: [`KILN_HEARTBEAT_SECONDS`](crate::settings) when set (the lease is
+/// three of them), else 10 s.
+pub fn beat() -> Duration {
+    std::env::var("KILN_HEARTBEAT_SECONDS")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map_or(BEAT, |s| Duration::from_secs_f64(s.max(0.1)))
+}
+
+/// How long a process may stay silent before it counts as dead: three heartbeats.
+pub fn lease() -> Duration {
+    if beat() == BEAT { LEASE } else { beat() * 3 }
+}
 
 /// This process as the store records it, and the thread that keeps it alive there.
 pub(crate) struct Liveness {
@@ -70,7 +86,7 @@ pub(crate) fn start(store: Arc<dyn Store>) -> Liveness {
                     tracing::debug!("cannot look for dead processes: {e}");
                 }
                 drop(store);
-                match stopped.recv_timeout(BEAT) {
+                match stopped.recv_timeout(beat()) {
                     Err(RecvTimeoutError::Timeout) => {}
                     _ => return,
                 }
@@ -90,7 +106,7 @@ pub(crate) fn start(store: Arc<dyn Store>) -> Liveness {
 /// many runs it marked.
 pub async fn crash_dead_processes(store: &dyn Store, me: Option<Uuid>) -> Result<usize, crate::Error> {
     let now = now_micros();
-    let lease = LEASE.as_micros() as Micros;
+    let lease = lease().as_micros() as Micros;
     let host = host_name();
     let processes = store.processes(now - lease).await?;
     let dead: Vec<Uuid> = processes

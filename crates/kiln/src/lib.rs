@@ -56,6 +56,7 @@
 
 pub mod cache;
 mod context;
+pub mod deployment;
 mod engine;
 mod error;
 mod flow;
@@ -69,9 +70,11 @@ pub mod serializer;
 pub mod settings;
 mod task;
 mod transaction;
+mod worker;
 
 pub use cache::{CacheContext, CachePolicy};
 pub use context::cancelled;
+pub use deployment::{Deploy, DeploymentSpec};
 pub use engine::{Engine, home_dir, open_api, open_existing_store, open_store};
 pub use error::{Error, RunLabel};
 pub use flow::{Flow, FlowCall, current_flow_run_id};
@@ -84,13 +87,14 @@ pub use result::ObjectRef;
 pub use run::Body;
 pub use task::{Input, Task, TaskCall, TaskFuture, join_all};
 pub use transaction::{TransactionHook, TransactionRun, transaction};
+pub use worker::{Worker, serve};
 
 /// The names a pipeline file needs: `use kiln::prelude::*;`.
 pub mod prelude {
     #[cfg(feature = "images")]
     pub use crate::serializer::{Jpeg, Png, Qoi, RawPixels};
     pub use crate::serializer::{Json, MsgPack, Serializer, Zstd};
-    pub use crate::{CachePolicy, Options, RetryDelay, TaskFuture, flow, task};
+    pub use crate::{CachePolicy, Deploy, Options, RetryDelay, TaskFuture, flow, task};
 }
 
 /// Support for the code `#[task]` and `#[flow]` generate. Not a public API.

@@ -164,6 +164,8 @@ pub(crate) struct Tracker {
     pub(crate) attempt: u32,
     /// Where the store reports the writes of this run it refused or could not record.
     pub(crate) problems: Arc<Problems>,
+    /// The fencing token of the claim this process holds on the run (a worker's run).
+    pub(crate) fence: Option<u64>,
 }
 
 impl Tracker {
@@ -184,6 +186,25 @@ impl Tracker {
             state: Some(initial),
             attempt: 0,
             problems,
+            fence: None,
+        }
+    }
+
+    /// Takes over a run recorded before (a claimed run of a work pool): in `state`, at
+    /// `attempt`, moved with the claim's fencing token.
+    pub(crate) fn adopt(
+        label: RunLabel,
+        engine: Engine,
+        claim: &kiln_store::work::Claim,
+        problems: Arc<Problems>,
+    ) -> Tracker {
+        Tracker {
+            label,
+            engine,
+            state: Some(claim.state),
+            attempt: claim.attempt,
+            problems,
+            fence: Some(claim.fence),
         }
     }
 
@@ -224,6 +245,7 @@ impl Tracker {
             attempt: self.attempt,
             timestamp: kiln_store::model::now_micros(),
             result: result.map(|r| serde_json::to_string(r).expect("a result reference serializes")),
+            fence: self.fence,
         }))?;
         self.state = Some(state);
         Ok(())

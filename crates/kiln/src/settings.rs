@@ -15,6 +15,7 @@
 //! | `KILN_TASKS_DEFAULT_CACHE_POLICY` | `[tasks] default_cache_policy` | `none` | cache policy of tasks that name none (`inputs`, `inputs+task_source`, ...) |
 //! | `KILN_TASKS_REFRESH_CACHE` | `[tasks] refresh_cache` | `false` | run cached tasks anyway and overwrite their records |
 //! | `KILN_LOG` | – | `info` | filter of Kiln's stderr output |
+//! | `KILN_HEARTBEAT_SECONDS` | – | `10` | how often a process heartbeats; one silent for three beats counts as dead (its runs Crashed, a worker's claims taken back) |
 //!
 //! Storages are the `[storage.NAME]` tables (see [`crate::result::storage`]). A storage named
 //! `local` always exists: a folder under `$KILN_HOME/storage/local` unless configured.

@@ -181,6 +181,7 @@ async fn a_run_changed_by_someone_else_fails_loudly() {
             attempt: 1,
             timestamp: kiln::store::model::now_micros(),
             result: None,
+            fence: None,
         };
         let t = engine.store().set_state(change).await?;
         assert!(matches!(t, kiln::store::Transition::Accepted { .. }), "{t:?}");

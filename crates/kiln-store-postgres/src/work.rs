@@ -1,0 +1,463 @@
+//! Work pools on PostgreSQL: claims with `FOR UPDATE SKIP LOCKED` (claimers never wait on
+//! each other's rows), woken by `LISTEN kiln_queue` instead of polling; claims taken back
+//! from dead processes; the reads of deployments and queues.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use futures::StreamExt;
+use kiln_store::model::{Micros, RunKind, RunState, StateChange, now_micros};
+use kiln_store::state::StateType;
+use kiln_store::work::{self, Claim, ClaimRequest, Deployment, QueueEntry, QueuedRun, TakeBack, WorkPool};
+use tokio_postgres::{AsyncMessage, NoTls, Row, Transaction};
+use uuid::Uuid;
+
+use crate::DbError;
+
+/// The longest a claim waits for work (its request may ask less).
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// A waiting claim looks again this often even without a notification (one lost while
+/// the listening connection reconnected, say).
+const RECHECK: Duration = Duration::from_secs(5);
+
+fn parse_kind(s: &str) -> Result<RunKind, DbError> {
+    match s {
+        "flow" => Ok(RunKind::Flow),
+        "task" => Ok(RunKind::Task),
+        other => Err(DbError::Data(format!("unknown run kind '{other}' in the queue"))),
+    }
+}
+
+pub(crate) fn kind_str(kind: RunKind) -> &'static str {
+    match kind {
+        RunKind::Flow => "flow",
+        RunKind::Task => "task",
+    }
+}
+
+/// A queued run and its run's current state, as a claim reads it.
+struct Candidate {
+    entry: QueueEntry,
+    fence: i64,
+    state: Option<StateType>,
+    seq: i32,
+    attempt: i32,
+    parameters: Option<serde_json::Value>,
+    tags: Option<serde_json::Value>,
+}
+
+const CANDIDATE: &str = "SELECT q.run_id, q.kind, q.pool, q.deployment, q.target, q.scheduled, q.max_attempts, q.fence,
+        COALESCE(f.state, t.state) AS state, COALESCE(f.state_seq, t.state_seq) AS seq,
+        COALESCE(f.attempt, t.attempt) AS attempt, f.parameters, COALESCE(f.tags, t.tags) AS tags
+ FROM queue q
+ LEFT JOIN flow_runs f ON q.kind = 'flow' AND f.id = q.run_id
+ LEFT JOIN task_runs t ON q.kind = 'task' AND t.id = q.run_id";
+
+fn candidate(r: &Row) -> Result<Candidate, DbError> {
+    Ok(Candidate {
+        entry: QueueEntry {
+            run_id: r.try_get("run_id")?,
+            kind: parse_kind(r.try_get("kind")?)?,
+            pool: r.try_get("pool")?,
+            deployment: r.try_get("deployment")?,
+            target: r.try_get("target")?,
+            scheduled: r.try_get("scheduled")?,
+            max_attempts: r.try_get::<_, i32>("max_attempts")? as u32,
+        },
+        fence: r.try_get("fence")?,
+        state: r
+            .try_get::<_, Option<String>>("state")?
+            .and_then(|s| s.parse::<StateType>().ok()),
+        seq: r.try_get::<_, Option<i32>>("seq")?.unwrap_or(0),
+        attempt: r.try_get::<_, Option<i32>>("attempt")?.unwrap_or(0),
+        parameters: r.try_get("parameters")?,
+        tags: r.try_get("tags")?,
+    })
+}
+
+/// Applies `change` (checked against `c`'s state) to its run row and history.
+async fn apply(tx: &Transaction<'_>, c: &Candidate, change: &StateChange) -> Result<bool, DbError> {
+    let table = match change.kind {
+        RunKind::Flow => "flow_runs",
+        RunKind::Task => "task_runs",
+    };
+    let seq = c.seq + 1;
+    let end = change.to.is_terminal().then_some(change.timestamp);
+    let updated = tx
+        .execute(
+            &format!(
+                "UPDATE {table} SET state = $2, state_seq = $3, state_message = $4,
+                     end_time = COALESCE(end_time, $5) WHERE id = $1 AND state = $6 AND state_seq = $7"
+            ),
+            &[
+                &change.run_id,
+                &change.to.as_str(),
+                &seq,
+                &change.message,
+                &end,
+                &change.from.as_str(),
+                &c.seq,
+            ],
+        )
+        .await?;
+    if updated == 0 {
+        return Ok(false);
+    }
+    let r = RunState::record(change, seq as u32);
+    tx.execute(
+        "INSERT INTO states (run_id, seq, state, message, attempt, timestamp) VALUES ($1, $2, $3, $4, $5, $6)",
+        &[
+            &r.run_id,
+            &seq,
+            &r.state.as_str(),
+            &r.message,
+            &(r.attempt as i32),
+            &r.timestamp,
+        ],
+    )
+    .await?;
+    Ok(true)
+}
+
+/// One claim attempt (see `Store::claim`), in one transaction.
+async fn claim_once(pool: &Pool, request: &ClaimRequest) -> Result<Vec<Claim>, DbError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let limit = request.limit.max(1) as i64;
+    let now = now_micros();
+    // Locked rows belong to another claimer right now: skip them rather than wait.
+    let rows = tx
+        .query(
+            &format!(
+                "{CANDIDATE} WHERE q.claimed_by IS NULL AND q.scheduled <= $2 AND q.pool = ANY($1)
+                   AND (cardinality($4::text[]) = 0 OR q.target = ANY($4))
+                 ORDER BY q.scheduled, q.run_id LIMIT $3 FOR UPDATE OF q SKIP LOCKED"
+            ),
+            &[&request.pools, &now, &(limit * 4 + 16), &request.targets],
+        )
+        .await?;
+    let mut claims = Vec::new();
+    let mut limits = Limits::default();
+    for row in &rows {
+        if claims.len() as i64 >= limit {
+            break;
+        }
+        let c = candidate(row)?;
+        let Some(state) = c.state.filter(|s| work::is_claimable(*s)) else {
+            if c.state.is_none_or(StateType::is_terminal) {
+                tx.execute("DELETE FROM queue WHERE run_id = $1", &[&c.entry.run_id])
+                    .await?;
+            }
+            continue;
+        };
+        if !limits.admit(&tx, &c.entry).await? {
+            continue;
+        }
+        let fence = c.fence + 1;
+        tx.execute(
+            "UPDATE queue SET claimed_by = $2, fence = $3 WHERE run_id = $1",
+            &[&c.entry.run_id, &request.process_id, &fence],
+        )
+        .await?;
+        let mut state_now = state;
+        if state == StateType::Scheduled {
+            let change = work::claimed(c.entry.kind, c.entry.run_id, c.attempt as u32, request.process_id);
+            if apply(&tx, &c, &change).await? {
+                state_now = StateType::Pending;
+            }
+        }
+        let tags = c.tags.and_then(|t| serde_json::from_value(t).ok()).unwrap_or_default();
+        claims.push(c.entry.claimed(
+            fence as u64,
+            state_now,
+            c.attempt as u32,
+            c.parameters.unwrap_or(serde_json::Value::Null),
+            tags,
+        ));
+    }
+    tx.commit().await?;
+    Ok(claims)
+}
+
+/// The pools' and deployments' concurrency limits, as counted inside one claim. A limited
+/// pool or deployment is counted under an advisory lock held to the end of the
+/// transaction, so two claimers cannot both take its last slot.
+#[derive(Default)]
+struct Limits {
+    counted: std::collections::HashMap<(bool, String), (Option<i32>, i64)>,
+}
+
+impl Limits {
+    async fn count(
+        &mut self,
+        tx: &Transaction<'_>,
+        deployment: bool,
+        name: &str,
+    ) -> Result<(Option<i32>, i64), DbError> {
+        if let Some(c) = self.counted.get(&(deployment, name.to_owned())) {
+            return Ok(*c);
+        }
+        let (table, column) = if deployment {
+            ("deployments", "deployment")
+        } else {
+            ("work_pools", "pool")
+        };
+        let limit: Option<i32> = tx
+            .query_opt(&format!("SELECT concurrency FROM {table} WHERE name = $1"), &[&name])
+            .await?
+            .map(|r| r.try_get(0))
+            .transpose()?
+            .flatten();
+        let mut held = 0;
+        if limit.is_some() {
+            tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtext($1))",
+                &[&format!("kiln {column} {name}")],
+            )
+            .await?;
+            held = tx
+                .query_one(
+                    &format!("SELECT count(*) FROM queue WHERE {column} = $1 AND claimed_by IS NOT NULL"),
+                    &[&name],
+                )
+                .await?
+                .try_get(0)?;
+        }
+        self.counted.insert((deployment, name.to_owned()), (limit, held));
+        Ok((limit, held))
+    }
+
+    async fn admit(&mut self, tx: &Transaction<'_>, entry: &QueueEntry) -> Result<bool, DbError> {
+        let fits = |(limit, held): (Option<i32>, i64)| limit.is_none_or(|l| held < i64::from(l));
+        let pool = self.count(tx, false, &entry.pool).await?;
+        let deployment = match &entry.deployment {
+            Some(d) => Some(self.count(tx, true, d).await?),
+            None => None,
+        };
+        if !fits(pool) || !deployment.is_none_or(fits) {
+            return Ok(false);
+        }
+        self.counted.insert((false, entry.pool.clone()), (pool.0, pool.1 + 1));
+        if let (Some(d), Some(x)) = (&entry.deployment, deployment) {
+            self.counted.insert((true, d.clone()), (x.0, x.1 + 1));
+        }
+        Ok(true)
+    }
+}
+
+/// Wakes waiting claims when PostgreSQL notifies `kiln_queue`: one connection per store,
+/// opened by the first claim that waits and opened again after it is lost.
+pub(crate) struct Listener {
+    config: tokio_postgres::Config,
+    wake: Arc<tokio::sync::Notify>,
+    /// The listening client, while its connection lives.
+    client: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+}
+
+impl Listener {
+    pub(crate) fn new(config: tokio_postgres::Config) -> Listener {
+        Listener {
+            config,
+            wake: Arc::new(tokio::sync::Notify::new()),
+            client: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Makes sure a connection listens; false when it cannot (the caller then rechecks on a
+    /// timer).
+    async fn ensure(&self) -> bool {
+        let mut client = self.client.lock().await;
+        if client.as_ref().is_some_and(|c| !c.is_closed()) {
+            return true;
+        }
+        let Ok((new, mut connection)) = self.config.connect(NoTls).await else {
+            return false;
+        };
+        let wake = self.wake.clone();
+        tokio::spawn(async move {
+            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(AsyncMessage::Notification(_)) => wake.notify_waiters(),
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            // Lost: waiting claims look again, and the next one reconnects.
+            wake.notify_waiters();
+        });
+        if new.batch_execute("LISTEN kiln_queue").await.is_err() {
+            return false;
+        }
+        *client = Some(new);
+        true
+    }
+}
+
+/// Claims runs, waiting up to `request.wait_ms` for one to become claimable: woken by
+/// notifications, and at the time the earliest scheduled run comes due.
+pub(crate) async fn claim(pool: &Pool, listener: &Listener, request: &ClaimRequest) -> Result<Vec<Claim>, DbError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(request.wait_ms).min(MAX_WAIT);
+    let mut listening = false;
+    loop {
+        // Registered before the claim: a notification that arrives meanwhile still wakes it.
+        let woken = listener.wake.notified();
+        let claims = claim_once(pool, request).await?;
+        let now = tokio::time::Instant::now();
+        if !claims.is_empty() || now >= deadline {
+            return Ok(claims);
+        }
+        if !listening {
+            listening = listener.ensure().await;
+            if listening {
+                // A run queued before LISTEN took effect sent its notification to no one.
+                continue;
+            }
+        }
+        let mut until = deadline.min(now + RECHECK);
+        let next: Option<Micros> = pool
+            .get()
+            .await?
+            .query_one(
+                "SELECT min(scheduled) FROM queue WHERE claimed_by IS NULL AND pool = ANY($1) AND scheduled > $2",
+                &[&request.pools, &now_micros()],
+            )
+            .await?
+            .try_get(0)?;
+        if let Some(at) = next {
+            let due = Duration::from_micros((at - now_micros()).max(0) as u64);
+            until = until.min(now + due);
+        }
+        let _ = tokio::time::timeout_at(until, woken).await;
+    }
+}
+
+/// Takes back the claims of processes in `dead` or silent since `stale_before`, inside
+/// the reap's transaction; the runs whose state changed.
+pub(crate) async fn take_back_claims(
+    tx: &Transaction<'_>,
+    dead: &[Uuid],
+    stale_before: Micros,
+) -> Result<Vec<(RunKind, Uuid)>, DbError> {
+    let rows = tx
+        .query(
+            &format!(
+                "{CANDIDATE} JOIN processes p ON p.id = q.claimed_by
+                 WHERE p.heartbeat < $1 OR p.id = ANY($2) ORDER BY q.run_id FOR UPDATE OF q"
+            )
+            .replace(
+                "AS tags\n FROM queue q",
+                "AS tags, p.pid, p.host, p.heartbeat AS beat, p.id = ANY($2) AS exited\n FROM queue q",
+            ),
+            &[&stale_before, &dead],
+        )
+        .await?;
+    let mut changed = Vec::new();
+    for row in &rows {
+        let c = candidate(row)?;
+        let id = c.entry.run_id;
+        let why = kiln_store::model::orphan_message(
+            row.try_get::<_, i32>("pid")?.into(),
+            &row.try_get::<_, String>("host")?,
+            row.try_get("beat")?,
+            row.try_get("exited")?,
+        );
+        let state = c.state.unwrap_or(StateType::Crashed);
+        match work::take_back(c.entry.kind, id, state, c.attempt as u32, c.entry.max_attempts, &why) {
+            TakeBack::Requeue(change) => {
+                if let Some(change) = change
+                    && apply(tx, &c, &change).await?
+                {
+                    changed.push((c.entry.kind, id));
+                }
+                tx.execute("UPDATE queue SET claimed_by = NULL WHERE run_id = $1", &[&id])
+                    .await?;
+            }
+            TakeBack::End(change) => {
+                if apply(tx, &c, &change).await? {
+                    changed.push((c.entry.kind, id));
+                }
+                tx.execute("DELETE FROM queue WHERE run_id = $1", &[&id]).await?;
+            }
+            TakeBack::Drop => {
+                tx.execute("DELETE FROM queue WHERE run_id = $1", &[&id]).await?;
+            }
+        }
+    }
+    Ok(changed)
+}
+
+pub(crate) async fn deployments(pool: &Pool) -> Result<Vec<Deployment>, DbError> {
+    let client = pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT name, flow, pool, parameters, parameter_schema, tags, schedule, catchup, concurrency,
+                    max_attempts, updated FROM deployments ORDER BY name",
+            &[],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Deployment {
+                name: r.try_get("name")?,
+                flow: r.try_get("flow")?,
+                pool: r.try_get("pool")?,
+                parameters: r.try_get("parameters")?,
+                parameter_schema: r.try_get("parameter_schema")?,
+                tags: serde_json::from_value(r.try_get("tags")?).unwrap_or_default(),
+                schedule: r
+                    .try_get::<_, Option<serde_json::Value>>("schedule")?
+                    .and_then(|s| serde_json::from_value(s).ok()),
+                catchup: r.try_get("catchup")?,
+                concurrency: r.try_get::<_, Option<i32>>("concurrency")?.map(|c| c as u32),
+                max_attempts: r.try_get::<_, i32>("max_attempts")? as u32,
+                updated: r.try_get("updated")?,
+            })
+        })
+        .collect()
+}
+
+pub(crate) async fn work_pools(pool: &Pool) -> Result<Vec<WorkPool>, DbError> {
+    let client = pool.get().await?;
+    let rows = client
+        .query("SELECT name, concurrency FROM work_pools ORDER BY name", &[])
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(WorkPool {
+                name: r.try_get("name")?,
+                concurrency: r.try_get::<_, Option<i32>>("concurrency")?.map(|c| c as u32),
+            })
+        })
+        .collect()
+}
+
+pub(crate) async fn queued_runs(pool: &Pool, name: Option<String>, limit: usize) -> Result<Vec<QueuedRun>, DbError> {
+    let client = pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT run_id, kind, pool, deployment, target, scheduled, max_attempts, fence, claimed_by
+             FROM queue WHERE $1::text IS NULL OR pool = $1 ORDER BY scheduled, run_id LIMIT $2",
+            &[&name, &(limit as i64)],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(QueuedRun {
+                entry: QueueEntry {
+                    run_id: r.try_get("run_id")?,
+                    kind: parse_kind(r.try_get("kind")?)?,
+                    pool: r.try_get("pool")?,
+                    deployment: r.try_get("deployment")?,
+                    target: r.try_get("target")?,
+                    scheduled: r.try_get("scheduled")?,
+                    max_attempts: r.try_get::<_, i32>("max_attempts")? as u32,
+                },
+                fence: r.try_get::<_, i64>("fence")? as u64,
+                claimed_by: r.try_get("claimed_by")?,
+            })
+        })
+        .collect()
+}

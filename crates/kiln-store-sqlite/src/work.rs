@@ -1,0 +1,368 @@
+//! Work pools on SQLite: claims (on the writer thread, one `BEGIN IMMEDIATE` each, so two
+//! processes on the same file cannot claim the same run), claims taken back from dead
+//! processes, and the reads of deployments and queues.
+
+use std::collections::HashMap;
+
+use kiln_store::StoreError;
+use kiln_store::model::{Micros, RunKind, RunState, now_micros};
+use kiln_store::state::StateType;
+use kiln_store::work::{self, Claim, ClaimRequest, Deployment, QueueEntry, QueuedRun, TakeBack, WorkPool};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use uuid::Uuid;
+
+use crate::backend;
+use crate::writer::{Current, Statements};
+
+/// A claim for the writer thread, and where its answer goes.
+pub(crate) struct ClaimJob {
+    pub(crate) request: ClaimRequest,
+    pub(crate) reply: futures::channel::oneshot::Sender<Result<Vec<Claim>, StoreError>>,
+}
+
+fn parse_kind(s: &str) -> Result<RunKind, StoreError> {
+    match s {
+        "flow" => Ok(RunKind::Flow),
+        "task" => Ok(RunKind::Task),
+        other => Err(StoreError::Corrupt(format!("unknown run kind '{other}' in the queue"))),
+    }
+}
+
+/// A queued run and its run's current state, as a claim reads it.
+struct Candidate {
+    entry: QueueEntry,
+    fence: i64,
+    state: Option<StateType>,
+    seq: u32,
+    attempt: u32,
+    parameters: Option<String>,
+    tags: Option<String>,
+}
+
+/// The runs' columns a claim needs, from whichever table holds the run.
+const CANDIDATE: &str = "SELECT q.run_id, q.kind, q.pool, q.deployment, q.target, q.scheduled, q.max_attempts, q.fence,
+        COALESCE(f.state, t.state), COALESCE(f.state_seq, t.state_seq), COALESCE(f.attempt, t.attempt),
+        f.parameters, COALESCE(f.tags, t.tags)
+ FROM queue q
+ LEFT JOIN flow_runs f ON q.kind = 'flow' AND f.id = q.run_id
+ LEFT JOIN task_runs t ON q.kind = 'task' AND t.id = q.run_id";
+
+fn candidate(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Candidate, String)> {
+    Ok((
+        Candidate {
+            entry: QueueEntry {
+                run_id: r.get(0)?,
+                kind: RunKind::Flow,
+                pool: r.get(2)?,
+                deployment: r.get(3)?,
+                target: r.get(4)?,
+                scheduled: r.get(5)?,
+                max_attempts: r.get(6)?,
+            },
+            fence: r.get(7)?,
+            state: r.get::<_, Option<String>>(8)?.and_then(|s| s.parse::<StateType>().ok()),
+            seq: r.get::<_, Option<u32>>(9)?.unwrap_or(0),
+            attempt: r.get::<_, Option<u32>>(10)?.unwrap_or(0),
+            parameters: r.get(11)?,
+            tags: r.get(12)?,
+        },
+        r.get(1)?,
+    ))
+}
+
+/// Claims queued runs for `request.process_id` (see `Store::claim`). `forget` is told of
+/// every run whose state the claim changed.
+pub(crate) fn claim(
+    conn: &mut Connection,
+    request: &ClaimRequest,
+    forget: &mut dyn FnMut(Uuid),
+) -> Result<Vec<Claim>, StoreError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(backend)?;
+    let pools = serde_json::to_string(&request.pools).unwrap_or_else(|_| "[]".into());
+    let targets = serde_json::to_string(&request.targets).unwrap_or_else(|_| "[]".into());
+    let now = now_micros();
+    let limit = request.limit.max(1) as usize;
+    let candidates: Vec<Candidate> = {
+        let sql = format!(
+            "{CANDIDATE} WHERE q.claimed_by IS NULL AND q.scheduled <= ?2
+               AND q.pool IN (SELECT value FROM json_each(?1))
+               AND (?4 = '[]' OR q.target IN (SELECT value FROM json_each(?4)))
+             ORDER BY q.scheduled, q.run_id LIMIT ?3"
+        );
+        let mut q = tx.prepare(&sql).map_err(backend)?;
+        // Read more than asked: finished runs and runs over a limit are passed over.
+        let rows = q
+            .query_map(params![pools, now, (limit * 4 + 16) as i64, targets], candidate)
+            .map_err(backend)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (mut c, kind) = row.map_err(backend)?;
+            c.entry.kind = parse_kind(&kind)?;
+            out.push(c);
+        }
+        out
+    };
+    let mut claims = Vec::new();
+    {
+        let mut st = Statements::prepare(&tx).map_err(backend)?;
+        let mut limits = Limits::default();
+        for c in candidates {
+            if claims.len() >= limit {
+                break;
+            }
+            let Some(state) = c.state.filter(|s| work::is_claimable(*s)) else {
+                if c.state.is_none_or(StateType::is_terminal) {
+                    // Finished (cancelled before anyone claimed it), or its run is gone.
+                    st.dequeue.execute([c.entry.run_id]).map_err(backend)?;
+                }
+                continue;
+            };
+            if !limits.admit(&tx, &c.entry)? {
+                continue;
+            }
+            let fence = c.fence + 1;
+            tx.execute(
+                "UPDATE queue SET claimed_by = ?2, fence = ?3 WHERE run_id = ?1",
+                params![c.entry.run_id, request.process_id, fence],
+            )
+            .map_err(backend)?;
+            let mut state_now = state;
+            if state == StateType::Scheduled {
+                let change = work::claimed(c.entry.kind, c.entry.run_id, c.attempt, request.process_id);
+                let from = Current { state, seq: c.seq };
+                if st.update_state(&change, from, c.seq + 1).map_err(backend)? {
+                    st.insert_state(&RunState::record(&change, c.seq + 1), Uuid::nil())
+                        .map_err(backend)?;
+                    forget(c.entry.run_id);
+                    state_now = StateType::Pending;
+                }
+            }
+            let parameters = c.parameters.and_then(|p| serde_json::from_str(&p).ok());
+            let tags = c.tags.and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+            claims.push(c.entry.claimed(
+                fence as u64,
+                state_now,
+                c.attempt,
+                parameters.unwrap_or(serde_json::Value::Null),
+                tags,
+            ));
+        }
+    }
+    tx.commit().map_err(backend)?;
+    Ok(claims)
+}
+
+/// The pools' and deployments' concurrency limits, as counted inside one claim.
+#[derive(Default)]
+struct Limits {
+    /// Per pool, then per deployment: (limit, claimed now).
+    pools: HashMap<String, (Option<u32>, u32)>,
+    deployments: HashMap<String, (Option<u32>, u32)>,
+}
+
+impl Limits {
+    /// Whether `entry` fits under its pool's and deployment's limits; counts it if so.
+    fn admit(&mut self, tx: &rusqlite::Transaction<'_>, entry: &QueueEntry) -> Result<bool, StoreError> {
+        let count = |column: &str, name: &str, table: &str| -> Result<(Option<u32>, u32), StoreError> {
+            let limit: Option<u32> = tx
+                .query_row(
+                    &format!("SELECT concurrency FROM {table} WHERE name = ?1"),
+                    [name],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(backend)?
+                .flatten();
+            let held: u32 = tx
+                .query_row(
+                    &format!("SELECT count(*) FROM queue WHERE {column} = ?1 AND claimed_by IS NOT NULL"),
+                    [name],
+                    |r| r.get(0),
+                )
+                .map_err(backend)?;
+            Ok((limit, held))
+        };
+        let pool = match self.pools.get(&entry.pool) {
+            Some(p) => *p,
+            None => count("pool", &entry.pool, "work_pools")?,
+        };
+        let deployment = match &entry.deployment {
+            Some(d) => Some(match self.deployments.get(d) {
+                Some(x) => *x,
+                None => count("deployment", d, "deployments")?,
+            }),
+            None => None,
+        };
+        let fits = |(limit, held): (Option<u32>, u32)| limit.is_none_or(|l| held < l);
+        if !fits(pool) || !deployment.is_none_or(fits) {
+            self.pools.insert(entry.pool.clone(), pool);
+            if let (Some(d), Some(x)) = (&entry.deployment, deployment) {
+                self.deployments.insert(d.clone(), x);
+            }
+            return Ok(false);
+        }
+        self.pools.insert(entry.pool.clone(), (pool.0, pool.1 + 1));
+        if let (Some(d), Some(x)) = (&entry.deployment, deployment) {
+            self.deployments.insert(d.clone(), (x.0, x.1 + 1));
+        }
+        Ok(true)
+    }
+}
+
+/// Takes back the claims of processes in `dead_json` (hex ids) or silent since
+/// `stale_before`, inside the reap's transaction; the runs whose state changed.
+pub(crate) fn take_back_claims(
+    tx: &rusqlite::Transaction<'_>,
+    st: &mut Statements<'_>,
+    stale_before: Micros,
+    dead_json: &str,
+) -> Result<Vec<(RunKind, Uuid)>, StoreError> {
+    let sql = format!(
+        "{CANDIDATE}, processes p WHERE p.id = q.claimed_by
+           AND (p.heartbeat < ?1 OR hex(p.id) IN (SELECT value FROM json_each(?2)))"
+    );
+    let mut held = Vec::new();
+    {
+        let mut q = tx.prepare(&sql).map_err(backend)?;
+        for row in q
+            .query_map(params![stale_before, dead_json], candidate)
+            .map_err(backend)?
+        {
+            let (mut c, kind) = row.map_err(backend)?;
+            c.entry.kind = parse_kind(&kind)?;
+            held.push(c);
+        }
+    }
+    let why_of = |id: Uuid| -> Result<String, StoreError> {
+        tx.query_row(
+            "SELECT p.pid, p.host, p.heartbeat, hex(p.id) IN (SELECT value FROM json_each(?2))
+             FROM queue q JOIN processes p ON p.id = q.claimed_by WHERE q.run_id = ?1",
+            params![id, dead_json],
+            |r| {
+                Ok(kiln_store::model::orphan_message(
+                    r.get(0)?,
+                    &r.get::<_, String>(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                ))
+            },
+        )
+        .map_err(backend)
+    };
+    let mut changed = Vec::new();
+    for c in held {
+        let id = c.entry.run_id;
+        let state = c.state.unwrap_or(StateType::Crashed);
+        let why = why_of(id)?;
+        let rule = work::take_back(c.entry.kind, id, state, c.attempt, c.entry.max_attempts, &why);
+        let mut apply = |change: &kiln_store::model::StateChange| -> Result<(), StoreError> {
+            let from = Current { state, seq: c.seq };
+            if st.update_state(change, from, c.seq + 1).map_err(backend)? {
+                st.insert_state(&RunState::record(change, c.seq + 1), Uuid::nil())
+                    .map_err(backend)?;
+                changed.push((c.entry.kind, id));
+            }
+            Ok(())
+        };
+        match rule {
+            TakeBack::Requeue(change) => {
+                if let Some(change) = &change {
+                    apply(change)?;
+                }
+                tx.execute("UPDATE queue SET claimed_by = NULL WHERE run_id = ?1", [id])
+                    .map_err(backend)?;
+            }
+            TakeBack::End(change) => {
+                apply(&change)?;
+                st.dequeue.execute([id]).map_err(backend)?;
+            }
+            TakeBack::Drop => {
+                st.dequeue.execute([id]).map_err(backend)?;
+            }
+        }
+    }
+    Ok(changed)
+}
+
+pub(crate) fn deployments(c: &Connection) -> Result<Vec<Deployment>, StoreError> {
+    let mut st = c
+        .prepare_cached(
+            "SELECT name, flow, pool, parameters, parameter_schema, tags, schedule, catchup, concurrency,
+                    max_attempts, updated FROM deployments ORDER BY name",
+        )
+        .map_err(backend)?;
+    let json = |s: String| serde_json::from_str::<serde_json::Value>(&s).unwrap_or(serde_json::Value::Null);
+    let rows = st
+        .query_map([], |r| {
+            Ok(Deployment {
+                name: r.get(0)?,
+                flow: r.get(1)?,
+                pool: r.get(2)?,
+                parameters: json(r.get(3)?),
+                parameter_schema: json(r.get(4)?),
+                tags: serde_json::from_str(&r.get::<_, String>(5)?).unwrap_or_default(),
+                schedule: r
+                    .get::<_, Option<String>>(6)?
+                    .and_then(|s| serde_json::from_str(&s).ok()),
+                catchup: r.get(7)?,
+                concurrency: r.get(8)?,
+                max_attempts: r.get(9)?,
+                updated: r.get(10)?,
+            })
+        })
+        .map_err(backend)?;
+    rows.collect::<rusqlite::Result<_>>().map_err(backend)
+}
+
+pub(crate) fn work_pools(c: &Connection) -> Result<Vec<WorkPool>, StoreError> {
+    let mut st = c
+        .prepare_cached("SELECT name, concurrency FROM work_pools ORDER BY name")
+        .map_err(backend)?;
+    let rows = st
+        .query_map([], |r| {
+            Ok(WorkPool {
+                name: r.get(0)?,
+                concurrency: r.get(1)?,
+            })
+        })
+        .map_err(backend)?;
+    rows.collect::<rusqlite::Result<_>>().map_err(backend)
+}
+
+pub(crate) fn queued_runs(c: &Connection, pool: Option<&str>, limit: usize) -> Result<Vec<QueuedRun>, StoreError> {
+    let mut st = c
+        .prepare_cached(
+            "SELECT run_id, kind, pool, deployment, target, scheduled, max_attempts, fence, claimed_by
+             FROM queue WHERE ?1 IS NULL OR pool = ?1 ORDER BY scheduled, run_id LIMIT ?2",
+        )
+        .map_err(backend)?;
+    let rows = st
+        .query_map(params![pool, limit as i64], |r| {
+            Ok((
+                r.get::<_, String>(1)?,
+                QueuedRun {
+                    entry: QueueEntry {
+                        run_id: r.get(0)?,
+                        kind: RunKind::Flow,
+                        pool: r.get(2)?,
+                        deployment: r.get(3)?,
+                        target: r.get(4)?,
+                        scheduled: r.get(5)?,
+                        max_attempts: r.get(6)?,
+                    },
+                    fence: r.get::<_, i64>(7)? as u64,
+                    claimed_by: r.get(8)?,
+                },
+            ))
+        })
+        .map_err(backend)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (kind, mut q) = row.map_err(backend)?;
+        q.entry.kind = parse_kind(&kind)?;
+        out.push(q);
+    }
+    Ok(out)
+}

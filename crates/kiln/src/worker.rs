@@ -1,0 +1,250 @@
+//! The worker: a loop inside the user's binary that serves deployments, claiming their runs
+//! from work pools and running them.
+//!
+//! Tasks and flows are compiled code, so the worker is the user's own binary: it runs the
+//! flows it was given ([`Worker::deployment`]) and claims only runs of those. It registers
+//! its deployments, creates their scheduled runs (as the server does: a slot is created
+//! once however many schedulers run), claims runs (waiting on the store, without polling
+//! where the backend allows), heartbeats (a worker that stops has its claims taken back and
+//! its runs retried elsewhere), watches its runs for cancellation, and on SIGINT or SIGTERM
+//! stops claiming and lets its runs finish.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::channel::oneshot;
+use kiln_store::model::Write;
+use kiln_store::state::StateType;
+use kiln_store::work::ClaimRequest;
+use serde::de::DeserializeOwned;
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+use crate::deployment::{DeploymentSpec, Runner};
+use crate::{Engine, Error, Flow};
+
+/// How long one claim waits for work before the worker looks around (schedules,
+/// cancellations, shutdown) and claims again.
+const CLAIM_WAIT: Duration = Duration::from_secs(5);
+
+/// How often the worker looks whether its runs were cancelled, and creates scheduled runs.
+const TICK: Duration = Duration::from_millis(500);
+const SCHEDULE_EVERY: Duration = Duration::from_secs(5);
+
+/// A worker serving deployments; see [`serve`].
+#[must_use = "a worker does nothing until `.run().await`"]
+pub struct Worker {
+    deployments: Vec<(kiln_store::work::Deployment, Runner)>,
+    errors: Vec<Error>,
+    pools: Vec<String>,
+    limit: usize,
+    engine: Option<Engine>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.deployments.iter().map(|(d, _)| d.name.as_str()).collect();
+        f.debug_struct("Worker")
+            .field("deployments", &names)
+            .field("pools", &self.pools)
+            .field("limit", &self.limit)
+            .finish()
+    }
+}
+
+/// A worker for this binary's deployments:
+/// `kiln::serve().deployment(pipeline.deploy("nightly").cron("0 3 * * *")).run().await`.
+pub fn serve() -> Worker {
+    Worker {
+        deployments: Vec::new(),
+        errors: Vec::new(),
+        pools: Vec::new(),
+        limit: 4,
+        engine: None,
+    }
+}
+
+impl Worker {
+    /// Serves this deployment: registers it, schedules it, runs its runs.
+    pub fn deployment<F: Flow>(mut self, spec: DeploymentSpec<F>) -> Self
+    where
+        F::Args: DeserializeOwned,
+    {
+        match spec.record() {
+            Ok(record) => {
+                if !self.pools.contains(&record.pool) {
+                    self.pools.push(record.pool.clone());
+                }
+                self.deployments.push((record, spec.runner()));
+            }
+            Err(e) => self.errors.push(e),
+        }
+        self
+    }
+
+    /// At most `n` runs at once in this process (default 4).
+    pub fn limit(mut self, n: usize) -> Self {
+        self.limit = n.max(1);
+        self
+    }
+
+    /// Uses this engine instead of [`Engine::current`].
+    pub fn engine(mut self, engine: Engine) -> Self {
+        self.engine = Some(engine);
+        self
+    }
+
+    /// Serves until SIGINT or SIGTERM, then lets the runs in progress finish.
+    pub async fn run(self) -> Result<(), Error> {
+        self.run_until(shutdown_signal()).await
+    }
+
+    /// Serves until `stop` completes, then lets the runs in progress finish.
+    pub async fn run_until(self, stop: impl std::future::Future<Output = ()>) -> Result<(), Error> {
+        if let Some(e) = self.errors.into_iter().next() {
+            return Err(e);
+        }
+        if self.deployments.is_empty() {
+            return Err(Error::Setup(
+                "the worker serves no deployment: add one with .deployment(my_flow.deploy(\"name\"))".into(),
+            ));
+        }
+        let engine = match self.engine {
+            Some(e) => e,
+            None => Engine::current()?,
+        };
+        let store = engine.store().clone();
+        for (record, _) in &self.deployments {
+            match store.write(Write::PutDeployment(Box::new(record.clone()))).await? {
+                kiln_store::Outcome::Applied { .. } => {}
+                kiln_store::Outcome::Failed(e) => return Err(Error::Store(e)),
+                kiln_store::Outcome::Rejected { .. } => {
+                    return Err(Error::Setup(format!("deployment '{}' was refused", record.name)));
+                }
+            }
+        }
+        let runners: HashMap<String, Runner> = self
+            .deployments
+            .iter()
+            .map(|(d, r)| (d.flow.clone(), r.clone()))
+            .collect();
+        let names: Vec<&str> = self.deployments.iter().map(|(d, _)| d.name.as_str()).collect();
+        tracing::info!(
+            "worker {} serving deployment(s) {} from pool(s) {}",
+            engine.process_id(),
+            names.join(", "),
+            self.pools.join(", ")
+        );
+        let request = ClaimRequest {
+            process_id: engine.process_id(),
+            pools: self.pools.clone(),
+            targets: runners.keys().cloned().collect(),
+            limit: 0,
+            wait_ms: CLAIM_WAIT.as_millis() as u64,
+        };
+        let mut running: JoinSet<Uuid> = JoinSet::new();
+        // The runs in progress, and how to tell each it is being cancelled.
+        let mut cancels: HashMap<Uuid, oneshot::Sender<StateType>> = HashMap::new();
+        let mut stop = std::pin::pin!(stop);
+        let mut tick = tokio::time::interval(TICK);
+        let mut last_schedule: Option<tokio::time::Instant> = None;
+        loop {
+            if last_schedule.is_none_or(|t| t.elapsed() >= SCHEDULE_EVERY) {
+                last_schedule = Some(tokio::time::Instant::now());
+                if let Err(e) = crate::deployment::schedule_due(&*store).await {
+                    tracing::warn!("cannot create scheduled runs: {e}");
+                }
+            }
+            let free = self.limit.saturating_sub(running.len());
+            let claim = async {
+                if free == 0 {
+                    return std::future::pending().await;
+                }
+                let request = ClaimRequest {
+                    limit: free as u32,
+                    ..request.clone()
+                };
+                store.claim(&request).await
+            };
+            tokio::select! {
+                _ = &mut stop => break,
+                claimed = claim => match claimed {
+                    Ok(claims) => {
+                        for claim in claims {
+                            let Some(runner) = runners.get(&claim.target) else { continue };
+                            let (tx, rx) = oneshot::channel();
+                            cancels.insert(claim.run_id, tx);
+                            let id = claim.run_id;
+                            tracing::info!("claimed flow run {id} of {} (attempt {} of {})",
+                                claim.deployment.as_deref().unwrap_or(&claim.target), claim.attempt + 1, claim.max_attempts);
+                            let run = runner(engine.clone(), claim, rx);
+                            running.spawn(async move {
+                                run.await;
+                                id
+                            });
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("cannot claim runs: {e}; trying again");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                },
+                Some(done) = running.join_next() => {
+                    if let Ok(id) = done {
+                        cancels.remove(&id);
+                    }
+                }
+                _ = tick.tick() => {
+                    watch_cancellations(&*store, &mut cancels).await;
+                }
+            }
+        }
+        tracing::info!("worker stopping: waiting for {} run(s) in progress", running.len());
+        while let Some(done) = running.join_next().await {
+            if let Ok(id) = done {
+                cancels.remove(&id);
+            }
+        }
+        engine.flush().await?;
+        Ok(())
+    }
+}
+
+/// Tells the runs that a user is cancelling that they must stop.
+async fn watch_cancellations(store: &dyn kiln_store::Store, cancels: &mut HashMap<Uuid, oneshot::Sender<StateType>>) {
+    let ids: Vec<Uuid> = cancels.keys().copied().collect();
+    for id in ids {
+        let state = match store.flow_run(id).await {
+            Ok(Some(run)) => run.state,
+            _ => continue,
+        };
+        if matches!(state, StateType::Cancelling | StateType::Cancelled)
+            && let Some(tx) = cancels.remove(&id)
+        {
+            tracing::info!("flow run {id} is being cancelled: stopping it");
+            let _ = tx.send(state);
+        }
+    }
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
