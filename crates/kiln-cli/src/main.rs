@@ -4,6 +4,7 @@
 //! failure exits non-zero.
 
 mod cache;
+mod deployment;
 mod result;
 mod runs;
 mod server;
@@ -40,6 +41,9 @@ enum Command {
     /// Cached task results.
     #[command(subcommand)]
     Cache(cache::CacheCommand),
+    /// Deployments: flows that workers serve, and runs of them.
+    #[command(subcommand)]
+    Deployment(deployment::DeploymentCommand),
     /// The Kiln server: the state store over HTTP for many processes and machines.
     #[command(subcommand)]
     Server(server::ServerCommand),
@@ -84,6 +88,7 @@ fn main() -> ExitCode {
         Command::Result(cmd) => result::run(&home, cmd),
         Command::Storage(cmd) => storage::run(&home, cmd),
         Command::Cache(cmd) => cache::run(&home, cmd),
+        Command::Deployment(cmd) => deployment::run(&home, cmd),
         Command::Server(cmd) => server::run(&home, cmd),
     };
     match outcome {

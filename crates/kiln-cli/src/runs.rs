@@ -53,6 +53,15 @@ pub(crate) enum RunsCommand {
         /// The flow run's id (or an unambiguous prefix).
         id: String,
     },
+    /// Cancel a run of a deployment: one not started yet at once; a running one is stopped
+    /// by its worker (Cancelling, then Cancelled).
+    Cancel {
+        /// A flow run or task run id, or an unambiguous prefix of one.
+        id: String,
+        /// Wait until the run has stopped.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Print the logs captured in a run (for a flow run: its own and its task runs').
     Logs {
         /// A flow run or task run id, or an unambiguous prefix of one.
@@ -78,12 +87,13 @@ pub(crate) fn run(home: &Path, cmd: RunsCommand) -> Result<()> {
                 }
                 Ok(())
             }
-            RunsCommand::Show { id, .. } | RunsCommand::Logs { id, .. } | RunsCommand::Retry { id } => {
-                Err(anyhow::anyhow!(
-                    "no flow run or task run with id '{id}': nothing is recorded in {} yet",
-                    db.display()
-                ))
-            }
+            RunsCommand::Show { id, .. }
+            | RunsCommand::Logs { id, .. }
+            | RunsCommand::Retry { id }
+            | RunsCommand::Cancel { id, .. } => Err(anyhow::anyhow!(
+                "no flow run or task run with id '{id}': nothing is recorded in {} yet",
+                db.display()
+            )),
         };
     };
     let store = &*store;
@@ -116,6 +126,7 @@ pub(crate) fn run(home: &Path, cmd: RunsCommand) -> Result<()> {
             RunRef::Task(id) => show_task(store, &mut out, id, json),
         },
         RunsCommand::Retry { id } => retry(store, &id),
+        RunsCommand::Cancel { id, wait } => cancel(store, &mut out, &id, wait),
         RunsCommand::Logs { id, json } => {
             let id = match crate::wait(store.resolve(&id))? {
                 RunRef::Flow(id) | RunRef::Task(id) => id,
@@ -123,6 +134,33 @@ pub(crate) fn run(home: &Path, cmd: RunsCommand) -> Result<()> {
             logs(store, &mut out, id, json)
         }
     }
+}
+
+fn cancel(store: &dyn Store, out: &mut impl Write, id: &str, wait: bool) -> Result<()> {
+    let id = match crate::wait(store.resolve(id))? {
+        RunRef::Flow(id) | RunRef::Task(id) => id,
+    };
+    let mut state = crate::wait(kiln::deployment::cancel(store, id))?;
+    if wait && state == kiln::StateType::Cancelling {
+        eprintln!("run {id} is Cancelling: waiting for its worker to stop it");
+        state = crate::wait(async {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                let now = match store.flow_run(id).await? {
+                    Some(r) => r.state,
+                    None => store
+                        .task_run(id)
+                        .await?
+                        .map_or(kiln::StateType::Cancelled, |t| t.state),
+                };
+                if now.is_terminal() {
+                    return Ok::<_, kiln::Error>(now);
+                }
+            }
+        })?;
+    }
+    writeln!(out, "{id} {state}")?;
+    Ok(())
 }
 
 /// The database could not be checked for dead processes (a read-only home): said once, quietly.

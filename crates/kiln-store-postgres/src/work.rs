@@ -138,6 +138,24 @@ async fn claim_once(pool: &Pool, request: &ClaimRequest) -> Result<Vec<Claim>, D
             &[&request.pools, &now, &(limit * 4 + 16), &request.targets],
         )
         .await?;
+    // Runs this process holds and has not started: an answer it may never have received.
+    let mut held = Vec::new();
+    for row in tx
+        .query(
+            &format!(
+                "{CANDIDATE} WHERE q.claimed_by = $1 AND q.pool = ANY($2)
+                   AND COALESCE(f.state, t.state) IN ('Pending', 'AwaitingRetry')"
+            ),
+            &[&request.process_id, &request.pools],
+        )
+        .await?
+    {
+        let c = candidate(&row)?;
+        let tags = c.tags.and_then(|t| serde_json::from_value(t).ok()).unwrap_or_default();
+        let (fence, state) = (c.fence as u64, c.state.unwrap_or(StateType::Pending));
+        let parameters = c.parameters.unwrap_or(serde_json::Value::Null);
+        held.push(c.entry.claimed(fence, state, c.attempt as u32, parameters, tags));
+    }
     let mut claims = Vec::new();
     let mut limits = Limits::default();
     for row in &rows {
@@ -178,6 +196,7 @@ async fn claim_once(pool: &Pool, request: &ClaimRequest) -> Result<Vec<Claim>, D
         ));
     }
     tx.commit().await?;
+    claims.extend(held);
     Ok(claims)
 }
 

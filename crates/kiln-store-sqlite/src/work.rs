@@ -104,6 +104,27 @@ pub(crate) fn claim(
         }
         out
     };
+    // Runs this process holds and has not started: an answer it may never have received.
+    let mut held = Vec::new();
+    {
+        let sql = format!(
+            "{CANDIDATE} WHERE q.claimed_by = ?1 AND q.pool IN (SELECT value FROM json_each(?2))
+               AND COALESCE(f.state, t.state) IN ('Pending', 'AwaitingRetry')"
+        );
+        let mut q = tx.prepare(&sql).map_err(backend)?;
+        for row in q
+            .query_map(params![request.process_id, pools], candidate)
+            .map_err(backend)?
+        {
+            let (mut c, kind) = row.map_err(backend)?;
+            c.entry.kind = parse_kind(&kind)?;
+            let (fence, state, attempt) = (c.fence as u64, c.state.unwrap_or(StateType::Pending), c.attempt);
+            held.push(
+                c.entry
+                    .claimed(fence, state, attempt, json_or_null(c.parameters), json_list(c.tags)),
+            );
+        }
+    }
     let mut claims = Vec::new();
     {
         let mut st = Statements::prepare(&tx).map_err(backend)?;
@@ -139,19 +160,22 @@ pub(crate) fn claim(
                     state_now = StateType::Pending;
                 }
             }
-            let parameters = c.parameters.and_then(|p| serde_json::from_str(&p).ok());
-            let tags = c.tags.and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
-            claims.push(c.entry.claimed(
-                fence as u64,
-                state_now,
-                c.attempt,
-                parameters.unwrap_or(serde_json::Value::Null),
-                tags,
-            ));
+            let (parameters, tags) = (json_or_null(c.parameters), json_list(c.tags));
+            claims.push(c.entry.claimed(fence as u64, state_now, c.attempt, parameters, tags));
         }
     }
     tx.commit().map_err(backend)?;
+    claims.extend(held);
     Ok(claims)
+}
+
+fn json_or_null(text: Option<String>) -> serde_json::Value {
+    text.and_then(|p| serde_json::from_str(&p).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+fn json_list(text: Option<String>) -> Vec<String> {
+    text.and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default()
 }
 
 /// The pools' and deployments' concurrency limits, as counted inside one claim.

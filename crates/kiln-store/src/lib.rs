@@ -184,6 +184,10 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// oldest scheduled first, within the pools' and deployments' concurrency limits: each
     /// run to one claimer only, with a fresh fencing token. A claimed Scheduled run enters
     /// Pending. Waits up to `request.wait_ms` when none is claimable.
+    ///
+    /// An answer lost on its way (a dropped connection, a cancelled call) loses no run: the
+    /// runs this process holds and has not started (Pending, AwaitingRetry) are part of
+    /// every answer to it, with the same token; a worker skips those it is running.
     async fn claim(&self, request: &work::ClaimRequest) -> Result<Vec<work::Claim>, StoreError>;
 
     /// The deployments, by name.

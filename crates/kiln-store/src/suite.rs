@@ -1113,7 +1113,12 @@ pub async fn claims_hand_each_run_to_one_worker(store: &dyn Store) {
         [b],
         "not yet due, taken, or cancelled: not claimable"
     );
-    assert!(store.claim(&claim_request(w2, &["cpu"], 10)).await.unwrap().is_empty());
+    let nothing_new = store.claim(&claim_request(w2, &["cpu"], 10)).await.unwrap();
+    assert_eq!(
+        nothing_new.iter().map(|c| c.run_id).collect::<Vec<_>>(),
+        [b],
+        "only what w2 holds"
+    );
     let history = store.states(a).await.unwrap();
     assert_eq!(
         history.iter().map(|s| s.state).collect::<Vec<_>>(),
@@ -1129,6 +1134,11 @@ pub async fn claims_hand_each_run_to_one_worker(store: &dyn Store) {
     assert_eq!(wrong, Transition::Rejected { current: Some(Pending) });
     let right = store.set_state(fenced(a, Pending, Running, 1, fence)).await.unwrap();
     assert!(matches!(right, Transition::Accepted { .. }), "{right:?}");
+    let again = store.claim(&claim_request(w1, &["cpu"], 1)).await.unwrap();
+    assert!(
+        again.iter().all(|c| c.run_id != a),
+        "a started run is not handed out again"
+    );
     let done = store.set_state(fenced(a, Running, Completed, 1, fence)).await.unwrap();
     assert!(matches!(done, Transition::Accepted { .. }), "{done:?}");
     let queue = store.queued_runs(Some("cpu"), 100).await.unwrap();

@@ -272,7 +272,12 @@ where
             None => return Err(format!("parameter '{name}' of flow '{}' is missing", F::NAME)),
         }
     }
-    let array = serde_json::Value::Array(values);
+    // A tuple reads from a sequence; the empty tuple from `null`.
+    let array = if values.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::Value::Array(values)
+    };
     serde_path_to_error::deserialize(array).map_err(|e| {
         let index = e.path().iter().next().and_then(|segment| match segment {
             serde_path_to_error::Segment::Seq { index } => Some(*index),

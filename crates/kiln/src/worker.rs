@@ -10,13 +10,16 @@
 //! stops claiming and lets its runs finish.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::channel::oneshot;
 use kiln_store::model::Write;
 use kiln_store::state::StateType;
-use kiln_store::work::ClaimRequest;
+use kiln_store::work::{Claim, ClaimRequest};
 use serde::de::DeserializeOwned;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
@@ -142,53 +145,55 @@ impl Worker {
             limit: 0,
             wait_ms: CLAIM_WAIT.as_millis() as u64,
         };
+        // Claims come from a task of their own, so that nothing cancels a claim in flight
+        // (its answer would be lost); a slot is a permit, held by the run it was claimed for.
+        let slots = Arc::new(Semaphore::new(self.limit));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (claimed, mut claims) = tokio::sync::mpsc::unbounded_channel();
+        let claimer = tokio::spawn(claim_loop(
+            store.clone(),
+            request,
+            slots.clone(),
+            claimed,
+            stopping.clone(),
+        ));
         let mut running: JoinSet<Uuid> = JoinSet::new();
         // The runs in progress, and how to tell each it is being cancelled.
         let mut cancels: HashMap<Uuid, oneshot::Sender<StateType>> = HashMap::new();
+        let start = |claim: Claim,
+                     permit: Option<OwnedSemaphorePermit>,
+                     running: &mut JoinSet<Uuid>,
+                     cancels: &mut HashMap<Uuid, oneshot::Sender<StateType>>| {
+            // Handed out again (its first answer may have been lost): it runs here already.
+            if cancels.contains_key(&claim.run_id) {
+                return;
+            }
+            let Some(runner) = runners.get(&claim.target) else {
+                return;
+            };
+            let (tx, rx) = oneshot::channel();
+            cancels.insert(claim.run_id, tx);
+            let id = claim.run_id;
+            tracing::info!(
+                "claimed flow run {id} of {} (attempt {} of {})",
+                claim.deployment.as_deref().unwrap_or(&claim.target),
+                claim.attempt + 1,
+                claim.max_attempts
+            );
+            let run = runner(engine.clone(), claim, rx);
+            running.spawn(async move {
+                run.await;
+                drop(permit);
+                id
+            });
+        };
         let mut stop = std::pin::pin!(stop);
         let mut tick = tokio::time::interval(TICK);
         let mut last_schedule: Option<tokio::time::Instant> = None;
         loop {
-            if last_schedule.is_none_or(|t| t.elapsed() >= SCHEDULE_EVERY) {
-                last_schedule = Some(tokio::time::Instant::now());
-                if let Err(e) = crate::deployment::schedule_due(&*store).await {
-                    tracing::warn!("cannot create scheduled runs: {e}");
-                }
-            }
-            let free = self.limit.saturating_sub(running.len());
-            let claim = async {
-                if free == 0 {
-                    return std::future::pending().await;
-                }
-                let request = ClaimRequest {
-                    limit: free as u32,
-                    ..request.clone()
-                };
-                store.claim(&request).await
-            };
             tokio::select! {
                 _ = &mut stop => break,
-                claimed = claim => match claimed {
-                    Ok(claims) => {
-                        for claim in claims {
-                            let Some(runner) = runners.get(&claim.target) else { continue };
-                            let (tx, rx) = oneshot::channel();
-                            cancels.insert(claim.run_id, tx);
-                            let id = claim.run_id;
-                            tracing::info!("claimed flow run {id} of {} (attempt {} of {})",
-                                claim.deployment.as_deref().unwrap_or(&claim.target), claim.attempt + 1, claim.max_attempts);
-                            let run = runner(engine.clone(), claim, rx);
-                            running.spawn(async move {
-                                run.await;
-                                id
-                            });
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!("cannot claim runs: {e}; trying again");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                },
+                Some((claim, permit)) = claims.recv() => start(claim, permit, &mut running, &mut cancels),
                 Some(done) = running.join_next() => {
                     if let Ok(id) = done {
                         cancels.remove(&id);
@@ -196,10 +201,22 @@ impl Worker {
                 }
                 _ = tick.tick() => {
                     watch_cancellations(&*store, &mut cancels).await;
+                    if last_schedule.is_none_or(|t| t.elapsed() >= SCHEDULE_EVERY) {
+                        last_schedule = Some(tokio::time::Instant::now());
+                        if let Err(e) = crate::deployment::schedule_due(&*store).await {
+                            tracing::warn!("cannot create scheduled runs: {e}");
+                        }
+                    }
                 }
             }
         }
-        tracing::info!("worker stopping: waiting for {} run(s) in progress", running.len());
+        // No new claims; what the claim in flight brings still runs here.
+        stopping.store(true, Ordering::SeqCst);
+        tracing::info!("worker stopping: no new claims; letting the runs in progress finish");
+        while let Some((claim, permit)) = claims.recv().await {
+            start(claim, permit, &mut running, &mut cancels);
+        }
+        let _ = claimer.await;
         while let Some(done) = running.join_next().await {
             if let Ok(id) = done {
                 cancels.remove(&id);
@@ -207,6 +224,46 @@ impl Worker {
         }
         engine.flush().await?;
         Ok(())
+    }
+}
+
+/// Claims runs while slots are free, until `stopping`; each claim goes to the worker with
+/// a slot's permit (none for a run handed out again, which the worker runs already or must).
+async fn claim_loop(
+    store: Arc<dyn kiln_store::Store>,
+    request: ClaimRequest,
+    slots: Arc<Semaphore>,
+    claimed: tokio::sync::mpsc::UnboundedSender<(Claim, Option<OwnedSemaphorePermit>)>,
+    stopping: Arc<AtomicBool>,
+) {
+    loop {
+        let Ok(first) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        if stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut permits = vec![first];
+        while let Ok(p) = slots.clone().try_acquire_owned() {
+            permits.push(p);
+        }
+        let request = ClaimRequest {
+            limit: permits.len() as u32,
+            ..request.clone()
+        };
+        match store.claim(&request).await {
+            Ok(claims) => {
+                for claim in claims {
+                    if claimed.send((claim, permits.pop())).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!("cannot claim runs: {e}; trying again in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
     }
 }
 
