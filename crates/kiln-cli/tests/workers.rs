@@ -2,11 +2,14 @@
 //! `kiln deployment run`, a worker SIGKILLed mid-run, cancellation, and a cron schedule
 //! across a restart of every scheduler, on SQLite and PostgreSQL.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Proc, eventually};
 
 use kiln::StateType::{self, *};
 use kiln::prelude::*;
@@ -41,6 +44,30 @@ async fn hang() -> Result<(), kiln::Error> {
     }
 }
 
+/// Runs on a worker serving pool `remote`; its records are in the local storage, so only a
+/// worker on this host may take it.
+#[task(pool = "remote", storage = "local")]
+async fn remote_square(x: u64) -> u64 {
+    x * x
+}
+
+#[flow]
+async fn squares(n: u64) -> Result<u64, kiln::Error> {
+    let futures: Vec<_> = (0..n).map(|i| remote_square(i).submit()).collect();
+    Ok(kiln::join_all(futures).await?.into_iter().sum())
+}
+
+/// Its records would be in memory of the caller: no worker could read them.
+#[task(pool = "remote", storage = "scratch")]
+async fn unreachable(x: u64) -> u64 {
+    x
+}
+
+#[flow]
+async fn uses_unreachable() -> Result<u64, kiln::Error> {
+    unreachable(1).await
+}
+
 #[test]
 #[ignore = "a worker process serving the deployments below"]
 fn worker() {
@@ -50,17 +77,15 @@ fn worker() {
             .deployment(sum_to.deploy("sum").pool("cpu").retries(1))
             .deployment(hang.deploy("hang").pool("cpu"))
             .deployment(tick.deploy("tick").pool("cron").cron("*/2 * * * * *"))
+            .pool("remote")
             .run()
             .await
             .unwrap();
     });
 }
 
-/// A worker process: killed when dropped; its stderr lines collected.
-struct Worker {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
+/// A worker process (this binary's `worker`), SIGKILLed when dropped.
+struct Worker(Proc);
 
 impl Worker {
     fn start(home: &Path, database: Option<&str>) -> Worker {
@@ -68,44 +93,24 @@ impl Worker {
         c.args(["--exact", "worker", "--ignored", "--nocapture"])
             .env("KILN_HOME", home)
             .env("KILN_HEARTBEAT_SECONDS", "1")
-            .env_remove("KILN_API_URL")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .env_remove("KILN_API_URL");
         match database {
             Some(url) => c.env("KILN_DATABASE_URL", url),
             None => c.env_remove("KILN_DATABASE_URL"),
         };
-        let mut child = c.spawn().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Worker { child, lines }
+        Worker(Proc::spawn(c))
     }
 
     fn said(&self, text: &str) -> bool {
-        self.lines.lock().unwrap().iter().any(|l| l.contains(text))
+        self.0.said(text)
     }
 
     fn log(&self) -> String {
-        self.lines.lock().unwrap().join("\n")
+        self.0.log()
     }
 
-    /// SIGTERM, and waits for it to stop.
-    fn stop(mut self) {
-        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn stop(self) {
+        self.0.stop();
     }
 }
 
@@ -129,18 +134,6 @@ fn block<F: std::future::Future>(f: F) -> F::Output {
         .build()
         .unwrap()
         .block_on(f)
-}
-
-/// Waits until `check` holds, or fails after `limit` saying `what`.
-fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !check() {
-        assert!(
-            started.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn history(store: &dyn Store, id: uuid::Uuid) -> Vec<StateType> {
@@ -321,11 +314,16 @@ fn a_sigkilled_worker_s_run_completes_on_the_other_worker() {
             >= 5
     });
     drop(holder); // SIGKILL
-    eventually(
-        Duration::from_secs(60),
-        "the run to complete on the other worker",
-        || state(&*store, id).is_terminal(),
-    );
+    let started = std::time::Instant::now();
+    while !state(&*store, id).is_terminal() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the run did not complete on the other worker: {:?}\n{}",
+            block(store.states(id)),
+            other.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let run = block(store.flow_run(id)).unwrap().unwrap();
     assert_eq!(run.state, Completed, "{:?}\n{}", run.state_message, other.log());
     assert!(other.said(&claimed), "the other worker took it over");
@@ -408,4 +406,55 @@ fn a_cron_schedule_fires_once_per_slot_across_a_restart() {
             pair[1]
         );
     }
+}
+
+#[test]
+fn task_runs_in_a_pool_run_on_the_worker_and_their_results_come_back() {
+    let home = tempfile::tempdir().unwrap();
+    std::fs::write(home.path().join("kiln.toml"), "[storage.scratch]\nkind = \"memory\"\n").unwrap();
+    let worker = Worker::start(home.path(), None);
+    eventually(Duration::from_secs(60), "the worker to serve", || {
+        worker.said("serving")
+    });
+    let engine = kiln::Engine::open(home.path()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let total = rt.block_on(engine.scope(squares(6))).unwrap();
+    assert_eq!(total, 55);
+    let store = engine.store().clone();
+    let flow = block(store.flow_runs(100))
+        .unwrap()
+        .into_iter()
+        .find(|r| r.name == "squares")
+        .unwrap();
+    let tasks = block(store.task_runs(flow.id)).unwrap();
+    assert_eq!(tasks.len(), 6);
+    for t in &tasks {
+        assert_eq!(
+            history(&*store, t.id),
+            [Pending, Running, Completed],
+            "{}",
+            worker.log()
+        );
+        assert!(
+            worker.said(&format!("claimed task run {}", t.id)),
+            "ran on the worker: {}",
+            worker.log()
+        );
+        // Inputs crossed as records: here small, so inline in their references.
+        let payload_inputs = t.inputs.as_object().unwrap();
+        assert!(payload_inputs.contains_key("x"));
+    }
+    assert!(
+        block(store.queued_runs(Some("remote"), 100)).unwrap().is_empty(),
+        "finished runs leave the queue"
+    );
+
+    // A storage the worker cannot reach: refused before anything is queued.
+    let err = rt.block_on(engine.scope(uses_unreachable())).unwrap_err().to_string();
+    assert!(
+        err.contains("'scratch'") && err.contains("memory of this process"),
+        "{err}"
+    );
+    assert!(block(store.queued_runs(Some("remote"), 100)).unwrap().is_empty());
+    worker.stop();
 }

@@ -186,6 +186,33 @@ fn expand(kind: Kind, attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
             impl<const __KILN_CONFIGURED: bool> ::kiln::Task for #ident<__KILN_CONFIGURED> {
                 type Inputs = (#(::kiln::__private::Arg<#types>,)*);
                 const ARG_NAMES: &'static [&'static str] = &[#(#name_strs),*];
+
+                #[allow(unused_variables, unused_imports)]
+                fn remote_inputs(__kiln_args: Self::Args, __kiln_default: &str) -> ::std::vec::Vec<::kiln::__private::RemoteInput> {
+                    use ::kiln::__private::probe::{NoInput as _, ViaImageInput as _, ViaSerdeInput as _};
+                    let (#(#names,)*) = __kiln_args;
+                    ::std::vec![#(::kiln::__private::RemoteInput::new(
+                        #name_strs,
+                        #names,
+                        (&&&::kiln::__private::TypeProbe::<#types>::new()).kiln_input_serializer(__kiln_default),
+                    )),*]
+                }
+
+                #[allow(unused_variables, unused_imports)]
+                fn remote_args(
+                    __kiln_inputs: ::kiln::__private::LoadedInputs,
+                ) -> ::kiln::__private::BoxFuture<'static, ::core::result::Result<Self::Args, ::std::string::String>> {
+                    ::std::boxed::Box::pin(async move {
+                        use ::kiln::__private::probe::{NoInput as _, ViaImageInput as _, ViaSerdeInput as _};
+                        ::core::result::Result::Ok((#(
+                            __kiln_inputs
+                                .take::<#types>(#name_strs, |__kiln_s| {
+                                    (&&&::kiln::__private::TypeProbe::<#types>::new()).kiln_input_serializer(__kiln_s)
+                                })
+                                .await?,
+                        )*))
+                    })
+                }
             }
         },
         Kind::Flow => quote! {
@@ -197,6 +224,27 @@ fn expand(kind: Kind, attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
     let what = match kind {
         Kind::Task => "task",
         Kind::Flow => "flow",
+    };
+    // Tasks register themselves, so a worker finds them by key (runs in a pool).
+    let registry = match kind {
+        Kind::Task => quote! {
+            ::kiln::__private::inventory::submit! {
+                ::kiln::__private::RemoteTask {
+                    key: <#ident as ::kiln::Body>::KEY,
+                    run: {
+                        fn __kiln_remote(
+                            engine: ::kiln::Engine,
+                            claim: ::kiln::store::work::Claim,
+                            cancel: ::kiln::__private::CancelReceiver,
+                        ) -> ::kiln::__private::BoxFuture<'static, ()> {
+                            ::kiln::__private::run_remote(#ident, engine, claim, cancel)
+                        }
+                        __kiln_remote
+                    },
+                }
+            }
+        },
+        Kind::Flow => quote!(),
     };
     let struct_doc = format!(
         "The {what} `{fn_name}`. Call it like the function (`{fn_name}(...)`) and `.await` the call; \
@@ -319,6 +367,8 @@ fn expand(kind: Kind, attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
         }
 
         #kind_impl
+
+        #registry
     })
 }
 

@@ -6,7 +6,7 @@ use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
 use syn::{Expr, Lit, Meta, Token};
 
-const KNOWN: &str = "name, retries, retry_delay, retry_if, timeout, tags, persist, storage, serializer, storage_key, cache, cache_key_fn, cache_expiration, refresh_cache, isolation, on_commit, on_rollback, cache_skip_unhashable";
+const KNOWN: &str = "name, retries, retry_delay, retry_if, timeout, tags, persist, storage, serializer, storage_key, cache, cache_key_fn, cache_expiration, refresh_cache, isolation, on_commit, on_rollback, cache_skip_unhashable, pool";
 
 /// The options as checked, each kept as the tokens that build it.
 #[derive(Default)]
@@ -19,6 +19,7 @@ pub(crate) struct Options {
     tags: Option<Vec<syn::LitStr>>,
     persist: Option<bool>,
     storage: Option<syn::LitStr>,
+    pool: Option<syn::LitStr>,
     serializer: Option<Expr>,
     storage_key: Option<syn::LitStr>,
     cache: Option<TokenStream>,
@@ -107,6 +108,13 @@ impl Options {
                         ));
                     }
                     out.storage = Some(lit);
+                }
+                "pool" => {
+                    let lit = string(value, "pool", "`pool = \"gpu\"`")?;
+                    if lit.value().trim().is_empty() {
+                        return Err(syn::Error::new(lit.span(), "a pool needs a name"));
+                    }
+                    out.pool = Some(lit);
                 }
                 "serializer" => out.serializer = Some(value.clone()),
                 "cache" => {
@@ -281,6 +289,9 @@ impl Options {
         }
         if let Some(k) = &self.storage_key {
             calls.extend(quote!(.storage_key(#k)));
+        }
+        if let Some(p) = &self.pool {
+            calls.extend(quote!(.pool(#p)));
         }
         let key_fn = self
             .cache_key_fn

@@ -29,6 +29,8 @@ CREATE TABLE queue (
     target       TEXT NOT NULL,
     scheduled    BIGINT NOT NULL,
     max_attempts INTEGER NOT NULL,
+    host         TEXT,
+    payload      JSONB,
     fence        BIGINT NOT NULL DEFAULT 0,
     claimed_by   UUID
 );

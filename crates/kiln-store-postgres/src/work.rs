@@ -48,10 +48,13 @@ struct Candidate {
     tags: Option<serde_json::Value>,
 }
 
-const CANDIDATE: &str = "SELECT q.run_id, q.kind, q.pool, q.deployment, q.target, q.scheduled, q.max_attempts, q.fence,
+/// The columns of a queued run and of its run's current state, from whichever table holds
+/// the run (`FROM` [`CANDIDATE_FROM`]).
+const CANDIDATE_COLUMNS: &str =
+    "q.run_id, q.kind, q.pool, q.deployment, q.target, q.scheduled, q.max_attempts, q.fence,
         COALESCE(f.state, t.state) AS state, COALESCE(f.state_seq, t.state_seq) AS seq,
-        COALESCE(f.attempt, t.attempt) AS attempt, f.parameters, COALESCE(f.tags, t.tags) AS tags
- FROM queue q
+        COALESCE(f.attempt, t.attempt) AS attempt, f.parameters, COALESCE(f.tags, t.tags) AS tags, q.host, q.payload";
+const CANDIDATE_FROM: &str = "queue q
  LEFT JOIN flow_runs f ON q.kind = 'flow' AND f.id = q.run_id
  LEFT JOIN task_runs t ON q.kind = 'task' AND t.id = q.run_id";
 
@@ -65,6 +68,10 @@ fn candidate(r: &Row) -> Result<Candidate, DbError> {
             target: r.try_get("target")?,
             scheduled: r.try_get("scheduled")?,
             max_attempts: r.try_get::<_, i32>("max_attempts")? as u32,
+            host: r.try_get("host")?,
+            payload: r
+                .try_get::<_, Option<serde_json::Value>>("payload")?
+                .unwrap_or(serde_json::Value::Null),
         },
         fence: r.try_get("fence")?,
         state: r
@@ -75,6 +82,16 @@ fn candidate(r: &Row) -> Result<Candidate, DbError> {
         parameters: r.try_get("parameters")?,
         tags: r.try_get("tags")?,
     })
+}
+
+impl Candidate {
+    /// A flow run's parameters, or a task run's inputs (the queue's payload).
+    fn parameters_json(&mut self) -> serde_json::Value {
+        match self.entry.kind {
+            RunKind::Flow => self.parameters.take().unwrap_or(serde_json::Value::Null),
+            RunKind::Task => self.entry.payload.clone(),
+        }
+    }
 }
 
 /// Applies `change` (checked against `c`'s state) to its run row and history.
@@ -131,11 +148,12 @@ async fn claim_once(pool: &Pool, request: &ClaimRequest) -> Result<Vec<Claim>, D
     let rows = tx
         .query(
             &format!(
-                "{CANDIDATE} WHERE q.claimed_by IS NULL AND q.scheduled <= $2 AND q.pool = ANY($1)
+                "SELECT {CANDIDATE_COLUMNS} FROM {CANDIDATE_FROM} WHERE q.claimed_by IS NULL AND q.scheduled <= $2 AND q.pool = ANY($1)
                    AND (cardinality($4::text[]) = 0 OR q.target = ANY($4))
+                   AND (q.host IS NULL OR q.host = $5)
                  ORDER BY q.scheduled, q.run_id LIMIT $3 FOR UPDATE OF q SKIP LOCKED"
             ),
-            &[&request.pools, &now, &(limit * 4 + 16), &request.targets],
+            &[&request.pools, &now, &(limit * 4 + 16), &request.targets, &request.host],
         )
         .await?;
     // Runs this process holds and has not started: an answer it may never have received.
@@ -143,17 +161,21 @@ async fn claim_once(pool: &Pool, request: &ClaimRequest) -> Result<Vec<Claim>, D
     for row in tx
         .query(
             &format!(
-                "{CANDIDATE} WHERE q.claimed_by = $1 AND q.pool = ANY($2)
+                "SELECT {CANDIDATE_COLUMNS} FROM {CANDIDATE_FROM} WHERE q.claimed_by = $1 AND q.pool = ANY($2)
                    AND COALESCE(f.state, t.state) IN ('Pending', 'AwaitingRetry')"
             ),
             &[&request.process_id, &request.pools],
         )
         .await?
     {
-        let c = candidate(&row)?;
-        let tags = c.tags.and_then(|t| serde_json::from_value(t).ok()).unwrap_or_default();
+        let mut c = candidate(&row)?;
+        let tags = c
+            .tags
+            .take()
+            .and_then(|t| serde_json::from_value(t).ok())
+            .unwrap_or_default();
         let (fence, state) = (c.fence as u64, c.state.unwrap_or(StateType::Pending));
-        let parameters = c.parameters.unwrap_or(serde_json::Value::Null);
+        let parameters = c.parameters_json();
         held.push(c.entry.claimed(fence, state, c.attempt as u32, parameters, tags));
     }
     let mut claims = Vec::new();
@@ -162,7 +184,7 @@ async fn claim_once(pool: &Pool, request: &ClaimRequest) -> Result<Vec<Claim>, D
         if claims.len() as i64 >= limit {
             break;
         }
-        let c = candidate(row)?;
+        let mut c = candidate(row)?;
         let Some(state) = c.state.filter(|s| work::is_claimable(*s)) else {
             if c.state.is_none_or(StateType::is_terminal) {
                 tx.execute("DELETE FROM queue WHERE run_id = $1", &[&c.entry.run_id])
@@ -186,14 +208,16 @@ async fn claim_once(pool: &Pool, request: &ClaimRequest) -> Result<Vec<Claim>, D
                 state_now = StateType::Pending;
             }
         }
-        let tags = c.tags.and_then(|t| serde_json::from_value(t).ok()).unwrap_or_default();
-        claims.push(c.entry.claimed(
-            fence as u64,
-            state_now,
-            c.attempt as u32,
-            c.parameters.unwrap_or(serde_json::Value::Null),
-            tags,
-        ));
+        let tags = c
+            .tags
+            .take()
+            .and_then(|t| serde_json::from_value(t).ok())
+            .unwrap_or_default();
+        let parameters = c.parameters_json();
+        claims.push(
+            c.entry
+                .claimed(fence as u64, state_now, c.attempt as u32, parameters, tags),
+        );
     }
     tx.commit().await?;
     claims.extend(held);
@@ -363,12 +387,9 @@ pub(crate) async fn take_back_claims(
     let rows = tx
         .query(
             &format!(
-                "{CANDIDATE} JOIN processes p ON p.id = q.claimed_by
+                "SELECT {CANDIDATE_COLUMNS}, p.pid, p.host AS process_host, p.heartbeat AS beat, p.id = ANY($2) AS exited
+                 FROM {CANDIDATE_FROM} JOIN processes p ON p.id = q.claimed_by
                  WHERE p.heartbeat < $1 OR p.id = ANY($2) ORDER BY q.run_id FOR UPDATE OF q"
-            )
-            .replace(
-                "AS tags\n FROM queue q",
-                "AS tags, p.pid, p.host, p.heartbeat AS beat, p.id = ANY($2) AS exited\n FROM queue q",
             ),
             &[&stale_before, &dead],
         )
@@ -379,7 +400,7 @@ pub(crate) async fn take_back_claims(
         let id = c.entry.run_id;
         let why = kiln_store::model::orphan_message(
             row.try_get::<_, i32>("pid")?.into(),
-            &row.try_get::<_, String>("host")?,
+            &row.try_get::<_, String>("process_host")?,
             row.try_get("beat")?,
             row.try_get("exited")?,
         );
@@ -457,7 +478,7 @@ pub(crate) async fn queued_runs(pool: &Pool, name: Option<String>, limit: usize)
     let client = pool.get().await?;
     let rows = client
         .query(
-            "SELECT run_id, kind, pool, deployment, target, scheduled, max_attempts, fence, claimed_by
+            "SELECT run_id, kind, pool, deployment, target, scheduled, max_attempts, fence, claimed_by, host, payload
              FROM queue WHERE $1::text IS NULL OR pool = $1 ORDER BY scheduled, run_id LIMIT $2",
             &[&name, &(limit as i64)],
         )
@@ -473,6 +494,10 @@ pub(crate) async fn queued_runs(pool: &Pool, name: Option<String>, limit: usize)
                     target: r.try_get("target")?,
                     scheduled: r.try_get("scheduled")?,
                     max_attempts: r.try_get::<_, i32>("max_attempts")? as u32,
+                    host: r.try_get("host")?,
+                    payload: r
+                        .try_get::<_, Option<serde_json::Value>>("payload")?
+                        .unwrap_or(serde_json::Value::Null),
                 },
                 fence: r.try_get::<_, i64>("fence")? as u64,
                 claimed_by: r.try_get("claimed_by")?,

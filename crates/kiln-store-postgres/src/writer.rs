@@ -455,8 +455,8 @@ async fn attempt(
             Write::Enqueue(e) => {
                 // Queued twice: the first entry stays.
                 tx.execute(
-                    "INSERT INTO queue (run_id, kind, pool, deployment, target, scheduled, max_attempts)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                    "INSERT INTO queue (run_id, kind, pool, deployment, target, scheduled, max_attempts, host, payload)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
                     &[
                         &e.run_id,
                         &crate::work::kind_str(e.kind),
@@ -465,6 +465,8 @@ async fn attempt(
                         &e.target,
                         &e.scheduled,
                         &(e.max_attempts as i32),
+                        &e.host,
+                        &(!e.payload.is_null()).then_some(&e.payload),
                     ],
                 )
                 .await?;

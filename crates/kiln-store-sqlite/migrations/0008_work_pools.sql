@@ -28,6 +28,8 @@ CREATE TABLE queue (
     target       TEXT NOT NULL,
     scheduled    INTEGER NOT NULL,
     max_attempts INTEGER NOT NULL,
+    host         TEXT,
+    payload      TEXT,
     fence        INTEGER NOT NULL DEFAULT 0,
     claimed_by   BLOB
 ) WITHOUT ROWID;

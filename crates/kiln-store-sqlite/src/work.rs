@@ -39,10 +39,20 @@ struct Candidate {
     tags: Option<String>,
 }
 
+impl Candidate {
+    /// A flow run's parameters, or a task run's inputs (the queue's payload).
+    fn parameters_json(&mut self) -> serde_json::Value {
+        match self.entry.kind {
+            RunKind::Flow => json_or_null(self.parameters.take()),
+            RunKind::Task => self.entry.payload.clone(),
+        }
+    }
+}
+
 /// The runs' columns a claim needs, from whichever table holds the run.
 const CANDIDATE: &str = "SELECT q.run_id, q.kind, q.pool, q.deployment, q.target, q.scheduled, q.max_attempts, q.fence,
         COALESCE(f.state, t.state), COALESCE(f.state_seq, t.state_seq), COALESCE(f.attempt, t.attempt),
-        f.parameters, COALESCE(f.tags, t.tags)
+        f.parameters, COALESCE(f.tags, t.tags), q.host, q.payload
  FROM queue q
  LEFT JOIN flow_runs f ON q.kind = 'flow' AND f.id = q.run_id
  LEFT JOIN task_runs t ON q.kind = 'task' AND t.id = q.run_id";
@@ -58,6 +68,8 @@ fn candidate(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Candidate, String)> {
                 target: r.get(4)?,
                 scheduled: r.get(5)?,
                 max_attempts: r.get(6)?,
+                host: r.get(13)?,
+                payload: json_or_null(r.get(14)?),
             },
             fence: r.get(7)?,
             state: r.get::<_, Option<String>>(8)?.and_then(|s| s.parse::<StateType>().ok()),
@@ -89,12 +101,16 @@ pub(crate) fn claim(
             "{CANDIDATE} WHERE q.claimed_by IS NULL AND q.scheduled <= ?2
                AND q.pool IN (SELECT value FROM json_each(?1))
                AND (?4 = '[]' OR q.target IN (SELECT value FROM json_each(?4)))
+               AND (q.host IS NULL OR q.host = ?5)
              ORDER BY q.scheduled, q.run_id LIMIT ?3"
         );
         let mut q = tx.prepare(&sql).map_err(backend)?;
         // Read more than asked: finished runs and runs over a limit are passed over.
         let rows = q
-            .query_map(params![pools, now, (limit * 4 + 16) as i64, targets], candidate)
+            .query_map(
+                params![pools, now, (limit * 4 + 16) as i64, targets, request.host],
+                candidate,
+            )
             .map_err(backend)?;
         let mut out = Vec::new();
         for row in rows {
@@ -119,17 +135,15 @@ pub(crate) fn claim(
             let (mut c, kind) = row.map_err(backend)?;
             c.entry.kind = parse_kind(&kind)?;
             let (fence, state, attempt) = (c.fence as u64, c.state.unwrap_or(StateType::Pending), c.attempt);
-            held.push(
-                c.entry
-                    .claimed(fence, state, attempt, json_or_null(c.parameters), json_list(c.tags)),
-            );
+            let parameters = c.parameters_json();
+            held.push(c.entry.claimed(fence, state, attempt, parameters, json_list(c.tags)));
         }
     }
     let mut claims = Vec::new();
     {
         let mut st = Statements::prepare(&tx).map_err(backend)?;
         let mut limits = Limits::default();
-        for c in candidates {
+        for mut c in candidates {
             if claims.len() >= limit {
                 break;
             }
@@ -160,7 +174,8 @@ pub(crate) fn claim(
                     state_now = StateType::Pending;
                 }
             }
-            let (parameters, tags) = (json_or_null(c.parameters), json_list(c.tags));
+            let parameters = c.parameters_json();
+            let tags = json_list(c.tags);
             claims.push(c.entry.claimed(fence as u64, state_now, c.attempt, parameters, tags));
         }
     }
@@ -358,7 +373,7 @@ pub(crate) fn work_pools(c: &Connection) -> Result<Vec<WorkPool>, StoreError> {
 pub(crate) fn queued_runs(c: &Connection, pool: Option<&str>, limit: usize) -> Result<Vec<QueuedRun>, StoreError> {
     let mut st = c
         .prepare_cached(
-            "SELECT run_id, kind, pool, deployment, target, scheduled, max_attempts, fence, claimed_by
+            "SELECT run_id, kind, pool, deployment, target, scheduled, max_attempts, fence, claimed_by, host, payload
              FROM queue WHERE ?1 IS NULL OR pool = ?1 ORDER BY scheduled, run_id LIMIT ?2",
         )
         .map_err(backend)?;
@@ -375,6 +390,8 @@ pub(crate) fn queued_runs(c: &Connection, pool: Option<&str>, limit: usize) -> R
                         target: r.get(4)?,
                         scheduled: r.get(5)?,
                         max_attempts: r.get(6)?,
+                        host: r.get(9)?,
+                        payload: json_or_null(r.get(10)?),
                     },
                     fence: r.get::<_, i64>(7)? as u64,
                     claimed_by: r.get(8)?,

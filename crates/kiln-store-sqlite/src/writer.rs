@@ -472,7 +472,9 @@ fn attempt(
                             e.deployment,
                             e.target,
                             e.scheduled,
-                            e.max_attempts
+                            e.max_attempts,
+                            e.host,
+                            (!e.payload.is_null()).then(|| e.payload.to_string())
                         ])
                         .map_err(|e| classify(e, i))?;
                     Outcome::Applied { seq: None }
@@ -617,8 +619,8 @@ impl<'t> Statements<'t> {
         Ok(Statements {
             // Queued twice: the first entry stays.
             enqueue: tx.prepare_cached(
-                "INSERT INTO queue (run_id, kind, pool, deployment, target, scheduled, max_attempts)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
+                "INSERT INTO queue (run_id, kind, pool, deployment, target, scheduled, max_attempts, host, payload)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, json(?9)) ON CONFLICT DO NOTHING",
             )?,
             dequeue: tx.prepare_cached("DELETE FROM queue WHERE run_id = ?1")?,
             holds: tx

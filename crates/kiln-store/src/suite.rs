@@ -43,6 +43,7 @@ macro_rules! store_suite {
             claims_hand_each_run_to_one_worker,
             claims_of_dead_processes_are_taken_back,
             claims_respect_concurrency_limits,
+            queued_task_runs_carry_their_inputs_and_may_be_pinned_to_a_host,
             a_waiting_claim_wakes_when_work_arrives,
         );
     };
@@ -1041,6 +1042,8 @@ fn queued(name: &str, pool: &str, deployment: Option<&str>, at: Micros, max_atte
         target: name.into(),
         scheduled: at,
         max_attempts,
+        host: None,
+        payload: serde_json::Value::Null,
     };
     [Write::FlowRun(run), Write::Enqueue(entry)]
 }
@@ -1050,6 +1053,7 @@ fn claim_request(process: Uuid, pools: &[&str], limit: u32) -> crate::work::Clai
         process_id: process,
         pools: pools.iter().map(|p| (*p).to_owned()).collect(),
         targets: Vec::new(),
+        host: None,
         limit,
         wait_ms: 0,
     }
@@ -1326,4 +1330,52 @@ pub async fn a_waiting_claim_wakes_when_work_arrives(store: &dyn Store) {
         started.elapsed() < std::time::Duration::from_secs(15),
         "woken, not timed out"
     );
+}
+
+/// A queued task run hands its worker the inputs it was queued with; one pinned to a host
+/// goes only to a claimer on that host.
+pub async fn queued_task_runs_carry_their_inputs_and_may_be_pinned_to_a_host(store: &dyn Store) {
+    let report = Arc::new(Collect::default());
+    let run = task("render", None);
+    let id = run.id;
+    let inputs = serde_json::json!({ "img": { "storage": "shared", "key": "inputs/x/img" } });
+    let entry = crate::work::QueueEntry {
+        run_id: id,
+        kind: RunKind::Task,
+        pool: "gpu".into(),
+        deployment: None,
+        target: "suite::render".into(),
+        scheduled: now_micros(),
+        max_attempts: 1,
+        host: Some("host-a".into()),
+        payload: inputs.clone(),
+    };
+    send(store, &report, [Write::TaskRun(run), Write::Enqueue(entry)]);
+    store.flush().await.unwrap();
+    assert_eq!(report.problems(), Vec::<String>::new());
+    let mut elsewhere = claim_request(Uuid::now_v7(), &["gpu"], 5);
+    elsewhere.host = Some("host-b".into());
+    assert!(store.claim(&elsewhere).await.unwrap().is_empty(), "pinned to host-a");
+    let mut here = claim_request(Uuid::now_v7(), &["gpu"], 5);
+    here.host = Some("host-a".into());
+    let claims = store.claim(&here).await.unwrap();
+    assert_eq!(claims.len(), 1);
+    assert_eq!((claims[0].kind, claims[0].state), (RunKind::Task, Pending));
+    assert_eq!(claims[0].parameters, inputs);
+    let queue = store.queued_runs(Some("gpu"), 10).await.unwrap();
+    assert_eq!(queue[0].entry.payload, inputs);
+    assert_eq!(queue[0].entry.host.as_deref(), Some("host-a"));
+    walk_fenced_task(store, id, claims[0].fence).await;
+}
+
+async fn walk_fenced_task(store: &dyn Store, id: Uuid, fence: u64) {
+    for (from, to) in [(Pending, Running), (Running, Completed)] {
+        let c = StateChange {
+            fence: Some(fence),
+            ..change(RunKind::Task, id, from, to, 1)
+        };
+        let t = store.set_state(c).await.unwrap();
+        assert!(matches!(t, Transition::Accepted { .. }), "{from} -> {to}: {t:?}");
+    }
+    assert!(store.queued_runs(None, 10).await.unwrap().is_empty());
 }

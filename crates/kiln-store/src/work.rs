@@ -39,6 +39,12 @@ pub struct QueueEntry {
     pub scheduled: Micros,
     /// How many attempts the run may take in all, counting those its crashed workers took.
     pub max_attempts: u32,
+    /// Only workers on this host may claim it (its records are in a folder of this host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// What the worker needs besides the run's row: for a task run, its inputs (JSON).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub payload: serde_json::Value,
 }
 
 impl QueueEntry {
@@ -78,6 +84,9 @@ pub struct ClaimRequest {
     /// Only runs of these targets (the flows and tasks its binary holds); empty: any.
     #[serde(default)]
     pub targets: Vec<String>,
+    /// The claimer's host: runs pinned to another host are not handed to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     /// At most this many runs.
     pub limit: u32,
     /// When nothing is claimable, wait up to this many milliseconds for a run to become
@@ -109,7 +118,7 @@ pub struct Claim {
     pub attempt: u32,
     /// How many attempts it may take in all.
     pub max_attempts: u32,
-    /// For a flow run, its parameters (JSON).
+    /// For a flow run, its parameters; for a task run, its inputs ([`QueueEntry::payload`]).
     pub parameters: serde_json::Value,
     /// Its tags.
     pub tags: Vec<String>,

@@ -350,6 +350,8 @@ async fn create(
         target: deployment.flow.clone(),
         scheduled,
         max_attempts: deployment.max_attempts,
+        host: None,
+        payload: serde_json::Value::Null,
     });
     let (a, b) = futures::join!(store.write(run), store.write(entry));
     for outcome in [a?, b?] {
@@ -464,9 +466,17 @@ pub async fn cancel(store: &dyn Store, run_id: Uuid) -> Result<StateType, Error>
         let to = match state {
             s if s.is_terminal() || s == StateType::Cancelling => return Ok(s),
             StateType::Running => {
-                let deployed = match store.flow_run(run_id).await? {
-                    Some(r) => r.tags.iter().any(|t| t.starts_with("deployment:")),
-                    None => false,
+                // Only a worker watches for Cancelling: a deployment's flow run, or a queued task run.
+                let deployed = match kind {
+                    RunKind::Flow => store
+                        .flow_run(run_id)
+                        .await?
+                        .is_some_and(|r| r.tags.iter().any(|t| t.starts_with("deployment:"))),
+                    RunKind::Task => store
+                        .queued_runs(None, 100_000)
+                        .await?
+                        .iter()
+                        .any(|q| q.entry.run_id == run_id),
                 };
                 if !deployed {
                     return Err(Error::Setup(format!(

@@ -83,7 +83,7 @@ pub(crate) fn start(store: Arc<dyn Store>) -> Liveness {
                 }
                 first = false;
                 if let Err(e) = futures::executor::block_on(crash_dead_processes(&*store, Some(process_id))) {
-                    tracing::debug!("cannot look for dead processes: {e}");
+                    tracing::warn!("cannot look for dead processes: {e}");
                 }
                 drop(store);
                 match stopped.recv_timeout(beat()) {
@@ -121,7 +121,7 @@ pub async fn crash_dead_processes(store: &dyn Store, me: Option<Uuid>) -> Result
     Ok(crashed.len())
 }
 
-fn host_name() -> String {
+pub(crate) fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())

@@ -64,6 +64,7 @@ pub mod heartbeat;
 mod isolation;
 pub mod log;
 mod options;
+mod remote;
 pub mod result;
 mod run;
 pub mod serializer;
@@ -101,6 +102,12 @@ pub mod prelude {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::context::blocking;
+    pub use crate::remote::probe;
+    pub use crate::remote::{LoadedInputs, RemoteInput, RemoteTask, run_claimed as run_remote};
+    pub use inventory;
+
+    /// How a worker tells a run it is being cancelled.
+    pub type CancelReceiver = futures::channel::oneshot::Receiver<crate::StateType>;
     pub use crate::task::{Arg, Inputs};
     pub use futures::future::BoxFuture;
     pub use serde_json;

@@ -95,6 +95,7 @@ pub struct Options<E = anyhow::Error> {
     pub(crate) on_commit: Option<crate::TransactionHook>,
     pub(crate) on_rollback: Option<crate::TransactionHook>,
     pub(crate) cache_skip_unhashable: Option<bool>,
+    pub(crate) pool: Option<Arc<str>>,
 }
 
 impl<E> Options<E> {
@@ -117,6 +118,7 @@ impl<E> Options<E> {
             on_commit: None,
             on_rollback: None,
             cache_skip_unhashable: None,
+            pool: None,
         }
     }
 
@@ -167,6 +169,15 @@ impl<E> Options<E> {
     /// Naming a storage turns persistence on unless `persist(false)` says otherwise.
     pub fn storage(mut self, name: impl Into<Arc<str>>) -> Self {
         self.storage = Some(name.into());
+        self
+    }
+
+    /// Run the task on a worker serving this work pool (`kiln::serve().pool("gpu")`), in
+    /// another process or on another machine: its inputs and its result cross as records in
+    /// its storage, which both must reach (not `memory`; a `local` folder pins the run to
+    /// workers on this host).
+    pub fn pool(mut self, pool: impl Into<Arc<str>>) -> Self {
+        self.pool = Some(pool.into());
         self
     }
 
@@ -245,6 +256,7 @@ impl<E> Options<E> {
             on_commit: self.on_commit.or(base.on_commit),
             on_rollback: self.on_rollback.or(base.on_rollback),
             cache_skip_unhashable: self.cache_skip_unhashable.or(base.cache_skip_unhashable),
+            pool: self.pool.or_else(|| base.pool.clone()),
         }
     }
 
@@ -286,6 +298,7 @@ impl<E> Clone for Options<E> {
             on_commit: self.on_commit,
             on_rollback: self.on_rollback,
             cache_skip_unhashable: self.cache_skip_unhashable,
+            pool: self.pool.clone(),
         }
     }
 }
@@ -309,6 +322,7 @@ impl<E> fmt::Debug for Options<E> {
             .field("on_commit", &self.on_commit.map(|_| "<hook>"))
             .field("on_rollback", &self.on_rollback.map(|_| "<hook>"))
             .field("cache_skip_unhashable", &self.cache_skip_unhashable)
+            .field("pool", &self.pool)
             .finish()
     }
 }

@@ -25,6 +25,12 @@ pub trait Task: Body + Clone {
     type Inputs: Inputs<Values = Self::Args>;
     /// The parameter names, in order.
     const ARG_NAMES: &'static [&'static str];
+    /// The arguments, each ready to be written as a record (a run on a worker).
+    #[doc(hidden)]
+    fn remote_inputs(args: Self::Args, default: &str) -> Vec<crate::remote::RemoteInput>;
+    /// The arguments, loaded from the records a caller wrote (on a worker).
+    #[doc(hidden)]
+    fn remote_args(inputs: crate::remote::LoadedInputs) -> BoxFuture<'static, Result<Self::Args, String>>;
 }
 
 /// One argument as given by a caller: a value, or the future result of another task run.
@@ -292,7 +298,9 @@ fn prepare<T: Task>(task: &T, inputs: &T::Inputs) -> Result<Prepared<T>, Error> 
     let refresh = options.refresh_cache.unwrap_or(default_refresh);
     let implied = flow.as_ref().is_some_and(|f| f.persist_tasks) || default_cache;
     let caching = policy.is_some() && !default_cache;
-    let plan = run::persist_plan(task, &tracker.engine, &options, &tracker.label, implied, caching);
+    // A run on a worker must persist its result: it crosses back as a record.
+    let explicit = caching || options.pool.is_some();
+    let plan = run::persist_plan(task, &tracker.engine, &options, &tracker.label, implied, explicit);
     if default_cache && matches!(plan, Ok(None)) {
         tracing::debug!(
             "{}: not cached by the default policy: its result cannot be persisted",
@@ -340,6 +348,17 @@ async fn execute<T: Task>(prepared: Prepared<T>, inputs: T::Inputs) -> Result<T:
                 }));
             }
         };
+        if let Some(pool) = options.pool.clone() {
+            let plan = match plan {
+                Ok(plan) => plan,
+                Err(e) => {
+                    tracker.to(StateType::Failed, Some(e.to_string()))?;
+                    return Err(Failure::Kiln(e.into()));
+                }
+            };
+            let flow_run = flow.as_ref().map(|f| (f.flow_run_id, f.flow_name.clone()));
+            return crate::remote::call::<T>(&mut tracker, &options, flow_run, plan, args, &pool).await;
+        }
         // Input hashes serve the call identity (reuse across retries) and the cache key.
         let wants_identity = flow.is_some() && matches!(plan, Ok(Some(_)));
         let hashes = (wants_identity || policy.is_some()).then(|| T::input_hashes(&args));

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::channel::oneshot;
-use kiln_store::model::Write;
+use kiln_store::model::{RunKind, Write};
 use kiln_store::state::StateType;
 use kiln_store::work::{Claim, ClaimRequest};
 use serde::de::DeserializeOwned;
@@ -40,6 +40,8 @@ pub struct Worker {
     deployments: Vec<(kiln_store::work::Deployment, Runner)>,
     errors: Vec<Error>,
     pools: Vec<String>,
+    /// The pools whose task runs it serves.
+    task_pools: Vec<String>,
     limit: usize,
     engine: Option<Engine>,
 }
@@ -62,6 +64,7 @@ pub fn serve() -> Worker {
         deployments: Vec::new(),
         errors: Vec::new(),
         pools: Vec::new(),
+        task_pools: Vec::new(),
         limit: 4,
         engine: None,
     }
@@ -81,6 +84,18 @@ impl Worker {
                 self.deployments.push((record, spec.runner()));
             }
             Err(e) => self.errors.push(e),
+        }
+        self
+    }
+
+    /// Runs the task runs queued in work pool `pool` (tasks with `pool = "..."`), for any
+    /// task this binary holds.
+    pub fn pool(mut self, pool: &str) -> Self {
+        if !self.task_pools.iter().any(|p| p == pool) {
+            self.task_pools.push(pool.to_owned());
+        }
+        if !self.pools.iter().any(|p| p == pool) {
+            self.pools.push(pool.to_owned());
         }
         self
     }
@@ -107,9 +122,11 @@ impl Worker {
         if let Some(e) = self.errors.into_iter().next() {
             return Err(e);
         }
-        if self.deployments.is_empty() {
+        if self.deployments.is_empty() && self.task_pools.is_empty() {
             return Err(Error::Setup(
-                "the worker serves no deployment: add one with .deployment(my_flow.deploy(\"name\"))".into(),
+                "the worker serves nothing: add a deployment (.deployment(my_flow.deploy(\"name\"))) or a pool of \
+                 task runs (.pool(\"gpu\"))"
+                    .into(),
             ));
         }
         let engine = match self.engine {
@@ -126,22 +143,37 @@ impl Worker {
                 }
             }
         }
-        let runners: HashMap<String, Runner> = self
+        let mut runners: HashMap<String, Runner> = self
             .deployments
             .iter()
             .map(|(d, r)| (d.flow.clone(), r.clone()))
             .collect();
+        if !self.task_pools.is_empty() {
+            for task in crate::remote::registry() {
+                runners.insert(task.key.to_owned(), Arc::new(task.run));
+            }
+        }
         let names: Vec<&str> = self.deployments.iter().map(|(d, _)| d.name.as_str()).collect();
         tracing::info!(
-            "worker {} serving deployment(s) {} from pool(s) {}",
+            "worker {} serving deployment(s) {} and the task runs of pool(s) {} (from pool(s) {})",
             engine.process_id(),
-            names.join(", "),
+            if names.is_empty() {
+                "-".to_owned()
+            } else {
+                names.join(", ")
+            },
+            if self.task_pools.is_empty() {
+                "-".to_owned()
+            } else {
+                self.task_pools.join(", ")
+            },
             self.pools.join(", ")
         );
         let request = ClaimRequest {
             process_id: engine.process_id(),
             pools: self.pools.clone(),
             targets: runners.keys().cloned().collect(),
+            host: Some(crate::heartbeat::host_name()),
             limit: 0,
             wait_ms: CLAIM_WAIT.as_millis() as u64,
         };
@@ -159,11 +191,11 @@ impl Worker {
         ));
         let mut running: JoinSet<Uuid> = JoinSet::new();
         // The runs in progress, and how to tell each it is being cancelled.
-        let mut cancels: HashMap<Uuid, oneshot::Sender<StateType>> = HashMap::new();
+        let mut cancels: HashMap<Uuid, (RunKind, oneshot::Sender<StateType>)> = HashMap::new();
         let start = |claim: Claim,
                      permit: Option<OwnedSemaphorePermit>,
                      running: &mut JoinSet<Uuid>,
-                     cancels: &mut HashMap<Uuid, oneshot::Sender<StateType>>| {
+                     cancels: &mut HashMap<Uuid, (RunKind, oneshot::Sender<StateType>)>| {
             // Handed out again (its first answer may have been lost): it runs here already.
             if cancels.contains_key(&claim.run_id) {
                 return;
@@ -172,10 +204,14 @@ impl Worker {
                 return;
             };
             let (tx, rx) = oneshot::channel();
-            cancels.insert(claim.run_id, tx);
+            cancels.insert(claim.run_id, (claim.kind, tx));
             let id = claim.run_id;
             tracing::info!(
-                "claimed flow run {id} of {} (attempt {} of {})",
+                "claimed {} run {id} of {} (attempt {} of {})",
+                match claim.kind {
+                    RunKind::Flow => "flow",
+                    RunKind::Task => "task",
+                },
                 claim.deployment.as_deref().unwrap_or(&claim.target),
                 claim.attempt + 1,
                 claim.max_attempts
@@ -268,17 +304,21 @@ async fn claim_loop(
 }
 
 /// Tells the runs that a user is cancelling that they must stop.
-async fn watch_cancellations(store: &dyn kiln_store::Store, cancels: &mut HashMap<Uuid, oneshot::Sender<StateType>>) {
-    let ids: Vec<Uuid> = cancels.keys().copied().collect();
-    for id in ids {
-        let state = match store.flow_run(id).await {
-            Ok(Some(run)) => run.state,
-            _ => continue,
+async fn watch_cancellations(
+    store: &dyn kiln_store::Store,
+    cancels: &mut HashMap<Uuid, (RunKind, oneshot::Sender<StateType>)>,
+) {
+    let ids: Vec<(Uuid, RunKind)> = cancels.iter().map(|(id, (kind, _))| (*id, *kind)).collect();
+    for (id, kind) in ids {
+        let state = match kind {
+            RunKind::Flow => store.flow_run(id).await.ok().flatten().map(|r| r.state),
+            RunKind::Task => store.task_run(id).await.ok().flatten().map(|r| r.state),
         };
+        let Some(state) = state else { continue };
         if matches!(state, StateType::Cancelling | StateType::Cancelled)
-            && let Some(tx) = cancels.remove(&id)
+            && let Some((_, tx)) = cancels.remove(&id)
         {
-            tracing::info!("flow run {id} is being cancelled: stopping it");
+            tracing::info!("run {id} is being cancelled: stopping it");
             let _ = tx.send(state);
         }
     }

@@ -1,0 +1,446 @@
+//! Task runs on other machines: a task with a `pool` is queued in that work pool and run by
+//! a worker serving it (`kiln::serve().pool("gpu")`), in another process or on another
+//! machine running a binary that holds the task.
+//!
+//! This is where results must be persisted: a value cannot cross to another machine in
+//! memory. The caller writes each input as a record (small ones inline in the reference),
+//! queues the task run with their references, and waits for it to end; the worker loads
+//! the inputs, runs the body with the claim's fencing token, persists the output, and the
+//! caller loads it. The storage must be one both reach: `memory` is refused before anything
+//! is queued, and a `local` folder pins the run to workers on the caller's host.
+//!
+//! Workers find a task by its key (module path and function name) in a registry that
+//! `#[task]` fills, so any binary that contains the task can run it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use kiln_store::model::{RunKind, Write, now_micros};
+use kiln_store::state::StateType;
+use kiln_store::work::{Claim, QueueEntry};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::RunLabel;
+use crate::result::persist::{self, Plan};
+use crate::result::{ResultRef, StorageKey};
+use crate::run::{self, Done, Failure, Problems, Tracker};
+use crate::serializer::{Serializer, short_type};
+use crate::{Engine, Error, Options, Task};
+
+/// A task this binary can run for a worker: its key and how to run a claim of it.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct RemoteTask {
+    /// The task's key ([`Body::KEY`]).
+    pub key: &'static str,
+    /// Runs one claimed task run to its end.
+    pub run: fn(Engine, Claim, futures::channel::oneshot::Receiver<StateType>) -> BoxFuture<'static, ()>,
+}
+
+inventory::collect!(RemoteTask);
+
+/// The tasks this binary holds, by key.
+pub(crate) fn registry() -> impl Iterator<Item = &'static RemoteTask> {
+    inventory::iter::<RemoteTask>.into_iter()
+}
+
+/// What a queued task run's worker is handed besides its row.
+#[derive(Debug, Serialize, Deserialize)]
+struct Payload {
+    /// Each input's record, by parameter name.
+    inputs: serde_json::Map<String, serde_json::Value>,
+    /// The storage the output goes to (the caller's plan).
+    storage: String,
+    /// The flow run that called it, and that flow's name.
+    #[serde(default)]
+    flow_run: Option<(Uuid, String)>,
+}
+
+/// What a caller needs to persist one input.
+#[doc(hidden)]
+#[derive(Clone)]
+pub struct InputContext {
+    engine: Engine,
+    storage: Arc<str>,
+    run_id: Uuid,
+    run_name: Arc<str>,
+}
+
+/// One argument of a task run, ready to be written as a record.
+#[doc(hidden)]
+#[allow(clippy::type_complexity)]
+pub struct RemoteInput {
+    name: &'static str,
+    persist: Box<dyn FnOnce(InputContext) -> BoxFuture<'static, Result<ResultRef, Error>> + Send>,
+}
+
+impl std::fmt::Debug for RemoteInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteInput").field("name", &self.name).finish()
+    }
+}
+
+impl RemoteInput {
+    /// The argument `name` with the serializer its type has (`None`: it cannot cross).
+    pub fn new<T: Send + 'static>(name: &'static str, value: T, serializer: Option<Arc<dyn Serializer<T>>>) -> Self {
+        let persist = move |ctx: InputContext| -> BoxFuture<'static, Result<ResultRef, Error>> {
+            Box::pin(async move {
+                let Some(serializer) = serializer else {
+                    return Err(Error::Setup(format!(
+                        "{}: its input '{name}' of type {} cannot cross to a worker: it has no serializer \
+                         (derive Serialize and Deserialize for it, or pass a key to a persisted object)",
+                        ctx.run_name,
+                        short_type::<T>()
+                    )));
+                };
+                let plan = Plan {
+                    storage: ctx.storage.clone(),
+                    template: None,
+                    serializer,
+                };
+                let key = StorageKey::new(format!("inputs/{}/{name}", ctx.run_id))
+                    .map_err(crate::result::ResultError::InvalidKey)?;
+                let inline = Some(ctx.engine.inline_max());
+                persist::persist(
+                    &ctx.engine,
+                    &plan,
+                    key,
+                    None,
+                    (ctx.run_id, &ctx.run_name),
+                    inline,
+                    value,
+                )
+                .await
+                .map(|(_, reference)| reference)
+                .map_err(|(_, e)| e.into())
+            })
+        };
+        RemoteInput {
+            name,
+            persist: Box::new(persist),
+        }
+    }
+}
+
+/// The inputs of a claimed task run, loaded by parameter name.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct LoadedInputs {
+    engine: Engine,
+    refs: serde_json::Map<String, serde_json::Value>,
+    reader: String,
+}
+
+impl LoadedInputs {
+    /// Loads input `name` with the serializer `serializer_for` gives for the serializer
+    /// name its record carries (the caller's default may differ from this process's).
+    pub async fn take<T: Send + 'static>(
+        &self,
+        name: &str,
+        serializer_for: impl Fn(&str) -> Option<Arc<dyn Serializer<T>>>,
+    ) -> Result<T, String> {
+        let reference: ResultRef = self
+            .refs
+            .get(name)
+            .cloned()
+            .and_then(|r| serde_json::from_value(r).ok())
+            .ok_or_else(|| format!("input '{name}' is missing from the queued run"))?;
+        let serializer = serializer_for(&reference.serializer)
+            .ok_or_else(|| format!("input '{name}' of type {} has no serializer", short_type::<T>()))?;
+        persist::load(&self.engine, &reference, serializer, &self.reader)
+            .await
+            .map_err(|e| format!("cannot load input '{name}': {e}"))
+    }
+}
+
+/// Watches a queued task run from the caller: asks it to stop if the caller goes away first.
+struct Waiting {
+    engine: Engine,
+    id: Uuid,
+    done: bool,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let (store, id) = (self.engine.store().clone(), self.id);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = crate::deployment::cancel(&*store, id).await {
+                    tracing::warn!("cannot cancel task run {id}, whose caller stopped: {e}");
+                }
+            });
+        }
+    }
+}
+
+/// The caller's side: persists the inputs, queues the task run in `pool`, waits for it to
+/// end and loads its result.
+pub(crate) async fn call<T: Task>(
+    tracker: &mut Tracker,
+    options: &Options<T::Error>,
+    flow_run: Option<(Uuid, Arc<str>)>,
+    plan: Option<Plan<T::Output>>,
+    args: T::Args,
+    pool: &str,
+) -> Result<Done<T::Output>, Failure<T::Error>> {
+    let label = tracker.label.clone();
+    let engine = tracker.engine.clone();
+    let fail = |tracker: &mut Tracker, message: String| -> Failure<T::Error> {
+        if let Err(e) = tracker.to(StateType::Failed, Some(message.clone())) {
+            return Failure::Kiln(e);
+        }
+        Failure::Kiln(Error::Setup(message))
+    };
+    let Some(plan) = plan else {
+        let message = format!(
+            "{label} runs in pool '{pool}', on a worker: its {} result must cross back as a record, but it is not \
+             persisted; give the task a storage both reach (`storage = \"...\"`)",
+            short_type::<T::Output>()
+        );
+        return Err(fail(tracker, message));
+    };
+    let storage = match engine.storage(&plan.storage) {
+        Ok(s) => s,
+        Err(e) => return Err(fail(tracker, e.to_string())),
+    };
+    let host = match storage.kind() {
+        "memory" => {
+            let message = format!(
+                "{label} runs in pool '{pool}', on a worker in another process: its records go to storage '{}', \
+                 which is memory of this process and cannot reach it; use a storage both reach (s3, gcs, azure, \
+                 or a local folder on one host)",
+                plan.storage
+            );
+            return Err(fail(tracker, message));
+        }
+        "local" => {
+            let host = crate::heartbeat::host_name();
+            // Said once per task and storage, not for every run of a fan-out.
+            static SAID: std::sync::Mutex<Vec<(&'static str, String)>> = std::sync::Mutex::new(Vec::new());
+            let mut said = SAID.lock().unwrap_or_else(|p| p.into_inner());
+            if !said.iter().any(|(k, s)| *k == T::KEY && **s == *plan.storage) {
+                said.push((T::KEY, plan.storage.to_string()));
+                tracing::info!(
+                    "{} runs in pool '{pool}' with records in the local storage '{}': only workers on this host ({host}) \
+                     can run it",
+                    label.name,
+                    plan.storage
+                );
+            }
+            Some(host)
+        }
+        _ => None,
+    };
+    let ctx = InputContext {
+        engine: engine.clone(),
+        storage: plan.storage.clone(),
+        run_id: label.id,
+        run_name: Arc::from(label.to_string()),
+    };
+    let mut inputs = serde_json::Map::new();
+    for input in T::remote_inputs(args, engine.default_serializer()) {
+        match (input.persist)(ctx.clone()).await {
+            Ok(reference) => {
+                inputs.insert(
+                    input.name.to_owned(),
+                    serde_json::to_value(&reference).expect("a reference serializes"),
+                );
+            }
+            Err(e) => return Err(fail(tracker, e.to_string())),
+        }
+    }
+    let payload = Payload {
+        inputs,
+        storage: plan.storage.to_string(),
+        flow_run: flow_run.map(|(id, name)| (id, name.to_string())),
+    };
+    tracker.send(Write::Enqueue(QueueEntry {
+        run_id: label.id,
+        kind: RunKind::Task,
+        pool: pool.to_owned(),
+        deployment: None,
+        target: T::KEY.to_owned(),
+        scheduled: now_micros(),
+        max_attempts: options.max_attempts(),
+        host,
+        payload: serde_json::to_value(&payload).expect("a payload serializes"),
+    }))?;
+    // The worker moves the run from here on; this side only watches.
+    tracker.state = None;
+    let mut waiting = Waiting {
+        engine: engine.clone(),
+        id: label.id,
+        done: false,
+    };
+    let run = wait_until_done(&engine, label.id).await?;
+    waiting.done = true;
+    match run.state {
+        StateType::Completed | StateType::Cached => {
+            let reference: ResultRef = run
+                .result
+                .and_then(|r| serde_json::from_value(r).ok())
+                .ok_or_else(|| Error::Setup(format!("{label} completed on its worker without a result record")))?;
+            let value = persist::load(&engine, &reference, plan.serializer.clone(), &label.to_string())
+                .await
+                .map_err(Error::from)?;
+            Ok(Done::now(value))
+        }
+        state => Err(Failure::Kiln(Error::Failed {
+            run: label,
+            attempts: run.attempt,
+            message: format!(
+                "{state} on its worker: {}",
+                run.state_message.as_deref().unwrap_or("no message")
+            ),
+        })),
+    }
+}
+
+/// Waits for a task run to reach a final state, looking often at first, then less.
+async fn wait_until_done(engine: &Engine, id: Uuid) -> Result<kiln_store::model::TaskRun, Error> {
+    let mut pause = Duration::from_millis(2);
+    loop {
+        // The queueing is durable before anyone can claim it: flush first, once.
+        if let Some(run) = engine.store().task_run(id).await?
+            && run.state.is_terminal()
+        {
+            return Ok(run);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// The worker's side: loads the inputs of a claimed task run, runs its attempts with the
+/// claim's fencing token and persists its output.
+#[doc(hidden)]
+pub fn run_claimed<T: Task>(
+    task: T,
+    engine: Engine,
+    claim: Claim,
+    cancel: futures::channel::oneshot::Receiver<StateType>,
+) -> BoxFuture<'static, ()> {
+    Box::pin(async move {
+        let scope = engine.clone();
+        scope.scope(run_claimed_inner(task, engine, claim, cancel)).await;
+    })
+}
+
+async fn run_claimed_inner<T: Task>(
+    task: T,
+    engine: Engine,
+    claim: Claim,
+    cancel: futures::channel::oneshot::Receiver<StateType>,
+) {
+    let options = Arc::new(
+        Options::new()
+            .retries(claim.max_attempts.saturating_sub(1))
+            .over(&task.options()),
+    );
+    let name = options.name.clone().unwrap_or_else(|| Arc::from(T::NAME));
+    let label = RunLabel {
+        kind: RunKind::Task,
+        name,
+        id: claim.run_id,
+    };
+    let problems = Arc::new(Problems::default());
+    let mut tracker = Tracker::adopt(label.clone(), engine.clone(), &claim, problems.clone());
+    let outcome = async {
+        let payload: Payload = serde_json::from_value(claim.parameters.clone())
+            .map_err(|e| format!("its queued inputs cannot be read: {e}"))?;
+        let loaded = LoadedInputs {
+            engine: engine.clone(),
+            refs: payload.inputs,
+            reader: label.to_string(),
+        };
+        let args = T::remote_args(loaded).await?;
+        let mut plan = run::persist_plan(&task, &engine, &options, &label, true, true)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "its result cannot be persisted".to_owned())?;
+        plan.storage = Arc::from(payload.storage.as_str());
+        let flow_run = payload.flow_run.as_ref().map(|(id, name)| (*id, name.as_str()));
+        let persisting = run::persisting::<T>(Some(plan), &label, flow_run, &args).map_err(|e| e.to_string())?;
+        Ok::<_, String>((args, persisting, flow_run.map(|f| f.0)))
+    }
+    .await;
+    let (args, persisting, flow_run_id) = match outcome {
+        Ok(ready) => ready,
+        Err(message) => {
+            tracing::error!("{label}: {message}");
+            if tracker.to(StateType::Failed, Some(message)).is_ok() {
+                let _ = problems.recorded(&engine, &label).await;
+            }
+            return;
+        }
+    };
+    let requested = async {
+        match cancel.await {
+            Ok(state) => state,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    let stopped = {
+        let run = run::attempts::<T>(&mut tracker, &options, args, flow_run_id, persisting, None, |b| b);
+        tokio::select! {
+            outcome = run => Err(outcome.map(drop)),
+            state = requested => Ok(state),
+        }
+    };
+    if let Ok(state) = stopped {
+        tracker.state = Some(state);
+        if state == StateType::Cancelling {
+            let _ = tracker.to(StateType::Cancelled, Some("cancelled; its worker stopped it".into()));
+        }
+    }
+    drop(tracker);
+    if let Err(e) = problems.recorded(&engine, &label).await {
+        tracing::warn!("{label}: {e}");
+    }
+}
+
+/// Support for `#[task]`: the serializer an input of type `T` crosses with.
+#[doc(hidden)]
+pub mod probe {
+    use super::*;
+    use crate::__private::TypeProbe;
+
+    /// Images cross as raw pixels (exact, and the fastest to write and read).
+    pub trait ViaImageInput<T> {
+        /// The serializer.
+        fn kiln_input_serializer(&self, default: &str) -> Option<Arc<dyn Serializer<T>>>;
+    }
+    #[cfg(feature = "images")]
+    impl<T: crate::serializer::ImageValue> ViaImageInput<T> for &&TypeProbe<T> {
+        fn kiln_input_serializer(&self, _default: &str) -> Option<Arc<dyn Serializer<T>>> {
+            Some(Arc::new(crate::serializer::RawPixels))
+        }
+    }
+    /// Serde values cross with the default serializer.
+    pub trait ViaSerdeInput<T> {
+        /// The serializer.
+        fn kiln_input_serializer(&self, default: &str) -> Option<Arc<dyn Serializer<T>>>;
+    }
+    impl<T: Serialize + serde::de::DeserializeOwned + 'static> ViaSerdeInput<T> for &TypeProbe<T> {
+        fn kiln_input_serializer(&self, default: &str) -> Option<Arc<dyn Serializer<T>>> {
+            Some(match default {
+                "json" => Arc::new(crate::serializer::Json),
+                _ => Arc::new(crate::serializer::MsgPack),
+            })
+        }
+    }
+    /// Anything else cannot cross.
+    pub trait NoInput<T> {
+        /// `None`.
+        fn kiln_input_serializer(&self, default: &str) -> Option<Arc<dyn Serializer<T>>>;
+    }
+    impl<T> NoInput<T> for TypeProbe<T> {
+        fn kiln_input_serializer(&self, _default: &str) -> Option<Arc<dyn Serializer<T>>> {
+            None
+        }
+    }
+}
