@@ -42,6 +42,7 @@ impl From<StoreError> for Problem {
             StoreError::UnknownRun(_) => StatusCode::NOT_FOUND,
             StoreError::AmbiguousRun { .. } => StatusCode::CONFLICT,
             StoreError::IllegalTransition { .. } => StatusCode::CONFLICT,
+            StoreError::UnknownProcess(_) => StatusCode::CONFLICT,
             StoreError::ReadOnly(_) => StatusCode::FORBIDDEN,
             e if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,

@@ -43,7 +43,9 @@ impl From<kiln::Error> for Problem {
 
 /// Claims queued runs for a worker process (waits up to `wait_ms`, at most 30 s, when none is claimable).
 #[utoipa::path(post, path = "/api/v1/work/claim", tag = "work", request_body = ClaimRequest,
-    responses((status = 200, description = "The runs claimed (none: nothing was claimable in time)", body = Vec<Claim>), WriteErrors))]
+    responses((status = 200, description = "The runs claimed (none: nothing was claimable in time)", body = Vec<Claim>),
+        (status = 409, description = "The claiming process has sent no heartbeat", body = Problem, content_type = "application/problem+json"),
+        WriteErrors))]
 pub(crate) async fn claim(State(store): State<Shared>, JsonBody(mut req): JsonBody<ClaimRequest>) -> Reply<Vec<Claim>> {
     if req.pools.is_empty() {
         return Err(Problem::new(

@@ -92,6 +92,8 @@ pub(crate) enum DbError {
     Pg(tokio_postgres::Error),
     Pool(deadpool_postgres::PoolError),
     Data(String),
+    /// A claim from a process with no heartbeat recorded.
+    UnknownProcess(Uuid),
 }
 
 impl std::fmt::Display for DbError {
@@ -104,6 +106,7 @@ impl std::fmt::Display for DbError {
             },
             DbError::Pool(e) => write!(f, "{e}"),
             DbError::Data(m) => f.write_str(m),
+            DbError::UnknownProcess(id) => write!(f, "{}", StoreError::UnknownProcess(*id)),
         }
     }
 }
@@ -124,6 +127,9 @@ impl From<deadpool_postgres::PoolError> for DbError {
 
 pub(crate) fn backend(e: impl Into<DbError>) -> StoreError {
     let e = e.into();
+    if let DbError::UnknownProcess(id) = e {
+        return StoreError::UnknownProcess(id);
+    }
     let retryable = writer::is_transient(&e);
     StoreError::backend(e, retryable)
 }

@@ -142,6 +142,13 @@ async fn apply(tx: &Transaction<'_>, c: &Candidate, change: &StateChange) -> Res
 async fn claim_once(pool: &Pool, request: &ClaimRequest) -> Result<Vec<Claim>, DbError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
+    if tx
+        .query_opt("SELECT 1 FROM processes WHERE id = $1", &[&request.process_id])
+        .await?
+        .is_none()
+    {
+        return Err(DbError::UnknownProcess(request.process_id));
+    }
     let limit = request.limit.max(1) as i64;
     let now = now_micros();
     // Locked rows belong to another claimer right now: skip them rather than wait.

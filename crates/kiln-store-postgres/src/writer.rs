@@ -41,7 +41,7 @@ pub(crate) fn is_transient(e: &DbError) -> bool {
         },
         DbError::Pool(deadpool_postgres::PoolError::Closed) => false,
         DbError::Pool(_) => true,
-        DbError::Data(_) => false,
+        DbError::Data(_) | DbError::UnknownProcess(_) => false,
     }
 }
 

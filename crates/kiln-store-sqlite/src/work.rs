@@ -92,6 +92,15 @@ pub(crate) fn claim(
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(backend)?;
+    let known: Option<i64> = tx
+        .query_row("SELECT 1 FROM processes WHERE id = ?1", [request.process_id], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(backend)?;
+    if known.is_none() {
+        return Err(StoreError::UnknownProcess(request.process_id));
+    }
     let pools = serde_json::to_string(&request.pools).unwrap_or_else(|_| "[]".into());
     let targets = serde_json::to_string(&request.targets).unwrap_or_else(|_| "[]".into());
     let now = now_micros();

@@ -76,6 +76,12 @@ pub enum StoreError {
     /// The store was opened read-only.
     #[error("the state database {0} was opened read-only; writes are refused")]
     ReadOnly(String),
+    /// A claim from a process the store has no record of: a claimer heartbeats first, so
+    /// that its claims are taken back if it stops.
+    #[error(
+        "process {0} is not recorded: a claimer sends a heartbeat (Write::Heartbeat) before it claims, so that its claims are taken back if it stops"
+    )]
+    UnknownProcess(uuid::Uuid),
     /// The background writer stopped (its thread panicked or the store was closed).
     #[error("the state store's writer has stopped; writes after it are not recorded: {0}")]
     WriterGone(String),

@@ -1048,6 +1048,23 @@ fn queued(name: &str, pool: &str, deployment: Option<&str>, at: Micros, max_atte
     [Write::FlowRun(run), Write::Enqueue(entry)]
 }
 
+/// A process that heartbeats (a claimer must), as recorded in `store`.
+async fn live(store: &dyn Store) -> Uuid {
+    let id = Uuid::now_v7();
+    let beat = Process {
+        id,
+        host: "suite-host".into(),
+        pid: 4242,
+        started: 1,
+        heartbeat: now_micros(),
+    };
+    assert!(matches!(
+        store.write(Write::Heartbeat(beat)).await.unwrap(),
+        Outcome::Applied { .. }
+    ));
+    id
+}
+
 fn claim_request(process: Uuid, pools: &[&str], limit: u32) -> crate::work::ClaimRequest {
     crate::work::ClaimRequest {
         process_id: process,
@@ -1101,7 +1118,13 @@ pub async fn claims_hand_each_run_to_one_worker(store: &dyn Store) {
     // Cancelled before anyone claimed it: never handed out.
     walk(store, RunKind::Flow, gone, Scheduled, &[(Cancelled, 0, None)]).await;
 
-    let (w1, w2) = (Uuid::now_v7(), Uuid::now_v7());
+    let stranger = store.claim(&claim_request(Uuid::now_v7(), &["cpu"], 1)).await;
+    assert!(
+        matches!(stranger, Err(StoreError::UnknownProcess(_)))
+            || stranger.as_ref().is_err_and(|e| e.to_string().contains("heartbeat")),
+        "a claimer that never heartbeated is refused: {stranger:?}"
+    );
+    let (w1, w2) = (live(store).await, live(store).await);
     let mut only_train = claim_request(w1, &["cpu", "gpu"], 10);
     only_train.targets = vec!["train".into()];
     let trains = store.claim(&only_train).await.unwrap();
@@ -1284,7 +1307,7 @@ pub async fn claims_respect_concurrency_limits(store: &dyn Store) {
             concurrency: Some(2),
         }]
     );
-    let (w1, w2) = (Uuid::now_v7(), Uuid::now_v7());
+    let (w1, w2) = (live(store).await, live(store).await);
     let big = store.claim(&claim_request(w1, &["big"], 10)).await.unwrap();
     assert_eq!(big.len(), 1, "deployment 'nightly' allows one run at a time");
     assert!(store.claim(&claim_request(w2, &["big"], 10)).await.unwrap().is_empty());
@@ -1307,7 +1330,7 @@ pub async fn claims_respect_concurrency_limits(store: &dyn Store) {
 /// A claim that waits is answered as soon as a run is queued (without polling where the
 /// backend can), and after its wait when none is.
 pub async fn a_waiting_claim_wakes_when_work_arrives(store: &dyn Store) {
-    let worker = Uuid::now_v7();
+    let worker = live(store).await;
     let mut request = claim_request(worker, &["wake"], 1);
     request.wait_ms = 300;
     let started = std::time::Instant::now();
@@ -1353,10 +1376,10 @@ pub async fn queued_task_runs_carry_their_inputs_and_may_be_pinned_to_a_host(sto
     send(store, &report, [Write::TaskRun(run), Write::Enqueue(entry)]);
     store.flush().await.unwrap();
     assert_eq!(report.problems(), Vec::<String>::new());
-    let mut elsewhere = claim_request(Uuid::now_v7(), &["gpu"], 5);
+    let mut elsewhere = claim_request(live(store).await, &["gpu"], 5);
     elsewhere.host = Some("host-b".into());
     assert!(store.claim(&elsewhere).await.unwrap().is_empty(), "pinned to host-a");
-    let mut here = claim_request(Uuid::now_v7(), &["gpu"], 5);
+    let mut here = claim_request(live(store).await, &["gpu"], 5);
     here.host = Some("host-a".into());
     let claims = store.claim(&here).await.unwrap();
     assert_eq!(claims.len(), 1);

@@ -200,7 +200,7 @@ impl RunScope {
 }
 
 /// Whether the run whose code calls this was asked to stop: its attempt exceeded its
-/// `timeout`.
+/// `timeout`, or the run was cancelled (`kiln runs cancel`, its flow run ended).
 ///
 /// An async body is stopped at its next `.await` when it times out. A synchronous body
 /// runs on a thread, and threads cannot be stopped from outside: it keeps running until it

@@ -375,6 +375,9 @@ pub(crate) async fn attempts<B: Body>(
     let mut args = Some(args);
     loop {
         let scope = RunScope::new(tracker.id(), flow_run_id, tracker.engine.clone());
+        // Dropped before its body returns (the run was cancelled): a synchronous body still
+        // running on its thread learns it through kiln::cancelled().
+        let _stop = StopOnDrop(scope.clone());
         tracker.attempt += 1;
         tracker.to(StateType::Running, None)?;
         let last = tracker.attempt >= max_attempts;
@@ -465,6 +468,15 @@ pub(crate) async fn attempts<B: Body>(
             }
         };
         tokio::join!(returned, tokio::time::sleep(delay));
+    }
+}
+
+/// Tells an attempt's bodies to stop when the attempt is over, however it ended.
+struct StopOnDrop(Arc<crate::context::RunScope>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

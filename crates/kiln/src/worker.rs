@@ -143,6 +143,9 @@ impl Worker {
                 }
             }
         }
+        // The claimer's heartbeat is recorded before its first claim (the store refuses claims
+        // of processes it has no record of: it could never take them back).
+        engine.flush().await?;
         let mut runners: HashMap<String, Runner> = self
             .deployments
             .iter()
