@@ -20,8 +20,9 @@ use crate::openapi::{ReadErrors, WriteErrors};
 
 type Reply<T> = Result<axum::Json<T>, Problem>;
 
-/// The longest a claim request waits for work here (a worker asks again after).
-const MAX_CLAIM_WAIT_MS: u64 = 30_000;
+/// The longest a claim request waits for work here (a worker asks again after; its own
+/// requests wait 5 s).
+const MAX_CLAIM_WAIT_MS: u64 = 5_000;
 
 /// How often the server creates scheduled runs and looks for dead processes.
 pub(crate) const SCHEDULER_TICK: Duration = Duration::from_secs(5);
@@ -41,7 +42,7 @@ impl From<kiln::Error> for Problem {
     }
 }
 
-/// Claims queued runs for a worker process (waits up to `wait_ms`, at most 30 s, when none is claimable).
+/// Claims queued runs for a worker process (waits up to `wait_ms`, at most 5 s, when none is claimable).
 #[utoipa::path(post, path = "/api/v1/work/claim", tag = "work", request_body = ClaimRequest,
     responses((status = 200, description = "The runs claimed (none: nothing was claimable in time)", body = Vec<Claim>),
         (status = 409, description = "The claiming process has sent no heartbeat", body = Problem, content_type = "application/problem+json"),
@@ -53,11 +54,24 @@ pub(crate) async fn claim(State(store): State<Shared>, JsonBody(mut req): JsonBo
             "name at least one pool to claim from",
         ));
     }
-    if req.pools.iter().chain(&req.targets).any(|p| p.contains('\0')) {
+    if req.wait_ms > 60_000 || req.limit > 1000 {
         return Err(Problem::new(
-            StatusCode::BAD_REQUEST,
-            "a pool or target name contains a NUL character",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "wait_ms is at most 60000 and limit at most 1000",
         ));
+    }
+    // No pool, target or host name holds a NUL (the databases cannot store one): such a
+    // name matches nothing.
+    let named = |v: &mut Vec<String>| {
+        let before = v.len();
+        v.retain(|p| !p.contains('\0'));
+        before > 0 && v.is_empty()
+    };
+    if named(&mut req.pools) || named(&mut req.targets) {
+        return Ok(axum::Json(Vec::new()));
+    }
+    if req.host.as_deref().is_some_and(|h| h.contains('\0')) {
+        req.host = None;
     }
     req.wait_ms = req.wait_ms.min(MAX_CLAIM_WAIT_MS);
     req.limit = req.limit.clamp(1, 1000);
@@ -83,7 +97,11 @@ pub(crate) async fn queue(
     query: Result<Query<QueueQuery>, QueryRejection>,
 ) -> Reply<Vec<QueuedRun>> {
     let Query(q) = query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let limit = q.limit.unwrap_or(100).clamp(1, 10_000) as usize;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=10_000).contains(&limit) {
+        return Err(Problem::new(StatusCode::BAD_REQUEST, "limit must be from 1 to 10000"));
+    }
+    let limit = limit as usize;
     if q.pool.as_deref().is_some_and(|p| p.contains('\0')) {
         return Ok(axum::Json(Vec::new()));
     }

@@ -79,7 +79,8 @@ impl QueueEntry {
 pub struct ClaimRequest {
     /// The claiming process (it heartbeats; its claims end when it stops).
     pub process_id: Uuid,
-    /// The pools it serves.
+    /// The pools it serves (at least one).
+    #[cfg_attr(feature = "openapi", schema(min_items = 1))]
     pub pools: Vec<String>,
     /// Only runs of these targets (the flows and tasks its binary holds); empty: any.
     #[serde(default)]
@@ -87,11 +88,13 @@ pub struct ClaimRequest {
     /// The claimer's host: runs pinned to another host are not handed to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
-    /// At most this many runs.
+    /// At most this many runs (1 to 1000).
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 1000))]
     pub limit: u32,
     /// When nothing is claimable, wait up to this many milliseconds for a run to become
     /// claimable (0: answer at once). Backends wait without polling where they can.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(maximum = 60000))]
     pub wait_ms: u64,
 }
 
@@ -196,6 +199,46 @@ impl Deployment {
             return Err(format!(
                 "deployment '{}': an interval must be at least 1 second",
                 self.name
+            ));
+        }
+        self.check_parameters(&self.parameters, true)
+            .map_err(|e| format!("deployment '{}': its default {e}", self.name))
+    }
+
+    /// Checks parameters against [`parameter_schema`](Self::parameter_schema): every name
+    /// known, and (unless `partial`: the defaults alone) every required one given. The error
+    /// names the parameter.
+    pub fn check_parameters(&self, parameters: &serde_json::Value, partial: bool) -> Result<(), String> {
+        let Some(given) = parameters.as_object() else {
+            return Err("parameters must be a JSON object (name: value)".into());
+        };
+        let schema = &self.parameter_schema;
+        let known: Vec<&str> = schema["properties"]
+            .as_object()
+            .map(|p| p.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        if let Some(unknown) = given.keys().find(|k| !known.contains(&k.as_str())) {
+            return Err(format!(
+                "flow '{}' has no parameter '{unknown}'; its parameters: {}",
+                self.flow,
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            ));
+        }
+        if !partial
+            && let Some(missing) = schema["required"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r.as_str())
+                .find(|r| !given.contains_key(*r))
+        {
+            return Err(format!(
+                "parameter '{missing}' of flow '{}' is missing: give it (`-p {missing}=...`) or set a default on the deployment",
+                self.flow
             ));
         }
         Ok(())

@@ -216,46 +216,14 @@ pub(crate) type Runner = Arc<
         + Sync,
 >;
 
-/// Checks parameters against the deployment's schema: every name known, and (unless
-/// `partial`: the defaults alone) every parameter given. The error names the parameter.
+/// Checks parameters against the deployment's schema (see
+/// [`Deployment::check_parameters`](kiln_store::work::Deployment::check_parameters)).
 pub fn check_parameters(
     deployment: &work::Deployment,
     parameters: &serde_json::Value,
     partial: bool,
 ) -> Result<(), String> {
-    let Some(given) = parameters.as_object() else {
-        return Err("parameters must be a JSON object (name: value)".into());
-    };
-    let schema = &deployment.parameter_schema;
-    let known: Vec<&str> = schema["properties"]
-        .as_object()
-        .map(|p| p.keys().map(String::as_str).collect())
-        .unwrap_or_default();
-    if let Some(unknown) = given.keys().find(|k| !known.contains(&k.as_str())) {
-        return Err(format!(
-            "flow '{}' has no parameter '{unknown}'; its parameters: {}",
-            deployment.flow,
-            if known.is_empty() {
-                "none".to_owned()
-            } else {
-                known.join(", ")
-            }
-        ));
-    }
-    if !partial
-        && let Some(missing) = schema["required"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|r| r.as_str())
-            .find(|r| !given.contains_key(*r))
-    {
-        return Err(format!(
-            "parameter '{missing}' of flow '{}' is missing: give it (`-p {missing}=...`) or set a default on the deployment",
-            deployment.flow
-        ));
-    }
-    Ok(())
+    deployment.check_parameters(parameters, partial)
 }
 
 /// Parameters given to a run over the deployment's defaults.
