@@ -301,7 +301,10 @@ pub(crate) async fn call<T: Task>(
     }
 }
 
-/// Waits for a task run to reach a final state, looking often at first, then less.
+/// Waits for a task run to reach a final state, looking often at first (a short task is
+/// seen within milliseconds), then every 250 ms at most. Each waiting call reads on its own:
+/// thousands of them at once cost the database more than the runs do (bench/dispatch);
+/// one watcher per engine, woken by the store, is the way to remove that.
 async fn wait_until_done(engine: &Engine, id: Uuid) -> Result<kiln_store::model::TaskRun, Error> {
     let mut pause = Duration::from_millis(2);
     loop {
@@ -312,7 +315,7 @@ async fn wait_until_done(engine: &Engine, id: Uuid) -> Result<kiln_store::model:
             return Ok(run);
         }
         tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(100));
+        pause = (pause * 2).min(Duration::from_millis(250));
     }
 }
 

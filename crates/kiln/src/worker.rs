@@ -195,12 +195,15 @@ impl Worker {
         let mut running: JoinSet<Uuid> = JoinSet::new();
         // The runs in progress, and how to tell each it is being cancelled.
         let mut cancels: HashMap<Uuid, (RunKind, oneshot::Sender<StateType>)> = HashMap::new();
-        let start = |claim: Claim,
-                     permit: Option<OwnedSemaphorePermit>,
-                     running: &mut JoinSet<Uuid>,
-                     cancels: &mut HashMap<Uuid, (RunKind, oneshot::Sender<StateType>)>| {
-            // Handed out again (its first answer may have been lost): it runs here already.
-            if cancels.contains_key(&claim.run_id) {
+        // The claims this worker started, by run and token: a claim handed out again (its
+        // first answer may have been lost, or the store answered before this worker's first
+        // state change reached it) is started once. A new token is a new claim.
+        let mut started = Started::default();
+        let mut start = |claim: Claim,
+                         permit: Option<OwnedSemaphorePermit>,
+                         running: &mut JoinSet<Uuid>,
+                         cancels: &mut HashMap<Uuid, (RunKind, oneshot::Sender<StateType>)>| {
+            if !started.first(claim.run_id, claim.fence) {
                 return;
             }
             let Some(runner) = runners.get(&claim.target) else {
@@ -263,6 +266,32 @@ impl Worker {
         }
         engine.flush().await?;
         Ok(())
+    }
+}
+
+/// The claims a worker started, the latest ones (run and fencing token).
+#[derive(Default)]
+struct Started {
+    set: std::collections::HashSet<(Uuid, u64)>,
+    order: std::collections::VecDeque<(Uuid, u64)>,
+}
+
+impl Started {
+    /// Kept: far more than one claim answer holds (a re-delivery comes with the next answers).
+    const KEPT: usize = 100_000;
+
+    /// Whether this claim is new to this worker (and now remembered).
+    fn first(&mut self, run: Uuid, fence: u64) -> bool {
+        if !self.set.insert((run, fence)) {
+            return false;
+        }
+        self.order.push_back((run, fence));
+        if self.order.len() > Self::KEPT
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        true
     }
 }
 
