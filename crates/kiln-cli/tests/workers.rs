@@ -230,17 +230,33 @@ fn a_deployment_runs_on_a_worker_and_can_be_cancelled() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no deployment named 'nope'; deployments: hang, sum, tick"));
     assert_eq!(sums(), before, "no run was created");
 
-    // A type that does not fit fails the run at the worker, naming the parameter.
-    let bad = start_run(home.path(), None, "sum", &["n=\"many\"", "pause_ms=1"]);
-    eventually(Duration::from_secs(30), "the bad run to fail", || {
-        state(&*store, bad) == Failed
-    });
-    let failed = block(store.flow_run(bad)).unwrap().unwrap();
+    // A value of the wrong type: refused before any run is created, naming the parameter
+    // (the flow's parameter types give its deployment a JSON Schema).
+    let out = kiln(
+        home.path(),
+        None,
+        &["deployment", "run", "sum", "-p", "n=\"many\"", "-p", "pause_ms=1"],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("parameter 'n' of flow 'sum_to' does not fit"), "{err}");
+    let out = kiln(
+        home.path(),
+        None,
+        &["deployment", "run", "sum", "-p", "n=-1", "-p", "pause_ms=1"],
+    );
     assert!(
-        failed
-            .state_message
-            .unwrap()
-            .contains("parameter 'n' of flow 'sum_to' does not fit")
+        String::from_utf8_lossy(&out.stderr).contains("parameter 'n'"),
+        "a u64 is not negative"
+    );
+    assert_eq!(sums(), before, "no run was created");
+    let schema = kiln(home.path(), None, &["deployment", "ls", "--json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&schema.stdout).unwrap();
+    let sum = listed.as_array().unwrap().iter().find(|d| d["name"] == "sum").unwrap();
+    assert_eq!(sum["parameter_schema"]["properties"]["n"]["type"], "integer");
+    assert_eq!(
+        sum["parameter_schema"]["required"],
+        serde_json::json!(["n", "pause_ms"])
     );
 
     // Cancelling a running run: its worker stops it, its task runs end Cancelled too.

@@ -218,6 +218,14 @@ fn expand(kind: Kind, attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
         Kind::Flow => quote! {
             impl<const __KILN_CONFIGURED: bool> ::kiln::Flow for #ident<__KILN_CONFIGURED> {
                 const ARG_NAMES: &'static [&'static str] = &[#(#name_strs),*];
+
+                #[allow(unused_imports)]
+                fn parameter_schema() -> ::kiln::__private::serde_json::Value {
+                    use ::kiln::__private::{NoJsonSchema as _, ViaJsonSchema as _};
+                    ::kiln::__private::parameter_schema(&[#(
+                        (#name_strs, (&&::kiln::__private::TypeProbe::<#types>::new()).kiln_schema())
+                    ),*])
+                }
             }
         },
     };

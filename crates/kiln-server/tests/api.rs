@@ -257,3 +257,65 @@ fn a_flow_run_in_one_call_and_state_changes_through_the_compare_and_set() {
         assert!(text.contains("kiln_http_request_duration_seconds_bucket{le="), "{text}");
     });
 }
+
+#[tokio::test]
+async fn deployment_runs_are_checked_created_and_cancelled() {
+    let (_dir, app) = app();
+    let deployment = serde_json::json!({
+        "name": "nightly", "flow": "report", "pool": "cpu", "parameters": { "day": 1 },
+        "parameter_schema": {
+            "type": "object", "additionalProperties": false, "required": ["day", "region"],
+            "properties": { "day": { "type": "integer", "minimum": 0 }, "region": { "type": "string" } }
+        },
+        "tags": ["t"], "max_attempts": 2, "updated": 1
+    });
+    let mut write = deployment.as_object().unwrap().clone();
+    write.insert("write".into(), "put_deployment".into());
+    let body = serde_json::json!({ "writes": [write] }).to_string();
+    let (status, outcomes) = call(&app, post("/api/v1/writes", "application/json", &body)).await;
+    assert_eq!(status, StatusCode::OK, "{outcomes}");
+    assert_eq!(outcomes["outcomes"][0]["outcome"], "applied", "{outcomes}");
+    let (status, listed) = call(&app, Request::get("/api/v1/deployments").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(listed[0]["name"], "nightly");
+
+    let run = |body: &str| post("/api/v1/deployments/nightly/runs", "application/json", body);
+    let (status, p) = call(&app, run(r#"{"parameters": {"region": 3}}"#)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{p}");
+    assert!(p["detail"].as_str().unwrap().contains("parameter 'region'"), "{p}");
+    let (status, p) = call(&app, run(r#"{"parameters": {}}"#)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap()
+            .contains("parameter 'region' of flow 'report' is missing"),
+        "{p}"
+    );
+    let (status, p) = call(&app, post("/api/v1/deployments/nope/runs", "application/json", "{}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{p}");
+    let (status, created) = call(&app, run(r#"{"parameters": {"region": "eu"}, "tags": ["manual"]}"#)).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["state"], "Scheduled");
+    let id = created["id"].as_str().unwrap().to_owned();
+    let (_, flow) = call(
+        &app,
+        Request::get(format!("/api/v1/flow_runs/{id}"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(flow["parameters"], serde_json::json!({ "day": 1, "region": "eu" }));
+    assert_eq!(flow["tags"], serde_json::json!(["t", "manual", "deployment:nightly"]));
+    let (_, queue) = call(
+        &app,
+        Request::get("/api/v1/work/queue?pool=cpu").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(queue[0]["run_id"], id.as_str());
+
+    // Not claimed yet: cancelled at once, and never handed out.
+    let (status, cancelled) = call(&app, post(&format!("/api/v1/runs/{id}/cancel"), "application/json", "")).await;
+    assert_eq!(status, StatusCode::OK, "{cancelled}");
+    assert_eq!(cancelled["state"], "Cancelled");
+}

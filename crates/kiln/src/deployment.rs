@@ -81,7 +81,7 @@ where
                     .to_owned(),
                 pool: DEFAULT_POOL.to_owned(),
                 parameters: serde_json::Value::Object(Default::default()),
-                parameter_schema: parameter_schema(Self::ARG_NAMES),
+                parameter_schema: Self::parameter_schema(),
                 tags: Vec::new(),
                 schedule: None,
                 catchup: false,
@@ -95,18 +95,6 @@ where
 }
 
 impl<F: Flow> Deploy for F where F::Args: DeserializeOwned {}
-
-/// A JSON Schema of a flow's parameters: an object with exactly these names.
-fn parameter_schema(names: &[&str]) -> serde_json::Value {
-    let properties: serde_json::Map<String, serde_json::Value> =
-        names.iter().map(|n| ((*n).to_owned(), serde_json::json!({}))).collect();
-    serde_json::json!({
-        "type": "object",
-        "properties": properties,
-        "required": names,
-        "additionalProperties": false,
-    })
-}
 
 /// A deployment being declared (see [`Deploy::deploy`]); hand it to
 /// [`Worker::deployment`](crate::Worker::deployment).
@@ -216,14 +204,37 @@ pub(crate) type Runner = Arc<
         + Sync,
 >;
 
-/// Checks parameters against the deployment's schema (see
-/// [`Deployment::check_parameters`](kiln_store::work::Deployment::check_parameters)).
+/// Checks parameters against the deployment's schema: names and required ones (see
+/// [`Deployment::check_parameters`](kiln_store::work::Deployment::check_parameters)), then
+/// each value against its type's JSON Schema (the defaults alone too). The error names the
+/// parameter.
 pub fn check_parameters(
     deployment: &work::Deployment,
     parameters: &serde_json::Value,
     partial: bool,
 ) -> Result<(), String> {
-    deployment.check_parameters(parameters, partial)
+    deployment.check_parameters(parameters, partial)?;
+    let validator = jsonschema::validator_for(&deployment.parameter_schema)
+        .map_err(|e| format!("the parameter schema of flow '{}' cannot be used: {e}", deployment.flow))?;
+    // The defaults alone may leave required parameters out: only their values are checked.
+    let errors = validator
+        .iter_errors(parameters)
+        .filter(|e| !partial || !e.instance_path().to_string().is_empty());
+    if let Some(error) = errors.into_iter().next() {
+        let path = error.instance_path().to_string();
+        let name = path
+            .trim_start_matches('/')
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        return Err(if name.is_empty() {
+            format!("the parameters of flow '{}' do not fit: {error}", deployment.flow)
+        } else {
+            format!("parameter '{name}' of flow '{}' does not fit: {error}", deployment.flow)
+        });
+    }
+    Ok(())
 }
 
 /// Parameters given to a run over the deployment's defaults.

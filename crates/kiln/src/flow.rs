@@ -16,6 +16,10 @@ use crate::run::{self, Body, Failure, Problems, Tracker};
 pub trait Flow: Body + Clone {
     /// The parameter names, in order.
     const ARG_NAMES: &'static [&'static str];
+    /// The parameters as a JSON Schema (types that implement `schemars::JsonSchema` are
+    /// described; others accept any value until the worker reads them).
+    #[doc(hidden)]
+    fn parameter_schema() -> serde_json::Value;
 }
 
 /// A call of a flow with its arguments, not started yet: `.await` it, or [`wait`](Self::wait)

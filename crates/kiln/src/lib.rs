@@ -273,6 +273,53 @@ pub mod __private {
         }
     }
 
+    /// Parameter types that implement `schemars::JsonSchema` describe themselves:
+    /// `(&&TypeProbe::<T>::new()).kiln_schema()`.
+    pub trait ViaJsonSchema {
+        /// The type's JSON Schema, subschemas inlined.
+        fn kiln_schema(&self) -> serde_json::Value;
+    }
+    impl<T: schemars::JsonSchema> ViaJsonSchema for &TypeProbe<T> {
+        fn kiln_schema(&self) -> serde_json::Value {
+            let generator = schemars::generate::SchemaSettings::draft2020_12()
+                .with(|s| s.inline_subschemas = true)
+                .into_generator();
+            let mut schema = generator.into_root_schema_for::<T>().to_value();
+            if let Some(map) = schema.as_object_mut() {
+                map.remove("$schema");
+            }
+            schema
+        }
+    }
+    /// Fallback of [`ViaJsonSchema`]: any value (the worker's deserialization checks it).
+    pub trait NoJsonSchema {
+        /// A schema that accepts anything, saying why.
+        fn kiln_schema(&self) -> serde_json::Value;
+    }
+    impl<T> NoJsonSchema for TypeProbe<T> {
+        fn kiln_schema(&self) -> serde_json::Value {
+            serde_json::json!({
+                "description": format!(
+                    "{} (derive schemars::JsonSchema for it to check values before a run is created)",
+                    std::any::type_name::<T>()
+                )
+            })
+        }
+    }
+
+    /// A flow's parameters as a JSON Schema: an object with exactly these, all required.
+    pub fn parameter_schema(params: &[(&str, serde_json::Value)]) -> serde_json::Value {
+        let names: Vec<&str> = params.iter().map(|(n, _)| *n).collect();
+        let properties: serde_json::Map<String, serde_json::Value> =
+            params.iter().map(|(n, s)| ((*n).to_owned(), s.clone())).collect();
+        serde_json::json!({
+            "type": "object",
+            "properties": properties,
+            "required": names,
+            "additionalProperties": false,
+        })
+    }
+
     /// The serializer named on an attribute, checked against the function's value type.
     pub fn serializer_for<T, S: crate::serializer::Serializer<T>>(
         serializer: S,
