@@ -405,7 +405,12 @@ pub(crate) async fn attempts<B: Body>(
             }
         }
         let retry_message = match outcome {
-            Some(Ok(Ok(value))) => return succeeded::<B>(tracker, persisting.as_ref(), tx, value).await,
+            Some(Ok(Ok(value))) => match succeeded::<B>(tracker, persisting.as_ref(), tx, value, !last).await? {
+                Persisted::Done(done) => return Ok(done),
+                // The storage failed in a way that may pass (unreachable, throttled): the
+                // attempt counts as failed and the next one runs after the retry delay.
+                Persisted::Retry(message) => message,
+            },
             Some(Ok(Err(error))) => {
                 let message = B::describe_error(&error);
                 if last || !options.should_retry(&error) {
@@ -499,14 +504,24 @@ pub(crate) struct Completion {
     pub(crate) note: Option<String>,
 }
 
+/// What became of a successful body's value.
+enum Persisted<T> {
+    /// Persisted (or nothing to persist), and the run entered its state.
+    Done(Done<T>),
+    /// Its record could not be written for a reason that may pass: retry the attempt.
+    Retry(String),
+}
+
 /// The body returned a value: persist it (to a staging key inside a transaction), then
-/// enter Completed, or, inside a transaction, leave that to the commit.
+/// enter Completed, or, inside a transaction, leave that to the commit. A storage error
+/// that may pass is a retry when `may_retry` (attempts remain), else the run fails.
 async fn succeeded<B: Body>(
     tracker: &mut Tracker,
     persisting: Option<&Persisting<B::Output>>,
     tx: Option<&TransactionContext>,
     value: B::Output,
-) -> Result<Done<B::Output>, Failure<B::Error>> {
+    may_retry: bool,
+) -> Result<Persisted<B::Output>, Failure<B::Error>> {
     let mut value = value;
     let mut reference = None;
     if let Some(p) = persisting {
@@ -525,6 +540,11 @@ async fn succeeded<B: Body>(
         .await;
         let (v, mut r) = match persisted {
             Ok(done) => done,
+            Err((_, e)) if may_retry && e.is_retryable() => {
+                return Ok(Persisted::Retry(format!(
+                    "its body succeeded, but its result could not be persisted: {e}"
+                )));
+            }
             Err((_, e)) => {
                 tracker.to(
                     StateType::Failed,
@@ -552,13 +572,13 @@ async fn succeeded<B: Body>(
         note: persisting.and_then(|p| p.note.clone()),
     };
     if tx.is_some() {
-        return Ok(Done {
+        return Ok(Persisted::Done(Done {
             value,
             deferred: Some(completion),
-        });
+        }));
     }
     tracker.enter_with_result(StateType::Completed, completion.note, completion.reference.as_ref())?;
-    Ok(Done::now(value))
+    Ok(Persisted::Done(Done::now(value)))
 }
 
 fn human(d: Duration) -> String {
