@@ -43,16 +43,7 @@ fn the_seed_pipeline_runs_across_two_workers_with_s3_and_postgresql() {
     let Some(database) = kiln_store_postgres::testing::fresh_database_blocking() else {
         return;
     };
-    let Some(endpoint) = std::env::var("KILN_TEST_S3_ENDPOINT").ok().filter(|e| !e.is_empty()) else {
-        assert_ne!(
-            std::env::var("KILN_REQUIRE_SERVICES").as_deref(),
-            Ok("1"),
-            "KILN_TEST_S3_ENDPOINT is not set"
-        );
-        eprintln!("skipped: KILN_TEST_S3_ENDPOINT is not set (scripts/test starts moto)");
-        return;
-    };
-    let bucket = std::env::var("KILN_TEST_S3_BUCKET").unwrap_or_else(|_| "kiln-test".into());
+    let Some((endpoint, bucket)) = common::s3() else { return };
     let (server_home, home) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
 
     // The server, on PostgreSQL.

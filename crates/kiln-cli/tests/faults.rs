@@ -1,5 +1,7 @@
 //! Faults around a run: the storage unreachable for 10 s while a task persists its result.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
@@ -54,16 +56,7 @@ fn proxy(upstream: String, down: Arc<AtomicBool>) -> String {
 
 #[test]
 fn a_storage_down_for_ten_seconds_is_retried_with_backoff_and_the_task_completes() {
-    let Some(endpoint) = std::env::var("KILN_TEST_S3_ENDPOINT").ok().filter(|e| !e.is_empty()) else {
-        assert_ne!(
-            std::env::var("KILN_REQUIRE_SERVICES").as_deref(),
-            Ok("1"),
-            "KILN_TEST_S3_ENDPOINT is not set"
-        );
-        eprintln!("skipped: KILN_TEST_S3_ENDPOINT is not set (scripts/test starts moto)");
-        return;
-    };
-    let bucket = std::env::var("KILN_TEST_S3_BUCKET").unwrap_or_else(|_| "kiln-test".into());
+    let Some((endpoint, bucket)) = common::s3() else { return };
     let upstream = endpoint.trim_start_matches("http://").trim_end_matches('/').to_owned();
     let down = Arc::new(AtomicBool::new(true));
     let through = proxy(upstream, down.clone());

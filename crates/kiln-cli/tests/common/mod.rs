@@ -1,4 +1,5 @@
-//! Helpers the multi-process tests share.
+//! Helpers the multi-process tests share (each test file uses some of them).
+#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -62,4 +63,20 @@ pub fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) 
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The S3-compatible server `scripts/services` started (endpoint, bucket); `None` (the test
+/// then passes, saying so) when it is not set, a panic when `KILN_REQUIRE_SERVICES=1`.
+pub fn s3() -> Option<(String, String)> {
+    let Some(endpoint) = std::env::var("KILN_TEST_S3_ENDPOINT").ok().filter(|e| !e.is_empty()) else {
+        assert_ne!(
+            std::env::var("KILN_REQUIRE_SERVICES").as_deref(),
+            Ok("1"),
+            "KILN_TEST_S3_ENDPOINT is not set"
+        );
+        eprintln!("skipped: KILN_TEST_S3_ENDPOINT is not set (scripts/test starts moto)");
+        return None;
+    };
+    let bucket = std::env::var("KILN_TEST_S3_BUCKET").unwrap_or_else(|_| "kiln-test".into());
+    Some((endpoint, bucket))
 }
