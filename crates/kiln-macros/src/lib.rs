@@ -190,10 +190,10 @@ fn expand(kind: Kind, attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
                 #[allow(unused_variables, unused_imports)]
                 fn remote_inputs(__kiln_args: Self::Args, __kiln_default: &str) -> ::std::vec::Vec<::kiln::__private::RemoteInput> {
                     use ::kiln::__private::probe::{NoInput as _, ViaImageInput as _, ViaSerdeInput as _};
-                    let (#(#names,)*) = __kiln_args;
+                    // By position, not by name: a parameter may be named like a constant.
                     ::std::vec![#(::kiln::__private::RemoteInput::new(
                         #name_strs,
-                        #names,
+                        __kiln_args.#indices,
                         (&&&::kiln::__private::TypeProbe::<#types>::new()).kiln_input_serializer(__kiln_default),
                     )),*]
                 }

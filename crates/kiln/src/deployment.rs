@@ -452,7 +452,8 @@ pub async fn cancel(store: &dyn Store, run_id: Uuid) -> Result<StateType, Error>
                         .await?
                         .is_some_and(|r| r.tags.iter().any(|t| t.starts_with("deployment:"))),
                     RunKind::Task => store
-                        .queued_runs(None, 100_000)
+                        // The server pages at most 10,000 (the queue holds unfinished runs).
+                        .queued_runs(None, 10_000)
                         .await?
                         .iter()
                         .any(|q| q.entry.run_id == run_id),
