@@ -474,3 +474,83 @@ fn task_runs_in_a_pool_run_on_the_worker_and_their_results_come_back() {
     assert!(block(store.queued_runs(Some("remote"), 100)).unwrap().is_empty());
     worker.stop();
 }
+
+/// `kiln server start` on `port` over PostgreSQL at `database`; ready when it prints its address.
+fn server(home: &Path, port: u16, database: &str) -> Proc {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    c.arg("--home")
+        .arg(home)
+        .args(["server", "start", "--port", &port.to_string()])
+        .env("KILN_DATABASE_URL", database)
+        .env_remove("KILN_API_URL")
+        .env_remove("KILN_API_KEY");
+    let server = Proc::spawn(c);
+    eventually(Duration::from_secs(30), "the server to listen", || {
+        server.said("http://")
+    });
+    server
+}
+
+#[test]
+fn a_worker_s_run_survives_a_server_restart() {
+    let Some(url) = kiln_store_postgres::testing::fresh_database_blocking() else {
+        return;
+    };
+    let (server_home, home) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let api = format!("http://127.0.0.1:{port}");
+    let first = server(server_home.path(), port, &url);
+    let mut c = Command::new(std::env::current_exe().unwrap());
+    c.args(["--exact", "worker", "--ignored", "--nocapture"])
+        .env("KILN_HOME", home.path())
+        .env("KILN_API_URL", &api)
+        .env("KILN_HEARTBEAT_SECONDS", "1")
+        .env_remove("KILN_DATABASE_URL")
+        .env_remove("KILN_API_KEY");
+    let worker = Worker(Proc::spawn(c));
+    eventually(Duration::from_secs(60), "the worker to serve", || {
+        worker.said("serving")
+    });
+    let store = open(home.path(), Some(&url));
+    let request = kiln::deployment::RunRequest {
+        parameters: serde_json::json!({ "n": 40, "pause_ms": 100 }),
+        ..Default::default()
+    };
+    let id = block(kiln::deployment::run_deployment(&*store, "sum", request)).unwrap();
+    eventually(Duration::from_secs(30), "five steps", || {
+        block(store.task_runs(id))
+            .unwrap()
+            .iter()
+            .filter(|t| t.state == Completed)
+            .count()
+            >= 5
+    });
+    drop(first); // SIGKILL, mid-run
+    std::thread::sleep(Duration::from_secs(2));
+    let _second = server(server_home.path(), port, &url);
+    let started = std::time::Instant::now();
+    while !state(&*store, id).is_terminal() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "not finished: {}",
+            worker.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        history(&*store, id),
+        [Scheduled, Pending, Running, Completed],
+        "{}",
+        worker.log()
+    );
+    let tasks = block(store.task_runs(id)).unwrap();
+    assert_eq!(tasks.len(), 40, "every step recorded once");
+    for t in &tasks {
+        assert_eq!(history(&*store, t.id), [Pending, Running, Completed]);
+    }
+    worker.stop();
+}

@@ -227,12 +227,19 @@ pub(crate) async fn cancel(
 /// Creates scheduled runs and marks the runs of dead processes Crashed (their claims taken
 /// back), every [`SCHEDULER_TICK`], until dropped. Safe with any number of servers: a slot's
 /// run is created once, and every take-back is a compare-and-set.
+///
+/// A server that just started judges no process by its silence for one lease: its clients
+/// could not reach it while it was down (a restart is not every worker's death).
 pub(crate) async fn scheduler(store: std::sync::Arc<dyn Store>) {
+    let started = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(SCHEDULER_TICK);
     loop {
         tick.tick().await;
         if let Err(e) = kiln::deployment::schedule_due(&*store).await {
             tracing::warn!("cannot create scheduled runs: {e}");
+        }
+        if started.elapsed() < kiln::heartbeat::lease() {
+            continue;
         }
         if let Err(e) = kiln::heartbeat::crash_dead_processes(&*store, None).await {
             tracing::warn!("cannot look for dead processes: {e}");

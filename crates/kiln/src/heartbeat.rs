@@ -82,7 +82,14 @@ pub(crate) fn start(store: Arc<dyn Store>) -> Liveness {
                     let _ = store.send(Write::Heartbeat(this_process(process_id)), None);
                 }
                 first = false;
-                if let Err(e) = futures::executor::block_on(crash_dead_processes(&*store, Some(process_id))) {
+                // Judge others only once this process's own heartbeat is recorded: after a
+                // partition (a server restarting) its row is as stale as theirs, and the
+                // store would count this process dead too and crash its runs.
+                let judged = futures::executor::block_on(async {
+                    store.flush().await?;
+                    crash_dead_processes(&*store, Some(process_id)).await
+                });
+                if let Err(e) = judged {
                     tracing::warn!("cannot look for dead processes: {e}");
                 }
                 drop(store);
