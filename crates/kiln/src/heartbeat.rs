@@ -86,6 +86,10 @@ pub(crate) fn start(store: Arc<dyn Store>) -> Liveness {
                 // partition (a server restarting) its row is as stale as theirs, and the
                 // store would count this process dead too and crash its runs.
                 let judged = futures::executor::block_on(async {
+                    // The backlog first (its heartbeats carry the time they were made), then a
+                    // heartbeat made now.
+                    store.flush().await?;
+                    let _ = store.send(Write::Heartbeat(this_process(process_id)), None);
                     store.flush().await?;
                     crash_dead_processes(&*store, Some(process_id)).await
                 });
