@@ -144,6 +144,20 @@ fn state(store: &dyn Store, id: uuid::Uuid) -> StateType {
     block(store.flow_run(id)).unwrap().unwrap().state
 }
 
+/// Waits up to 60 s for flow run `id` to finish; the failure shows its history and `worker`'s log.
+fn until_finished(store: &dyn Store, id: uuid::Uuid, worker: &Worker) {
+    let started = std::time::Instant::now();
+    while !state(store, id).is_terminal() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "run {id} did not finish: {:?}\n{}",
+            block(store.states(id)),
+            worker.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Starts a run of `deployment` with `kiln deployment run`; its id.
 fn start_run(home: &Path, database: Option<&str>, deployment: &str, params: &[&str]) -> uuid::Uuid {
     let mut args = vec!["deployment", "run", deployment];
@@ -330,16 +344,7 @@ fn a_sigkilled_worker_s_run_completes_on_the_other_worker() {
             >= 5
     });
     drop(holder); // SIGKILL
-    let started = std::time::Instant::now();
-    while !state(&*store, id).is_terminal() {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the run did not complete on the other worker: {:?}\n{}",
-            block(store.states(id)),
-            other.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    until_finished(&*store, id, &other);
     let run = block(store.flow_run(id)).unwrap().unwrap();
     assert_eq!(run.state, Completed, "{:?}\n{}", run.state_message, other.log());
     assert!(other.said(&claimed), "the other worker took it over");
@@ -532,15 +537,7 @@ fn a_worker_s_run_survives_a_server_restart() {
     drop(first); // SIGKILL, mid-run
     std::thread::sleep(Duration::from_secs(2));
     let _second = server(server_home.path(), port, &url);
-    let started = std::time::Instant::now();
-    while !state(&*store, id).is_terminal() {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "not finished: {}",
-            worker.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    until_finished(&*store, id, &worker);
     assert_eq!(
         history(&*store, id),
         [Scheduled, Pending, Running, Completed],

@@ -58,21 +58,26 @@ const CANDIDATE_FROM: &str = "queue q
  LEFT JOIN flow_runs f ON q.kind = 'flow' AND f.id = q.run_id
  LEFT JOIN task_runs t ON q.kind = 'task' AND t.id = q.run_id";
 
+/// A queue row's entry, by column name.
+fn queue_entry(r: &Row) -> Result<QueueEntry, DbError> {
+    Ok(QueueEntry {
+        run_id: r.try_get("run_id")?,
+        kind: parse_kind(r.try_get("kind")?)?,
+        pool: r.try_get("pool")?,
+        deployment: r.try_get("deployment")?,
+        target: r.try_get("target")?,
+        scheduled: r.try_get("scheduled")?,
+        max_attempts: r.try_get::<_, i32>("max_attempts")? as u32,
+        host: r.try_get("host")?,
+        payload: r
+            .try_get::<_, Option<serde_json::Value>>("payload")?
+            .unwrap_or(serde_json::Value::Null),
+    })
+}
+
 fn candidate(r: &Row) -> Result<Candidate, DbError> {
     Ok(Candidate {
-        entry: QueueEntry {
-            run_id: r.try_get("run_id")?,
-            kind: parse_kind(r.try_get("kind")?)?,
-            pool: r.try_get("pool")?,
-            deployment: r.try_get("deployment")?,
-            target: r.try_get("target")?,
-            scheduled: r.try_get("scheduled")?,
-            max_attempts: r.try_get::<_, i32>("max_attempts")? as u32,
-            host: r.try_get("host")?,
-            payload: r
-                .try_get::<_, Option<serde_json::Value>>("payload")?
-                .unwrap_or(serde_json::Value::Null),
-        },
+        entry: queue_entry(r)?,
         fence: r.try_get("fence")?,
         state: r
             .try_get::<_, Option<String>>("state")?
@@ -493,19 +498,7 @@ pub(crate) async fn queued_runs(pool: &Pool, name: Option<String>, limit: usize)
     rows.iter()
         .map(|r| {
             Ok(QueuedRun {
-                entry: QueueEntry {
-                    run_id: r.try_get("run_id")?,
-                    kind: parse_kind(r.try_get("kind")?)?,
-                    pool: r.try_get("pool")?,
-                    deployment: r.try_get("deployment")?,
-                    target: r.try_get("target")?,
-                    scheduled: r.try_get("scheduled")?,
-                    max_attempts: r.try_get::<_, i32>("max_attempts")? as u32,
-                    host: r.try_get("host")?,
-                    payload: r
-                        .try_get::<_, Option<serde_json::Value>>("payload")?
-                        .unwrap_or(serde_json::Value::Null),
-                },
+                entry: queue_entry(r)?,
                 fence: r.try_get::<_, i64>("fence")? as u64,
                 claimed_by: r.try_get("claimed_by")?,
             })

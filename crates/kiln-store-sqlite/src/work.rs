@@ -57,29 +57,34 @@ const CANDIDATE: &str = "SELECT q.run_id, q.kind, q.pool, q.deployment, q.target
  LEFT JOIN flow_runs f ON q.kind = 'flow' AND f.id = q.run_id
  LEFT JOIN task_runs t ON q.kind = 'task' AND t.id = q.run_id";
 
-fn candidate(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Candidate, String)> {
-    Ok((
-        Candidate {
-            entry: QueueEntry {
-                run_id: r.get(0)?,
-                kind: RunKind::Flow,
-                pool: r.get(2)?,
-                deployment: r.get(3)?,
-                target: r.get(4)?,
-                scheduled: r.get(5)?,
-                max_attempts: r.get(6)?,
-                host: r.get(13)?,
-                payload: json_or_null(r.get(14)?),
-            },
-            fence: r.get(7)?,
-            state: r.get::<_, Option<String>>(8)?.and_then(|s| s.parse::<StateType>().ok()),
-            seq: r.get::<_, Option<u32>>(9)?.unwrap_or(0),
-            attempt: r.get::<_, Option<u32>>(10)?.unwrap_or(0),
-            parameters: r.get(11)?,
-            tags: r.get(12)?,
-        },
-        r.get(1)?,
-    ))
+/// A queue row's entry: columns 0-6 as in [`CANDIDATE`], `host` and `payload` at `host_at`
+/// and the column after.
+fn queue_entry(r: &rusqlite::Row<'_>, host_at: usize) -> rusqlite::Result<QueueEntry> {
+    let kind: String = r.get(1)?;
+    Ok(QueueEntry {
+        run_id: r.get(0)?,
+        kind: parse_kind(&kind)
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, Box::new(e)))?,
+        pool: r.get(2)?,
+        deployment: r.get(3)?,
+        target: r.get(4)?,
+        scheduled: r.get(5)?,
+        max_attempts: r.get(6)?,
+        host: r.get(host_at)?,
+        payload: json_or_null(r.get(host_at + 1)?),
+    })
+}
+
+fn candidate(r: &rusqlite::Row<'_>) -> rusqlite::Result<Candidate> {
+    Ok(Candidate {
+        entry: queue_entry(r, 13)?,
+        fence: r.get(7)?,
+        state: r.get::<_, Option<String>>(8)?.and_then(|s| s.parse::<StateType>().ok()),
+        seq: r.get::<_, Option<u32>>(9)?.unwrap_or(0),
+        attempt: r.get::<_, Option<u32>>(10)?.unwrap_or(0),
+        parameters: r.get(11)?,
+        tags: r.get(12)?,
+    })
 }
 
 /// Claims queued runs for `request.process_id` (see `Store::claim`). `forget` is told of
@@ -121,13 +126,7 @@ pub(crate) fn claim(
                 candidate,
             )
             .map_err(backend)?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (mut c, kind) = row.map_err(backend)?;
-            c.entry.kind = parse_kind(&kind)?;
-            out.push(c);
-        }
-        out
+        rows.collect::<rusqlite::Result<_>>().map_err(backend)?
     };
     // Runs this process holds and has not started: an answer it may never have received.
     let mut held = Vec::new();
@@ -141,8 +140,7 @@ pub(crate) fn claim(
             .query_map(params![request.process_id, pools], candidate)
             .map_err(backend)?
         {
-            let (mut c, kind) = row.map_err(backend)?;
-            c.entry.kind = parse_kind(&kind)?;
+            let mut c = row.map_err(backend)?;
             let (fence, state, attempt) = (c.fence as u64, c.state.unwrap_or(StateType::Pending), c.attempt);
             let parameters = c.parameters_json();
             held.push(c.entry.claimed(fence, state, attempt, parameters, json_list(c.tags)));
@@ -271,18 +269,13 @@ pub(crate) fn take_back_claims(
         "{CANDIDATE}, processes p WHERE p.id = q.claimed_by
            AND (p.heartbeat < ?1 OR hex(p.id) IN (SELECT value FROM json_each(?2)))"
     );
-    let mut held = Vec::new();
-    {
+    let held: Vec<Candidate> = {
         let mut q = tx.prepare(&sql).map_err(backend)?;
-        for row in q
+        let rows = q
             .query_map(params![stale_before, dead_json], candidate)
-            .map_err(backend)?
-        {
-            let (mut c, kind) = row.map_err(backend)?;
-            c.entry.kind = parse_kind(&kind)?;
-            held.push(c);
-        }
-    }
+            .map_err(backend)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(backend)?
+    };
     let why_of = |id: Uuid| -> Result<String, StoreError> {
         tx.query_row(
             "SELECT p.pid, p.host, p.heartbeat, hex(p.id) IN (SELECT value FROM json_each(?2))
@@ -382,37 +375,18 @@ pub(crate) fn work_pools(c: &Connection) -> Result<Vec<WorkPool>, StoreError> {
 pub(crate) fn queued_runs(c: &Connection, pool: Option<&str>, limit: usize) -> Result<Vec<QueuedRun>, StoreError> {
     let mut st = c
         .prepare_cached(
-            "SELECT run_id, kind, pool, deployment, target, scheduled, max_attempts, fence, claimed_by, host, payload
+            "SELECT run_id, kind, pool, deployment, target, scheduled, max_attempts, host, payload, fence, claimed_by
              FROM queue WHERE ?1 IS NULL OR pool = ?1 ORDER BY scheduled, run_id LIMIT ?2",
         )
         .map_err(backend)?;
     let rows = st
         .query_map(params![pool, limit as i64], |r| {
-            Ok((
-                r.get::<_, String>(1)?,
-                QueuedRun {
-                    entry: QueueEntry {
-                        run_id: r.get(0)?,
-                        kind: RunKind::Flow,
-                        pool: r.get(2)?,
-                        deployment: r.get(3)?,
-                        target: r.get(4)?,
-                        scheduled: r.get(5)?,
-                        max_attempts: r.get(6)?,
-                        host: r.get(9)?,
-                        payload: json_or_null(r.get(10)?),
-                    },
-                    fence: r.get::<_, i64>(7)? as u64,
-                    claimed_by: r.get(8)?,
-                },
-            ))
+            Ok(QueuedRun {
+                entry: queue_entry(r, 7)?,
+                fence: r.get::<_, i64>(9)? as u64,
+                claimed_by: r.get(10)?,
+            })
         })
         .map_err(backend)?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (kind, mut q) = row.map_err(backend)?;
-        q.entry.kind = parse_kind(&kind)?;
-        out.push(q);
-    }
-    Ok(out)
+    rows.collect::<rusqlite::Result<_>>().map_err(backend)
 }
