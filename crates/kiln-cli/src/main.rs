@@ -5,6 +5,7 @@
 
 mod cache;
 mod deployment;
+mod limit;
 mod result;
 mod runs;
 mod server;
@@ -44,6 +45,9 @@ enum Command {
     /// Deployments: flows that workers serve, and runs of them.
     #[command(subcommand)]
     Deployment(deployment::DeploymentCommand),
+    /// Global concurrency limits by tag.
+    #[command(subcommand)]
+    Limit(limit::LimitCommand),
     /// The Kiln server: the state store over HTTP for many processes and machines.
     #[command(subcommand)]
     Server(server::ServerCommand),
@@ -89,6 +93,7 @@ fn main() -> ExitCode {
         Command::Storage(cmd) => storage::run(&home, cmd),
         Command::Cache(cmd) => cache::run(&home, cmd),
         Command::Deployment(cmd) => deployment::run(&home, cmd),
+        Command::Limit(cmd) => limit::run(&home, cmd),
         Command::Server(cmd) => server::run(&home, cmd),
     };
     match outcome {

@@ -5,11 +5,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Proc, eventually};
+use common::{Proc, block, eventually, kiln_on as kiln};
 
 use kiln::StateType::{self, *};
 use kiln::prelude::*;
@@ -114,26 +114,8 @@ impl Worker {
     }
 }
 
-fn kiln(home: &Path, database: Option<&str>, args: &[&str]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
-    c.arg("--home").arg(home).args(args).env_remove("KILN_API_URL");
-    match database {
-        Some(url) => c.env("KILN_DATABASE_URL", url),
-        None => c.env_remove("KILN_DATABASE_URL"),
-    };
-    c.output().unwrap()
-}
-
 fn open(home: &Path, database: Option<&str>) -> Arc<dyn Store> {
     kiln::open_store(home, database).unwrap()
-}
-
-fn block<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
 }
 
 fn history(store: &dyn Store, id: uuid::Uuid) -> Vec<StateType> {

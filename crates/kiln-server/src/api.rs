@@ -52,6 +52,7 @@ pub(crate) fn router(app: App) -> Router {
         .routes(routes!(task_runs))
         .routes(routes!(edges))
         .routes(routes!(task_run))
+        .routes(routes!(task_runs_lookup))
         .routes(routes!(list_task_runs))
         .routes(routes!(states))
         .routes(routes!(logs))
@@ -75,6 +76,8 @@ pub(crate) fn router(app: App) -> Router {
         .routes(routes!(crate::work::claim))
         .routes(routes!(crate::work::queue))
         .routes(routes!(crate::work::work_pools))
+        .routes(routes!(crate::work::limits))
+        .routes(routes!(crate::work::acquire_slots))
         .routes(routes!(crate::work::deployments))
         .routes(routes!(crate::work::deployment))
         .routes(routes!(crate::work::run))
@@ -575,6 +578,27 @@ async fn edges(State(store): State<Shared>, path: Result<Path<String>, PathRejec
 async fn task_run(State(store): State<Shared>, path: Result<Path<String>, PathRejection>) -> Reply<TaskRun> {
     let id = id(path)?;
     found(store.task_run(id).await?, "task run", id)
+}
+
+/// Task runs by id (at most 1000), those in one of `states` (none: any), in no particular
+/// order: how a caller follows many runs it waits for with one request.
+#[utoipa::path(post, path = "/api/v1/task_runs/lookup", tag = "runs", request_body = TaskRunLookup,
+    responses((status = 200, description = "The task runs found", body = Vec<TaskRun>), ReadErrors))]
+async fn task_runs_lookup(
+    State(store): State<Shared>,
+    JsonBody(lookup): JsonBody<TaskRunLookup>,
+) -> Reply<Vec<TaskRun>> {
+    if lookup.ids.len() > kiln_store::MAX_LOOKUP {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "{} ids; look up at most {} at once",
+                lookup.ids.len(),
+                kiln_store::MAX_LOOKUP
+            ),
+        ));
+    }
+    Ok(axum::Json(store.task_runs_in(&lookup.ids, &lookup.states).await?))
 }
 
 /// A run's state history, oldest first.

@@ -29,6 +29,14 @@ impl Shape for kiln_store::work::ClaimRequest {
     const WHAT: &'static str = "claim (`process_id`, `pools`, `limit`, `wait_ms`)";
 }
 
+impl Shape for kiln_store::model::TaskRunLookup {
+    const WHAT: &'static str = "lookup (`ids`, `states`)";
+}
+
+impl Shape for kiln_store::limit::SlotRequest {
+    const WHAT: &'static str = "slot request (`run_id`, `tags`)";
+}
+
 impl Shape for crate::work::NewRun {
     const WHAT: &'static str = "run request (`parameters`, `tags`, `scheduled`)";
 }

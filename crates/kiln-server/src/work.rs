@@ -7,6 +7,7 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use kiln_store::Store;
+use kiln_store::limit::{LimitUsage, SlotRequest, Slots};
 use kiln_store::state::StateType;
 use kiln_store::work::{Claim, ClaimRequest, Deployment, QueuedRun, WorkPool};
 use serde::{Deserialize, Serialize};
@@ -113,6 +114,28 @@ pub(crate) async fn queue(
     responses((status = 200, description = "Work pools", body = Vec<WorkPool>), ReadErrors))]
 pub(crate) async fn work_pools(State(store): State<Shared>) -> Reply<Vec<WorkPool>> {
     Ok(axum::Json(store.work_pools().await?))
+}
+
+/// Every tag's concurrency limit, with the task runs holding its slots.
+#[utoipa::path(get, path = "/api/v1/limits", tag = "work",
+    responses((status = 200, description = "Concurrency limits, by tag", body = Vec<LimitUsage>), ReadErrors))]
+pub(crate) async fn limits(State(store): State<Shared>) -> Reply<Vec<LimitUsage>> {
+    Ok(axum::Json(store.limits().await?))
+}
+
+/// Grants a task run one slot of each of its limited tags, or none (`busy` names a full tag:
+/// ask again later).
+#[utoipa::path(post, path = "/api/v1/limits/slots", tag = "work", request_body = SlotRequest,
+    responses((status = 200, description = "Granted, or the tag whose slots are all taken", body = Slots),
+        (status = 404, description = "No task run with this id", body = Problem, content_type = "application/problem+json"),
+        WriteErrors))]
+pub(crate) async fn acquire_slots(
+    State(store): State<Shared>,
+    JsonBody(mut req): JsonBody<SlotRequest>,
+) -> Reply<Slots> {
+    // A tag holding NUL has no limit (the databases cannot store one).
+    req.tags.retain(|t| !t.contains('\0'));
+    Ok(axum::Json(store.acquire_slots(&req).await?))
 }
 
 /// The deployments serving processes registered.

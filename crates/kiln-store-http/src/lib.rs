@@ -12,8 +12,10 @@
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use kiln_store::limit::{LimitUsage, SlotRequest, Slots};
 use kiln_store::model::*;
 use kiln_store::queue::{Batches, WriteQueue};
+use kiln_store::state::StateType;
 use kiln_store::work::{Claim, ClaimRequest, Deployment, QueuedRun, WorkPool};
 use kiln_store::{FlushDone, Outcome, Reporter, Store, StoreError};
 use serde::de::DeserializeOwned;
@@ -319,6 +321,21 @@ impl Store for HttpStore {
         self.call(self.get(&format!("flow_runs/{flow_run_id}/task_runs"))).await
     }
 
+    async fn task_runs_in(&self, ids: &[Uuid], states: &[StateType]) -> Result<Vec<TaskRun>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let lookup = TaskRunLookup {
+            ids: ids.to_vec(),
+            states: states.to_vec(),
+        };
+        let request = self
+            .client
+            .post(format!("{}/api/v1/task_runs/lookup", self.base))
+            .json(&lookup);
+        self.call(request).await
+    }
+
     async fn task_run(&self, id: Uuid) -> Result<Option<TaskRun>, StoreError> {
         match self.call(self.get(&format!("task_runs/{id}"))).await {
             Ok(run) => Ok(Some(run)),
@@ -393,6 +410,18 @@ impl Store for HttpStore {
 
     async fn work_pools(&self) -> Result<Vec<WorkPool>, StoreError> {
         self.call(self.get("work_pools")).await
+    }
+
+    async fn acquire_slots(&self, request: &SlotRequest) -> Result<Slots, StoreError> {
+        let request = self
+            .client
+            .post(format!("{}/api/v1/limits/slots", self.base))
+            .json(request);
+        self.call(request).await
+    }
+
+    async fn limits(&self) -> Result<Vec<LimitUsage>, StoreError> {
+        self.call(self.get("limits")).await
     }
 
     async fn queued_runs(&self, pool: Option<&str>, limit: usize) -> Result<Vec<QueuedRun>, StoreError> {

@@ -21,6 +21,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod limit;
 mod read;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -31,8 +32,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use kiln_store::limit::{LimitUsage, SlotRequest, Slots};
 use kiln_store::model::*;
 use kiln_store::queue::WriteQueue;
+use kiln_store::state::StateType;
 use kiln_store::work::{Claim, ClaimRequest, Deployment, QueuedRun, WorkPool};
 use kiln_store::{FlushDone, Reporter, Store, StoreError};
 use tokio_postgres::NoTls;
@@ -46,6 +49,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0004_write_ids.sql"),
     include_str!("../migrations/0005_run_list_indexes.sql"),
     include_str!("../migrations/0006_work_pools.sql"),
+    include_str!("../migrations/0007_concurrency_limits.sql"),
 ];
 
 /// Most writes applied in one transaction.
@@ -94,6 +98,8 @@ pub(crate) enum DbError {
     Data(String),
     /// A claim from a process with no heartbeat recorded.
     UnknownProcess(Uuid),
+    /// A slot request for a run the store has no record of.
+    UnknownRun(Uuid),
 }
 
 impl std::fmt::Display for DbError {
@@ -107,6 +113,7 @@ impl std::fmt::Display for DbError {
             DbError::Pool(e) => write!(f, "{e}"),
             DbError::Data(m) => f.write_str(m),
             DbError::UnknownProcess(id) => write!(f, "{}", StoreError::UnknownProcess(*id)),
+            DbError::UnknownRun(id) => write!(f, "{}", StoreError::UnknownRun(id.to_string())),
         }
     }
 }
@@ -127,8 +134,10 @@ impl From<deadpool_postgres::PoolError> for DbError {
 
 pub(crate) fn backend(e: impl Into<DbError>) -> StoreError {
     let e = e.into();
-    if let DbError::UnknownProcess(id) = e {
-        return StoreError::UnknownProcess(id);
+    match e {
+        DbError::UnknownProcess(id) => return StoreError::UnknownProcess(id),
+        DbError::UnknownRun(id) => return StoreError::UnknownRun(id.to_string()),
+        _ => {}
     }
     let retryable = writer::is_transient(&e);
     StoreError::backend(e, retryable)
@@ -368,6 +377,18 @@ impl Store for PostgresStore {
         self.read(async move { read::task_run(&pool, id).await }).await
     }
 
+    async fn task_runs_in(&self, ids: &[Uuid], states: &[StateType]) -> Result<Vec<TaskRun>, StoreError> {
+        if ids.len() > kiln_store::MAX_LOOKUP {
+            return Err(StoreError::backend(
+                format!("{} ids in one lookup; at most {}", ids.len(), kiln_store::MAX_LOOKUP),
+                false,
+            ));
+        }
+        let (pool, ids, states) = (self.pool.clone(), ids.to_vec(), states.to_vec());
+        self.read(async move { read::task_runs_in(&pool, &ids, &states).await })
+            .await
+    }
+
     async fn states(&self, run_id: Uuid) -> Result<Vec<StateRecord>, StoreError> {
         let pool = self.pool.clone();
         self.read(async move { read::states(&pool, run_id).await }).await
@@ -401,6 +422,18 @@ impl Store for PostgresStore {
     async fn claim(&self, request: &ClaimRequest) -> Result<Vec<Claim>, StoreError> {
         let (pool, listener, request) = (self.pool.clone(), self.listener.clone(), request.clone());
         self.read(async move { work::claim(&pool, &listener, &request).await.map_err(backend) })
+            .await
+    }
+
+    async fn acquire_slots(&self, request: &SlotRequest) -> Result<Slots, StoreError> {
+        let (pool, request) = (self.pool.clone(), request.clone());
+        self.read(async move { limit::acquire(&pool, &request).await.map_err(backend) })
+            .await
+    }
+
+    async fn limits(&self) -> Result<Vec<LimitUsage>, StoreError> {
+        let pool = self.pool.clone();
+        self.read(async move { limit::limits(&pool).await.map_err(backend) })
             .await
     }
 

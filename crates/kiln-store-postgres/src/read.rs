@@ -190,6 +190,17 @@ pub(crate) async fn task_run(pool: &Pool, id: Uuid) -> Result<Option<TaskRun>, S
     Ok(all(pool, &sql, &[&id], task_row).await?.pop())
 }
 
+pub(crate) async fn task_runs_in(pool: &Pool, ids: &[Uuid], states: &[StateType]) -> Result<Vec<TaskRun>, StoreError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let states: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
+    let sql = format!(
+        "SELECT {TASK_COLUMNS} FROM task_runs r WHERE r.id = ANY($1) AND (cardinality($2::text[]) = 0 OR r.state = ANY($2))"
+    );
+    all(pool, &sql, &[&ids, &states], task_row).await
+}
+
 pub(crate) async fn states(pool: &Pool, run_id: Uuid) -> Result<Vec<StateRecord>, StoreError> {
     let sql = "SELECT run_id, seq, state, message, attempt, timestamp, result::text AS result
                FROM states WHERE run_id = $1 ORDER BY seq";

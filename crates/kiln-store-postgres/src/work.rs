@@ -190,13 +190,13 @@ async fn claim_once(pool: &Pool, request: &ClaimRequest) -> Result<Vec<Claim>, D
         let parameters = c.parameters_json();
         held.push(c.entry.claimed(fence, state, c.attempt as u32, parameters, tags));
     }
-    let mut claims = Vec::new();
+    let mut admitted = Vec::new();
     let mut limits = Limits::default();
     for row in &rows {
-        if claims.len() as i64 >= limit {
+        if admitted.len() as i64 >= limit {
             break;
         }
-        let mut c = candidate(row)?;
+        let c = candidate(row)?;
         let Some(state) = c.state.filter(|s| work::is_claimable(*s)) else {
             if c.state.is_none_or(StateType::is_terminal) {
                 tx.execute("DELETE FROM queue WHERE run_id = $1", &[&c.entry.run_id])
@@ -207,12 +207,20 @@ async fn claim_once(pool: &Pool, request: &ClaimRequest) -> Result<Vec<Claim>, D
         if !limits.admit(&tx, &c.entry).await? {
             continue;
         }
-        let fence = c.fence + 1;
+        admitted.push((c, state));
+    }
+    // One statement claims them all, each with its next fencing token.
+    let ids: Vec<Uuid> = admitted.iter().map(|(c, _)| c.entry.run_id).collect();
+    if !ids.is_empty() {
         tx.execute(
-            "UPDATE queue SET claimed_by = $2, fence = $3 WHERE run_id = $1",
-            &[&c.entry.run_id, &request.process_id, &fence],
+            "UPDATE queue SET claimed_by = $2, fence = fence + 1 WHERE run_id = ANY($1)",
+            &[&ids, &request.process_id],
         )
         .await?;
+    }
+    let mut claims = Vec::with_capacity(admitted.len());
+    for (mut c, state) in admitted {
+        let fence = c.fence + 1;
         let mut state_now = state;
         if state == StateType::Scheduled {
             let change = work::claimed(c.entry.kind, c.entry.run_id, c.attempt as u32, request.process_id);

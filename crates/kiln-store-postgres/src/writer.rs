@@ -41,7 +41,7 @@ pub(crate) fn is_transient(e: &DbError) -> bool {
         },
         DbError::Pool(deadpool_postgres::PoolError::Closed) => false,
         DbError::Pool(_) => true,
-        DbError::Data(_) | DbError::UnknownProcess(_) => false,
+        DbError::Data(_) | DbError::UnknownProcess(_) | DbError::UnknownRun(_) => false,
     }
 }
 
@@ -294,7 +294,7 @@ async fn attempt(
     let mut edges: (Vec<Uuid>, Vec<Uuid>, Vec<Option<Uuid>>) = Default::default();
     let mut logs = Logs::default();
     let mut beats: Vec<&Process> = Vec::new();
-    // Token, queue and deployment writes: few, applied one statement each.
+    // Token, queue, deployment and limit writes: few, applied one statement each.
     let mut tokens: Vec<&Write> = Vec::new();
     let mut dequeued: Vec<Uuid> = Vec::new();
     for (i, w) in writes() {
@@ -381,7 +381,9 @@ async fn attempt(
             | Write::RevokeToken { .. }
             | Write::Enqueue(_)
             | Write::PutDeployment(_)
-            | Write::PutPool(_) => {
+            | Write::PutPool(_)
+            | Write::PutLimit(_)
+            | Write::DeleteLimit { .. } => {
                 tokens.push(w);
                 Outcome::Applied { seq: None }
             }
@@ -506,7 +508,27 @@ async fn attempt(
                 )
                 .await?;
             }
-            _ => unreachable!("only token, queue and deployment writes are collected here"),
+            Write::PutLimit(l) => {
+                tx.execute(
+                    "INSERT INTO concurrency_limits (tag, slots, updated) VALUES ($1, $2, $3)
+                     ON CONFLICT (tag) DO UPDATE SET slots = excluded.slots, updated = excluded.updated",
+                    &[&l.tag, &(l.slots as i32), &l.updated],
+                )
+                .await?;
+            }
+            Write::DeleteLimit { tag } => {
+                let removed = tx
+                    .execute("DELETE FROM concurrency_limits WHERE tag = $1", &[tag])
+                    .await?;
+                if removed == 0 {
+                    return Err(DbError::Data(format!(
+                        "tag '{tag}' has no concurrency limit (see `kiln limit ls`)"
+                    )));
+                }
+                tx.execute("DELETE FROM concurrency_slots WHERE tag = $1", &[tag])
+                    .await?;
+            }
+            _ => unreachable!("only token, queue, deployment and limit writes are collected here"),
         }
     }
     if !dequeued.is_empty() {

@@ -57,6 +57,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod limit;
 mod read;
 mod work;
 mod writer;
@@ -66,8 +67,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use kiln_store::limit::{LimitUsage, SlotRequest, Slots};
 use kiln_store::model::*;
 use kiln_store::queue::WriteQueue;
+use kiln_store::state::StateType;
 use kiln_store::work::{Claim, ClaimRequest, Deployment, QueuedRun, WorkPool};
 use kiln_store::{FlushDone, Reporter, Store, StoreError};
 use rusqlite::{Connection, ErrorCode, OpenFlags};
@@ -85,6 +88,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0006_write_ids.sql"),
     include_str!("../migrations/0007_run_list_indexes.sql"),
     include_str!("../migrations/0008_work_pools.sql"),
+    include_str!("../migrations/0009_concurrency_limits.sql"),
 ];
 
 /// Writes queued ahead of the writer at most. A producer faster than SQLite waits for room
@@ -124,6 +128,17 @@ fn open_error(path: &Path, source: impl Into<kiln_store::BoxError>) -> StoreErro
         source: source.into(),
         advice: "check that the folder exists and is writable, or set KILN_HOME to another folder",
     }
+}
+
+/// The ids of one lookup, refused beyond [`kiln_store::MAX_LOOKUP`].
+fn lookup(ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+    if ids.len() > kiln_store::MAX_LOOKUP {
+        return Err(StoreError::backend(
+            format!("{} ids in one lookup; at most {}", ids.len(), kiln_store::MAX_LOOKUP),
+            false,
+        ));
+    }
+    Ok(ids.to_vec())
 }
 
 pub(crate) fn backend(e: rusqlite::Error) -> StoreError {
@@ -347,6 +362,11 @@ impl Store for SqliteStore {
         self.reader.run(move |c| read::task_run(c, id)).await
     }
 
+    async fn task_runs_in(&self, ids: &[Uuid], states: &[StateType]) -> Result<Vec<TaskRun>, StoreError> {
+        let (ids, states) = (lookup(ids)?, states.to_vec());
+        self.reader.run(move |c| read::task_runs_in(c, &ids, &states)).await
+    }
+
     async fn states(&self, run_id: Uuid) -> Result<Vec<StateRecord>, StoreError> {
         self.reader.run(move |c| read::states(c, run_id)).await
     }
@@ -397,6 +417,21 @@ impl Store for SqliteStore {
 
     async fn deployments(&self) -> Result<Vec<Deployment>, StoreError> {
         self.reader.run(work::deployments).await
+    }
+
+    async fn acquire_slots(&self, request: &SlotRequest) -> Result<Slots, StoreError> {
+        let (reply, answer) = futures::channel::oneshot::channel();
+        self.queue.send_other(Job::Acquire(limit::AcquireJob {
+            request: request.clone(),
+            reply,
+        }))?;
+        answer
+            .await
+            .map_err(|_| StoreError::WriterGone("the writer dropped a slot request".into()))?
+    }
+
+    async fn limits(&self) -> Result<Vec<LimitUsage>, StoreError> {
+        self.reader.run(limit::limits).await
     }
 
     async fn work_pools(&self) -> Result<Vec<WorkPool>, StoreError> {

@@ -261,6 +261,31 @@ pub(crate) fn task_run(c: &Connection, id: Uuid) -> Result<Option<TaskRun>, Stor
     st.query_row([id], task_row).optional().map_err(backend)
 }
 
+pub(crate) fn task_runs_in(c: &Connection, ids: &[Uuid], states: &[StateType]) -> Result<Vec<TaskRun>, StoreError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let states: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
+    let states = serde_json::to_string(&states).unwrap_or_else(|_| "[]".into());
+    // The ids as parameters of their own: an `IN` on the primary key looks each one up.
+    let marks = vec!["?"; ids.len()].join(", ");
+    let mut st = c
+        .prepare(&format!(
+            "SELECT {TASK_COLUMNS} FROM task_runs r WHERE r.id IN ({marks})
+               AND (?{n} = '[]' OR r.state IN (SELECT value FROM json_each(?{n})))",
+            n = ids.len() + 1
+        ))
+        .map_err(backend)?;
+    let params = ids
+        .iter()
+        .map(|id| id as &dyn rusqlite::ToSql)
+        .chain(std::iter::once(&states as &dyn rusqlite::ToSql));
+    let rows = st
+        .query_map(rusqlite::params_from_iter(params), task_row)
+        .map_err(backend)?;
+    rows.collect::<rusqlite::Result<_>>().map_err(backend)
+}
+
 pub(crate) fn states(c: &Connection, run_id: Uuid) -> Result<Vec<StateRecord>, StoreError> {
     let mut st = c
         .prepare_cached(

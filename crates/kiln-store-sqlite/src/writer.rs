@@ -30,6 +30,8 @@ pub(crate) enum Job {
     Reap(Reap),
     /// Claim queued runs.
     Claim(crate::work::ClaimJob),
+    /// Grant a run the slots of its limited tags.
+    Acquire(crate::limit::AcquireJob),
 }
 
 /// Mark the unfinished runs of dead or silent processes Crashed.
@@ -96,6 +98,9 @@ impl Batches for Writer {
                     self.known.remove(&id);
                 });
                 let _ = job.reply.send(claimed);
+            }
+            Job::Acquire(job) => {
+                let _ = job.reply.send(crate::limit::acquire(&mut self.conn, &job.request));
             }
         }
     }
@@ -505,6 +510,29 @@ fn attempt(
                         .execute(params![p.name, p.concurrency])
                         .map_err(|e| classify(e, i))?;
                     Outcome::Applied { seq: None }
+                }
+                Write::PutLimit(l) => {
+                    tx.execute(
+                        "INSERT OR REPLACE INTO concurrency_limits (tag, slots, updated) VALUES (?1, ?2, ?3)",
+                        params![l.tag, l.slots, l.updated],
+                    )
+                    .map_err(|e| classify(e, i))?;
+                    Outcome::Applied { seq: None }
+                }
+                Write::DeleteLimit { tag } => {
+                    let removed = tx
+                        .execute("DELETE FROM concurrency_limits WHERE tag = ?1", [tag])
+                        .map_err(|e| classify(e, i))?;
+                    tx.execute("DELETE FROM concurrency_slots WHERE tag = ?1", [tag])
+                        .map_err(|e| classify(e, i))?;
+                    if removed == 0 {
+                        Outcome::Failed(Arc::new(StoreError::backend(
+                            format!("tag '{tag}' has no concurrency limit (see `kiln limit ls`)"),
+                            false,
+                        )))
+                    } else {
+                        Outcome::Applied { seq: None }
+                    }
                 }
                 Write::Heartbeat(p) => {
                     st.heartbeat

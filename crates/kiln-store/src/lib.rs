@@ -47,6 +47,7 @@
 #![warn(missing_docs)]
 
 mod error;
+pub mod limit;
 pub mod model;
 pub mod queue;
 pub mod state;
@@ -66,6 +67,10 @@ use model::{
     RunRef, StateChange, StateRecord, TaskRun, TaskRunPage, Write,
 };
 pub use model::{Outcome, Transition};
+use state::StateType;
+
+/// The most ids one [`Store::task_runs_in`] looks up.
+pub const MAX_LOOKUP: usize = 1000;
 
 /// A callback run once the writes queued before it are applied (or reported failed).
 pub type FlushDone = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
@@ -156,6 +161,11 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     async fn task_runs(&self, flow_run_id: Uuid) -> Result<Vec<TaskRun>, StoreError>;
     /// One task run.
     async fn task_run(&self, id: Uuid) -> Result<Option<TaskRun>, StoreError>;
+
+    /// The task runs among `ids` (at most [`MAX_LOOKUP`]) that are in one of `states` (none:
+    /// any state), in no particular order: how one watcher follows thousands of runs with
+    /// one query.
+    async fn task_runs_in(&self, ids: &[Uuid], states: &[StateType]) -> Result<Vec<TaskRun>, StoreError>;
     /// A run's state history, oldest first.
     async fn states(&self, run_id: Uuid) -> Result<Vec<StateRecord>, StoreError>;
     /// The dependency edges between task runs of a flow run.
@@ -199,6 +209,13 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// The runs queued in `pool` (every pool: `None`) that have not finished, oldest
     /// scheduled first, at most `limit`.
     async fn queued_runs(&self, pool: Option<&str>, limit: usize) -> Result<Vec<work::QueuedRun>, StoreError>;
+
+    /// Grants `request.run_id` one slot of each of its limited tags, or none (see
+    /// [`limit`]). Refused with [`StoreError::UnknownRun`] when the run is not recorded.
+    async fn acquire_slots(&self, request: &limit::SlotRequest) -> Result<limit::Slots, StoreError>;
+
+    /// Every concurrency limit, by tag, with the runs holding its slots.
+    async fn limits(&self) -> Result<Vec<limit::LimitUsage>, StoreError>;
 
     /// How many flow runs and task runs are in each state (states with none left out).
     async fn run_counts(&self) -> Result<Vec<RunCount>, StoreError>;

@@ -304,6 +304,13 @@ pub enum Write {
     PutDeployment(Box<crate::work::Deployment>),
     /// Record a work pool's limit, or replace it.
     PutPool(crate::work::WorkPool),
+    /// Set a tag's concurrency limit (see [`crate::limit`]), replacing the one before.
+    PutLimit(crate::limit::ConcurrencyLimit),
+    /// Remove a tag's concurrency limit (refused when it has none).
+    DeleteLimit {
+        /// The tag.
+        tag: String,
+    },
 }
 
 impl Write {
@@ -317,7 +324,12 @@ impl Write {
             Write::Log(l) => l.run_id,
             Write::Heartbeat(p) => p.id,
             Write::Enqueue(e) => e.run_id,
-            Write::PutToken(_) | Write::RevokeToken { .. } | Write::PutDeployment(_) | Write::PutPool(_) => Uuid::nil(),
+            Write::PutToken(_)
+            | Write::RevokeToken { .. }
+            | Write::PutDeployment(_)
+            | Write::PutPool(_)
+            | Write::PutLimit(_)
+            | Write::DeleteLimit { .. } => Uuid::nil(),
         }
     }
 }
@@ -343,6 +355,8 @@ impl Write {
             Write::Enqueue(e) if e.max_attempts == 0 => Err("max_attempts must be at least 1".into()),
             Write::PutDeployment(d) => d.check(),
             Write::PutPool(p) if p.name.trim().is_empty() => Err("a work pool needs a name".into()),
+            Write::PutLimit(l) => l.check(),
+            Write::DeleteLimit { tag } => crate::limit::check_tag(tag),
             _ => Ok(()),
         }
     }
@@ -362,6 +376,8 @@ impl std::fmt::Display for Write {
             Write::Enqueue(e) => write!(f, "the queueing of run {} in work pool '{}'", e.run_id, e.pool),
             Write::PutDeployment(d) => write!(f, "the deployment '{}'", d.name),
             Write::PutPool(p) => write!(f, "the work pool '{}'", p.name),
+            Write::PutLimit(l) => write!(f, "the concurrency limit of tag '{}'", l.tag),
+            Write::DeleteLimit { tag } => write!(f, "the removal of the concurrency limit of tag '{tag}'"),
         }
     }
 }
@@ -545,6 +561,18 @@ pub struct CrashOrphans {
     pub dead: Vec<Uuid>,
     /// Processes whose last heartbeat is older than this are dead too.
     pub stale_before: Micros,
+}
+
+/// Task runs to look up by id ([`Store::task_runs_in`](crate::Store::task_runs_in) over the API).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TaskRunLookup {
+    /// The runs (at most 1000).
+    #[cfg_attr(feature = "openapi", schema(max_items = 1000))]
+    pub ids: Vec<Uuid>,
+    /// Only those in one of these states (none: any).
+    #[serde(default)]
+    pub states: Vec<StateType>,
 }
 
 /// Which runs to list (flow runs, or task runs): all the conditions hold; newest first

@@ -41,6 +41,17 @@ pub enum StateType {
     RolledBack,
 }
 
+/// The final states (those [`StateType::is_terminal`] holds for).
+pub const FINAL: [StateType; 7] = [
+    StateType::Completed,
+    StateType::Cached,
+    StateType::Failed,
+    StateType::Crashed,
+    StateType::Cancelled,
+    StateType::TimedOut,
+    StateType::RolledBack,
+];
+
 impl StateType {
     /// Every state, in lifecycle order.
     pub const ALL: [StateType; 12] = [
@@ -169,6 +180,8 @@ mod tests {
 
     #[test]
     fn terminal_states_admit_nothing() {
+        let terminal: Vec<StateType> = StateType::ALL.into_iter().filter(|s| s.is_terminal()).collect();
+        assert_eq!(terminal, FINAL);
         for from in StateType::ALL.into_iter().filter(|s| s.is_terminal()) {
             for to in StateType::ALL {
                 assert!(!is_legal(Some(from), to), "{from} -> {to} must be refused");

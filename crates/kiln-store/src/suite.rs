@@ -45,6 +45,9 @@ macro_rules! store_suite {
             claims_respect_concurrency_limits,
             queued_task_runs_carry_their_inputs_and_may_be_pinned_to_a_host,
             a_waiting_claim_wakes_when_work_arrives,
+            tag_limits_grant_each_slot_once,
+            tag_slots_free_when_their_runs_move_on,
+            task_runs_are_looked_up_by_id_and_state,
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
@@ -1401,4 +1404,244 @@ async fn walk_fenced_task(store: &dyn Store, id: Uuid, fence: u64) {
         assert!(matches!(t, Transition::Accepted { .. }), "{from} -> {to}: {t:?}");
     }
     assert!(store.queued_runs(None, 10).await.unwrap().is_empty());
+}
+
+/// A task run of `process` tagged `tags`, recorded and flushed.
+async fn tagged(store: &dyn Store, report: &Arc<Collect>, process: Uuid, tags: &[&str]) -> Uuid {
+    let mut t = task("limited", None);
+    t.tags = tags.iter().map(|t| (*t).to_owned()).collect();
+    t.process_id = Some(process);
+    let id = t.id;
+    send(store, report, [Write::TaskRun(t)]);
+    store.flush().await.unwrap();
+    id
+}
+
+fn slots(run_id: Uuid, tags: &[&str]) -> crate::limit::SlotRequest {
+    crate::limit::SlotRequest {
+        run_id,
+        tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+    }
+}
+
+fn limit(tag: &str, slots: u32) -> Write {
+    Write::PutLimit(crate::limit::ConcurrencyLimit {
+        tag: tag.into(),
+        slots,
+        updated: now_micros(),
+    })
+}
+
+/// A tag's slots go to that many runs, all or none per run, each exactly once even when
+/// many ask at the same moment; asking again while holding is granted again; tags without
+/// a limit need no slot; an unknown run is refused.
+pub async fn tag_limits_grant_each_slot_once(store: &dyn Store) {
+    use crate::limit::Slots;
+    let report = Arc::new(Collect::default());
+    let process = live(store).await;
+    send(store, &report, [limit("db", 3), limit("gpu", 1)]);
+    let mut runs = Vec::new();
+    for _ in 0..12 {
+        runs.push(tagged(store, &report, process, &["db", "other"]).await);
+    }
+    // Twelve at once for three slots.
+    let asks = runs
+        .iter()
+        .map(|&run| async move { (run, store.acquire_slots(&slots(run, &["db", "other"])).await.unwrap()) });
+    let answers = futures::future::join_all(asks).await;
+    let granted: Vec<Uuid> = answers
+        .iter()
+        .filter(|(_, a)| *a == Slots::Granted)
+        .map(|(run, _)| *run)
+        .collect();
+    assert_eq!(granted.len(), 3, "{answers:?}");
+    for (_, a) in &answers {
+        assert!(
+            *a == Slots::Granted
+                || *a
+                    == Slots::Busy {
+                        tag: "db".into(),
+                        slots: 3
+                    },
+            "{a:?}"
+        );
+    }
+    assert_eq!(
+        store.acquire_slots(&slots(granted[0], &["db"])).await.unwrap(),
+        Slots::Granted,
+        "a holder asking again"
+    );
+    // All or none: a run that gets gpu but not db holds neither.
+    let both = tagged(store, &report, process, &["gpu", "db"]).await;
+    assert_eq!(
+        store.acquire_slots(&slots(both, &["gpu", "db"])).await.unwrap(),
+        Slots::Busy {
+            tag: "db".into(),
+            slots: 3
+        }
+    );
+    let gpu_only = tagged(store, &report, process, &["gpu"]).await;
+    assert_eq!(
+        store.acquire_slots(&slots(gpu_only, &["gpu"])).await.unwrap(),
+        Slots::Granted
+    );
+    let free = tagged(store, &report, process, &["unlimited"]).await;
+    assert_eq!(
+        store.acquire_slots(&slots(free, &["unlimited"])).await.unwrap(),
+        Slots::Granted
+    );
+    assert!(matches!(
+        store.acquire_slots(&slots(Uuid::now_v7(), &["db"])).await,
+        Err(StoreError::UnknownRun(_))
+    ));
+    let usage = store.limits().await.unwrap();
+    assert_eq!(
+        usage
+            .iter()
+            .map(|u| (u.limit.tag.as_str(), u.limit.slots))
+            .collect::<Vec<_>>(),
+        [("db", 3), ("gpu", 1)]
+    );
+    let mut holders = usage[0].holders.clone();
+    holders.sort();
+    let mut expected = granted.clone();
+    expected.sort();
+    assert_eq!(holders, expected);
+    assert_eq!(usage[1].holders, [gpu_only]);
+    assert!(report.problems().is_empty(), "{:?}", report.problems());
+}
+
+/// A slot frees when its run finishes or waits for a retry, when crash detection ends the
+/// run of a dead process, and when its limit is removed; a lowered limit admits no one new
+/// until enough holders finish; removing a limit that does not exist fails.
+pub async fn tag_slots_free_when_their_runs_move_on(store: &dyn Store) {
+    use crate::limit::Slots;
+    let report = Arc::new(Collect::default());
+    let (process, doomed) = (live(store).await, live(store).await);
+    send(store, &report, [limit("db", 2)]);
+    let (a, b, c) = (
+        tagged(store, &report, process, &["db"]).await,
+        tagged(store, &report, doomed, &["db"]).await,
+        tagged(store, &report, process, &["db"]).await,
+    );
+    let ask = |run| async move { store.acquire_slots(&slots(run, &["db"])).await.unwrap() };
+    assert_eq!(ask(a).await, Slots::Granted);
+    assert_eq!(ask(b).await, Slots::Granted);
+    let busy = Slots::Busy {
+        tag: "db".into(),
+        slots: 2,
+    };
+    assert_eq!(ask(c).await, busy);
+    // Running keeps it; waiting for a retry frees it.
+    walk(store, RunKind::Task, a, Pending, &[(Running, 1, None)]).await;
+    assert_eq!(ask(c).await, busy);
+    walk(store, RunKind::Task, a, Running, &[(AwaitingRetry, 1, None)]).await;
+    assert_eq!(ask(c).await, Slots::Granted);
+    // A's second attempt waits for a slot: granted while AwaitingRetry, it counts at once.
+    assert_eq!(ask(a).await, busy);
+    // B's process dies: crash detection ends b, its slot frees.
+    walk(store, RunKind::Task, b, Pending, &[(Running, 1, None)]).await;
+    assert_eq!(ask(a).await, busy);
+    store.crash_orphans(&[doomed], 0).await.unwrap();
+    assert_eq!(store.task_run(b).await.unwrap().unwrap().state, Crashed);
+    assert_eq!(ask(a).await, Slots::Granted);
+    let d = tagged(store, &report, process, &["db"]).await;
+    assert_eq!(ask(d).await, busy, "a granted in AwaitingRetry holds its slot");
+    // Lowered to 1 with two holders: nobody new until both have finished.
+    send(store, &report, [limit("db", 1)]);
+    store.flush().await.unwrap();
+    walk(
+        store,
+        RunKind::Task,
+        c,
+        Pending,
+        &[(Running, 1, None), (Completed, 1, None)],
+    )
+    .await;
+    assert_eq!(
+        ask(d).await,
+        Slots::Busy {
+            tag: "db".into(),
+            slots: 1
+        }
+    );
+    walk(
+        store,
+        RunKind::Task,
+        a,
+        AwaitingRetry,
+        &[(Running, 2, None), (Failed, 2, None)],
+    )
+    .await;
+    assert_eq!(ask(d).await, Slots::Granted);
+    let e = tagged(store, &report, process, &["db"]).await;
+    assert_eq!(
+        ask(e).await,
+        Slots::Busy {
+            tag: "db".into(),
+            slots: 1
+        }
+    );
+    // Removed: no slot needed, and nothing listed.
+    send(store, &report, [Write::DeleteLimit { tag: "db".into() }]);
+    store.flush().await.unwrap();
+    assert_eq!(ask(e).await, Slots::Granted);
+    assert!(store.limits().await.unwrap().is_empty());
+    assert!(report.problems().is_empty(), "{:?}", report.problems());
+    send(store, &report, [Write::DeleteLimit { tag: "db".into() }]);
+    store.flush().await.unwrap();
+    let problems = report.problems();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].contains("no concurrency limit"), "{problems:?}");
+}
+
+/// Many task runs looked up at once by id, all or only those in given states; unknown ids
+/// are left out; more than [`MAX_LOOKUP`](crate::MAX_LOOKUP) ids are refused.
+pub async fn task_runs_are_looked_up_by_id_and_state(store: &dyn Store) {
+    let report = Arc::new(Collect::default());
+    let runs: Vec<NewTaskRun> = (0..5).map(|i| task(&format!("t{i}"), None)).collect();
+    let ids: Vec<Uuid> = runs.iter().map(|r| r.id).collect();
+    send(store, &report, runs.into_iter().map(Write::TaskRun));
+    walk(
+        store,
+        RunKind::Task,
+        ids[1],
+        Pending,
+        &[(Running, 1, None), (Completed, 1, None)],
+    )
+    .await;
+    walk(
+        store,
+        RunKind::Task,
+        ids[3],
+        Pending,
+        &[(Running, 1, None), (Failed, 1, None)],
+    )
+    .await;
+    walk(store, RunKind::Task, ids[4], Pending, &[(Running, 1, None)]).await;
+    let mut asked = ids.clone();
+    asked.push(Uuid::now_v7());
+    let sorted = |mut runs: Vec<TaskRun>| {
+        runs.sort_by_key(|r| r.id);
+        runs.into_iter().map(|r| (r.name, r.state)).collect::<Vec<_>>()
+    };
+    let all = sorted(store.task_runs_in(&asked, &[]).await.unwrap());
+    assert_eq!(
+        all,
+        [
+            ("t0".to_owned(), Pending),
+            ("t1".to_owned(), Completed),
+            ("t2".to_owned(), Pending),
+            ("t3".to_owned(), Failed),
+            ("t4".to_owned(), Running),
+        ]
+    );
+    let finished = sorted(store.task_runs_in(&asked, &crate::state::FINAL).await.unwrap());
+    assert_eq!(finished, [("t1".to_owned(), Completed), ("t3".to_owned(), Failed)]);
+    let one = store.task_runs_in(&ids[1..2], &[Completed]).await.unwrap();
+    assert_eq!(one[0].result, None);
+    assert!(store.task_runs_in(&[], &[]).await.unwrap().is_empty());
+    let too_many: Vec<Uuid> = (0..=crate::MAX_LOOKUP).map(|_| Uuid::now_v7()).collect();
+    assert!(store.task_runs_in(&too_many, &[]).await.is_err());
+    assert!(report.problems().is_empty(), "{:?}", report.problems());
 }

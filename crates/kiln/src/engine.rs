@@ -42,6 +42,8 @@ struct Inner {
     defaults: RunDefaults,
     /// This process's record and heartbeat in the store.
     liveness: crate::heartbeat::Liveness,
+    /// Follows the task runs this process waits for on workers.
+    watcher: crate::remote::Watcher,
 }
 
 /// The settings every run consults, without the settings lock.
@@ -103,8 +105,14 @@ impl Engine {
                 },
                 settings: RwLock::new(settings),
                 storages: Mutex::new(HashMap::new()),
+                watcher: Default::default(),
             }),
         }
+    }
+
+    /// Follows the task runs this process waits for on workers.
+    pub(crate) fn watcher(&self) -> &crate::remote::Watcher {
+        &self.inner.watcher
     }
 
     /// The id under which this process's runs are recorded (see [`crate::heartbeat`]).

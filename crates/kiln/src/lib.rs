@@ -51,7 +51,7 @@
 //! | `retry_delay` | seconds, `[s, s, ...]`, or `exponential(base)` / `exponential(base, max = s, jitter = f)` | wait before each retry |
 //! | `retry_if` | a function `fn(&E) -> bool` | retry only the errors it accepts |
 //! | `timeout` | seconds, or a string like `"1m 30s"` | an attempt running longer ends as TimedOut; a sync body is asked to stop through [`cancelled`] and is waited for before a retry |
-//! | `tags` | `["a", "b"]` | recorded with the run |
+//! | `tags` | `["a", "b"]` | recorded with the run; a tag with a concurrency limit (`kiln limit set db 2`) makes a task run wait for one of its slots |
 #![warn(missing_docs)]
 
 pub mod cache;

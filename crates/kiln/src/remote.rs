@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use kiln_store::model::{RunKind, Write, now_micros};
+use kiln_store::model::{RunKind, TaskRun, Write, now_micros};
 use kiln_store::state::StateType;
 use kiln_store::work::{Claim, QueueEntry};
 use serde::{Deserialize, Serialize};
@@ -301,21 +301,120 @@ pub(crate) async fn call<T: Task>(
     }
 }
 
-/// Waits for a task run to reach a final state, looking often at first (a short task is
-/// seen within milliseconds), then every 250 ms at most. Each waiting call reads on its own:
-/// thousands of them at once cost the database more than the runs do (bench/dispatch);
-/// one watcher per engine, woken by the store, is the way to remove that.
+/// Waits for a task run to reach a final state, through the engine's [`Watcher`].
 async fn wait_until_done(engine: &Engine, id: Uuid) -> Result<kiln_store::model::TaskRun, Error> {
-    let mut pause = Duration::from_millis(2);
+    let watcher = engine.watcher();
+    // Dropped last: a waiter cancelled meanwhile leaves nothing behind.
+    let _gone = Unregister { watcher, id };
+    let (tx, mut answer) = futures::channel::oneshot::channel();
+    watcher
+        .waiting
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(id)
+        .or_default()
+        .push(tx);
     loop {
-        // The queueing is durable before anyone can claim it: flush first, once.
-        if let Some(run) = engine.store().task_run(id).await?
-            && run.state.is_terminal()
-        {
-            return Ok(run);
+        // Whoever finds nobody polling polls for everyone; the others wait for their answer.
+        let pause = match watcher.poll.try_lock() {
+            Ok(mut poll) => poll.once(watcher, engine.store().as_ref()).await?,
+            Err(_) => POLL_MIN,
+        };
+        tokio::select! {
+            run = &mut answer => {
+                return run.map_err(|_| Error::Setup(format!("task run {id}: its watcher stopped")));
+            }
+            _ = tokio::time::sleep(pause) => {}
         }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(250));
+    }
+}
+
+/// The shortest and longest pause between two looks at the runs being waited for: a short
+/// task is seen within a few milliseconds; while nothing ends, looks slow down.
+const POLL_MIN: Duration = Duration::from_millis(1);
+const POLL_MAX: Duration = Duration::from_millis(100);
+
+/// Follows the task runs this process waits for on workers with one query for all of them
+/// (however many thousands wait), rather than one per waiting call.
+#[derive(Default)]
+pub(crate) struct Watcher {
+    /// Who waits for which run.
+    waiting: std::sync::Mutex<std::collections::HashMap<Uuid, Vec<futures::channel::oneshot::Sender<TaskRun>>>>,
+    /// Held by the caller that polls.
+    poll: tokio::sync::Mutex<Poll>,
+}
+
+/// When the last look happened, and the pause until the next.
+struct Poll {
+    last: Option<tokio::time::Instant>,
+    pause: Duration,
+}
+
+impl Default for Poll {
+    fn default() -> Self {
+        Poll {
+            last: None,
+            pause: POLL_MIN,
+        }
+    }
+}
+
+impl Poll {
+    /// Looks up every waited-for run that has ended and hands each to its waiters, unless
+    /// the last look was less than a pause ago; the pause before the next look.
+    async fn once(&mut self, watcher: &Watcher, store: &dyn kiln_store::Store) -> Result<Duration, Error> {
+        if let Some(last) = self.last {
+            let since = last.elapsed();
+            if since < self.pause {
+                return Ok(self.pause - since);
+            }
+        }
+        self.last = Some(tokio::time::Instant::now());
+        let ids: Vec<Uuid> = watcher
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        let mut ended = 0;
+        for chunk in ids.chunks(kiln_store::MAX_LOOKUP) {
+            for run in store.task_runs_in(chunk, &kiln_store::state::FINAL).await? {
+                let waiters = watcher
+                    .waiting
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&run.id);
+                for tx in waiters.into_iter().flatten() {
+                    let _ = tx.send(run.clone());
+                }
+                ended += 1;
+            }
+        }
+        self.pause = if ended > 0 {
+            POLL_MIN
+        } else {
+            (self.pause * 2).min(POLL_MAX)
+        };
+        Ok(self.pause)
+    }
+}
+
+/// Forgets a waiter that has gone (answered, or cancelled).
+struct Unregister<'a> {
+    watcher: &'a Watcher,
+    id: Uuid,
+}
+
+impl Drop for Unregister<'_> {
+    fn drop(&mut self) {
+        let mut waiting = self.watcher.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(list) = waiting.get_mut(&self.id) {
+            list.retain(|tx| !tx.is_canceled());
+            if list.is_empty() {
+                waiting.remove(&self.id);
+            }
+        }
     }
 }
 
@@ -353,6 +452,7 @@ async fn run_claimed_inner<T: Task>(
     };
     let problems = Arc::new(Problems::default());
     let mut tracker = Tracker::adopt(label.clone(), engine.clone(), &claim, problems.clone());
+    tracker.slot_tags = claim.tags.clone();
     let outcome = async {
         let payload: Payload = serde_json::from_value(claim.parameters.clone())
             .map_err(|e| format!("its queued inputs cannot be read: {e}"))?;

@@ -166,6 +166,9 @@ pub(crate) struct Tracker {
     pub(crate) problems: Arc<Problems>,
     /// The fencing token of the claim this process holds on the run (a worker's run).
     pub(crate) fence: Option<u64>,
+    /// A task run's tags: before each attempt it waits for a slot of those that have a
+    /// concurrency limit (see [`kiln_store::limit`]).
+    pub(crate) slot_tags: Vec<String>,
 }
 
 impl Tracker {
@@ -187,6 +190,7 @@ impl Tracker {
             attempt: 0,
             problems,
             fence: None,
+            slot_tags: Vec::new(),
         }
     }
 
@@ -205,6 +209,7 @@ impl Tracker {
             attempt: claim.attempt,
             problems,
             fence: Some(claim.fence),
+            slot_tags: Vec::new(),
         }
     }
 
@@ -351,6 +356,49 @@ pub(crate) fn persisting<B: Body>(
     }))
 }
 
+/// The longest pause between two asks for a slot: how late at most a waiting task run
+/// learns that a slot has freed.
+const SLOT_POLL_MAX: Duration = Duration::from_millis(500);
+
+/// Waits until the store grants this task run a slot of each of its limited tags; the run
+/// stays Pending (or AwaitingRetry) meanwhile, and its caller may cancel it.
+async fn wait_for_slots(tracker: &Tracker) -> Result<(), Error> {
+    use kiln_store::limit::{SlotRequest, Slots};
+    let store = tracker.engine.store();
+    // The store counts holders by their runs' states: this run's record goes first.
+    store.flush().await?;
+    let request = SlotRequest {
+        run_id: tracker.id(),
+        tags: tracker.slot_tags.clone(),
+    };
+    let mut pause = Duration::from_millis(5);
+    let mut told = false;
+    loop {
+        match store.acquire_slots(&request).await {
+            Ok(Slots::Granted) => {
+                if told {
+                    tracing::info!("{} got its slot and starts", tracker.label);
+                }
+                return Ok(());
+            }
+            Ok(Slots::Busy { tag, slots }) if !told => {
+                tracing::info!(
+                    "{} waits for a slot of tag '{tag}': all {slots} are in use (see `kiln limit ls`)",
+                    tracker.label
+                );
+                told = true;
+            }
+            Ok(Slots::Busy { .. }) => {}
+            Err(e) if e.is_retryable() => {
+                tracing::warn!("{} cannot ask for its concurrency slots yet: {e}", tracker.label);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(SLOT_POLL_MAX);
+    }
+}
+
 /// Runs attempts of `B` until one succeeds, the retries are spent, or retry_if says no.
 pub(crate) async fn attempts<B: Body>(
     tracker: &mut Tracker,
@@ -378,6 +426,9 @@ pub(crate) async fn attempts<B: Body>(
         // Dropped before its body returns (the run was cancelled): a synchronous body still
         // running on its thread learns it through kiln::cancelled().
         let _stop = StopOnDrop(scope.clone());
+        if !tracker.slot_tags.is_empty() {
+            wait_for_slots(tracker).await?;
+        }
         tracker.attempt += 1;
         tracker.to(StateType::Running, None)?;
         let last = tracker.attempt >= max_attempts;

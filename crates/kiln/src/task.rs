@@ -262,7 +262,8 @@ fn prepare<T: Task>(task: &T, inputs: &T::Inputs) -> Result<Prepared<T>, Error> 
     let options = task.options();
     let name = options.name.clone().unwrap_or_else(|| Arc::from(T::NAME));
     let problems = flow.as_ref().map_or_else(Default::default, |f| f.problems.clone());
-    let tracker = Tracker::new(RunKind::Task, name, engine, StateType::Pending, problems);
+    let mut tracker = Tracker::new(RunKind::Task, name, engine, StateType::Pending, problems);
+    tracker.slot_tags = options.tag_list();
     let call_key = flow.as_ref().map(|f| f.next_call_key(T::KEY));
     let flow_run_id = flow.as_ref().map(|f| f.flow_run_id);
     tracker.send(Write::TaskRun(NewTaskRun {

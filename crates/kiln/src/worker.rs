@@ -335,21 +335,38 @@ async fn claim_loop(
     }
 }
 
-/// Tells the runs that a user is cancelling that they must stop.
+/// Tells the runs that a user is cancelling that they must stop: task runs looked up
+/// together, flow runs (a worker runs few at once) one by one.
 async fn watch_cancellations(
     store: &dyn kiln_store::Store,
     cancels: &mut HashMap<Uuid, (RunKind, oneshot::Sender<StateType>)>,
 ) {
-    let ids: Vec<(Uuid, RunKind)> = cancels.iter().map(|(id, (kind, _))| (*id, *kind)).collect();
-    for (id, kind) in ids {
-        let state = match kind {
-            RunKind::Flow => store.flow_run(id).await.ok().flatten().map(|r| r.state),
-            RunKind::Task => store.task_run(id).await.ok().flatten().map(|r| r.state),
-        };
-        let Some(state) = state else { continue };
-        if matches!(state, StateType::Cancelling | StateType::Cancelled)
-            && let Some((_, tx)) = cancels.remove(&id)
+    const STOPPING: [StateType; 2] = [StateType::Cancelling, StateType::Cancelled];
+    let mut stopping: Vec<(Uuid, StateType)> = Vec::new();
+    let tasks: Vec<Uuid> = cancels
+        .iter()
+        .filter(|(_, (kind, _))| *kind == RunKind::Task)
+        .map(|(id, _)| *id)
+        .collect();
+    for chunk in tasks.chunks(kiln_store::MAX_LOOKUP) {
+        if let Ok(runs) = store.task_runs_in(chunk, &STOPPING).await {
+            stopping.extend(runs.iter().map(|r| (r.id, r.state)));
+        }
+    }
+    let flows: Vec<Uuid> = cancels
+        .iter()
+        .filter(|(_, (kind, _))| *kind == RunKind::Flow)
+        .map(|(id, _)| *id)
+        .collect();
+    for id in flows {
+        if let Ok(Some(run)) = store.flow_run(id).await
+            && STOPPING.contains(&run.state)
         {
+            stopping.push((id, run.state));
+        }
+    }
+    for (id, state) in stopping {
+        if let Some((_, tx)) = cancels.remove(&id) {
             tracing::info!("run {id} is being cancelled: stopping it");
             let _ = tx.send(state);
         }

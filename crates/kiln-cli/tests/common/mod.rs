@@ -53,6 +53,26 @@ impl Drop for Proc {
     }
 }
 
+/// `kiln --home HOME ARGS` on the database at `database` (`None`: the home's SQLite file).
+pub fn kiln_on(home: &std::path::Path, database: Option<&str>, args: &[&str]) -> std::process::Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    c.arg("--home").arg(home).args(args).env_remove("KILN_API_URL");
+    match database {
+        Some(url) => c.env("KILN_DATABASE_URL", url),
+        None => c.env_remove("KILN_DATABASE_URL"),
+    };
+    c.output().unwrap()
+}
+
+/// Runs a future on a runtime of its own.
+pub fn block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
 /// Waits until `check` holds, or fails after `limit` saying `what`.
 pub fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let started = Instant::now();
