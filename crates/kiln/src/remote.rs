@@ -314,18 +314,43 @@ async fn wait_until_done(engine: &Engine, id: Uuid) -> Result<kiln_store::model:
         .entry(id)
         .or_default()
         .push(tx);
+    let gone = |_| Error::Setup(format!("task run {id}: its watcher stopped"));
     loop {
-        // Whoever finds nobody polling polls for everyone; the others wait for their answer.
-        let pause = match watcher.poll.try_lock() {
-            Ok(mut poll) => poll.once(watcher, engine.store().as_ref()).await?,
-            Err(_) => POLL_MIN,
-        };
-        tokio::select! {
-            run = &mut answer => {
-                return run.map_err(|_| Error::Setup(format!("task run {id}: its watcher stopped")));
+        // One waiter polls for everyone until its own run has ended, then hands over; the
+        // others sleep until their answer comes or the poller hands over (no timers: with
+        // thousands waiting, waking each one every millisecond would cost more than the runs).
+        let Ok(poll) = watcher.poll.try_lock() else {
+            tokio::select! {
+                run = &mut answer => return run.map_err(gone),
+                _ = watcher.handover.notified() => continue,
             }
-            _ = tokio::time::sleep(pause) => {}
+        };
+        let mut poller = Poller {
+            poll: Some(poll),
+            watcher,
+        };
+        loop {
+            let poll = poller.poll.as_mut().expect("held until the poller is dropped");
+            let pause = poll.once(watcher, engine.store().as_ref()).await?;
+            if let Ok(Some(run)) = answer.try_recv() {
+                return Ok(run);
+            }
+            tokio::time::sleep(pause).await;
         }
+    }
+}
+
+/// The waiter that polls: when it stops (answered, failed or cancelled), it lets go of the
+/// poll, then wakes another waiter to take it.
+struct Poller<'a> {
+    poll: Option<tokio::sync::MutexGuard<'a, Poll>>,
+    watcher: &'a Watcher,
+}
+
+impl Drop for Poller<'_> {
+    fn drop(&mut self) {
+        drop(self.poll.take());
+        self.watcher.handover.notify_one();
     }
 }
 
@@ -333,6 +358,9 @@ async fn wait_until_done(engine: &Engine, id: Uuid) -> Result<kiln_store::model:
 /// task is seen within a few milliseconds; while nothing ends, looks slow down.
 const POLL_MIN: Duration = Duration::from_millis(1);
 const POLL_MAX: Duration = Duration::from_millis(100);
+
+/// How many waiting runs the watcher looks up per second at most (see [`Poll::once`]).
+const LOOKUPS_PER_SECOND: f64 = 200_000.0;
 
 /// Follows the task runs this process waits for on workers with one query for all of them
 /// (however many thousands wait), rather than one per waiting call.
@@ -342,6 +370,8 @@ pub(crate) struct Watcher {
     waiting: std::sync::Mutex<std::collections::HashMap<Uuid, Vec<futures::channel::oneshot::Sender<TaskRun>>>>,
     /// Held by the caller that polls.
     poll: tokio::sync::Mutex<Poll>,
+    /// Wakes one waiter to poll in place of the one that stopped.
+    handover: tokio::sync::Notify,
 }
 
 /// When the last look happened, and the pause until the next.
@@ -391,10 +421,13 @@ impl Poll {
                 ended += 1;
             }
         }
+        // A look costs the database one index lookup per waiting run: with thousands
+        // waiting, looks are spaced so that it does at most LOOKUPS_PER_SECOND of them.
+        let floor = POLL_MIN.max(Duration::from_secs_f64(ids.len() as f64 / LOOKUPS_PER_SECOND));
         self.pause = if ended > 0 {
-            POLL_MIN
+            floor
         } else {
-            (self.pause * 2).min(POLL_MAX)
+            (self.pause * 2).clamp(floor, POLL_MAX.max(floor))
         };
         Ok(self.pause)
     }
