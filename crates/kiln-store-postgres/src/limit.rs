@@ -16,7 +16,11 @@ pub(crate) async fn acquire(pool: &Pool, request: &SlotRequest) -> Result<Slots,
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let Some(run) = tx
-        .query_opt("SELECT state_seq FROM task_runs WHERE id = $1", &[&request.run_id])
+        .query_opt(
+            &tx.prepare_cached("SELECT state_seq FROM task_runs WHERE id = $1")
+                .await?,
+            &[&request.run_id],
+        )
         .await?
     else {
         return Err(DbError::UnknownRun(request.run_id));
@@ -24,7 +28,8 @@ pub(crate) async fn acquire(pool: &Pool, request: &SlotRequest) -> Result<Slots,
     let seq: i32 = run.try_get(0)?;
     let limited = tx
         .query(
-            "SELECT tag, slots FROM concurrency_limits WHERE tag = ANY($1) ORDER BY tag FOR UPDATE",
+            &tx.prepare_cached("SELECT tag, slots FROM concurrency_limits WHERE tag = ANY($1) ORDER BY tag FOR UPDATE")
+                .await?,
             &[&request.tags],
         )
         .await?;
@@ -32,17 +37,19 @@ pub(crate) async fn acquire(pool: &Pool, request: &SlotRequest) -> Result<Slots,
         let (tag, slots): (String, i32) = (row.try_get(0)?, row.try_get(1)?);
         // Slots of runs that moved on are free: their rows go.
         tx.execute(
-            &format!(
+            &tx.prepare_cached(&format!(
                 "DELETE FROM concurrency_slots WHERE tag = $1 AND run_id NOT IN
                    (SELECT s.run_id FROM concurrency_slots s JOIN task_runs t ON t.id = s.run_id
                     WHERE s.tag = $1 AND {HOLDS_SLOT_SQL})"
-            ),
+            ))
+            .await?,
             &[&tag],
         )
         .await?;
         let others: i64 = tx
             .query_one(
-                "SELECT COUNT(*) FROM concurrency_slots WHERE tag = $1 AND run_id <> $2",
+                &tx.prepare_cached("SELECT COUNT(*) FROM concurrency_slots WHERE tag = $1 AND run_id <> $2")
+                    .await?,
                 &[&tag, &request.run_id],
             )
             .await?
@@ -55,8 +62,11 @@ pub(crate) async fn acquire(pool: &Pool, request: &SlotRequest) -> Result<Slots,
             });
         }
         tx.execute(
-            "INSERT INTO concurrency_slots (tag, run_id, granted_seq, granted_at) VALUES ($1, $2, $3, $4)
+            &tx.prepare_cached(
+                "INSERT INTO concurrency_slots (tag, run_id, granted_seq, granted_at) VALUES ($1, $2, $3, $4)
              ON CONFLICT (tag, run_id) DO UPDATE SET granted_seq = excluded.granted_seq",
+            )
+            .await?,
             &[&tag, &request.run_id, &seq, &now_micros()],
         )
         .await?;

@@ -84,7 +84,9 @@ async fn all<T>(
     map: fn(&PgRow) -> Result<T, StoreError>,
 ) -> Result<Vec<T>, StoreError> {
     let client = pool.get().await.map_err(backend)?;
-    let rows = client.query(sql, params).await.map_err(backend)?;
+    // Prepared once per connection: planning is most of a small query's cost.
+    let statement = client.prepare_cached(sql).await.map_err(backend)?;
+    let rows = client.query(&statement, params).await.map_err(backend)?;
     rows.iter().map(map).collect()
 }
 

@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
+use deadpool_postgres::Transaction;
 use futures::StreamExt;
 use kiln_store::model::{Micros, RunKind, RunState, StateChange, now_micros};
 use kiln_store::state::StateType;
 use kiln_store::work::{self, Claim, ClaimRequest, Deployment, QueueEntry, QueuedRun, TakeBack, WorkPool};
-use tokio_postgres::{AsyncMessage, NoTls, Row, Transaction};
+use tokio_postgres::{AsyncMessage, NoTls, Row};
 use uuid::Uuid;
 
 use crate::DbError;
@@ -109,10 +110,11 @@ async fn apply(tx: &Transaction<'_>, c: &Candidate, change: &StateChange) -> Res
     let end = change.to.is_terminal().then_some(change.timestamp);
     let updated = tx
         .execute(
-            &format!(
+            &tx.prepare_cached(&format!(
                 "UPDATE {table} SET state = $2, state_seq = $3, state_message = $4,
                      end_time = COALESCE(end_time, $5) WHERE id = $1 AND state = $6 AND state_seq = $7"
-            ),
+            ))
+            .await?,
             &[
                 &change.run_id,
                 &change.to.as_str(),
@@ -129,7 +131,10 @@ async fn apply(tx: &Transaction<'_>, c: &Candidate, change: &StateChange) -> Res
     }
     let r = RunState::record(change, seq as u32);
     tx.execute(
-        "INSERT INTO states (run_id, seq, state, message, attempt, timestamp) VALUES ($1, $2, $3, $4, $5, $6)",
+        &tx.prepare_cached(
+            "INSERT INTO states (run_id, seq, state, message, attempt, timestamp) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .await?,
         &[
             &r.run_id,
             &seq,
@@ -148,7 +153,10 @@ async fn claim_once(pool: &Pool, request: &ClaimRequest) -> Result<Vec<Claim>, D
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     if tx
-        .query_opt("SELECT 1 FROM processes WHERE id = $1", &[&request.process_id])
+        .query_opt(
+            &tx.prepare_cached("SELECT 1 FROM processes WHERE id = $1").await?,
+            &[&request.process_id],
+        )
         .await?
         .is_none()
     {
@@ -159,27 +167,31 @@ async fn claim_once(pool: &Pool, request: &ClaimRequest) -> Result<Vec<Claim>, D
     // Locked rows belong to another claimer right now: skip them rather than wait.
     let rows = tx
         .query(
-            &format!(
+            &tx.prepare_cached(&format!(
                 "SELECT {CANDIDATE_COLUMNS} FROM {CANDIDATE_FROM} WHERE q.claimed_by IS NULL AND q.scheduled <= $2 AND q.pool = ANY($1)
                    AND (cardinality($4::text[]) = 0 OR q.target = ANY($4))
                    AND (q.host IS NULL OR q.host = $5)
                  ORDER BY q.scheduled, q.run_id LIMIT $3 FOR UPDATE OF q SKIP LOCKED"
-            ),
-            &[&request.pools, &now, &(limit * 4 + 16), &request.targets, &request.host],
+            )).await?,
+            &[&request.pools, &now, &(limit + limit / 4 + 16), &request.targets, &request.host],
         )
         .await?;
     // Runs this process holds and has not started: an answer it may never have received.
     let mut held = Vec::new();
-    for row in tx
-        .query(
-            &format!(
+    let resent = if request.resend {
+        tx.query(
+            &tx.prepare_cached(&format!(
                 "SELECT {CANDIDATE_COLUMNS} FROM {CANDIDATE_FROM} WHERE q.claimed_by = $1 AND q.pool = ANY($2)
                    AND COALESCE(f.state, t.state) IN ('Pending', 'AwaitingRetry')"
-            ),
+            ))
+            .await?,
             &[&request.process_id, &request.pools],
         )
         .await?
-    {
+    } else {
+        Vec::new()
+    };
+    for row in resent {
         let mut c = candidate(&row)?;
         let tags = c
             .tags
@@ -199,8 +211,11 @@ async fn claim_once(pool: &Pool, request: &ClaimRequest) -> Result<Vec<Claim>, D
         let c = candidate(row)?;
         let Some(state) = c.state.filter(|s| work::is_claimable(*s)) else {
             if c.state.is_none_or(StateType::is_terminal) {
-                tx.execute("DELETE FROM queue WHERE run_id = $1", &[&c.entry.run_id])
-                    .await?;
+                tx.execute(
+                    &tx.prepare_cached("DELETE FROM queue WHERE run_id = $1").await?,
+                    &[&c.entry.run_id],
+                )
+                .await?;
             }
             continue;
         };
@@ -213,7 +228,8 @@ async fn claim_once(pool: &Pool, request: &ClaimRequest) -> Result<Vec<Claim>, D
     let ids: Vec<Uuid> = admitted.iter().map(|(c, _)| c.entry.run_id).collect();
     if !ids.is_empty() {
         tx.execute(
-            "UPDATE queue SET claimed_by = $2, fence = fence + 1 WHERE run_id = ANY($1)",
+            &tx.prepare_cached("UPDATE queue SET claimed_by = $2, fence = fence + 1 WHERE run_id = ANY($1)")
+                .await?,
             &[&ids, &request.process_id],
         )
         .await?;
@@ -268,7 +284,11 @@ impl Limits {
             ("work_pools", "pool")
         };
         let limit: Option<i32> = tx
-            .query_opt(&format!("SELECT concurrency FROM {table} WHERE name = $1"), &[&name])
+            .query_opt(
+                &tx.prepare_cached(&format!("SELECT concurrency FROM {table} WHERE name = $1"))
+                    .await?,
+                &[&name],
+            )
             .await?
             .map(|r| r.try_get(0))
             .transpose()?
@@ -276,13 +296,16 @@ impl Limits {
         let mut held = 0;
         if limit.is_some() {
             tx.execute(
-                "SELECT pg_advisory_xact_lock(hashtext($1))",
+                &tx.prepare_cached("SELECT pg_advisory_xact_lock(hashtext($1))").await?,
                 &[&format!("kiln {column} {name}")],
             )
             .await?;
             held = tx
                 .query_one(
-                    &format!("SELECT count(*) FROM queue WHERE {column} = $1 AND claimed_by IS NOT NULL"),
+                    &tx.prepare_cached(&format!(
+                        "SELECT count(*) FROM queue WHERE {column} = $1 AND claimed_by IS NOT NULL"
+                    ))
+                    .await?,
                     &[&name],
                 )
                 .await?
@@ -406,11 +429,11 @@ pub(crate) async fn take_back_claims(
 ) -> Result<Vec<(RunKind, Uuid)>, DbError> {
     let rows = tx
         .query(
-            &format!(
+            &tx.prepare_cached(&format!(
                 "SELECT {CANDIDATE_COLUMNS}, p.pid, p.host AS process_host, p.heartbeat AS beat, p.id = ANY($2) AS exited
                  FROM {CANDIDATE_FROM} JOIN processes p ON p.id = q.claimed_by
                  WHERE p.heartbeat < $1 OR p.id = ANY($2) ORDER BY q.run_id FOR UPDATE OF q"
-            ),
+            )).await?,
             &[&stale_before, &dead],
         )
         .await?;
@@ -432,17 +455,23 @@ pub(crate) async fn take_back_claims(
                 {
                     changed.push((c.entry.kind, id));
                 }
-                tx.execute("UPDATE queue SET claimed_by = NULL WHERE run_id = $1", &[&id])
-                    .await?;
+                tx.execute(
+                    &tx.prepare_cached("UPDATE queue SET claimed_by = NULL WHERE run_id = $1")
+                        .await?,
+                    &[&id],
+                )
+                .await?;
             }
             TakeBack::End(change) => {
                 if apply(tx, &c, &change).await? {
                     changed.push((c.entry.kind, id));
                 }
-                tx.execute("DELETE FROM queue WHERE run_id = $1", &[&id]).await?;
+                tx.execute(&tx.prepare_cached("DELETE FROM queue WHERE run_id = $1").await?, &[&id])
+                    .await?;
             }
             TakeBack::Drop => {
-                tx.execute("DELETE FROM queue WHERE run_id = $1", &[&id]).await?;
+                tx.execute(&tx.prepare_cached("DELETE FROM queue WHERE run_id = $1").await?, &[&id])
+                    .await?;
             }
         }
     }

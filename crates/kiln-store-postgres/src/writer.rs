@@ -217,8 +217,11 @@ async fn attempt(
         let ids: Vec<Uuid> = created.iter().copied().collect();
         for row in tx
             .query(
-                "SELECT id, created FROM flow_runs WHERE id = ANY($1)
+                &tx.prepare_cached(
+                    "SELECT id, created FROM flow_runs WHERE id = ANY($1)
                  UNION ALL SELECT id, created FROM task_runs WHERE id = ANY($1)",
+                )
+                .await?,
                 &[&ids],
             )
             .await?
@@ -247,8 +250,11 @@ async fn attempt(
     if !fenced.is_empty() {
         for row in tx
             .query(
-                "SELECT run_id, fence FROM queue WHERE run_id = ANY($1) AND claimed_by IS NOT NULL
+                &tx.prepare_cached(
+                    "SELECT run_id, fence FROM queue WHERE run_id = ANY($1) AND claimed_by IS NOT NULL
                  ORDER BY run_id FOR UPDATE",
+                )
+                .await?,
                 &[&fenced],
             )
             .await?
@@ -266,7 +272,7 @@ async fn attempt(
             "SELECT id, state, state_seq, state_message, attempt, start_time, end_time, result::text AS result
              FROM {table} WHERE id = ANY($1) ORDER BY id FOR UPDATE"
         );
-        for row in tx.query(&sql, &[ids]).await? {
+        for row in tx.query(&tx.prepare_cached(&sql).await?, &[ids]).await? {
             let state: String = row.try_get("state")?;
             let state = state.parse::<StateType>().map_err(|e| DbError::Data(e.to_string()))?;
             rows.insert(
@@ -398,11 +404,14 @@ async fn attempt(
     update_runs(&tx, &rows).await?;
     if !history.run_id.is_empty() {
         tx.execute(
-            "INSERT INTO states (run_id, seq, state, message, attempt, timestamp, result, change_id)
+            &tx.prepare_cached(
+                "INSERT INTO states (run_id, seq, state, message, attempt, timestamp, result, change_id)
              SELECT u.run_id, u.seq, u.state, u.message, u.attempt, u.ts, u.result::jsonb, u.change_id
              FROM UNNEST($1::uuid[], $2::int[], $3::text[], $4::text[], $5::int[], $6::bigint[], $7::text[],
                          $8::uuid[])
                   AS u(run_id, seq, state, message, attempt, ts, result, change_id)",
+            )
+            .await?,
             &[
                 &history.run_id,
                 &history.seq,
@@ -418,16 +427,22 @@ async fn attempt(
     }
     if !edges.0.is_empty() {
         tx.execute(
-            "INSERT INTO edges (upstream, downstream, flow_run_id)
+            &tx.prepare_cached(
+                "INSERT INTO edges (upstream, downstream, flow_run_id)
              SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[]) ON CONFLICT DO NOTHING",
+            )
+            .await?,
             &[&edges.0, &edges.1, &edges.2],
         )
         .await?;
     }
     for p in beats {
         tx.execute(
-            "INSERT INTO processes (id, host, pid, started, heartbeat) VALUES ($1, $2, $3, $4, $5)
+            &tx.prepare_cached(
+                "INSERT INTO processes (id, host, pid, started, heartbeat) VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (id) DO UPDATE SET heartbeat = GREATEST(processes.heartbeat, excluded.heartbeat)",
+            )
+            .await?,
             &[&p.id, &p.host, &(p.pid as i32), &(p.started as i64), &p.heartbeat],
         )
         .await?;
@@ -436,7 +451,10 @@ async fn attempt(
         match w {
             Write::PutToken(t) => {
                 tx.execute(
-                    "INSERT INTO api_tokens (name, hash, read_only, created, revoked) VALUES ($1, $2, $3, $4, $5)",
+                    &tx.prepare_cached(
+                        "INSERT INTO api_tokens (name, hash, read_only, created, revoked) VALUES ($1, $2, $3, $4, $5)",
+                    )
+                    .await?,
                     &[&t.name, &t.hash, &t.read_only, &t.created, &t.revoked],
                 )
                 .await?;
@@ -444,7 +462,8 @@ async fn attempt(
             Write::RevokeToken { name, at } => {
                 let changed = tx
                     .execute(
-                        "UPDATE api_tokens SET revoked = COALESCE(revoked, $2) WHERE name = $1",
+                        &tx.prepare_cached("UPDATE api_tokens SET revoked = COALESCE(revoked, $2) WHERE name = $1")
+                            .await?,
                         &[name, at],
                     )
                     .await?;
@@ -457,8 +476,8 @@ async fn attempt(
             Write::Enqueue(e) => {
                 // Queued twice: the first entry stays.
                 tx.execute(
-                    "INSERT INTO queue (run_id, kind, pool, deployment, target, scheduled, max_attempts, host, payload)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
+                    &tx.prepare_cached("INSERT INTO queue (run_id, kind, pool, deployment, target, scheduled, max_attempts, host, payload)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING").await?,
                     &[
                         &e.run_id,
                         &crate::work::kind_str(e.kind),
@@ -476,14 +495,14 @@ async fn attempt(
             Write::PutDeployment(d) => {
                 let schedule = d.schedule.as_ref().and_then(|s| serde_json::to_value(s).ok());
                 tx.execute(
-                    "INSERT INTO deployments (name, flow, pool, parameters, parameter_schema, tags, schedule, catchup,
+                    &tx.prepare_cached("INSERT INTO deployments (name, flow, pool, parameters, parameter_schema, tags, schedule, catchup,
                                               concurrency, max_attempts, updated)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
                      ON CONFLICT (name) DO UPDATE SET flow = excluded.flow, pool = excluded.pool,
                          parameters = excluded.parameters, parameter_schema = excluded.parameter_schema,
                          tags = excluded.tags, schedule = excluded.schedule, catchup = excluded.catchup,
                          concurrency = excluded.concurrency, max_attempts = excluded.max_attempts,
-                         updated = excluded.updated",
+                         updated = excluded.updated").await?,
                     &[
                         &d.name,
                         &d.flow,
@@ -502,45 +521,65 @@ async fn attempt(
             }
             Write::PutPool(p) => {
                 tx.execute(
-                    "INSERT INTO work_pools (name, concurrency) VALUES ($1, $2)
+                    &tx.prepare_cached(
+                        "INSERT INTO work_pools (name, concurrency) VALUES ($1, $2)
                      ON CONFLICT (name) DO UPDATE SET concurrency = excluded.concurrency",
+                    )
+                    .await?,
                     &[&p.name, &p.concurrency.map(|c| c as i32)],
                 )
                 .await?;
             }
             Write::PutLimit(l) => {
                 tx.execute(
-                    "INSERT INTO concurrency_limits (tag, slots, updated) VALUES ($1, $2, $3)
+                    &tx.prepare_cached(
+                        "INSERT INTO concurrency_limits (tag, slots, updated) VALUES ($1, $2, $3)
                      ON CONFLICT (tag) DO UPDATE SET slots = excluded.slots, updated = excluded.updated",
+                    )
+                    .await?,
                     &[&l.tag, &(l.slots as i32), &l.updated],
                 )
                 .await?;
             }
             Write::DeleteLimit { tag } => {
                 let removed = tx
-                    .execute("DELETE FROM concurrency_limits WHERE tag = $1", &[tag])
+                    .execute(
+                        &tx.prepare_cached("DELETE FROM concurrency_limits WHERE tag = $1")
+                            .await?,
+                        &[tag],
+                    )
                     .await?;
                 if removed == 0 {
                     return Err(DbError::Data(format!(
                         "tag '{tag}' has no concurrency limit (see `kiln limit ls`)"
                     )));
                 }
-                tx.execute("DELETE FROM concurrency_slots WHERE tag = $1", &[tag])
-                    .await?;
+                tx.execute(
+                    &tx.prepare_cached("DELETE FROM concurrency_slots WHERE tag = $1")
+                        .await?,
+                    &[tag],
+                )
+                .await?;
             }
             _ => unreachable!("only token, queue, deployment and limit writes are collected here"),
         }
     }
     if !dequeued.is_empty() {
-        tx.execute("DELETE FROM queue WHERE run_id = ANY($1)", &[&dequeued])
-            .await?;
+        tx.execute(
+            &tx.prepare_cached("DELETE FROM queue WHERE run_id = ANY($1)").await?,
+            &[&dequeued],
+        )
+        .await?;
     }
     if !logs.run_id.is_empty() {
         tx.execute(
-            "INSERT INTO logs (id, run_id, flow_run_id, timestamp, level, target, message)
+            &tx.prepare_cached(
+                "INSERT INTO logs (id, run_id, flow_run_id, timestamp, level, target, message)
              SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::bigint[], $5::text[], $6::text[],
                                   $7::text[])
              ON CONFLICT DO NOTHING",
+            )
+            .await?,
             &[
                 &logs.id,
                 &logs.run_id,
@@ -565,7 +604,8 @@ async fn applied_seq(tx: &Transaction<'_>, change: &StateChange) -> Result<Optio
     }
     let row = tx
         .query_opt(
-            "SELECT seq FROM states WHERE run_id = $1 AND change_id = $2",
+            &tx.prepare_cached("SELECT seq FROM states WHERE run_id = $1 AND change_id = $2")
+                .await?,
             &[&change.run_id, &change.id],
         )
         .await?;
@@ -610,7 +650,7 @@ async fn insert_runs(
         let p15 = flows.iter().map(|(_, f)| f.retry_of).collect::<Vec<_>>();
         let p16 = flows.iter().map(|(_, f)| f.process_id).collect::<Vec<_>>();
         tx.execute(
-            "INSERT INTO flow_runs (id, name, parent_id, parameters, tags, state, state_seq, state_message, attempt,
+            &tx.prepare_cached("INSERT INTO flow_runs (id, name, parent_id, parameters, tags, state, state_seq, state_message, attempt,
                                     created, start_time, end_time, result, command, retry_of, process_id)
              SELECT u.id, u.name, u.parent_id, u.parameters::jsonb, u.tags::jsonb, u.state, u.seq, u.message,
                     u.attempt, u.created, u.start_time, u.end_time, u.result::jsonb, u.command::jsonb, u.retry_of,
@@ -619,7 +659,7 @@ async fn insert_runs(
                          $8::text[], $9::int[], $10::bigint[], $11::bigint[], $12::bigint[], $13::text[],
                          $14::text[], $15::uuid[], $16::uuid[])
                   AS u(id, name, parent_id, parameters, tags, state, seq, message, attempt, created, start_time,
-                       end_time, result, command, retry_of, process_id)",
+                       end_time, result, command, retry_of, process_id)").await?,
             &[
                 &p1, &p2, &p3, &p4, &p5, &p6, &p7, &p8, &p9, &p10, &p11, &p12, &p13, &p14, &p15, &p16,
             ],
@@ -645,7 +685,8 @@ async fn insert_runs(
         let p15 = col(|(_, t)| t.call_key.clone());
         let p16 = tasks.iter().map(|(_, t)| t.process_id).collect::<Vec<_>>();
         tx.execute(
-            "INSERT INTO task_runs (id, flow_run_id, name, task_key, inputs, tags, state, state_seq, state_message,
+            &tx.prepare_cached(
+                "INSERT INTO task_runs (id, flow_run_id, name, task_key, inputs, tags, state, state_seq, state_message,
                                     attempt, created, start_time, end_time, result, call_key, process_id)
              SELECT u.id, u.flow_run_id, u.name, u.task_key, u.inputs::jsonb, u.tags::jsonb, u.state, u.seq,
                     u.message, u.attempt, u.created, u.start_time, u.end_time, u.result::jsonb, u.call_key,
@@ -655,6 +696,8 @@ async fn insert_runs(
                          $14::text[], $15::text[], $16::uuid[])
                   AS u(id, flow_run_id, name, task_key, inputs, tags, state, seq, message, attempt, created,
                        start_time, end_time, result, call_key, process_id)",
+            )
+            .await?,
             &[
                 &p1, &p2, &p3, &p4, &p5, &p6, &p7, &p8, &p9, &p10, &p11, &p12, &p13, &p14, &p15, &p16,
             ],
@@ -691,7 +734,11 @@ async fn update_runs(tx: &Transaction<'_>, rows: &HashMap<(RunKind, Uuid), RowSt
         let p6 = changed.iter().map(|(_, r)| r.run.start_time).collect::<Vec<_>>();
         let p7 = changed.iter().map(|(_, r)| r.run.end_time).collect::<Vec<_>>();
         let p8 = changed.iter().map(|(_, r)| r.run.result.clone()).collect::<Vec<_>>();
-        tx.execute(&sql, &[&p1, &p2, &p3, &p4, &p5, &p6, &p7, &p8]).await?;
+        tx.execute(
+            &tx.prepare_cached(&sql).await?,
+            &[&p1, &p2, &p3, &p4, &p5, &p6, &p7, &p8],
+        )
+        .await?;
     }
     Ok(())
 }
@@ -712,7 +759,9 @@ pub(crate) async fn reap(pool: &Pool, dead: &[Uuid], stale_before: Micros) -> Re
              WHERE r.state IN ('Pending', 'Running', 'AwaitingRetry') AND (p.heartbeat < $1 OR p.id = ANY($2))
              ORDER BY r.id FOR UPDATE OF r"
         );
-        let rows = tx.query(&sql, &[&stale_before, &dead]).await?;
+        let rows = tx
+            .query(&tx.prepare_cached(&sql).await?, &[&stale_before, &dead])
+            .await?;
         for row in rows {
             let id: Uuid = row.try_get("id")?;
             let state: String = row.try_get("state")?;
@@ -741,11 +790,14 @@ pub(crate) async fn reap(pool: &Pool, dead: &[Uuid], stale_before: Micros) -> Re
                 "UPDATE {table} SET state = 'Crashed', state_seq = $2, state_message = $3,
                      end_time = COALESCE(end_time, $4) WHERE id = $1"
             );
-            tx.execute(&update, &[&id, &(seq as i32), &change.message, &change.timestamp])
-                .await?;
+            tx.execute(
+                &tx.prepare_cached(&update).await?,
+                &[&id, &(seq as i32), &change.message, &change.timestamp],
+            )
+            .await?;
             let r = RunState::record(&change, seq);
             tx.execute(
-                "INSERT INTO states (run_id, seq, state, message, attempt, timestamp) VALUES ($1, $2, $3, $4, $5, $6)",
+                &tx.prepare_cached("INSERT INTO states (run_id, seq, state, message, attempt, timestamp) VALUES ($1, $2, $3, $4, $5, $6)").await?,
                 &[
                     &r.run_id,
                     &(r.seq as i32),

@@ -122,7 +122,7 @@ pub(crate) fn claim(
         // Read more than asked: finished runs and runs over a limit are passed over.
         let rows = q
             .query_map(
-                params![pools, now, (limit * 4 + 16) as i64, targets, request.host],
+                params![pools, now, (limit + limit / 4 + 16) as i64, targets, request.host],
                 candidate,
             )
             .map_err(backend)?;
@@ -130,7 +130,7 @@ pub(crate) fn claim(
     };
     // Runs this process holds and has not started: an answer it may never have received.
     let mut held = Vec::new();
-    {
+    if request.resend {
         let sql = format!(
             "{CANDIDATE} WHERE q.claimed_by = ?1 AND q.pool IN (SELECT value FROM json_each(?2))
                AND COALESCE(f.state, t.state) IN ('Pending', 'AwaitingRetry')"

@@ -195,9 +195,10 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// run to one claimer only, with a fresh fencing token. A claimed Scheduled run enters
     /// Pending. Waits up to `request.wait_ms` when none is claimable.
     ///
-    /// An answer lost on its way (a dropped connection, a cancelled call) loses no run: the
-    /// runs this process holds and has not started (Pending, AwaitingRetry) are part of
-    /// every answer to it, with the same token; a worker skips those it is running.
+    /// An answer lost on its way (a dropped connection, a cancelled call) loses no run: a
+    /// claim with [`resend`](work::ClaimRequest::resend) gets, besides new runs, the runs its
+    /// process holds and has not started (Pending, AwaitingRetry), with the same token; a
+    /// worker skips those it is running.
     async fn claim(&self, request: &work::ClaimRequest) -> Result<Vec<work::Claim>, StoreError>;
 
     /// The deployments, by name.

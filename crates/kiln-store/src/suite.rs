@@ -1076,6 +1076,7 @@ fn claim_request(process: Uuid, pools: &[&str], limit: u32) -> crate::work::Clai
         host: None,
         limit,
         wait_ms: 0,
+        resend: false,
     }
 }
 
@@ -1144,10 +1145,15 @@ pub async fn claims_hand_each_run_to_one_worker(store: &dyn Store) {
         "not yet due, taken, or cancelled: not claimable"
     );
     let nothing_new = store.claim(&claim_request(w2, &["cpu"], 10)).await.unwrap();
+    assert!(nothing_new.is_empty(), "{nothing_new:?}");
+    // Its answer lost, w2 asks again with `resend`: what it holds and has not started.
+    let mut resend = claim_request(w2, &["cpu"], 10);
+    resend.resend = true;
+    let resent = store.claim(&resend).await.unwrap();
     assert_eq!(
-        nothing_new.iter().map(|c| c.run_id).collect::<Vec<_>>(),
-        [b],
-        "only what w2 holds"
+        resent.iter().map(|c| (c.run_id, c.fence)).collect::<Vec<_>>(),
+        [(b, second[0].fence)],
+        "only what w2 holds, with the same token"
     );
     let history = store.states(a).await.unwrap();
     assert_eq!(
@@ -1164,7 +1170,9 @@ pub async fn claims_hand_each_run_to_one_worker(store: &dyn Store) {
     assert_eq!(wrong, Transition::Rejected { current: Some(Pending) });
     let right = store.set_state(fenced(a, Pending, Running, 1, fence)).await.unwrap();
     assert!(matches!(right, Transition::Accepted { .. }), "{right:?}");
-    let again = store.claim(&claim_request(w1, &["cpu"], 1)).await.unwrap();
+    let mut again = claim_request(w1, &["cpu"], 1);
+    again.resend = true;
+    let again = store.claim(&again).await.unwrap();
     assert!(
         again.iter().all(|c| c.run_id != a),
         "a started run is not handed out again"

@@ -96,6 +96,10 @@ pub struct ClaimRequest {
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(maximum = 60000))]
     pub wait_ms: u64,
+    /// Also hand out again the runs this process holds and has not started: ask after a
+    /// claim that failed on its way back (its answer may have been lost).
+    #[serde(default)]
+    pub resend: bool,
 }
 
 /// A run a worker claimed: it is the only one that may move it until the claim ends.

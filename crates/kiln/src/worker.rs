@@ -179,6 +179,7 @@ impl Worker {
             host: Some(crate::heartbeat::host_name()),
             limit: 0,
             wait_ms: CLAIM_WAIT.as_millis() as u64,
+            resend: false,
         };
         // Claims come from a task of their own, so that nothing cancels a claim in flight
         // (its answer would be lost); a slot is a permit, held by the run it was claimed for.
@@ -304,6 +305,9 @@ async fn claim_loop(
     claimed: tokio::sync::mpsc::UnboundedSender<(Claim, Option<OwnedSemaphorePermit>)>,
     stopping: Arc<AtomicBool>,
 ) {
+    // After a failed claim, the next one asks for what this worker holds and has not
+    // started: the failed one may have claimed runs whose answer never arrived.
+    let mut resend = false;
     loop {
         let Ok(first) = slots.clone().acquire_owned().await else {
             return;
@@ -317,10 +321,12 @@ async fn claim_loop(
         }
         let request = ClaimRequest {
             limit: permits.len() as u32,
+            resend,
             ..request.clone()
         };
         match store.claim(&request).await {
             Ok(claims) => {
+                resend = false;
                 for claim in claims {
                     if claimed.send((claim, permits.pop())).is_err() {
                         return;
@@ -328,6 +334,7 @@ async fn claim_loop(
                 }
             }
             Err(e) => {
+                resend = true;
                 tracing::warn!("cannot claim runs: {e}; trying again in 1 s");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
