@@ -583,7 +583,7 @@ async fn task_run(State(store): State<Shared>, path: Result<Path<String>, PathRe
 /// Task runs by id (at most 1000), those in one of `states` (none: any), in no particular
 /// order: how a caller follows many runs it waits for with one request.
 #[utoipa::path(post, path = "/api/v1/task_runs/lookup", tag = "runs", request_body = TaskRunLookup,
-    responses((status = 200, description = "The task runs found", body = Vec<TaskRun>), ReadErrors))]
+    responses((status = 200, description = "The task runs found", body = Vec<TaskRun>), WriteErrors))]
 async fn task_runs_lookup(
     State(store): State<Shared>,
     JsonBody(lookup): JsonBody<TaskRunLookup>,

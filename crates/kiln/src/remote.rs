@@ -331,7 +331,16 @@ async fn wait_until_done(engine: &Engine, id: Uuid) -> Result<kiln_store::model:
         };
         loop {
             let poll = poller.poll.as_mut().expect("held until the poller is dropped");
-            let pause = poll.once(watcher, engine.store().as_ref()).await?;
+            let pause = match poll.once(watcher, engine.store().as_ref()).await {
+                Ok(pause) => pause,
+                // The run goes on on its worker: a store that is briefly unreachable does
+                // not fail the call that waits for it.
+                Err(e) if e.is_retryable() => {
+                    tracing::warn!("cannot look up the task runs this process waits for: {e}; trying again");
+                    POLL_MAX
+                }
+                Err(e) => return Err(e.into()),
+            };
             if let Ok(Some(run)) = answer.try_recv() {
                 return Ok(run);
             }
@@ -392,7 +401,11 @@ impl Default for Poll {
 impl Poll {
     /// Looks up every waited-for run that has ended and hands each to its waiters, unless
     /// the last look was less than a pause ago; the pause before the next look.
-    async fn once(&mut self, watcher: &Watcher, store: &dyn kiln_store::Store) -> Result<Duration, Error> {
+    async fn once(
+        &mut self,
+        watcher: &Watcher,
+        store: &dyn kiln_store::Store,
+    ) -> Result<Duration, kiln_store::StoreError> {
         if let Some(last) = self.last {
             let since = last.elapsed();
             if since < self.pause {
