@@ -4,9 +4,8 @@
 use std::io::Write;
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Subcommand;
-use kiln::store::Outcome;
 use kiln::store::limit::ConcurrencyLimit;
 use kiln::store::model::{Write as StoreWrite, now_micros};
 
@@ -42,13 +41,7 @@ pub(crate) fn run(home: &Path, cmd: LimitCommand) -> Result<()> {
             .with_context(|| format!("opening the state database of {}", home.display()))?,
     };
     let mut out = std::io::stdout().lock();
-    let write = |w: StoreWrite| -> Result<()> {
-        match crate::wait(store.write(w))? {
-            Outcome::Applied { .. } => Ok(()),
-            Outcome::Rejected { .. } => bail!("the store refused the change"),
-            Outcome::Failed(e) => Err(anyhow::anyhow!("{e}")),
-        }
-    };
+    let write = |w: StoreWrite| crate::server::write(&*store, w);
     match cmd {
         LimitCommand::Set { tag, slots } => {
             let limit = ConcurrencyLimit {

@@ -168,7 +168,8 @@ fn token(home: &Path, cmd: TokenCommand) -> Result<()> {
 }
 
 /// Sends one write and says whether it was recorded.
-fn write(store: &dyn kiln::store::Store, write: kiln::store::model::Write) -> Result<()> {
+/// Writes `write` and waits for it: an error unless the store applied it.
+pub(crate) fn write(store: &dyn kiln::store::Store, write: kiln::store::model::Write) -> Result<()> {
     match crate::wait(store.write(write))? {
         kiln::store::Outcome::Applied { .. } => Ok(()),
         kiln::store::Outcome::Failed(e) => Err(anyhow::anyhow!("{e}")),

@@ -122,6 +122,15 @@ fn history(store: &dyn Store, id: uuid::Uuid) -> Vec<StateType> {
     block(store.states(id)).unwrap().iter().map(|s| s.state).collect()
 }
 
+/// How many task runs of flow run `id` have Completed.
+fn completed_steps(store: &dyn Store, id: uuid::Uuid) -> usize {
+    block(store.task_runs(id))
+        .unwrap()
+        .iter()
+        .filter(|t| t.state == Completed)
+        .count()
+}
+
 fn state(store: &dyn Store, id: uuid::Uuid) -> StateType {
     block(store.flow_run(id)).unwrap().unwrap().state
 }
@@ -318,12 +327,7 @@ fn a_sigkilled_worker_s_run_completes_on_the_other_worker() {
     });
     let (holder, other) = if a.said(&claimed) { (a, b) } else { (b, a) };
     eventually(Duration::from_secs(30), "five steps to complete", || {
-        block(store.task_runs(id))
-            .unwrap()
-            .iter()
-            .filter(|t| t.state == Completed)
-            .count()
-            >= 5
+        completed_steps(&*store, id) >= 5
     });
     drop(holder); // SIGKILL
     until_finished(&*store, id, &other);
@@ -509,12 +513,7 @@ fn a_worker_s_run_survives_a_server_restart() {
     };
     let id = block(kiln::deployment::run_deployment(&*store, "sum", request)).unwrap();
     eventually(Duration::from_secs(30), "five steps", || {
-        block(store.task_runs(id))
-            .unwrap()
-            .iter()
-            .filter(|t| t.state == Completed)
-            .count()
-            >= 5
+        completed_steps(&*store, id) >= 5
     });
     drop(first); // SIGKILL, mid-run
     std::thread::sleep(Duration::from_secs(2));

@@ -272,7 +272,7 @@ fn prepare<T: Task>(task: &T, inputs: &T::Inputs) -> Result<Prepared<T>, Error> 
         name: tracker.label.name.to_string(),
         task_key: T::KEY.to_owned(),
         inputs: inputs.describe(T::ARG_NAMES),
-        tags: options.tag_list(),
+        tags: tracker.slot_tags.clone(),
         created: now_micros(),
         initial_state: StateType::Pending,
         call_key,
