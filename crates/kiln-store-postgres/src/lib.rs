@@ -50,6 +50,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0005_run_list_indexes.sql"),
     include_str!("../migrations/0006_work_pools.sql"),
     include_str!("../migrations/0007_concurrency_limits.sql"),
+    include_str!("../migrations/0008_claim_cost.sql"),
 ];
 
 /// Most writes applied in one transaction.

@@ -164,16 +164,30 @@ async fn claim_once(pool: &Pool, request: &ClaimRequest) -> Result<Vec<Claim>, D
     }
     let limit = request.limit.max(1) as i64;
     let now = now_micros();
-    // Locked rows belong to another claimer right now: skip them rather than wait.
+    // Each pool's first rows in the order they are handed out, read from the index in that
+    // order and locked (rows locked by another claimer are skipped rather than waited for);
+    // only those are joined to their runs. Sorting the whole backlog first made a claim
+    // cost milliseconds per thousand queued runs.
     let rows = tx
         .query(
             &tx.prepare_cached(&format!(
-                "SELECT {CANDIDATE_COLUMNS} FROM {CANDIDATE_FROM} WHERE q.claimed_by IS NULL AND q.scheduled <= $2 AND q.pool = ANY($1)
-                   AND (cardinality($4::text[]) = 0 OR q.target = ANY($4))
-                   AND (q.host IS NULL OR q.host = $5)
-                 ORDER BY q.scheduled, q.run_id LIMIT $3 FOR UPDATE OF q SKIP LOCKED"
-            )).await?,
-            &[&request.pools, &now, &(limit + limit / 4 + 16), &request.targets, &request.host],
+                "WITH c AS MATERIALIZED (
+                   SELECT l.run_id FROM unnest($1::text[]) AS p(pool) CROSS JOIN LATERAL (
+                     SELECT run_id FROM queue WHERE claimed_by IS NULL AND pool = p.pool AND scheduled <= $2
+                       AND (cardinality($4::text[]) = 0 OR target = ANY($4))
+                       AND (host IS NULL OR host = $5)
+                     ORDER BY scheduled, run_id LIMIT $3 FOR UPDATE SKIP LOCKED) l)
+                 SELECT {CANDIDATE_COLUMNS} FROM c JOIN ({CANDIDATE_FROM}) ON q.run_id = c.run_id
+                 ORDER BY q.scheduled, q.run_id"
+            ))
+            .await?,
+            &[
+                &request.pools,
+                &now,
+                &(limit + limit / 4 + 16),
+                &request.targets,
+                &request.host,
+            ],
         )
         .await?;
     // Runs this process holds and has not started: an answer it may never have received.

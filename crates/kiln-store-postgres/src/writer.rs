@@ -300,8 +300,10 @@ async fn attempt(
     let mut edges: (Vec<Uuid>, Vec<Uuid>, Vec<Option<Uuid>>) = Default::default();
     let mut logs = Logs::default();
     let mut beats: Vec<&Process> = Vec::new();
-    // Token, queue, deployment and limit writes: few, applied one statement each.
+    // Token, deployment and limit writes: few, applied one statement each.
     let mut tokens: Vec<&Write> = Vec::new();
+    // Queued runs: one per task run sent to a pool, inserted together.
+    let mut queued = Queued::default();
     let mut dequeued: Vec<Uuid> = Vec::new();
     for (i, w) in writes() {
         let outcome = match w {
@@ -383,9 +385,12 @@ async fn attempt(
                 beats.push(p);
                 Outcome::Applied { seq: None }
             }
+            Write::Enqueue(e) => {
+                queued.push(e);
+                Outcome::Applied { seq: None }
+            }
             Write::PutToken(_)
             | Write::RevokeToken { .. }
-            | Write::Enqueue(_)
             | Write::PutDeployment(_)
             | Write::PutPool(_)
             | Write::PutLimit(_)
@@ -436,6 +441,7 @@ async fn attempt(
         )
         .await?;
     }
+    queued.insert(&tx).await?;
     for p in beats {
         tx.execute(
             &tx.prepare_cached(
@@ -472,25 +478,6 @@ async fn attempt(
                         "there is no API token named '{name}' (see `kiln server token ls`)"
                     )));
                 }
-            }
-            Write::Enqueue(e) => {
-                // Queued twice: the first entry stays.
-                tx.execute(
-                    &tx.prepare_cached("INSERT INTO queue (run_id, kind, pool, deployment, target, scheduled, max_attempts, host, payload)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING").await?,
-                    &[
-                        &e.run_id,
-                        &crate::work::kind_str(e.kind),
-                        &e.pool,
-                        &e.deployment,
-                        &e.target,
-                        &e.scheduled,
-                        &(e.max_attempts as i32),
-                        &e.host,
-                        &(!e.payload.is_null()).then_some(&e.payload),
-                    ],
-                )
-                .await?;
             }
             Write::PutDeployment(d) => {
                 let schedule = d.schedule.as_ref().and_then(|s| serde_json::to_value(s).ok());
@@ -814,4 +801,64 @@ pub(crate) async fn reap(pool: &Pool, dead: &[Uuid], stale_before: Micros) -> Re
     crashed.extend(crate::work::take_back_claims(&tx, dead, stale_before).await?);
     tx.commit().await?;
     Ok(crashed)
+}
+
+/// Queued runs, as the column arrays of one insert.
+#[derive(Default)]
+struct Queued<'a> {
+    run_id: Vec<Uuid>,
+    kind: Vec<&'static str>,
+    pool: Vec<&'a str>,
+    deployment: Vec<Option<&'a str>>,
+    target: Vec<&'a str>,
+    scheduled: Vec<i64>,
+    max_attempts: Vec<i32>,
+    host: Vec<Option<&'a str>>,
+    payload: Vec<Option<String>>,
+}
+
+impl<'a> Queued<'a> {
+    fn push(&mut self, e: &'a kiln_store::work::QueueEntry) {
+        self.run_id.push(e.run_id);
+        self.kind.push(crate::work::kind_str(e.kind));
+        self.pool.push(&e.pool);
+        self.deployment.push(e.deployment.as_deref());
+        self.target.push(&e.target);
+        self.scheduled.push(e.scheduled);
+        self.max_attempts.push(e.max_attempts as i32);
+        self.host.push(e.host.as_deref());
+        self.payload.push((!e.payload.is_null()).then(|| e.payload.to_string()));
+    }
+
+    /// Inserts them; a run queued twice keeps its first entry.
+    async fn insert(&self, tx: &Transaction<'_>) -> Result<(), DbError> {
+        if self.run_id.is_empty() {
+            return Ok(());
+        }
+        tx.execute(
+            &tx.prepare_cached(
+                "INSERT INTO queue (run_id, kind, pool, deployment, target, scheduled, max_attempts, host, payload)
+                 SELECT u.run_id, u.kind, u.pool, u.deployment, u.target, u.scheduled, u.max_attempts, u.host,
+                        u.payload::jsonb
+                 FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::int[],
+                             $8::text[], $9::text[])
+                      AS u(run_id, kind, pool, deployment, target, scheduled, max_attempts, host, payload)
+                 ON CONFLICT DO NOTHING",
+            )
+            .await?,
+            &[
+                &self.run_id,
+                &self.kind,
+                &self.pool,
+                &self.deployment,
+                &self.target,
+                &self.scheduled,
+                &self.max_attempts,
+                &self.host,
+                &self.payload,
+            ],
+        )
+        .await?;
+        Ok(())
+    }
 }

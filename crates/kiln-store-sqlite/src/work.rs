@@ -111,22 +111,38 @@ pub(crate) fn claim(
     let now = now_micros();
     let limit = request.limit.max(1) as usize;
     let candidates: Vec<Candidate> = {
-        let sql = format!(
-            "{CANDIDATE} WHERE q.claimed_by IS NULL AND q.scheduled <= ?2
-               AND q.pool IN (SELECT value FROM json_each(?1))
-               AND (?4 = '[]' OR q.target IN (SELECT value FROM json_each(?4)))
-               AND (q.host IS NULL OR q.host = ?5)
-             ORDER BY q.scheduled, q.run_id LIMIT ?3"
-        );
-        let mut q = tx.prepare(&sql).map_err(backend)?;
-        // Read more than asked: finished runs and runs over a limit are passed over.
-        let rows = q
-            .query_map(
-                params![pools, now, (limit + limit / 4 + 16) as i64, targets, request.host],
-                candidate,
+        // Read more than asked: finished runs and runs over a limit are passed over. Each
+        // pool's first rows come from its index in the order they are handed out (the
+        // index holds the key, `run_id`, after `scheduled`), so a deep backlog is not
+        // sorted; only the rows picked are joined to their runs.
+        let read = (limit + limit / 4 + 16) as i64;
+        let mut first: Vec<(Micros, Uuid)> = Vec::new();
+        let mut q = tx
+            .prepare_cached(
+                "SELECT scheduled, run_id FROM queue WHERE claimed_by IS NULL AND pool = ?1 AND scheduled <= ?2
+                   AND (?4 = '[]' OR target IN (SELECT value FROM json_each(?4)))
+                   AND (host IS NULL OR host = ?5)
+                 ORDER BY scheduled, run_id LIMIT ?3",
             )
             .map_err(backend)?;
-        rows.collect::<rusqlite::Result<_>>().map_err(backend)?
+        for pool in &request.pools {
+            let rows = q
+                .query_map(params![pool, now, read, targets, request.host], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .map_err(backend)?;
+            first.extend(rows.collect::<rusqlite::Result<Vec<_>>>().map_err(backend)?);
+        }
+        first.sort_unstable();
+        first.truncate(read as usize);
+        let mut q = tx
+            .prepare_cached(&format!("{CANDIDATE} WHERE q.run_id = ?1"))
+            .map_err(backend)?;
+        let mut candidates = Vec::with_capacity(first.len());
+        for (_, id) in first {
+            candidates.extend(q.query_row(params![id], candidate).optional().map_err(backend)?);
+        }
+        candidates
     };
     // Runs this process holds and has not started: an answer it may never have received.
     let mut held = Vec::new();

@@ -1185,6 +1185,26 @@ pub async fn claims_hand_each_run_to_one_worker(store: &dyn Store) {
         "a run finished by its worker leaves the queue"
     );
     assert!(queue.iter().any(|q| q.entry.run_id == b && q.claimed_by == Some(w2)));
+
+    // A worker of several pools gets the oldest run of any of them first, however deep
+    // each pool's backlog.
+    let mut writes = Vec::new();
+    let mut order = Vec::new();
+    for i in 0..60 {
+        let pool = if i % 3 == 0 { "io" } else { "net" };
+        let [run, entry] = queued("etl", pool, None, now - 1_000_000 + i * 7, 1);
+        order.push(run.run_id());
+        writes.extend([run, entry]);
+    }
+    send(store, &report, writes);
+    store.flush().await.unwrap();
+    assert_eq!(report.problems(), Vec::<String>::new());
+    let mut got = Vec::new();
+    for limit in [1, 5, 30, 40] {
+        let claims = store.claim(&claim_request(w1, &["net", "io"], limit)).await.unwrap();
+        got.extend(claims.into_iter().map(|c| c.run_id));
+    }
+    assert_eq!(got, order, "claimed oldest first across pools, each run once");
 }
 
 /// A claim ends with its process: a running run goes back to the queue (AwaitingRetry) while

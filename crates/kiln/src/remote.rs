@@ -369,7 +369,7 @@ const POLL_MIN: Duration = Duration::from_millis(1);
 const POLL_MAX: Duration = Duration::from_millis(100);
 
 /// How many waiting runs the watcher looks up per second at most (see [`Poll::once`]).
-const LOOKUPS_PER_SECOND: f64 = 200_000.0;
+const LOOKUPS_PER_SECOND: f64 = 100_000.0;
 
 /// Follows the task runs this process waits for on workers with one query for all of them
 /// (however many thousands wait), rather than one per waiting call.
