@@ -363,3 +363,89 @@ async fn small_values_live_in_the_database_and_load_back() {
     let err = home.engine.load_result::<Vec<u32>>(&bad, MsgPack).await.unwrap_err();
     assert!(err.to_string().contains("hash mismatch"), "{err}");
 }
+
+/// Panics on the values and bytes it is told to.
+struct Fragile;
+
+impl kiln::serializer::Serializer<u64> for Fragile {
+    fn name(&self) -> std::borrow::Cow<'static, str> {
+        "fragile".into()
+    }
+    fn encode(&self, value: &u64, out: &mut Vec<u8>) -> Result<(), kiln::serializer::SerializeError> {
+        assert!(*value != 13, "thirteen cannot be written");
+        out.extend_from_slice(&value.to_le_bytes());
+        Ok(())
+    }
+    fn decode(&self, bytes: &[u8]) -> Result<u64, kiln::serializer::SerializeError> {
+        let value = u64::from_le_bytes(bytes.try_into().expect("eight bytes"));
+        assert!(value != 7, "seven cannot be read");
+        Ok(value)
+    }
+}
+
+impl kiln::serializer::Serializer<String> for Fragile {
+    fn name(&self) -> std::borrow::Cow<'static, str> {
+        "fragile".into()
+    }
+    fn encode(&self, value: &String, out: &mut Vec<u8>) -> Result<(), kiln::serializer::SerializeError> {
+        assert!(value != "boom", "'boom' cannot be written");
+        out.extend_from_slice(value.as_bytes());
+        Ok(())
+    }
+    fn decode(&self, bytes: &[u8]) -> Result<String, kiln::serializer::SerializeError> {
+        assert!(bytes != b"bang", "'bang' cannot be read");
+        Ok(String::from_utf8_lossy(bytes).into_owned())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_serializer_fails_its_run_not_the_process() {
+    #[task(persist, serializer = Fragile)]
+    fn number(n: u64) -> u64 {
+        n
+    }
+    #[task(persist, serializer = Fragile)]
+    fn word(w: String) -> String {
+        w
+    }
+    #[flow]
+    async fn writes(n: u64, w: String) -> Result<(u64, String), kiln::Error> {
+        Ok((number(n).await?, word(w).await?))
+    }
+    let home = support::home();
+    // Small plain values are encoded in place, others on a blocking thread: a panic in
+    // either is the run's error, with its message.
+    for (n, w, said) in [
+        (13, "calm", "thirteen cannot be written"),
+        (1, "boom", "'boom' cannot be written"),
+    ] {
+        let e = home
+            .engine
+            .scope(writes(n, w.to_owned()))
+            .await
+            .expect_err("the serializer panicked")
+            .to_string();
+        assert!(e.contains("panicked") && e.contains(said), "{e}");
+    }
+    assert_eq!(
+        home.engine.scope(writes(7, "bang".into())).await.unwrap(),
+        (7, "bang".to_owned())
+    );
+    let flow = home.store().flow_runs(1).await.unwrap().remove(0);
+    let runs = home.store().task_runs(flow.id).await.unwrap();
+    let by_name = |name: &str| reference(runs.iter().find(|r| r.name == name).unwrap());
+    let number_error = home
+        .engine
+        .load_result::<u64>(&by_name("number"), Fragile)
+        .await
+        .expect_err("seven cannot be read")
+        .to_string();
+    assert!(number_error.contains("seven cannot be read"), "{number_error}");
+    let word_error = home
+        .engine
+        .load_result::<String>(&by_name("word"), Fragile)
+        .await
+        .expect_err("'bang' cannot be read")
+        .to_string();
+    assert!(word_error.contains("'bang' cannot be read"), "{word_error}");
+}

@@ -108,8 +108,10 @@ pub(crate) async fn persist<T: Send + 'static>(
     let serializer = plan.serializer.clone();
     let name = serializer.name().into_owned();
     // The value moves to a blocking thread and back: encoding a large image must not stall
-    // the executor, and moving is not copying.
-    let encoded = tokio::task::spawn_blocking(move || {
+    // the executor, and moving is not copying. A value owning no heap memory (a number, a
+    // small plain struct) is encoded here: the hand-off would cost more than the work.
+    let small = !std::mem::needs_drop::<T>() && std::mem::size_of::<T>() <= SMALL;
+    let encoded = off_executor(small, move || {
         let mut payload = Vec::new();
         let outcome = serializer.encode(&value, &mut payload).map(|()| {
             let hash = content_hash(&payload);
@@ -231,6 +233,24 @@ pub(crate) async fn load<T: Send + 'static>(
     decode(&reference.storage, &key, &header, payload, serializer, reader).await
 }
 
+/// Values and payloads up to this size are encoded and decoded on the async executor.
+const SMALL: usize = 4096;
+
+/// Runs `work` on a blocking thread, or right here when it is `small`; a panic in it is an
+/// error (its message) either way.
+async fn off_executor<R: Send + 'static>(small: bool, work: impl FnOnce() -> R + Send + 'static) -> Result<R, String> {
+    if small {
+        return std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).map_err(|panic| {
+            panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".into())
+        });
+    }
+    tokio::task::spawn_blocking(work).await.map_err(|e| e.to_string())
+}
+
 /// Decodes a verified record's payload off the async executor, after checking that
 /// `serializer` is the one that wrote it.
 pub(crate) async fn decode<T: Send + 'static>(
@@ -252,7 +272,7 @@ pub(crate) async fn decode<T: Send + 'static>(
         });
     }
     let (run, key) = (reader.to_owned(), key.to_string());
-    tokio::task::spawn_blocking(move || {
+    off_executor(payload.len() <= SMALL, move || {
         serializer.decode(&payload).map_err(|e| ResultError::Serialize {
             run,
             message: format!("cannot load its {} result from '{key}': {e}", short_type::<T>()),
