@@ -37,6 +37,12 @@ pub(crate) enum DeploymentCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Remove a deployment: no more scheduled runs; its runs still waiting for a worker are
+    /// cancelled (runs in progress go on). A worker serving it registers it again on start.
+    Rm {
+        /// The deployment's name.
+        name: String,
+    },
 }
 
 fn parse_param(text: &str) -> Result<(String, serde_json::Value), String> {
@@ -99,6 +105,21 @@ pub(crate) fn run(home: &Path, cmd: DeploymentCommand) -> Result<()> {
                 &["NAME", "FLOW", "POOL", "SCHEDULE", "NEXT RUN", "LIMIT"],
                 &rows,
             )?;
+            Ok(())
+        }
+        DeploymentCommand::Rm { name } => {
+            let cancelled = crate::wait(kiln::deployment::remove_deployment(&*store, &name))?;
+            for id in &cancelled {
+                writeln!(out, "{id} Cancelled")?;
+            }
+            eprintln!(
+                "removed deployment '{name}'{}; a worker serving it registers it again when it starts",
+                match cancelled.len() {
+                    0 => String::new(),
+                    1 => " and cancelled its run that was waiting for a worker".into(),
+                    n => format!(" and cancelled its {n} runs that were waiting for a worker"),
+                }
+            );
             Ok(())
         }
         DeploymentCommand::Run {

@@ -308,24 +308,31 @@ fn a_deployment_runs_on_a_worker_and_can_be_cancelled() {
     worker.stop();
 }
 
+/// Two workers on database `url`, and a run of `sum` with `steps` steps of 100 ms: its id,
+/// the worker that claimed it, and the other.
+fn one_of_two_claims(home: &Path, url: &str, steps: usize) -> (uuid::Uuid, Worker, Worker) {
+    let a = Worker::start(home, Some(url));
+    let b = Worker::start(home, Some(url));
+    eventually(Duration::from_secs(60), "the workers to register", || {
+        a.said("serving deployment") && b.said("serving deployment")
+    });
+    let id = start_run(home, Some(url), "sum", &[&format!("n={steps}"), "pause_ms=100"]);
+    let claimed = format!("claimed flow run {id}");
+    eventually(Duration::from_secs(30), "a worker to claim the run", || {
+        a.said(&claimed) || b.said(&claimed)
+    });
+    if a.said(&claimed) { (id, a, b) } else { (id, b, a) }
+}
+
 #[test]
 fn a_sigkilled_worker_s_run_completes_on_the_other_worker() {
     let Some(url) = kiln_store_postgres::testing::fresh_database_blocking() else {
         return;
     };
     let home = tempfile::tempdir().unwrap();
-    let a = Worker::start(home.path(), Some(&url));
-    let b = Worker::start(home.path(), Some(&url));
-    eventually(Duration::from_secs(60), "the workers to register", || {
-        a.said("serving deployment") && b.said("serving deployment")
-    });
-    let store = open(home.path(), Some(&url));
-    let id = start_run(home.path(), Some(&url), "sum", &["n=30", "pause_ms=100"]);
+    let (id, holder, other) = one_of_two_claims(home.path(), &url, 30);
     let claimed = format!("claimed flow run {id}");
-    eventually(Duration::from_secs(30), "a worker to claim the run", || {
-        a.said(&claimed) || b.said(&claimed)
-    });
-    let (holder, other) = if a.said(&claimed) { (a, b) } else { (b, a) };
+    let store = open(home.path(), Some(&url));
     eventually(Duration::from_secs(30), "five steps to complete", || {
         completed_steps(&*store, id) >= 5
     });
@@ -359,6 +366,130 @@ fn a_sigkilled_worker_s_run_completes_on_the_other_worker() {
         "the step in progress on the killed worker"
     );
     other.stop();
+}
+
+/// `kiln deployment rm`: no more runs of it; the ones still waiting for a worker are
+/// Cancelled, named on stdout; removing it twice is an error naming it.
+fn removing_a_deployment_cancels_its_waiting_runs(database: Option<&str>) {
+    let home = tempfile::tempdir().unwrap();
+    let worker = Worker::start(home.path(), database);
+    eventually(
+        Duration::from_secs(60),
+        "the worker to register its deployments",
+        || worker.said("serving deployment"),
+    );
+    worker.stop();
+    let waiting: Vec<uuid::Uuid> = (0..2)
+        .map(|_| start_run(home.path(), database, "sum", &["n=1", "pause_ms=1"]))
+        .collect();
+    let out = kiln(home.path(), database, &["deployment", "rm", "sum"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("removed deployment 'sum'") && stderr.contains("cancelled its 2 runs"),
+        "{stderr}"
+    );
+    let mut said: Vec<uuid::Uuid> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim_end_matches(" Cancelled").parse().unwrap())
+        .collect();
+    said.sort();
+    let mut expected = waiting.clone();
+    expected.sort();
+    assert_eq!(said, expected);
+    let store = open(home.path(), database);
+    for id in &waiting {
+        let run = block(store.flow_run(*id)).unwrap().unwrap();
+        assert_eq!(run.state, Cancelled);
+        assert!(run.state_message.unwrap().contains("deployment 'sum' was removed"));
+    }
+    assert!(
+        block(store.queued_runs(None, 100))
+            .unwrap()
+            .iter()
+            .all(|q| q.entry.deployment.as_deref() != Some("sum"))
+    );
+    let ls = kiln(home.path(), database, &["deployment", "ls", "--json"]);
+    let names: Vec<String> = serde_json::from_slice::<Vec<serde_json::Value>>(&ls.stdout)
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        !names.contains(&"sum".to_owned()) && names.contains(&"hang".to_owned()),
+        "{names:?}"
+    );
+    for args in [&["deployment", "rm", "sum"][..], &["deployment", "run", "sum"]] {
+        let again = kiln(home.path(), database, args);
+        let stderr = String::from_utf8_lossy(&again.stderr);
+        assert!(!again.status.success(), "{args:?}: {stderr}");
+        assert!(stderr.contains("no deployment named 'sum'"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn removing_a_deployment_cancels_its_waiting_runs_on_sqlite() {
+    removing_a_deployment_cancels_its_waiting_runs(None);
+}
+
+#[test]
+fn removing_a_deployment_cancels_its_waiting_runs_on_postgres() {
+    if let Some(url) = kiln_store_postgres::testing::fresh_database_blocking() {
+        removing_a_deployment_cancels_its_waiting_runs(Some(&url));
+    }
+}
+
+/// A worker that stalls (SIGSTOP) past its lease has its claim taken over; when it wakes,
+/// it learns so and stops its copy of the run instead of running it to the end beside the
+/// new holder.
+#[test]
+fn a_stalled_worker_stops_the_run_another_worker_took_over() {
+    let Some(url) = kiln_store_postgres::testing::fresh_database_blocking() else {
+        return;
+    };
+    let home = tempfile::tempdir().unwrap();
+    let steps = 40;
+    let (id, holder, other) = one_of_two_claims(home.path(), &url, steps);
+    let claimed = format!("claimed flow run {id}");
+    let store = open(home.path(), Some(&url));
+    eventually(Duration::from_secs(30), "three steps to complete", || {
+        completed_steps(&*store, id) >= 3
+    });
+    let signal = |name: &str| {
+        let pid = holder.0.child.id().to_string();
+        assert!(Command::new("kill").args([name, &pid]).status().unwrap().success());
+    };
+    signal("-STOP");
+    // Its heartbeat stops with it: after the lease (3 s with 1 s beats) the other worker
+    // takes the run back and claims it.
+    eventually(Duration::from_secs(30), "the other worker to take the run over", || {
+        other.said(&claimed)
+    });
+    signal("-CONT");
+    until_finished(&*store, id, &other);
+    let run = block(store.flow_run(id)).unwrap().unwrap();
+    assert_eq!(run.state, Completed, "{:?}\n{}", run.state_message, other.log());
+    eventually(
+        Duration::from_secs(10),
+        "the stalled worker to learn it lost the claim",
+        || holder.said("its claim was taken over"),
+    );
+    // Had it gone on, its copy would have run every step too: twice `steps` task runs.
+    let tasks = block(store.task_runs(id)).unwrap();
+    assert!(
+        tasks.len() < steps + steps * 3 / 4,
+        "{} task runs: the stalled worker went on\n{}",
+        tasks.len(),
+        holder.log()
+    );
+    let history: Vec<StateType> = block(store.states(id)).unwrap().iter().map(|s| s.state).collect();
+    assert_eq!(
+        history,
+        [Scheduled, Pending, Running, AwaitingRetry, Running, Completed],
+        "one committed result"
+    );
+    other.stop();
+    holder.stop();
 }
 
 #[test]

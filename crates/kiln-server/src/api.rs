@@ -75,6 +75,7 @@ pub(crate) fn router(app: App) -> Router {
         .routes(routes!(crash_orphans))
         .routes(routes!(crate::work::claim))
         .routes(routes!(crate::work::queue))
+        .routes(routes!(crate::work::holders))
         .routes(routes!(crate::work::work_pools))
         .routes(routes!(crate::work::limits))
         .routes(routes!(crate::work::acquire_slots))
@@ -588,17 +589,19 @@ async fn task_runs_lookup(
     State(store): State<Shared>,
     JsonBody(lookup): JsonBody<TaskRunLookup>,
 ) -> Reply<Vec<TaskRun>> {
-    if lookup.ids.len() > kiln_store::MAX_LOOKUP {
+    at_most_one_lookup(&lookup.ids)?;
+    Ok(axum::Json(store.task_runs_in(&lookup.ids, &lookup.states).await?))
+}
+
+/// Refuses a lookup of more ids than a store answers at once.
+pub(crate) fn at_most_one_lookup(ids: &[Uuid]) -> Result<(), Problem> {
+    if ids.len() > kiln_store::MAX_LOOKUP {
         return Err(Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
-            format!(
-                "{} ids; look up at most {} at once",
-                lookup.ids.len(),
-                kiln_store::MAX_LOOKUP
-            ),
+            format!("{} ids; look up at most {} at once", ids.len(), kiln_store::MAX_LOOKUP),
         ));
     }
-    Ok(axum::Json(store.task_runs_in(&lookup.ids, &lookup.states).await?))
+    Ok(())
 }
 
 /// A run's state history, oldest first.

@@ -33,6 +33,10 @@ impl Shape for kiln_store::model::TaskRunLookup {
     const WHAT: &'static str = "lookup (`ids`, `states`)";
 }
 
+impl Shape for kiln_store::work::HolderLookup {
+    const WHAT: &'static str = "lookup (`ids`)";
+}
+
 impl Shape for kiln_store::limit::SlotRequest {
     const WHAT: &'static str = "slot request (`run_id`, `tags`)";
 }

@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use kiln_store::Store;
 use kiln_store::limit::{LimitUsage, SlotRequest, Slots};
 use kiln_store::state::StateType;
-use kiln_store::work::{Claim, ClaimRequest, Deployment, QueuedRun, WorkPool};
+use kiln_store::work::{Claim, ClaimRequest, Deployment, Holder, HolderLookup, QueuedRun, WorkPool};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
@@ -107,6 +107,18 @@ pub(crate) async fn queue(
         return Ok(axum::Json(Vec::new()));
     }
     Ok(axum::Json(store.queued_runs(q.pool.as_deref(), limit).await?))
+}
+
+/// Who holds each of these queued runs (at most 1000 ids), under which fencing token; runs
+/// not queued are left out: how a worker learns that a claim it still runs was taken over.
+#[utoipa::path(post, path = "/api/v1/work/holders", tag = "work", request_body = HolderLookup,
+    responses((status = 200, description = "The holders of the queued runs among the ids", body = Vec<Holder>), WriteErrors))]
+pub(crate) async fn holders(
+    State(store): State<Shared>,
+    JsonBody(lookup): JsonBody<HolderLookup>,
+) -> Reply<Vec<Holder>> {
+    crate::api::at_most_one_lookup(&lookup.ids)?;
+    Ok(axum::Json(store.holders(&lookup.ids).await?))
 }
 
 /// The work pools that have a concurrency limit.

@@ -16,7 +16,7 @@ use kiln_store::limit::{LimitUsage, SlotRequest, Slots};
 use kiln_store::model::*;
 use kiln_store::queue::{Batches, WriteQueue};
 use kiln_store::state::StateType;
-use kiln_store::work::{Claim, ClaimRequest, Deployment, QueuedRun, WorkPool};
+use kiln_store::work::{Claim, ClaimRequest, Deployment, Holder, HolderLookup, QueuedRun, WorkPool};
 use kiln_store::{FlushDone, Outcome, Reporter, Store, StoreError};
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
@@ -428,6 +428,18 @@ impl Store for HttpStore {
         let mut query = vec![("limit", limit.to_string())];
         query.extend(pool.map(|p| ("pool", p.to_owned())));
         self.call(self.get("work/queue").query(&query)).await
+    }
+
+    async fn holders(&self, ids: &[Uuid]) -> Result<Vec<Holder>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let lookup = HolderLookup { ids: ids.to_vec() };
+        let request = self
+            .client
+            .post(format!("{}/api/v1/work/holders", self.base))
+            .json(&lookup);
+        self.call(request).await
     }
 
     async fn api_tokens(&self) -> Result<Vec<ApiToken>, StoreError> {

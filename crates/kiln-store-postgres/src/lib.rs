@@ -36,7 +36,7 @@ use kiln_store::limit::{LimitUsage, SlotRequest, Slots};
 use kiln_store::model::*;
 use kiln_store::queue::WriteQueue;
 use kiln_store::state::StateType;
-use kiln_store::work::{Claim, ClaimRequest, Deployment, QueuedRun, WorkPool};
+use kiln_store::work::{Claim, ClaimRequest, Deployment, Holder, QueuedRun, WorkPool};
 use kiln_store::{FlushDone, Reporter, Store, StoreError};
 use tokio_postgres::NoTls;
 use uuid::Uuid;
@@ -453,6 +453,15 @@ impl Store for PostgresStore {
     async fn queued_runs(&self, name: Option<&str>, limit: usize) -> Result<Vec<QueuedRun>, StoreError> {
         let (pool, name) = (self.pool.clone(), name.map(str::to_owned));
         self.read(async move { work::queued_runs(&pool, name, limit).await.map_err(backend) })
+            .await
+    }
+
+    async fn holders(&self, ids: &[Uuid]) -> Result<Vec<Holder>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (pool, ids) = (self.pool.clone(), ids.to_vec());
+        self.read(async move { work::holders(&pool, &ids).await.map_err(backend) })
             .await
     }
 

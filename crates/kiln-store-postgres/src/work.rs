@@ -10,7 +10,7 @@ use deadpool_postgres::Transaction;
 use futures::StreamExt;
 use kiln_store::model::{Micros, RunKind, RunState, StateChange, now_micros};
 use kiln_store::state::StateType;
-use kiln_store::work::{self, Claim, ClaimRequest, Deployment, QueueEntry, QueuedRun, TakeBack, WorkPool};
+use kiln_store::work::{self, Claim, ClaimRequest, Deployment, Holder, QueueEntry, QueuedRun, TakeBack, WorkPool};
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 use uuid::Uuid;
 
@@ -537,12 +537,41 @@ pub(crate) async fn work_pools(pool: &Pool) -> Result<Vec<WorkPool>, DbError> {
         .collect()
 }
 
+pub(crate) async fn holders(pool: &Pool, ids: &[Uuid]) -> Result<Vec<Holder>, DbError> {
+    let client = pool.get().await?;
+    let rows = client
+        .query(
+            &client
+                .prepare_cached("SELECT run_id, fence, claimed_by FROM queue WHERE run_id = ANY($1)")
+                .await?,
+            &[&ids],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Holder {
+                run_id: r.try_get("run_id")?,
+                fence: r.try_get::<_, i64>("fence")? as u64,
+                claimed_by: r.try_get("claimed_by")?,
+            })
+        })
+        .collect()
+}
+
 pub(crate) async fn queued_runs(pool: &Pool, name: Option<String>, limit: usize) -> Result<Vec<QueuedRun>, DbError> {
     let client = pool.get().await?;
     let rows = client
         .query(
-            "SELECT run_id, kind, pool, deployment, target, scheduled, max_attempts, fence, claimed_by, host, payload
-             FROM queue WHERE $1::text IS NULL OR pool = $1 ORDER BY scheduled, run_id LIMIT $2",
+            // A run ended without its worker (cancelled before a claim) keeps its row until
+            // a claim passes over it: not listed.
+            "SELECT q.run_id, q.kind, q.pool, q.deployment, q.target, q.scheduled, q.max_attempts, q.fence,
+                    q.claimed_by, q.host, q.payload
+             FROM queue q
+             LEFT JOIN flow_runs f ON q.kind = 'flow' AND f.id = q.run_id
+             LEFT JOIN task_runs t ON q.kind = 'task' AND t.id = q.run_id
+             WHERE ($1::text IS NULL OR q.pool = $1)
+               AND COALESCE(f.state, t.state) NOT IN ('Completed', 'Cached', 'Failed', 'Crashed', 'Cancelled', 'TimedOut', 'RolledBack')
+             ORDER BY q.scheduled, q.run_id LIMIT $2",
             &[&name, &(limit as i64)],
         )
         .await?;

@@ -392,6 +392,7 @@ async fn attempt(
             Write::PutToken(_)
             | Write::RevokeToken { .. }
             | Write::PutDeployment(_)
+            | Write::DeleteDeployment { .. }
             | Write::PutPool(_)
             | Write::PutLimit(_)
             | Write::DeleteLimit { .. } => {
@@ -527,6 +528,19 @@ async fn attempt(
                     &[&l.tag, &(l.slots as i32), &l.updated],
                 )
                 .await?;
+            }
+            Write::DeleteDeployment { name } => {
+                let removed = tx
+                    .execute(
+                        &tx.prepare_cached("DELETE FROM deployments WHERE name = $1").await?,
+                        &[name],
+                    )
+                    .await?;
+                if removed == 0 {
+                    return Err(DbError::Data(format!(
+                        "there is no deployment named '{name}' (see `kiln deployment ls`)"
+                    )));
+                }
             }
             Write::DeleteLimit { tag } => {
                 let removed = tx

@@ -71,7 +71,7 @@ use kiln_store::limit::{LimitUsage, SlotRequest, Slots};
 use kiln_store::model::*;
 use kiln_store::queue::WriteQueue;
 use kiln_store::state::StateType;
-use kiln_store::work::{Claim, ClaimRequest, Deployment, QueuedRun, WorkPool};
+use kiln_store::work::{Claim, ClaimRequest, Deployment, Holder, QueuedRun, WorkPool};
 use kiln_store::{FlushDone, Reporter, Store, StoreError};
 use rusqlite::{Connection, ErrorCode, OpenFlags};
 use uuid::Uuid;
@@ -443,6 +443,14 @@ impl Store for SqliteStore {
         self.reader
             .run(move |c| work::queued_runs(c, pool.as_deref(), limit))
             .await
+    }
+
+    async fn holders(&self, ids: &[Uuid]) -> Result<Vec<Holder>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids = ids.to_vec();
+        self.reader.run(move |c| work::holders(c, &ids)).await
     }
 
     async fn crash_orphans(&self, dead: &[Uuid], stale_before: Micros) -> Result<Vec<(RunKind, Uuid)>, StoreError> {

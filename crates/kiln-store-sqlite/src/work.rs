@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use kiln_store::StoreError;
 use kiln_store::model::{Micros, RunKind, RunState, now_micros};
 use kiln_store::state::StateType;
-use kiln_store::work::{self, Claim, ClaimRequest, Deployment, QueueEntry, QueuedRun, TakeBack, WorkPool};
+use kiln_store::work::{self, Claim, ClaimRequest, Deployment, Holder, QueueEntry, QueuedRun, TakeBack, WorkPool};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use uuid::Uuid;
 
@@ -388,11 +388,39 @@ pub(crate) fn work_pools(c: &Connection) -> Result<Vec<WorkPool>, StoreError> {
     rows.collect::<rusqlite::Result<_>>().map_err(backend)
 }
 
+pub(crate) fn holders(c: &Connection, ids: &[Uuid]) -> Result<Vec<Holder>, StoreError> {
+    // The ids as parameters of their own: an `IN` on the primary key looks each one up.
+    let marks = vec!["?"; ids.len()].join(", ");
+    let mut st = c
+        .prepare(&format!(
+            "SELECT run_id, fence, claimed_by FROM queue WHERE run_id IN ({marks})"
+        ))
+        .map_err(backend)?;
+    let rows = st
+        .query_map(rusqlite::params_from_iter(ids), |r| {
+            Ok(Holder {
+                run_id: r.get(0)?,
+                fence: r.get::<_, i64>(1)? as u64,
+                claimed_by: r.get(2)?,
+            })
+        })
+        .map_err(backend)?;
+    rows.collect::<rusqlite::Result<_>>().map_err(backend)
+}
+
 pub(crate) fn queued_runs(c: &Connection, pool: Option<&str>, limit: usize) -> Result<Vec<QueuedRun>, StoreError> {
     let mut st = c
         .prepare_cached(
-            "SELECT run_id, kind, pool, deployment, target, scheduled, max_attempts, host, payload, fence, claimed_by
-             FROM queue WHERE ?1 IS NULL OR pool = ?1 ORDER BY scheduled, run_id LIMIT ?2",
+            // A run ended without its worker (cancelled before a claim) keeps its row until
+            // a claim passes over it: not listed.
+            "SELECT q.run_id, q.kind, q.pool, q.deployment, q.target, q.scheduled, q.max_attempts, q.host, q.payload,
+                    q.fence, q.claimed_by
+             FROM queue q
+             LEFT JOIN flow_runs f ON q.kind = 'flow' AND f.id = q.run_id
+             LEFT JOIN task_runs t ON q.kind = 'task' AND t.id = q.run_id
+             WHERE (?1 IS NULL OR q.pool = ?1)
+               AND COALESCE(f.state, t.state) NOT IN ('Completed', 'Cached', 'Failed', 'Crashed', 'Cancelled', 'TimedOut', 'RolledBack')
+             ORDER BY q.scheduled, q.run_id LIMIT ?2",
         )
         .map_err(backend)?;
     let rows = st

@@ -505,6 +505,19 @@ fn attempt(
                         .map_err(|e| classify(e, i))?;
                     Outcome::Applied { seq: None }
                 }
+                Write::DeleteDeployment { name } => {
+                    let removed = tx
+                        .execute("DELETE FROM deployments WHERE name = ?1", [name])
+                        .map_err(|e| classify(e, i))?;
+                    if removed == 0 {
+                        Outcome::Failed(Arc::new(StoreError::backend(
+                            format!("there is no deployment named '{name}' (see `kiln deployment ls`)"),
+                            false,
+                        )))
+                    } else {
+                        Outcome::Applied { seq: None }
+                    }
+                }
                 Write::PutPool(p) => {
                     st.pool
                         .execute(params![p.name, p.concurrency])

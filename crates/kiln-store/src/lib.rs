@@ -69,7 +69,7 @@ use model::{
 pub use model::{Outcome, Transition};
 use state::StateType;
 
-/// The most ids one [`Store::task_runs_in`] looks up.
+/// The most ids one [`Store::task_runs_in`] or [`Store::holders`] looks up.
 pub const MAX_LOOKUP: usize = 1000;
 
 /// A callback run once the writes queued before it are applied (or reported failed).
@@ -210,6 +210,11 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// The runs queued in `pool` (every pool: `None`) that have not finished, oldest
     /// scheduled first, at most `limit`.
     async fn queued_runs(&self, pool: Option<&str>, limit: usize) -> Result<Vec<work::QueuedRun>, StoreError>;
+
+    /// Who holds each of the queued runs among `ids` (at most [`MAX_LOOKUP`]), in no
+    /// particular order; a run that is not queued (it finished) is left out. How a worker
+    /// learns that a claim it still runs was taken over.
+    async fn holders(&self, ids: &[Uuid]) -> Result<Vec<work::Holder>, StoreError>;
 
     /// Grants `request.run_id` one slot of each of its limited tags, or none (see
     /// [`limit`]). Refused with [`StoreError::UnknownRun`] when the run is not recorded.

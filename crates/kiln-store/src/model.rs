@@ -302,6 +302,12 @@ pub enum Write {
     Enqueue(crate::work::QueueEntry),
     /// Record a deployment, or replace the one of the same name.
     PutDeployment(Box<crate::work::Deployment>),
+    /// Remove a deployment (refused when there is none of that name). Its runs stay; the
+    /// scheduler creates no more of them.
+    DeleteDeployment {
+        /// The deployment's name.
+        name: String,
+    },
     /// Record a work pool's limit, or replace it.
     PutPool(crate::work::WorkPool),
     /// Set a tag's concurrency limit (see [`crate::limit`]), replacing the one before.
@@ -327,6 +333,7 @@ impl Write {
             Write::PutToken(_)
             | Write::RevokeToken { .. }
             | Write::PutDeployment(_)
+            | Write::DeleteDeployment { .. }
             | Write::PutPool(_)
             | Write::PutLimit(_)
             | Write::DeleteLimit { .. } => Uuid::nil(),
@@ -375,6 +382,7 @@ impl std::fmt::Display for Write {
             Write::RevokeToken { name, .. } => write!(f, "the revocation of API token '{name}'"),
             Write::Enqueue(e) => write!(f, "the queueing of run {} in work pool '{}'", e.run_id, e.pool),
             Write::PutDeployment(d) => write!(f, "the deployment '{}'", d.name),
+            Write::DeleteDeployment { name } => write!(f, "the removal of deployment '{name}'"),
             Write::PutPool(p) => write!(f, "the work pool '{}'", p.name),
             Write::PutLimit(l) => write!(f, "the concurrency limit of tag '{}'", l.tag),
             Write::DeleteLimit { tag } => write!(f, "the removal of the concurrency limit of tag '{tag}'"),

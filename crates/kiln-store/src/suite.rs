@@ -1121,6 +1121,11 @@ pub async fn claims_hand_each_run_to_one_worker(store: &dyn Store) {
     assert_eq!(report.problems(), Vec::<String>::new());
     // Cancelled before anyone claimed it: never handed out.
     walk(store, RunKind::Flow, gone, Scheduled, &[(Cancelled, 0, None)]).await;
+    let listed = store.queued_runs(None, 100).await.unwrap();
+    assert!(
+        listed.iter().all(|q| q.entry.run_id != gone) && listed.iter().any(|q| q.entry.run_id == a),
+        "a run that ended before its claim is no longer listed as queued"
+    );
 
     let stranger = store.claim(&claim_request(Uuid::now_v7(), &["cpu"], 1)).await;
     assert!(
@@ -1237,6 +1242,23 @@ pub async fn claims_of_dead_processes_are_taken_back(store: &dyn Store) {
     for claim in &claims {
         walk_fenced(store, claim.run_id, claim.fence, &[(Pending, Running, 1)]).await;
     }
+    // Who holds what, with which token; an id the queue does not hold is left out.
+    let holders = |ids: Vec<Uuid>| async move {
+        let mut found = store.holders(&ids).await.unwrap();
+        found.sort_by_key(|h| h.run_id);
+        found
+    };
+    let mut held: Vec<crate::work::Holder> = claims
+        .iter()
+        .map(|cl| crate::work::Holder {
+            run_id: cl.run_id,
+            fence: cl.fence,
+            claimed_by: Some(dead.id),
+        })
+        .collect();
+    held.sort_by_key(|h| h.run_id);
+    assert_eq!(holders(vec![r, c, x, Uuid::now_v7()]).await, held);
+    assert!(store.holders(&[]).await.unwrap().is_empty());
     store
         .set_state(change(RunKind::Flow, x, Running, Cancelling, 1))
         .await
@@ -1257,6 +1279,16 @@ pub async fn claims_of_dead_processes_are_taken_back(store: &dyn Store) {
     // Taken back once: nothing more to do.
     assert!(store.crash_orphans(&[], now - 30_000_000).await.unwrap().is_empty());
 
+    // Taken back: the finished ones left the queue; the other waits for a new claim.
+    assert_eq!(
+        holders(vec![r, c, x]).await,
+        [crate::work::Holder {
+            run_id: r,
+            fence: old,
+            claimed_by: None
+        }]
+    );
+
     // The late worker's result is refused; the run goes to another worker, with a new token.
     let late = store.set_state(fenced(r, Running, Completed, 1, old)).await.unwrap();
     assert!(matches!(late, Transition::Rejected { .. }), "{late:?}");
@@ -1264,6 +1296,14 @@ pub async fn claims_of_dead_processes_are_taken_back(store: &dyn Store) {
     assert_eq!(again.iter().map(|cl| cl.run_id).collect::<Vec<_>>(), [r]);
     assert_eq!((again[0].state, again[0].attempt), (AwaitingRetry, 1));
     assert!(again[0].fence > old);
+    assert_eq!(
+        holders(vec![r]).await,
+        [crate::work::Holder {
+            run_id: r,
+            fence: again[0].fence,
+            claimed_by: Some(alive.id)
+        }]
+    );
     walk_fenced(
         store,
         r,
@@ -1277,6 +1317,7 @@ pub async fn claims_of_dead_processes_are_taken_back(store: &dyn Store) {
         [Scheduled, Pending, Running, AwaitingRetry, Running, Completed]
     );
     assert!(store.queued_runs(None, 100).await.unwrap().is_empty());
+    assert!(holders(vec![r]).await.is_empty(), "a finished run is held by no one");
 }
 
 async fn walk_fenced(store: &dyn Store, id: Uuid, fence: u64, steps: &[(StateType, StateType, u32)]) {

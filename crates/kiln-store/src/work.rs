@@ -274,6 +274,28 @@ pub struct QueuedRun {
     pub claimed_by: Option<Uuid>,
 }
 
+/// Who holds a queued run, and under which fencing token ([`Store::holders`](crate::Store::holders)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Holder {
+    /// The run.
+    pub run_id: Uuid,
+    /// Its current fencing token (0: never claimed).
+    pub fence: u64,
+    /// The process holding it; none while it waits to be claimed (again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed_by: Option<Uuid>,
+}
+
+/// Queued runs to look up by id ([`Store::holders`](crate::Store::holders) over the API).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct HolderLookup {
+    /// The runs (at most 1000).
+    #[cfg_attr(feature = "openapi", schema(max_items = 1000))]
+    pub ids: Vec<Uuid>,
+}
+
 /// What a store does with a claim whose process died: the one rule set both backends apply.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TakeBack {

@@ -198,11 +198,8 @@ where
 }
 
 /// Runs one claimed run to its end (its outcome is in the store).
-pub(crate) type Runner = Arc<
-    dyn Fn(crate::Engine, Claim, futures::channel::oneshot::Receiver<StateType>) -> BoxFuture<'static, ()>
-        + Send
-        + Sync,
->;
+pub(crate) type Runner =
+    Arc<dyn Fn(crate::Engine, Claim, crate::__private::CancelReceiver) -> BoxFuture<'static, ()> + Send + Sync>;
 
 /// Checks parameters against the deployment's schema: names and required ones (see
 /// [`Deployment::check_parameters`](kiln_store::work::Deployment::check_parameters)), then
@@ -428,6 +425,50 @@ pub async fn schedule_due(store: &dyn Store) -> Result<usize, Error> {
         }
     }
     Ok(written)
+}
+
+/// Removes deployment `name`: the scheduler creates no more of its runs, and those still
+/// waiting in the queue for their first claim are Cancelled (their ids are returned). Runs
+/// already claimed go on. A worker that serves it registers it again when it starts.
+pub async fn remove_deployment(store: &dyn Store, name: &str) -> Result<Vec<Uuid>, Error> {
+    use kiln_store::model::{RunKind, StateChange, write_id};
+    match store.write(Write::DeleteDeployment { name: name.to_owned() }).await? {
+        kiln_store::Outcome::Applied { .. } => {}
+        kiln_store::Outcome::Failed(e) if !e.is_retryable() => return Err(Error::NotFound(e.to_string())),
+        kiln_store::Outcome::Failed(e) => return Err(Error::Store(e)),
+        kiln_store::Outcome::Rejected { .. } => {
+            return Err(Error::Setup(format!("the removal of deployment '{name}' was refused")));
+        }
+    }
+    let mut cancelled = Vec::new();
+    // The server pages at most 10,000 (the queue holds unfinished runs only).
+    for queued in store.queued_runs(None, 10_000).await? {
+        if queued.entry.deployment.as_deref() != Some(name) || queued.claimed_by.is_some() {
+            continue;
+        }
+        let id = queued.entry.run_id;
+        let Some(run) = store.flow_run(id).await? else { continue };
+        if run.state != StateType::Scheduled {
+            continue;
+        }
+        let change = StateChange {
+            id: write_id(),
+            kind: RunKind::Flow,
+            run_id: id,
+            from: StateType::Scheduled,
+            to: StateType::Cancelled,
+            message: Some(format!("its deployment '{name}' was removed before it started")),
+            attempt: run.attempt,
+            timestamp: now_micros(),
+            result: None,
+            fence: None,
+        };
+        // Refused: a worker claimed it meanwhile, and it runs.
+        if let kiln_store::Transition::Accepted { .. } = store.set_state(change).await? {
+            cancelled.push(id);
+        }
+    }
+    Ok(cancelled)
 }
 
 /// Asks a run to stop: one not started yet is Cancelled at once; a running one goes to

@@ -111,7 +111,7 @@ async fn drive<F: Flow>(
     parent: Option<Arc<FlowContext>>,
     retry_of: Option<uuid::Uuid>,
     // A worker's run: stopped when this says the run is being cancelled.
-    cancel: Option<futures::channel::oneshot::Receiver<StateType>>,
+    cancel: Option<crate::__private::CancelReceiver>,
 ) -> Result<F::Output, Failure<F::Error>> {
     let engine = tracker.engine.clone();
     let problems = tracker.problems.clone();
@@ -158,20 +158,22 @@ async fn drive<F: Flow>(
     let outcome = match cancel {
         None => run.await.map(|done| done.value),
         Some(cancel) => {
-            // A dropped sender is no request to cancel.
-            let requested = async {
-                match cancel.await {
-                    Ok(state) => state,
-                    Err(_) => std::future::pending().await,
-                }
-            };
             let stopped = tokio::select! {
                 outcome = run => Err(outcome),
-                state = requested => Ok(state),
+                stop = crate::worker::stop_requested(cancel) => Ok(stop),
             };
             match stopped {
                 Err(outcome) => outcome.map(|done| done.value),
-                Ok(state) => {
+                Ok(crate::worker::Stop::ClaimLost) => {
+                    // Another worker runs it now: this one records nothing more of it (the
+                    // task runs its body left running are stopped below).
+                    tracker.state = None;
+                    Err(Failure::Kiln(crate::Error::Cancelled {
+                        run: label.clone(),
+                        reason: "its claim was taken over by another worker".into(),
+                    }))
+                }
+                Ok(crate::worker::Stop::Cancel(state)) => {
                     // The body is dropped (a synchronous one is told through kiln::cancelled()).
                     tracker.state = Some(state);
                     if state == StateType::Cancelling {
@@ -206,7 +208,7 @@ pub(crate) async fn run_claimed<F: Flow>(
     flow: F,
     engine: Engine,
     claim: kiln_store::work::Claim,
-    cancel: futures::channel::oneshot::Receiver<StateType>,
+    cancel: crate::__private::CancelReceiver,
 ) where
     F::Args: serde::de::DeserializeOwned,
 {

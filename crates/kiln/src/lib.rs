@@ -107,7 +107,7 @@ pub mod __private {
     pub use inventory;
 
     /// How a worker tells a run it is being cancelled.
-    pub type CancelReceiver = futures::channel::oneshot::Receiver<crate::StateType>;
+    pub type CancelReceiver = futures::channel::oneshot::Receiver<crate::worker::Stop>;
     pub use crate::task::{Arg, Inputs};
     pub use futures::future::BoxFuture;
     pub use serde_json;

@@ -36,7 +36,7 @@ pub struct RemoteTask {
     /// The task's key ([`Body::KEY`]).
     pub key: &'static str,
     /// Runs one claimed task run to its end.
-    pub run: fn(Engine, Claim, futures::channel::oneshot::Receiver<StateType>) -> BoxFuture<'static, ()>,
+    pub run: fn(Engine, Claim, crate::__private::CancelReceiver) -> BoxFuture<'static, ()>,
 }
 
 inventory::collect!(RemoteTask);
@@ -471,7 +471,7 @@ pub fn run_claimed<T: Task>(
     task: T,
     engine: Engine,
     claim: Claim,
-    cancel: futures::channel::oneshot::Receiver<StateType>,
+    cancel: crate::__private::CancelReceiver,
 ) -> BoxFuture<'static, ()> {
     Box::pin(async move {
         let scope = engine.clone();
@@ -479,12 +479,7 @@ pub fn run_claimed<T: Task>(
     })
 }
 
-async fn run_claimed_inner<T: Task>(
-    task: T,
-    engine: Engine,
-    claim: Claim,
-    cancel: futures::channel::oneshot::Receiver<StateType>,
-) {
+async fn run_claimed_inner<T: Task>(task: T, engine: Engine, claim: Claim, cancel: crate::__private::CancelReceiver) {
     let options = Arc::new(
         Options::new()
             .retries(claim.max_attempts.saturating_sub(1))
@@ -527,24 +522,23 @@ async fn run_claimed_inner<T: Task>(
             return;
         }
     };
-    let requested = async {
-        match cancel.await {
-            Ok(state) => state,
-            Err(_) => std::future::pending().await,
-        }
-    };
     let stopped = {
         let run = run::attempts::<T>(&mut tracker, &options, args, flow_run_id, persisting, None, |b| b);
         tokio::select! {
             outcome = run => Err(outcome.map(drop)),
-            state = requested => Ok(state),
+            stop = crate::worker::stop_requested(cancel) => Ok(stop),
         }
     };
-    if let Ok(state) = stopped {
-        tracker.state = Some(state);
-        if state == StateType::Cancelling {
-            let _ = tracker.to(StateType::Cancelled, Some("cancelled; its worker stopped it".into()));
+    match stopped {
+        Ok(crate::worker::Stop::Cancel(state)) => {
+            tracker.state = Some(state);
+            if state == StateType::Cancelling {
+                let _ = tracker.to(StateType::Cancelled, Some("cancelled; its worker stopped it".into()));
+            }
         }
+        // Another worker runs it now: this one records nothing more of it.
+        Ok(crate::worker::Stop::ClaimLost) => tracker.state = None,
+        Err(_) => {}
     }
     drop(tracker);
     if let Err(e) = problems.recorded(&engine, &label).await {

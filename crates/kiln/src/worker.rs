@@ -38,6 +38,33 @@ const SCHEDULE_EVERY: Duration = Duration::from_secs(5);
 /// free before it claims for those free (see `claim_loop`).
 const GATHER: Duration = Duration::from_millis(2);
 
+/// Why a worker stops a run it is running.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// A user is cancelling it: the state the store shows (Cancelling or Cancelled).
+    Cancel(StateType),
+    /// Its claim was taken over (the store thought this worker dead): another worker runs it,
+    /// and this one must neither go on nor record anything more of it.
+    ClaimLost,
+}
+
+/// Resolves when the worker asks its run to stop; never when the worker lets it be (its
+/// sender dropped).
+pub(crate) async fn stop_requested(stop: crate::__private::CancelReceiver) -> Stop {
+    match stop.await {
+        Ok(stop) => stop,
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// A run in progress on this worker: its kind, the claim's fencing token, and how to stop it.
+struct InProgress {
+    kind: RunKind,
+    fence: u64,
+    stop: oneshot::Sender<Stop>,
+}
+
 /// A worker serving deployments; see [`serve`].
 #[must_use = "a worker does nothing until `.run().await`"]
 pub struct Worker {
@@ -200,7 +227,7 @@ impl Worker {
         ));
         let mut running: JoinSet<Uuid> = JoinSet::new();
         // The runs in progress, and how to tell each it is being cancelled.
-        let mut cancels: HashMap<Uuid, (RunKind, oneshot::Sender<StateType>)> = HashMap::new();
+        let mut cancels: HashMap<Uuid, InProgress> = HashMap::new();
         // The claims this worker started, by run and token: a claim handed out again (its
         // first answer may have been lost, or the store answered before this worker's first
         // state change reached it) is started once. A new token is a new claim.
@@ -208,7 +235,7 @@ impl Worker {
         let mut start = |claim: Claim,
                          permit: Option<OwnedSemaphorePermit>,
                          running: &mut JoinSet<Uuid>,
-                         cancels: &mut HashMap<Uuid, (RunKind, oneshot::Sender<StateType>)>| {
+                         cancels: &mut HashMap<Uuid, InProgress>| {
             if !started.first(claim.run_id, claim.fence) {
                 return;
             }
@@ -216,7 +243,14 @@ impl Worker {
                 return;
             };
             let (tx, rx) = oneshot::channel();
-            cancels.insert(claim.run_id, (claim.kind, tx));
+            cancels.insert(
+                claim.run_id,
+                InProgress {
+                    kind: claim.kind,
+                    fence: claim.fence,
+                    stop: tx,
+                },
+            );
             let id = claim.run_id;
             tracing::info!(
                 "claimed {} run {id} of {} (attempt {} of {})",
@@ -248,7 +282,7 @@ impl Worker {
                     }
                 }
                 _ = tick.tick() => {
-                    watch_cancellations(&*store, &mut cancels).await;
+                    watch_cancellations(&*store, engine.process_id(), &mut cancels).await;
                     if last_schedule.is_none_or(|t| t.elapsed() >= SCHEDULE_EVERY) {
                         last_schedule = Some(tokio::time::Instant::now());
                         if let Err(e) = crate::deployment::schedule_due(&*store).await {
@@ -362,40 +396,65 @@ async fn claim_loop(
     }
 }
 
-/// Tells the runs that a user is cancelling that they must stop: task runs looked up
-/// together, flow runs (a worker runs few at once) one by one.
-async fn watch_cancellations(
-    store: &dyn kiln_store::Store,
-    cancels: &mut HashMap<Uuid, (RunKind, oneshot::Sender<StateType>)>,
-) {
+/// Tells the runs that a user is cancelling that they must stop (task runs looked up
+/// together, flow runs, of which a worker runs few at once, one by one), and those whose
+/// claim was taken over (the store thought this worker dead: it stalled, or lost the
+/// network, longer than the lease) that another worker runs them now.
+async fn watch_cancellations(store: &dyn kiln_store::Store, me: Uuid, runs: &mut HashMap<Uuid, InProgress>) {
     const STOPPING: [StateType; 2] = [StateType::Cancelling, StateType::Cancelled];
-    let mut stopping: Vec<(Uuid, StateType)> = Vec::new();
-    let tasks: Vec<Uuid> = cancels
+    let mut stopping: Vec<(Uuid, Stop)> = Vec::new();
+    let ids: Vec<Uuid> = runs.keys().copied().collect();
+    for chunk in ids.chunks(kiln_store::MAX_LOOKUP) {
+        let Ok(holders) = store.holders(chunk).await else {
+            continue;
+        };
+        let held: HashMap<Uuid, (u64, Option<Uuid>)> =
+            holders.iter().map(|h| (h.run_id, (h.fence, h.claimed_by))).collect();
+        for id in chunk {
+            let ours = runs.get(id).map(|r| r.fence);
+            match held.get(id) {
+                // It left the queue: it ended, here (its future is finishing and ignores
+                // this) or on the worker that took it over.
+                None => stopping.push((*id, Stop::ClaimLost)),
+                Some((fence, holder)) if Some(*fence) != ours || *holder != Some(me) => {
+                    tracing::warn!(
+                        "run {id}: its claim was taken over (this worker was thought dead: it stalled or lost \
+                         the database for longer than the lease); stopping it here, another worker runs it"
+                    );
+                    stopping.push((*id, Stop::ClaimLost));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    let tasks: Vec<Uuid> = runs
         .iter()
-        .filter(|(_, (kind, _))| *kind == RunKind::Task)
+        .filter(|(id, r)| r.kind == RunKind::Task && !stopping.iter().any(|(s, _)| s == *id))
         .map(|(id, _)| *id)
         .collect();
     for chunk in tasks.chunks(kiln_store::MAX_LOOKUP) {
-        if let Ok(runs) = store.task_runs_in(chunk, &STOPPING).await {
-            stopping.extend(runs.iter().map(|r| (r.id, r.state)));
+        if let Ok(found) = store.task_runs_in(chunk, &STOPPING).await {
+            stopping.extend(found.iter().map(|r| (r.id, Stop::Cancel(r.state))));
         }
     }
-    let flows: Vec<Uuid> = cancels
+    let flows: Vec<Uuid> = runs
         .iter()
-        .filter(|(_, (kind, _))| *kind == RunKind::Flow)
+        .filter(|(id, r)| r.kind == RunKind::Flow && !stopping.iter().any(|(s, _)| s == *id))
         .map(|(id, _)| *id)
         .collect();
     for id in flows {
         if let Ok(Some(run)) = store.flow_run(id).await
             && STOPPING.contains(&run.state)
         {
-            stopping.push((id, run.state));
+            stopping.push((id, Stop::Cancel(run.state)));
         }
     }
-    for (id, state) in stopping {
-        if let Some((_, tx)) = cancels.remove(&id) {
-            tracing::info!("run {id} is being cancelled: stopping it");
-            let _ = tx.send(state);
+    for (id, stop) in stopping {
+        if let Some(run) = runs.remove(&id) {
+            if matches!(stop, Stop::Cancel(_)) {
+                tracing::info!("run {id} is being cancelled: stopping it");
+            }
+            let _ = run.stop.send(stop);
         }
     }
 }
