@@ -307,13 +307,7 @@ async fn wait_until_done(engine: &Engine, id: Uuid) -> Result<kiln_store::model:
     // Dropped last: a waiter cancelled meanwhile leaves nothing behind.
     let _gone = Unregister { watcher, id };
     let (tx, mut answer) = futures::channel::oneshot::channel();
-    watcher
-        .waiting
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .entry(id)
-        .or_default()
-        .push(tx);
+    watcher.waiting.lock().unwrap_or_else(|p| p.into_inner()).add(id, tx);
     let gone = |_| Error::Setup(format!("task run {id}: its watcher stopped"));
     loop {
         // One waiter polls for everyone until its own run has ended, then hands over; the
@@ -369,24 +363,96 @@ const POLL_MIN: Duration = Duration::from_millis(1);
 const POLL_MAX: Duration = Duration::from_millis(100);
 
 /// How many waiting runs the watcher looks up per second at most (see [`Poll::once`]).
-const LOOKUPS_PER_SECOND: f64 = 100_000.0;
+const LOOKUPS_PER_SECOND: f64 = 50_000.0;
 
 /// Follows the task runs this process waits for on workers with one query for all of them
 /// (however many thousands wait), rather than one per waiting call.
 #[derive(Default)]
 pub(crate) struct Watcher {
     /// Who waits for which run.
-    waiting: std::sync::Mutex<std::collections::HashMap<Uuid, Vec<futures::channel::oneshot::Sender<TaskRun>>>>,
+    waiting: std::sync::Mutex<Waiters>,
     /// Held by the caller that polls.
     poll: tokio::sync::Mutex<Poll>,
     /// Wakes one waiter to poll in place of the one that stopped.
     handover: tokio::sync::Notify,
 }
 
-/// When the last look happened, and the pause until the next.
+/// Who waits for which run, in the order the runs were first waited for.
+#[derive(Default)]
+struct Waiters {
+    by_run: std::collections::HashMap<Uuid, (u64, Vec<futures::channel::oneshot::Sender<TaskRun>>)>,
+    order: std::collections::BTreeMap<u64, Uuid>,
+    next: u64,
+}
+
+/// How many of the runs waited for longest every look includes, and how many of the others
+/// it takes in turn (see [`Waiters::pick`]).
+const OLDEST: usize = 500;
+const IN_TURN: usize = 500;
+
+impl Waiters {
+    fn add(&mut self, id: Uuid, tx: futures::channel::oneshot::Sender<TaskRun>) {
+        let next = &mut self.next;
+        let order = &mut self.order;
+        let (_, list) = self.by_run.entry(id).or_insert_with(|| {
+            let seq = *next;
+            *next += 1;
+            order.insert(seq, id);
+            (seq, Vec::new())
+        });
+        list.push(tx);
+    }
+
+    /// Everyone waiting for `id`, forgotten.
+    fn take(&mut self, id: Uuid) -> Vec<futures::channel::oneshot::Sender<TaskRun>> {
+        match self.by_run.remove(&id) {
+            Some((seq, list)) => {
+                self.order.remove(&seq);
+                list
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// Forgets the waiters of `id` that have gone.
+    fn forget_gone(&mut self, id: Uuid) {
+        if let Some((_, list)) = self.by_run.get_mut(&id) {
+            list.retain(|tx| !tx.is_canceled());
+            if list.is_empty() {
+                self.take(id);
+            }
+        }
+    }
+
+    /// The runs to look up now, at most OLDEST + IN_TURN: those waited for longest (work
+    /// pools hand runs out oldest first, so they end first), then the next of the others
+    /// from `cursor` on, which moves past them (back to the start after the last).
+    fn pick(&self, cursor: &mut u64) -> Vec<Uuid> {
+        let mut ids: Vec<Uuid> = self.order.values().take(OLDEST).copied().collect();
+        let Some((&rest, _)) = self.order.iter().nth(OLDEST) else {
+            return ids;
+        };
+        let turn: Vec<(u64, Uuid)> = self
+            .order
+            .range((*cursor).max(rest)..)
+            .take(IN_TURN)
+            .map(|(seq, id)| (*seq, *id))
+            .collect();
+        *cursor = match turn.last() {
+            Some((seq, _)) if turn.len() == IN_TURN => seq + 1,
+            _ => 0,
+        };
+        ids.extend(turn.into_iter().map(|(_, id)| id));
+        ids
+    }
+}
+
+/// When the last look happened, the pause until the next, and where the next look's turn
+/// through the runs waited for starts.
 struct Poll {
     last: Option<tokio::time::Instant>,
     pause: Duration,
+    cursor: u64,
 }
 
 impl Default for Poll {
@@ -394,6 +460,7 @@ impl Default for Poll {
         Poll {
             last: None,
             pause: POLL_MIN,
+            cursor: 0,
         }
     }
 }
@@ -413,22 +480,16 @@ impl Poll {
             }
         }
         self.last = Some(tokio::time::Instant::now());
-        let ids: Vec<Uuid> = watcher
+        let ids = watcher
             .waiting
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .copied()
-            .collect();
+            .pick(&mut self.cursor);
         let mut ended = 0;
         for chunk in ids.chunks(kiln_store::MAX_LOOKUP) {
             for run in store.task_runs_in(chunk, &kiln_store::state::FINAL).await? {
-                let waiters = watcher
-                    .waiting
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&run.id);
-                for tx in waiters.into_iter().flatten() {
+                let waiters = watcher.waiting.lock().unwrap_or_else(|p| p.into_inner()).take(run.id);
+                for tx in waiters {
                     let _ = tx.send(run.clone());
                 }
                 ended += 1;
@@ -454,13 +515,11 @@ struct Unregister<'a> {
 
 impl Drop for Unregister<'_> {
     fn drop(&mut self) {
-        let mut waiting = self.watcher.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(list) = waiting.get_mut(&self.id) {
-            list.retain(|tx| !tx.is_canceled());
-            if list.is_empty() {
-                waiting.remove(&self.id);
-            }
-        }
+        self.watcher
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .forget_gone(self.id);
     }
 }
 
@@ -585,5 +644,38 @@ pub mod probe {
         fn kiln_input_serializer(&self, _default: &str) -> Option<Arc<dyn Serializer<T>>> {
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn looks_take_the_oldest_waiting_runs_and_the_others_in_turn() {
+        let mut waiters = Waiters::default();
+        let ids: Vec<Uuid> = (0..1200).map(|_| Uuid::now_v7()).collect();
+        let mut receivers = Vec::new();
+        for id in &ids {
+            let (tx, rx) = futures::channel::oneshot::channel();
+            waiters.add(*id, tx);
+            receivers.push(rx);
+        }
+        let mut cursor = 0;
+        let first = waiters.pick(&mut cursor);
+        assert_eq!(first, ids[..1000]);
+        let second = waiters.pick(&mut cursor);
+        assert_eq!(second[..500], ids[..500]);
+        assert_eq!(second[500..], ids[1000..], "the rest of the turn");
+        assert_eq!(waiters.pick(&mut cursor), first, "a new turn");
+        // Answered runs leave the look; runs whose waiters have all gone too.
+        assert_eq!(waiters.take(ids[0]).len(), 1);
+        drop(receivers.remove(1));
+        waiters.forget_gone(ids[1]);
+        let mut cursor = 0;
+        let after = waiters.pick(&mut cursor);
+        assert_eq!(after[..500], ids[2..502]);
+        assert_eq!(after[500..], ids[502..1002]);
+        assert!(waiters.take(ids[0]).is_empty());
     }
 }
