@@ -141,9 +141,24 @@ fn runs_logs_prints_captured_events() {
         .find(|l| l.contains("making numbers"))
         .expect("captured log line");
     assert!(line.contains("INFO") && line.contains("n=5"), "{line}");
+    assert!(
+        text.contains("started") && text.contains("finished in state Completed after"),
+        "{text}"
+    );
     let logs = json(&kiln(home.path(), &["runs", "logs", flow_id, "--json"]));
-    assert_eq!(logs.as_array().unwrap().len(), 1);
-    assert_eq!(logs[0]["message"], "making numbers n=5");
+    let messages: Vec<&str> = logs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(messages.len(), 3, "{messages:?}");
+    assert!(messages[0].ends_with(&format!("({flow_id}) started")), "{messages:?}");
+    assert_eq!(messages[1], "making numbers n=5");
+    assert!(
+        messages[2].contains("finished in state Completed after"),
+        "{messages:?}"
+    );
 }
 
 #[test]

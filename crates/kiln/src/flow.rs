@@ -117,7 +117,11 @@ async fn drive<F: Flow>(
     let problems = tracker.problems.clone();
     let id = tracker.id();
     let label = tracker.label.clone();
-    tracing::info!("{label} started");
+    let started = std::time::Instant::now();
+    // Lines about the run's life go to stderr and into its captured logs.
+    let lifecycle = crate::context::RunScope::new(id, Some(id), engine.clone());
+    let say = |line: &dyn Fn()| crate::context::with_run(Some(lifecycle.clone()), line);
+    say(&|| tracing::info!("{label} started"));
     // A flow that may be retried persists its tasks' results, so a retry loads them.
     let ctx = FlowContext::new(
         engine.clone(),
@@ -129,7 +133,9 @@ async fn drive<F: Flow>(
         problems.clone(),
     );
     if let Some(earlier) = retry_of {
-        tracing::info!("{label} retries flow run {earlier}: its completed results are loaded, not computed again");
+        say(&|| {
+            tracing::info!("{label} retries flow run {earlier}: its completed results are loaded, not computed again")
+        });
         ctx.preload_from(earlier).await;
     }
     let parent_run = parent.as_ref().map(|p| (p.flow_run_id, &*p.flow_name));
@@ -194,10 +200,24 @@ async fn drive<F: Flow>(
     ctx.cancel_children().await;
     let state = tracker.state;
     drop(tracker);
+    // Said before the flush below, so the line is as durable as the state it reports.
+    let took = humantime::format_duration(std::time::Duration::from_micros(
+        started.elapsed().as_micros() as u64 / 100 * 100,
+    ));
+    let state = state.map_or("?", StateType::as_str);
+    match &outcome {
+        Ok(_) => say(&|| tracing::info!("{label} finished in state {state} after {took}")),
+        Err(failure) => {
+            let why = match failure {
+                Failure::Body { message, .. } => message.clone(),
+                Failure::Kiln(e) => e.to_string(),
+            };
+            say(&|| tracing::error!("{label} finished in state {state} after {took}: {why}"));
+        }
+    }
     // The flow run returns once its records are durable; a write the store refused or could
     // not record fails it, whatever its body returned.
     problems.recorded(&engine, &label).await?;
-    tracing::info!("{label} finished in state {}", state.map_or("?", StateType::as_str));
     outcome
 }
 

@@ -21,6 +21,9 @@ use tracing_subscriber::layer::Context;
 use crate::context;
 
 /// The capture layer: records events at INFO and above that happen inside a run.
+///
+/// Its level applies to what it records only: other layers of the subscriber (and
+/// `KILN_LOG=debug` on the default one) still see DEBUG and TRACE events.
 pub fn layer() -> CaptureLayer {
     CaptureLayer { max_level: Level::INFO }
 }
@@ -44,18 +47,16 @@ impl CaptureLayer {
 }
 
 impl<S: Subscriber> tracing_subscriber::Layer<S> for CaptureLayer {
-    // Declaring what it wants lets tracing skip disabled callsites entirely (spans included:
-    // capture needs none), so engine-internal DEBUG events cost nothing by default.
+    // What it does not want, it leaves to the other layers: "sometimes" (never "never",
+    // which would turn a DEBUG callsite off for the whole subscriber, the user's own
+    // `tracing::debug!` included). The level hint lets tracing skip callsites that no layer
+    // wants: with the default subscriber at `info`, engine-internal DEBUG events cost nothing.
     fn register_callsite(&self, meta: &'static Metadata<'static>) -> Interest {
         if self.wants(meta) {
             Interest::always()
         } else {
-            Interest::never()
+            Interest::sometimes()
         }
-    }
-
-    fn enabled(&self, meta: &Metadata<'_>, _ctx: Context<'_, S>) -> bool {
-        self.wants(meta)
     }
 
     fn max_level_hint(&self) -> Option<LevelFilter> {

@@ -46,7 +46,8 @@ async fn logs_are_captured_per_run() {
         ("WARN", "sync body says 2")
     );
 
-    // The flow run's logs include its own events and its task runs'.
+    // The flow run's logs include its own events and its task runs', between the lines
+    // about its start and its end.
     let all: Vec<String> = home
         .store()
         .logs(flow.id)
@@ -55,7 +56,77 @@ async fn logs_are_captured_per_run() {
         .into_iter()
         .map(|l| l.message)
         .collect();
-    assert_eq!(all, ["flow starting", "processing item x=1", "sync body says 2"]);
+    assert_eq!(all.len(), 5, "{all:?}");
+    assert_eq!(all[0], format!("flow run 'chatty' ({}) started", flow.id));
+    assert_eq!(all[1..4], ["flow starting", "processing item x=1", "sync body says 2"]);
+    let end = format!("flow run 'chatty' ({}) finished in state Completed after ", flow.id);
+    assert!(all[4].starts_with(&end), "{all:?}");
+}
+
+#[flow]
+async fn doomed() -> Result<u32, anyhow::Error> {
+    anyhow::bail!("the input file is empty")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_flow_run_logs_why() {
+    let home = support::home();
+    home.engine.scope(doomed()).await.unwrap_err();
+    let flow = home.flow("doomed");
+    let logs = home.store().logs(flow.id).await.unwrap();
+    let last = logs.last().unwrap();
+    assert_eq!(last.level, "ERROR");
+    assert!(
+        last.message.contains("finished in state Failed after") && last.message.contains("the input file is empty"),
+        "{logs:?}"
+    );
+}
+
+#[test]
+#[ignore = "run by kiln_log_debug_shows_the_program_s_own_debug_events, with KILN_LOG set"]
+fn chatty_child() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let engine = kiln::Engine::current().unwrap();
+    rt.block_on(engine.scope(chatty())).unwrap();
+    tracing::debug!("a debug line of the program, outside any run");
+}
+
+/// `KILN_LOG=debug` shows DEBUG events on stderr, the program's own included; what is
+/// captured with the runs stays at INFO.
+#[test]
+fn kiln_log_debug_shows_the_program_s_own_debug_events() {
+    let home = tempfile::tempdir().unwrap();
+    let run = |filter: &str| {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "chatty_child", "--ignored", "--nocapture"])
+            .env("KILN_HOME", home.path())
+            .env("KILN_LOG", filter)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let debug = run("debug");
+    assert!(
+        debug.contains("a debug line of the program, outside any run"),
+        "{debug}"
+    );
+    assert!(debug.contains("not captured at the default level"), "{debug}");
+    let info = run("info");
+    assert!(
+        !info.contains("a debug line of the program") && info.contains("started"),
+        "{info}"
+    );
+    // Per target, as tracing's filters read it.
+    let targeted = run("info,logs=debug");
+    assert!(targeted.contains("a debug line of the program"), "{targeted}");
+    let store = kiln::open_store(home.path(), None).unwrap();
+    let flows = support::wait(store.flow_runs(10)).unwrap();
+    assert_eq!(flows.len(), 3);
+    for flow in flows {
+        let logs = support::wait(store.logs(flow.id)).unwrap();
+        assert!(logs.iter().all(|l| l.level != "DEBUG"), "{logs:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
