@@ -9,7 +9,7 @@ use deadpool_postgres::Pool;
 use deadpool_postgres::Transaction;
 use futures::StreamExt;
 use kiln_store::model::{Micros, RunKind, RunState, StateChange, now_micros};
-use kiln_store::state::StateType;
+use kiln_store::state::{FINAL_SQL, StateType};
 use kiln_store::work::{self, Claim, ClaimRequest, Deployment, Holder, QueueEntry, QueuedRun, TakeBack, WorkPool};
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 use uuid::Uuid;
@@ -564,14 +564,14 @@ pub(crate) async fn queued_runs(pool: &Pool, name: Option<String>, limit: usize)
         .query(
             // A run ended without its worker (cancelled before a claim) keeps its row until
             // a claim passes over it: not listed.
-            "SELECT q.run_id, q.kind, q.pool, q.deployment, q.target, q.scheduled, q.max_attempts, q.fence,
-                    q.claimed_by, q.host, q.payload
-             FROM queue q
-             LEFT JOIN flow_runs f ON q.kind = 'flow' AND f.id = q.run_id
-             LEFT JOIN task_runs t ON q.kind = 'task' AND t.id = q.run_id
-             WHERE ($1::text IS NULL OR q.pool = $1)
-               AND COALESCE(f.state, t.state) NOT IN ('Completed', 'Cached', 'Failed', 'Crashed', 'Cancelled', 'TimedOut', 'RolledBack')
-             ORDER BY q.scheduled, q.run_id LIMIT $2",
+            format!(
+                "SELECT q.run_id, q.kind, q.pool, q.deployment, q.target, q.scheduled, q.max_attempts, q.fence,
+                        q.claimed_by, q.host, q.payload
+                 FROM {CANDIDATE_FROM}
+                 WHERE ($1::text IS NULL OR q.pool = $1) AND COALESCE(f.state, t.state) NOT IN {FINAL_SQL}
+                 ORDER BY q.scheduled, q.run_id LIMIT $2"
+            )
+            .as_str(),
             &[&name, &(limit as i64)],
         )
         .await?;

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use kiln_store::StoreError;
 use kiln_store::model::{Micros, RunKind, RunState, now_micros};
-use kiln_store::state::StateType;
+use kiln_store::state::{FINAL_SQL, StateType};
 use kiln_store::work::{self, Claim, ClaimRequest, Deployment, Holder, QueueEntry, QueuedRun, TakeBack, WorkPool};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use uuid::Uuid;
@@ -410,7 +410,7 @@ pub(crate) fn holders(c: &Connection, ids: &[Uuid]) -> Result<Vec<Holder>, Store
 
 pub(crate) fn queued_runs(c: &Connection, pool: Option<&str>, limit: usize) -> Result<Vec<QueuedRun>, StoreError> {
     let mut st = c
-        .prepare_cached(
+        .prepare_cached(&format!(
             // A run ended without its worker (cancelled before a claim) keeps its row until
             // a claim passes over it: not listed.
             "SELECT q.run_id, q.kind, q.pool, q.deployment, q.target, q.scheduled, q.max_attempts, q.host, q.payload,
@@ -419,9 +419,9 @@ pub(crate) fn queued_runs(c: &Connection, pool: Option<&str>, limit: usize) -> R
              LEFT JOIN flow_runs f ON q.kind = 'flow' AND f.id = q.run_id
              LEFT JOIN task_runs t ON q.kind = 'task' AND t.id = q.run_id
              WHERE (?1 IS NULL OR q.pool = ?1)
-               AND COALESCE(f.state, t.state) NOT IN ('Completed', 'Cached', 'Failed', 'Crashed', 'Cancelled', 'TimedOut', 'RolledBack')
-             ORDER BY q.scheduled, q.run_id LIMIT ?2",
-        )
+               AND COALESCE(f.state, t.state) NOT IN {FINAL_SQL}
+             ORDER BY q.scheduled, q.run_id LIMIT ?2"
+        ))
         .map_err(backend)?;
     let rows = st
         .query_map(params![pool, limit as i64], |r| {

@@ -52,6 +52,9 @@ pub const FINAL: [StateType; 7] = [
     StateType::RolledBack,
 ];
 
+/// [`FINAL`] as an SQL list, for `state IN (...)` in either backend's queries.
+pub const FINAL_SQL: &str = "('Completed', 'Cached', 'Failed', 'Crashed', 'Cancelled', 'TimedOut', 'RolledBack')";
+
 impl StateType {
     /// Every state, in lifecycle order.
     pub const ALL: [StateType; 12] = [
@@ -155,6 +158,13 @@ pub fn check_transition(from: Option<StateType>, to: StateType) -> Result<(), St
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_sql_list_of_final_states_is_final() {
+        let listed: Vec<String> = FINAL.iter().map(|s| format!("'{}'", s.as_str())).collect();
+        assert_eq!(FINAL_SQL, format!("({})", listed.join(", ")));
+    }
+
     use super::*;
     use StateType::*;
 

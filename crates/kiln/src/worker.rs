@@ -402,7 +402,11 @@ async fn claim_loop(
 /// network, longer than the lease) that another worker runs them now.
 async fn watch_cancellations(store: &dyn kiln_store::Store, me: Uuid, runs: &mut HashMap<Uuid, InProgress>) {
     const STOPPING: [StateType; 2] = [StateType::Cancelling, StateType::Cancelled];
-    let mut stopping: Vec<(Uuid, Stop)> = Vec::new();
+    let stop = |runs: &mut HashMap<Uuid, InProgress>, id: Uuid, why: Stop| {
+        if let Some(run) = runs.remove(&id) {
+            let _ = run.stop.send(why);
+        }
+    };
     let ids: Vec<Uuid> = runs.keys().copied().collect();
     for chunk in ids.chunks(kiln_store::MAX_LOOKUP) {
         let Ok(holders) = store.holders(chunk).await else {
@@ -415,47 +419,37 @@ async fn watch_cancellations(store: &dyn kiln_store::Store, me: Uuid, runs: &mut
             match held.get(id) {
                 // It left the queue: it ended, here (its future is finishing and ignores
                 // this) or on the worker that took it over.
-                None => stopping.push((*id, Stop::ClaimLost)),
+                None => stop(runs, *id, Stop::ClaimLost),
                 Some((fence, holder)) if Some(*fence) != ours || *holder != Some(me) => {
                     tracing::warn!(
                         "run {id}: its claim was taken over (this worker was thought dead: it stalled or lost \
                          the database for longer than the lease); stopping it here, another worker runs it"
                     );
-                    stopping.push((*id, Stop::ClaimLost));
+                    stop(runs, *id, Stop::ClaimLost);
                 }
                 Some(_) => {}
             }
         }
     }
-    let tasks: Vec<Uuid> = runs
-        .iter()
-        .filter(|(id, r)| r.kind == RunKind::Task && !stopping.iter().any(|(s, _)| s == *id))
-        .map(|(id, _)| *id)
-        .collect();
-    for chunk in tasks.chunks(kiln_store::MAX_LOOKUP) {
+    let mut cancelled: Vec<(Uuid, StateType)> = Vec::new();
+    let of_kind = |runs: &HashMap<Uuid, InProgress>, kind: RunKind| -> Vec<Uuid> {
+        runs.iter().filter(|(_, r)| r.kind == kind).map(|(id, _)| *id).collect()
+    };
+    for chunk in of_kind(runs, RunKind::Task).chunks(kiln_store::MAX_LOOKUP) {
         if let Ok(found) = store.task_runs_in(chunk, &STOPPING).await {
-            stopping.extend(found.iter().map(|r| (r.id, Stop::Cancel(r.state))));
+            cancelled.extend(found.iter().map(|r| (r.id, r.state)));
         }
     }
-    let flows: Vec<Uuid> = runs
-        .iter()
-        .filter(|(id, r)| r.kind == RunKind::Flow && !stopping.iter().any(|(s, _)| s == *id))
-        .map(|(id, _)| *id)
-        .collect();
-    for id in flows {
+    for id in of_kind(runs, RunKind::Flow) {
         if let Ok(Some(run)) = store.flow_run(id).await
             && STOPPING.contains(&run.state)
         {
-            stopping.push((id, Stop::Cancel(run.state)));
+            cancelled.push((id, run.state));
         }
     }
-    for (id, stop) in stopping {
-        if let Some(run) = runs.remove(&id) {
-            if matches!(stop, Stop::Cancel(_)) {
-                tracing::info!("run {id} is being cancelled: stopping it");
-            }
-            let _ = run.stop.send(stop);
-        }
+    for (id, state) in cancelled {
+        tracing::info!("run {id} is being cancelled: stopping it");
+        stop(runs, id, Stop::Cancel(state));
     }
 }
 
