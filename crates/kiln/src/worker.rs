@@ -236,7 +236,10 @@ impl Worker {
                          permit: Option<OwnedSemaphorePermit>,
                          running: &mut JoinSet<Uuid>,
                          cancels: &mut HashMap<Uuid, InProgress>| {
-            if !started.first(claim.run_id, claim.fence) {
+            // A run in progress here (handed out again with the same token) is not started twice.
+            if cancels.get(&claim.run_id).is_some_and(|r| r.fence == claim.fence)
+                || !started.first(claim.run_id, claim.fence)
+            {
                 return;
             }
             let Some(runner) = runners.get(&claim.target) else {
