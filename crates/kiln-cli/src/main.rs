@@ -11,6 +11,7 @@ mod runs;
 mod server;
 mod storage;
 mod table;
+mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -78,8 +79,19 @@ pub(crate) fn wait<F: std::future::Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
+/// Whether the home was given (`--home` or `KILN_HOME`) rather than the default.
+static HOME_GIVEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub(crate) fn home_given() -> bool {
+    HOME_GIVEN.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    HOME_GIVEN.store(
+        cli.home.as_ref().is_some_and(|h| !h.as_os_str().is_empty()),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let home = match cli.home.filter(|h| !h.as_os_str().is_empty()) {
         Some(home) => home,
         None => match kiln::home_dir() {
@@ -110,6 +122,7 @@ fn fail(e: &anyhow::Error) -> ExitCode {
     }) {
         return ExitCode::SUCCESS;
     }
-    eprintln!("error: {e:#}");
+    // Error text may quote a run's name, a panic message or a server's answer.
+    eprintln!("error: {}", table::clean(&format!("{e:#}"), true));
     ExitCode::FAILURE
 }

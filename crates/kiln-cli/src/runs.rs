@@ -15,7 +15,7 @@ use crate::table;
 
 #[derive(Subcommand)]
 pub(crate) enum RunsCommand {
-    /// List flow runs, newest first.
+    /// List flow runs, newest first (with `--tasks`: task runs called outside any flow).
     Ls {
         /// How many to show.
         #[arg(long, short = 'n', default_value_t = 20)]
@@ -35,9 +35,29 @@ pub(crate) enum RunsCommand {
         /// The page after this run id (the last id of the page before).
         #[arg(long)]
         after: Option<Uuid>,
+        /// List the task runs called outside any flow instead (`--flow` then names the task).
+        #[arg(long)]
+        tasks: bool,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Follow a flow run until it ends: its task runs done, running and failed, as a
+    /// progress bar on a terminal, as a line per change otherwise. Exits non-zero when
+    /// the run does not complete.
+    Watch {
+        /// A flow run id, or an unambiguous prefix of one.
+        id: String,
+    },
+    /// Delete a run that has ended: a flow run with its task runs and subflow runs, their
+    /// state histories, edges and logs.
+    Delete {
+        /// A flow run or task run id, or an unambiguous prefix of one.
+        id: String,
+        /// Also delete the result records its runs persisted under keys of their own (a key
+        /// that does not name the run may be another run's too: it is kept and listed).
+        #[arg(long)]
+        results: bool,
     },
     /// Show a flow run (its task runs, edges and subflows) or a task run (its state history).
     Show {
@@ -47,14 +67,22 @@ pub(crate) enum RunsCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Run a failed flow run again in the program that ran it: task runs that completed
-    /// with persisted results are loaded instead of run again.
+    /// Run a flow run that failed (or crashed, or was cancelled) again in the program that
+    /// ran it, with the same home: task runs that completed with persisted results are
+    /// loaded instead of run again. Exits non-zero unless the new flow run completes.
     Retry {
         /// The flow run's id (or an unambiguous prefix).
         id: String,
+        /// Retry even though the program was rebuilt since the run (its results may come
+        /// from other code).
+        #[arg(long)]
+        force: bool,
+        /// Compute every task again instead of loading the results of the run before.
+        #[arg(long)]
+        refresh: bool,
     },
-    /// Cancel a run of a deployment: one not started yet at once; a running one is stopped
-    /// by its worker (Cancelling, then Cancelled).
+    /// Cancel a run: one not started yet at once; a running one is stopped by its process,
+    /// a worker or the program that started it (Cancelling, then Cancelled).
     Cancel {
         /// A flow run or task run id, or an unambiguous prefix of one.
         id: String,
@@ -74,6 +102,13 @@ pub(crate) enum RunsCommand {
 
 pub(crate) fn run(home: &Path, cmd: RunsCommand) -> Result<()> {
     let db = home.join("kiln.db");
+    // Nothing recorded here: a mistyped home is an error; the default one, empty.
+    if !home.exists() && crate::home_given() && std::env::var_os("KILN_API_URL").is_none() {
+        anyhow::bail!(
+            "Kiln home {} does not exist (given with --home or KILN_HOME); check the path",
+            home.display()
+        );
+    }
     let mut out = std::io::stdout().lock();
     let settings = kiln::settings::Settings::load(home)?;
     let store = crate::open_store(home, &settings)
@@ -89,7 +124,9 @@ pub(crate) fn run(home: &Path, cmd: RunsCommand) -> Result<()> {
             }
             RunsCommand::Show { id, .. }
             | RunsCommand::Logs { id, .. }
-            | RunsCommand::Retry { id }
+            | RunsCommand::Retry { id, .. }
+            | RunsCommand::Watch { id }
+            | RunsCommand::Delete { id, .. }
             | RunsCommand::Cancel { id, .. } => Err(anyhow::anyhow!(
                 "no flow run or task run with id '{id}': nothing is recorded in {} yet",
                 db.display()
@@ -109,6 +146,7 @@ pub(crate) fn run(home: &Path, cmd: RunsCommand) -> Result<()> {
             tag,
             since,
             after,
+            tasks,
             json,
         } => {
             let filter = kiln::store::model::RunFilter {
@@ -117,15 +155,22 @@ pub(crate) fn run(home: &Path, cmd: RunsCommand) -> Result<()> {
                 tag,
                 since: since.map(|d| kiln::store::model::now_micros() - d.as_micros() as i64),
                 after,
+                top_level: tasks,
                 ..kiln::store::model::RunFilter::newest(limit)
             };
-            ls(store, &mut out, &filter, json)
+            if tasks {
+                ls_tasks(store, &mut out, &filter, json)
+            } else {
+                ls(store, &mut out, &filter, json)
+            }
         }
+        RunsCommand::Watch { id } => crate::watch::watch(store, &id),
+        RunsCommand::Delete { id, results } => delete(store, home, &mut out, &id, results),
         RunsCommand::Show { id, json } => match crate::wait(store.resolve(&id))? {
             RunRef::Flow(id) => show_flow(store, &mut out, id, json),
             RunRef::Task(id) => show_task(store, &mut out, id, json),
         },
-        RunsCommand::Retry { id } => retry(store, &id),
+        RunsCommand::Retry { id, force, refresh } => retry(store, home, &id, force, refresh),
         RunsCommand::Cancel { id, wait } => cancel(store, &mut out, &id, wait),
         RunsCommand::Logs { id, json } => {
             let id = match crate::wait(store.resolve(&id))? {
@@ -181,6 +226,94 @@ fn parse_state(text: &str) -> Result<kiln::StateType, String> {
         let all: Vec<&str> = kiln::StateType::ALL.iter().map(|s| s.as_str()).collect();
         format!("unknown state '{text}'; states: {}", all.join(", "))
     })
+}
+
+fn ls_tasks(store: &dyn Store, out: &mut impl Write, filter: &kiln::store::model::RunFilter, json: bool) -> Result<()> {
+    let page = crate::wait(store.list_task_runs(filter))?;
+    if let Some(next) = page.next {
+        eprintln!("more runs: add `--after {next}` for the next page");
+    }
+    if json {
+        return json_line(out, &page.runs);
+    }
+    let rows: Vec<Vec<String>> = page
+        .runs
+        .iter()
+        .map(|r| {
+            vec![
+                r.id.to_string(),
+                r.name.clone(),
+                r.state.to_string(),
+                table::time(r.start_time.or(Some(r.created))),
+                table::duration(r.start_time, r.end_time),
+            ]
+        })
+        .collect();
+    table::print(out, &["ID", "TASK", "STATE", "START (UTC)", "DURATION"], &rows)?;
+    Ok(())
+}
+
+/// Deletes an ended run (and with `results`, the records named after its runs).
+fn delete(store: &dyn Store, home: &Path, out: &mut impl Write, id: &str, results: bool) -> Result<()> {
+    let (id, runs) = match crate::wait(store.resolve(id))? {
+        RunRef::Flow(id) => {
+            // The flow run and its subflow runs, each with its task runs.
+            let mut runs = Vec::new();
+            let mut flows = vec![id];
+            while let Some(f) = flows.pop() {
+                let flow = crate::wait(store.flow_run(f))?;
+                runs.push((f, flow.and_then(|r| r.result)));
+                runs.extend(crate::wait(store.task_runs(f))?.into_iter().map(|t| (t.id, t.result)));
+                flows.extend(crate::wait(store.subflow_runs(f))?.iter().map(|s| s.id));
+            }
+            (id, runs)
+        }
+        RunRef::Task(id) => (id, vec![(id, crate::wait(store.task_run(id))?.and_then(|t| t.result))]),
+    };
+    match crate::wait(store.write(kiln::store::model::Write::DeleteRun { id }))? {
+        kiln::store::Outcome::Applied { .. } => {}
+        kiln::store::Outcome::Failed(e) => anyhow::bail!("{e}"),
+        kiln::store::Outcome::Rejected { .. } => anyhow::bail!("the state database refused to delete run {id}"),
+    }
+    writeln!(out, "deleted run {id} ({} runs with it)", runs.len().saturating_sub(1))?;
+    if !results {
+        return Ok(());
+    }
+    let settings = kiln::settings::Settings::load(home)?;
+    let (mut deleted, mut kept) = (0, Vec::new());
+    for (run, result) in runs {
+        let Some(reference) = result.and_then(|r| serde_json::from_value::<kiln::result::ResultRef>(r).ok()) else {
+            continue;
+        };
+        // Kept in the state database: gone with the run.
+        if reference.inline.is_some() {
+            continue;
+        }
+        if !reference.key.contains(&run.to_string()) || reference.key.starts_with("cache/") {
+            kept.push(format!("{}:{}", reference.storage, reference.key));
+            continue;
+        }
+        let config = settings.storage(&reference.storage).ok_or_else(|| {
+            anyhow::anyhow!(
+                "run {run}'s result is in storage '{}', which this home does not configure (see `kiln storage ls`); \
+                 the run is deleted, its record is not",
+                reference.storage
+            )
+        })?;
+        let storage = kiln::result::ResultStorage::build(&reference.storage, &config, home)?;
+        let key = kiln::result::StorageKey::new(reference.key.clone()).map_err(anyhow::Error::msg)?;
+        crate::wait(storage.delete(&key))?;
+        deleted += 1;
+    }
+    writeln!(out, "deleted {deleted} result records")?;
+    if !kept.is_empty() {
+        eprintln!(
+            "kept {} records whose keys do not name their run (other runs may use them): {}",
+            kept.len(),
+            kept.join(", ")
+        );
+    }
+    Ok(())
 }
 
 fn ls(store: &dyn Store, out: &mut impl Write, filter: &kiln::store::model::RunFilter, json: bool) -> Result<()> {
@@ -253,7 +386,7 @@ fn show_flow(store: &dyn Store, out: &mut impl Write, id: Uuid, json: bool) -> R
         );
     }
     writeln!(out, "flow run   {}", flow.id)?;
-    writeln!(out, "name       {}", flow.name)?;
+    writeln!(out, "name       {}", table::clean(&flow.name, false))?;
     writeln!(
         out,
         "state      {}{}",
@@ -266,7 +399,10 @@ fn show_flow(store: &dyn Store, out: &mut impl Write, id: Uuid, json: bool) -> R
     writeln!(out, "started    {}", table::time(flow.start_time))?;
     writeln!(out, "duration   {}", table::duration(flow.start_time, flow.end_time))?;
     writeln!(out, "attempts   {}", flow.attempt)?;
-    writeln!(out, "parameters {}", flow.parameters)?;
+    writeln!(out, "parameters {}", table::clean(&flow.parameters.to_string(), false))?;
+    if let Some(result) = &flow.result {
+        writeln!(out, "result     {}", describe_result(result))?;
+    }
     if !flow.tags.is_empty() {
         writeln!(out, "tags       {}", flow.tags.join(", "))?;
     }
@@ -309,9 +445,9 @@ fn show_flow(store: &dyn Store, out: &mut impl Write, id: Uuid, json: bool) -> R
                 out,
                 "{} {} ({}): {}",
                 t.state,
-                t.name,
+                table::clean(&t.name, false),
                 short(t.id),
-                t.state_message.as_deref().unwrap_or("")
+                table::clean(t.state_message.as_deref().unwrap_or(""), true)
             )?;
         }
     }
@@ -342,17 +478,30 @@ fn show_task(store: &dyn Store, out: &mut impl Write, id: Uuid, json: bool) -> R
         return json_line(out, &TaskRunDetail { run, states });
     }
     writeln!(out, "task run   {}", run.id)?;
-    writeln!(out, "name       {}", run.name)?;
+    writeln!(out, "name       {}", table::clean(&run.name, false))?;
     writeln!(out, "task       {}", run.task_key)?;
     writeln!(
         out,
         "flow run   {}",
         run.flow_run_id.map_or("-".into(), |f| f.to_string())
     )?;
-    writeln!(out, "state      {}", run.state)?;
+    writeln!(
+        out,
+        "state      {}{}",
+        run.state,
+        message_suffix(run.state_message.as_deref())
+    )?;
     writeln!(out, "attempts   {}", run.attempt)?;
     writeln!(out, "duration   {}", table::duration(run.start_time, run.end_time))?;
-    writeln!(out, "inputs     {}", run.inputs)?;
+    if let Some(result) = &run.result {
+        writeln!(out, "result     {}", describe_result(result))?;
+    }
+    if let Some(inputs) = run.inputs.as_object().filter(|i| !i.is_empty()) {
+        writeln!(out, "inputs")?;
+        for (name, input) in inputs {
+            writeln!(out, "  {}", table::clean(&describe_input(name, input), false))?;
+        }
+    }
     if !run.tags.is_empty() {
         writeln!(out, "tags       {}", run.tags.join(", "))?;
     }
@@ -383,9 +532,9 @@ fn logs(store: &dyn Store, out: &mut impl Write, id: Uuid, json: bool) -> Result
             "{} {:<5} {} [{}] {}",
             table::time(Some(l.timestamp)),
             l.level,
-            l.target,
+            table::clean(&l.target, false),
             short(l.run_id),
-            l.message
+            table::clean(&l.message, true)
         )?;
     }
     if logs.is_empty() {
@@ -394,7 +543,7 @@ fn logs(store: &dyn Store, out: &mut impl Write, id: Uuid, json: bool) -> Result
     Ok(())
 }
 
-fn retry(store: &dyn Store, id: &str) -> Result<()> {
+fn retry(store: &dyn Store, home: &Path, id: &str, force: bool, refresh: bool) -> Result<()> {
     let RunRef::Flow(id) = crate::wait(store.resolve(id))? else {
         anyhow::bail!("'{id}' is a task run; retry the flow run it belongs to (see `kiln runs show {id}`)");
     };
@@ -417,28 +566,124 @@ fn retry(store: &dyn Store, id: &str) -> Result<()> {
     let Some((program, args)) = argv.split_first() else {
         anyhow::bail!("flow run {id} recorded an empty command");
     };
-    eprintln!("retrying flow run {id} ('{}'): {}", run.name, argv.join(" "));
+    if let Some(changed) = rebuilt(&command) {
+        if !force && !refresh {
+            anyhow::bail!(
+                "{changed} since flow run {id} ran: its code may differ from the code that computed the results a \
+                 retry would load. Add --refresh to compute everything again, or --force to load them anyway"
+            );
+        }
+        eprintln!("note: {changed} since flow run {id} ran");
+    }
+    let name = table::clean(&run.name, false);
+    eprintln!(
+        "retrying flow run {id} ('{name}'): {}",
+        table::clean(&argv.join(" "), false)
+    );
+    let started = kiln::store::model::now_micros();
     let status = std::process::Command::new(program)
         .args(args)
         .current_dir(cwd)
+        .env("KILN_HOME", home)
         .env("KILN_RETRY_OF", id.to_string())
+        .env("KILN_RETRY_REFRESH", if refresh { "1" } else { "0" })
         .status()
         .with_context(|| format!("cannot start {program} (from {cwd}); was the program moved or rebuilt elsewhere?"))?;
-    let retried = crate::wait(store.flow_runs(200))?
+    let since = kiln::store::model::RunFilter {
+        since: Some(started),
+        top_level: true,
+        ..kiln::store::model::RunFilter::newest(1000)
+    };
+    let retried = crate::wait(store.list_flow_runs(&since))?
+        .runs
         .into_iter()
         .find(|f| f.retry_of == Some(id));
     match retried {
-        Some(new) => eprintln!("flow run {} retried {id} and ended {}", new.id, new.state),
-        None => eprintln!("the program did not start a flow run named '{}'", run.name),
+        Some(new) if new.state.is_success() && status.success() => {
+            eprintln!("flow run {} retried {id} and ended {}", new.id, new.state);
+            Ok(())
+        }
+        Some(new) => anyhow::bail!(
+            "flow run {} retried {id} and ended {}{} (the program exited with {status})",
+            new.id,
+            new.state,
+            message_suffix(new.state_message.as_deref())
+        ),
+        None => anyhow::bail!(
+            "the program exited with {status} without starting a flow run named '{name}' in {}; was it changed, or \
+             does it open another home than this one?",
+            home.display()
+        ),
     }
-    if !status.success() {
-        anyhow::bail!("the program exited with {status}");
-    }
-    Ok(())
+}
+
+/// How the binary a run recorded differs from the one at that path now, if it does.
+fn rebuilt(command: &serde_json::Value) -> Option<String> {
+    let exe = command["exe"].as_str()?;
+    let Ok(meta) = std::fs::metadata(exe) else {
+        return Some(format!("the program {exe} is gone"));
+    };
+    let modified = meta
+        .modified()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_micros() as i64;
+    let same = command["exe_size"].as_u64() == Some(meta.len()) && command["exe_modified"].as_i64() == Some(modified);
+    (!same).then(|| {
+        format!(
+            "the program {exe} was rebuilt (changed {})",
+            table::time(Some(modified))
+        )
+    })
 }
 
 fn message_suffix(message: Option<&str>) -> String {
-    message.map(|m| format!(" ({m})")).unwrap_or_default()
+    message
+        .map(|m| format!(" ({})", table::clean(m, false)))
+        .unwrap_or_default()
+}
+
+/// Values longer than this are cut when shown.
+const SHOWN_VALUE: usize = 120;
+
+/// `name = value  (type)`: the value as recorded (cut when long), the run it came from, or
+/// why it is not shown.
+fn describe_input(name: &str, input: &serde_json::Value) -> String {
+    let ty = input["type"].as_str().unwrap_or("?");
+    let value = if let Some(v) = input.get("value") {
+        let text = v.to_string();
+        if text.chars().count() > SHOWN_VALUE {
+            format!("{}… (cut)", text.chars().take(SHOWN_VALUE).collect::<String>())
+        } else {
+            text
+        }
+    } else if let Some(start) = input["value_start"].as_str() {
+        format!("{}… (cut)", start.chars().take(SHOWN_VALUE).collect::<String>())
+    } else if let Some(upstream) = input["upstream"].as_str() {
+        let id = upstream.parse().map_or_else(|_| upstream.to_owned(), short);
+        format!(
+            "the result of {} ({id})",
+            input["upstream_name"].as_str().unwrap_or("?")
+        )
+    } else {
+        "(not recorded: the type does not implement Serialize)".to_owned()
+    };
+    format!("{name} = {value}  ({ty})")
+}
+
+/// A persisted result's reference in one line: what wrote it, its size and where it is.
+fn describe_result(result: &serde_json::Value) -> String {
+    match serde_json::from_value::<kiln::result::ResultRef>(result.clone()) {
+        Ok(r) if r.inline.is_some() => {
+            format!("{} bytes ({}), kept in the state database", r.size, r.serializer)
+        }
+        Ok(r) => format!(
+            "{} bytes ({}) in storage '{}' at key {} ({})",
+            r.size, r.serializer, r.storage, r.key, r.hash
+        ),
+        Err(_) => result.to_string(),
+    }
 }
 
 /// The id's random tail: distinct for runs created in the same millisecond.

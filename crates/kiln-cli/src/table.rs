@@ -3,10 +3,36 @@
 use std::io::Write;
 use std::time::{Duration, UNIX_EPOCH};
 
-/// Columns padded to their widest cell; the last column is not padded.
+/// `text` safe to print on a terminal: control characters (an escape sequence that would
+/// clear the reader's screen or move the cursor, a carriage return that would overwrite
+/// the line) are shown escaped (`\x{1b}`, `\r`); line breaks and tabs too unless `lines`.
+pub(crate) fn clean(text: &str, lines: bool) -> std::borrow::Cow<'_, str> {
+    let keep = |c: char| !c.is_control() || (lines && (c == '\n' || c == '\t'));
+    if text.chars().all(keep) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            c if keep(c) => out.push(c),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c => out.push_str(&format!("\\x{{{:02x}}}", c as u32)),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// Columns padded to their widest cell; the last column is not padded. Cells are printed
+/// [`clean`].
 pub(crate) fn print(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> std::io::Result<()> {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| clean(c, false).into_owned()).collect())
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
+    for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
@@ -24,7 +50,7 @@ pub(crate) fn print(out: &mut impl Write, header: &[&str], rows: &[Vec<String>])
         writeln!(out, "{}", text.trim_end())
     };
     line(out, &mut header.iter().copied())?;
-    for row in rows {
+    for row in &rows {
         line(out, &mut row.iter().map(String::as_str))?;
     }
     Ok(())
@@ -81,6 +107,18 @@ mod tests {
     fn times_are_utc_seconds() {
         assert_eq!(time(Some(1_764_098_446_000_000)), "2025-11-25 19:20:46");
         assert_eq!(time(None), "-");
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(clean("plain ünïcode", false), "plain ünïcode");
+        assert_eq!(clean("\x1b[2Jgone\rover", false), "\\x{1b}[2Jgone\\rover");
+        assert_eq!(clean("a\nb\tc\x07", true), "a\nb\tc\\x{07}");
+        assert_eq!(clean("a\nb", false), "a\\nb");
+        assert_eq!(clean("\u{9b}2J", true), "\\x{9b}2J", "a C1 control (CSI) too");
+        let mut out = Vec::new();
+        print(&mut out, &["NAME"], &[vec!["\x1b[31mred".into()]]).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), "NAME\n\\x{1b}[31mred\n");
     }
 
     #[test]

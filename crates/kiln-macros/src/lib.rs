@@ -159,11 +159,20 @@ fn expand(kind: Kind, attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
             };
             quote! {
                 /// A call with these options applied; `.await` it, `.submit()` it or `.wait()` for it.
+                #[allow(unused_imports)]
                 #vis fn call(&self, #(#names: impl ::kiln::Input<#types>),*) -> ::kiln::TaskCall<Self> {
-                    ::kiln::TaskCall::new(
-                        ::core::clone::Clone::clone(self),
-                        (#(::kiln::Input::into_arg(#names),)*),
-                    )
+                    use ::kiln::__private::{PreviewNone as _, PreviewSerialize as _};
+                    let __kiln_args = (#(::kiln::Input::into_arg(#names),)*);
+                    // The values given, as recorded with the run (`kiln runs show`).
+                    let __kiln_previews = ::std::vec![#(
+                        match __kiln_args.#indices.value() {
+                            ::core::option::Option::Some(__kiln_v) => {
+                                (&&::kiln::__private::Probe::<#types>(__kiln_v)).kiln_preview()
+                            }
+                            ::core::option::Option::None => ::core::option::Option::None,
+                        }
+                    ),*];
+                    ::kiln::TaskCall::new(::core::clone::Clone::clone(self), __kiln_args).with_previews(__kiln_previews)
                 }
 
                 /// Starts a task run concurrently; arguments may be values or `TaskFuture`s.

@@ -292,6 +292,9 @@ macro_rules! list_query {
             /// `newest` first (the default) or `oldest` first.
             #[param(inline)]
             sort: Option<Sort>,
+            /// Only runs without a parent: flow runs that are not subflows, task runs
+            /// called outside any flow.
+            top_level: Option<bool>,
         }
 
         impl $name {
@@ -304,6 +307,7 @@ macro_rules! list_query {
                     until: self.until,
                     after: self.after,
                     sort: self.sort,
+                    top_level: self.top_level,
                 }
             }
         }
@@ -339,6 +343,7 @@ struct ListQuery {
     until: Option<Micros>,
     after: Option<Uuid>,
     sort: Option<Sort>,
+    top_level: Option<bool>,
 }
 
 impl ListQuery {
@@ -371,6 +376,7 @@ impl ListQuery {
             name,
             tag: self.tag,
             parent,
+            top_level: self.top_level.unwrap_or(false),
             since: self.since,
             until: self.until,
             after: self.after,

@@ -216,6 +216,9 @@ fn list_query(filter: &RunFilter, name: &'static str, parent: &'static str) -> V
     query.extend(filter.name.clone().map(|f| (name, f)));
     query.extend(filter.parent.map(|p| (parent, p.to_string())));
     query.extend(filter.tag.clone().map(|t| ("tag", t)));
+    if filter.top_level {
+        query.push(("top_level", "true".into()));
+    }
     query.extend(filter.since.map(|t| ("since", t.to_string())));
     query.extend(filter.until.map(|t| ("until", t.to_string())));
     query.extend(filter.after.map(|a| ("after", a.to_string())));

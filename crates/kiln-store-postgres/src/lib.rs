@@ -51,6 +51,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0006_work_pools.sql"),
     include_str!("../migrations/0007_concurrency_limits.sql"),
     include_str!("../migrations/0008_claim_cost.sql"),
+    include_str!("../migrations/0009_open_cancelling.sql"),
 ];
 
 /// Most writes applied in one transaction.

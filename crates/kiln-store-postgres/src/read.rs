@@ -119,6 +119,9 @@ async fn list_runs<T>(
         params.push(tag);
         sql.push_str(&format!(" AND r.tags @> jsonb_build_array(${}::text)", params.len()));
     }
+    if f.top_level {
+        sql.push_str(&format!(" AND r.{parent_column} IS NULL"));
+    }
     if let Some(parent) = &f.parent {
         params.push(parent);
         sql.push_str(&format!(" AND r.{parent_column} = ${}", params.len()));
@@ -315,8 +318,8 @@ pub(crate) async fn resolve(pool: &Pool, id_or_prefix: &str) -> Result<RunRef, S
 
 pub(crate) async fn processes(pool: &Pool, since: Micros) -> Result<Vec<Process>, StoreError> {
     let sql = "SELECT id, host, pid, started, heartbeat FROM processes p WHERE heartbeat >= $1
-                  OR EXISTS (SELECT 1 FROM task_runs WHERE process_id = p.id AND state IN ('Pending', 'Running', 'AwaitingRetry'))
-                  OR EXISTS (SELECT 1 FROM flow_runs WHERE process_id = p.id AND state IN ('Pending', 'Running', 'AwaitingRetry'))
+                  OR EXISTS (SELECT 1 FROM task_runs WHERE process_id = p.id AND state IN ('Pending', 'Running', 'AwaitingRetry', 'Cancelling'))
+                  OR EXISTS (SELECT 1 FROM flow_runs WHERE process_id = p.id AND state IN ('Pending', 'Running', 'AwaitingRetry', 'Cancelling'))
                   OR EXISTS (SELECT 1 FROM queue WHERE claimed_by = p.id)
                ORDER BY heartbeat DESC";
     all(pool, sql, &[&since], |r| {

@@ -395,7 +395,8 @@ async fn attempt(
             | Write::DeleteDeployment { .. }
             | Write::PutPool(_)
             | Write::PutLimit(_)
-            | Write::DeleteLimit { .. } => {
+            | Write::DeleteLimit { .. }
+            | Write::DeleteRun { .. } => {
                 tokens.push(w);
                 Outcome::Applied { seq: None }
             }
@@ -529,6 +530,7 @@ async fn attempt(
                 )
                 .await?;
             }
+            Write::DeleteRun { id } => delete_run(&tx, *id).await?,
             Write::DeleteDeployment { name } => {
                 let removed = tx
                     .execute(
@@ -748,6 +750,89 @@ fn tags_json(tags: &[String]) -> String {
     serde_json::to_string(tags).unwrap_or_else(|_| "[]".into())
 }
 
+/// Deletes run `id` (see [`Write::DeleteRun`]), or says why it cannot.
+async fn delete_run(tx: &Transaction<'_>, id: Uuid) -> Result<(), DbError> {
+    let rows = |r: Vec<tokio_postgres::Row>| -> Result<Vec<(Uuid, String)>, DbError> {
+        r.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
+    };
+    let flows = rows(
+        tx.query(
+            &tx.prepare_cached(
+                "WITH RECURSIVE tree(id) AS (
+                   SELECT id FROM flow_runs WHERE id = $1
+                   UNION ALL SELECT f.id FROM flow_runs f JOIN tree t ON f.parent_id = t.id)
+                 SELECT f.id, f.state FROM flow_runs f JOIN tree USING (id) FOR UPDATE OF f",
+            )
+            .await?,
+            &[&id],
+        )
+        .await?,
+    )?;
+    let flow_ids: Vec<Uuid> = flows.iter().map(|(f, _)| *f).collect();
+    let tasks = rows(if flows.is_empty() {
+        tx.query(
+            &tx.prepare_cached("SELECT id, state FROM task_runs WHERE id = $1 FOR UPDATE")
+                .await?,
+            &[&id],
+        )
+        .await?
+    } else {
+        tx.query(
+            &tx.prepare_cached("SELECT id, state FROM task_runs WHERE flow_run_id = ANY($1) FOR UPDATE")
+                .await?,
+            &[&flow_ids],
+        )
+        .await?
+    })?;
+    if flows.is_empty() && tasks.is_empty() {
+        return Err(DbError::Data(format!(
+            "there is no run with id {id} (see `kiln runs ls`)"
+        )));
+    }
+    if let Some((open, state)) = flows
+        .iter()
+        .chain(&tasks)
+        .find(|(_, s)| !s.parse::<StateType>().is_ok_and(StateType::is_terminal))
+    {
+        let which = if *open == id {
+            "it".to_owned()
+        } else {
+            format!("its run {open}")
+        };
+        return Err(DbError::Data(format!(
+            "run {id} cannot be deleted: {which} has not ended ({state}); cancel it first (`kiln runs cancel {open}`)"
+        )));
+    }
+    let all: Vec<Uuid> = flows.iter().chain(&tasks).map(|(r, _)| *r).collect();
+    if flows.is_empty() {
+        // A task run outside any flow: its edges from and to other such runs.
+        tx.execute(
+            &tx.prepare_cached("DELETE FROM edges WHERE upstream = $1 OR downstream = $1")
+                .await?,
+            &[&id],
+        )
+        .await?;
+    } else {
+        tx.execute(
+            &tx.prepare_cached("DELETE FROM edges WHERE flow_run_id = ANY($1)")
+                .await?,
+            &[&flow_ids],
+        )
+        .await?;
+    }
+    for sql in [
+        "DELETE FROM states WHERE run_id = ANY($1)",
+        "DELETE FROM logs WHERE run_id = ANY($1)",
+        "DELETE FROM queue WHERE run_id = ANY($1)",
+        "DELETE FROM concurrency_slots WHERE run_id = ANY($1)",
+        "DELETE FROM task_runs WHERE id = ANY($1)",
+        "DELETE FROM flow_runs WHERE id = ANY($1)",
+    ] {
+        tx.execute(&tx.prepare_cached(sql).await?, &[&all]).await?;
+    }
+    Ok(())
+}
+
 /// Marks Crashed the unfinished runs of processes in `dead` or silent since `stale_before`.
 pub(crate) async fn reap(pool: &Pool, dead: &[Uuid], stale_before: Micros) -> Result<Vec<(RunKind, Uuid)>, DbError> {
     let mut client = pool.get().await?;
@@ -757,7 +842,7 @@ pub(crate) async fn reap(pool: &Pool, dead: &[Uuid], stale_before: Micros) -> Re
         let sql = format!(
             "SELECT r.id, r.state, r.state_seq, r.attempt, p.pid, p.host, p.heartbeat, p.id = ANY($2) AS exited
              FROM {table} r JOIN processes p ON p.id = r.process_id
-             WHERE r.state IN ('Pending', 'Running', 'AwaitingRetry') AND (p.heartbeat < $1 OR p.id = ANY($2))
+             WHERE r.state IN ('Pending', 'Running', 'AwaitingRetry', 'Cancelling') AND (p.heartbeat < $1 OR p.id = ANY($2))
              ORDER BY r.id FOR UPDATE OF r"
         );
         let rows = tx

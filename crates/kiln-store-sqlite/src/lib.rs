@@ -89,6 +89,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0007_run_list_indexes.sql"),
     include_str!("../migrations/0008_work_pools.sql"),
     include_str!("../migrations/0009_concurrency_limits.sql"),
+    include_str!("../migrations/0010_open_cancelling.sql"),
 ];
 
 /// Writes queued ahead of the writer at most. A producer faster than SQLite waits for room

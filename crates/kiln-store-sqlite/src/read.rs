@@ -170,6 +170,9 @@ fn list_runs<T>(
         sql.push_str(&format!(" AND r.{parent_column} = ?"));
         params.push(Box::new(parent));
     }
+    if f.top_level {
+        sql.push_str(&format!(" AND r.{parent_column} IS NULL"));
+    }
     if let Some(since) = f.since {
         sql.push_str(" AND r.created >= ?");
         params.push(Box::new(since));
@@ -426,8 +429,8 @@ pub(crate) fn processes(c: &Connection, since: Micros) -> Result<Vec<Process>, S
     let mut st = c
         .prepare_cached(
             "SELECT id, host, pid, started, heartbeat FROM processes p WHERE heartbeat >= ?1
-                OR EXISTS (SELECT 1 FROM task_runs WHERE process_id = p.id AND state IN ('Pending', 'Running', 'AwaitingRetry'))
-                OR EXISTS (SELECT 1 FROM flow_runs WHERE process_id = p.id AND state IN ('Pending', 'Running', 'AwaitingRetry'))
+                OR EXISTS (SELECT 1 FROM task_runs WHERE process_id = p.id AND state IN ('Pending', 'Running', 'AwaitingRetry', 'Cancelling'))
+                OR EXISTS (SELECT 1 FROM flow_runs WHERE process_id = p.id AND state IN ('Pending', 'Running', 'AwaitingRetry', 'Cancelling'))
                 OR EXISTS (SELECT 1 FROM queue WHERE claimed_by = p.id)
              ORDER BY heartbeat DESC",
         )

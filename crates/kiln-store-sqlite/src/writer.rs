@@ -137,7 +137,7 @@ fn reap(
                 "SELECT r.id, r.state, r.state_seq, r.attempt, p.pid, p.host, p.heartbeat,
                         hex(p.id) IN (SELECT value FROM json_each(?2))
                  FROM {table} r JOIN processes p ON p.id = r.process_id
-                 WHERE r.state IN ('Pending', 'Running', 'AwaitingRetry')
+                 WHERE r.state IN ('Pending', 'Running', 'AwaitingRetry', 'Cancelling')
                    AND (p.heartbeat < ?1 OR hex(p.id) IN (SELECT value FROM json_each(?2)))"
             );
             let orphans: Vec<Orphan> = {
@@ -547,6 +547,15 @@ fn attempt(
                         Outcome::Applied { seq: None }
                     }
                 }
+                Write::DeleteRun { id } => match delete_run(&tx, *id).map_err(|e| classify(e, i))? {
+                    Ok(gone) => {
+                        for id in gone {
+                            known.remove(&id);
+                        }
+                        Outcome::Applied { seq: None }
+                    }
+                    Err(why) => Outcome::Failed(Arc::new(StoreError::backend(why, false))),
+                },
                 Write::Heartbeat(p) => {
                     st.heartbeat
                         .execute(params![p.id, p.host, p.pid, p.started as i64, p.heartbeat])
@@ -622,6 +631,69 @@ pub(crate) fn kind_str(kind: RunKind) -> &'static str {
 }
 
 /// The statements of a batch, prepared once per transaction rather than looked up per write.
+/// Deletes run `id` (see [`Write::DeleteRun`]): the ids deleted, or why nothing was.
+fn delete_run(tx: &rusqlite::Transaction<'_>, id: Uuid) -> rusqlite::Result<Result<Vec<Uuid>, String>> {
+    let runs = |sql: &str, id: Uuid| -> rusqlite::Result<Vec<(Uuid, String)>> {
+        let mut q = tx.prepare_cached(sql)?;
+        let rows = q.query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect()
+    };
+    let flows = runs(
+        "WITH RECURSIVE tree(id) AS (
+           SELECT id FROM flow_runs WHERE id = ?1
+           UNION ALL SELECT f.id FROM flow_runs f JOIN tree t ON f.parent_id = t.id)
+         SELECT f.id, f.state FROM flow_runs f JOIN tree USING (id)",
+        id,
+    )?;
+    let mut tasks = Vec::new();
+    if flows.is_empty() {
+        tasks = runs("SELECT id, state FROM task_runs WHERE id = ?1", id)?;
+        if tasks.is_empty() {
+            return Ok(Err(format!("there is no run with id {id} (see `kiln runs ls`)")));
+        }
+    }
+    for (flow, _) in &flows {
+        tasks.extend(runs("SELECT id, state FROM task_runs WHERE flow_run_id = ?1", *flow)?);
+    }
+    let all: Vec<&(Uuid, String)> = flows.iter().chain(&tasks).collect();
+    if let Some((open, state)) = all
+        .iter()
+        .find(|(_, s)| !s.parse::<StateType>().is_ok_and(StateType::is_terminal))
+    {
+        let which = if *open == id {
+            "it".to_owned()
+        } else {
+            format!("its run {open}")
+        };
+        return Ok(Err(format!(
+            "run {id} cannot be deleted: {which} has not ended ({state}); cancel it first (`kiln runs cancel {open}`)"
+        )));
+    }
+    for (flow, _) in &flows {
+        tx.prepare_cached("DELETE FROM edges WHERE flow_run_id = ?1")?
+            .execute([*flow])?;
+    }
+    if flows.is_empty() {
+        // A task run outside any flow: the edges to it from other such runs.
+        tx.prepare_cached("DELETE FROM edges WHERE downstream = ?1")?
+            .execute([id])?;
+    }
+    for (run, _) in &all {
+        for sql in [
+            "DELETE FROM states WHERE run_id = ?1",
+            "DELETE FROM logs WHERE run_id = ?1",
+            "DELETE FROM edges WHERE upstream = ?1",
+            "DELETE FROM queue WHERE run_id = ?1",
+            "DELETE FROM concurrency_slots WHERE run_id = ?1",
+            "DELETE FROM task_runs WHERE id = ?1",
+            "DELETE FROM flow_runs WHERE id = ?1",
+        ] {
+            tx.prepare_cached(sql)?.execute([*run])?;
+        }
+    }
+    Ok(Ok(all.iter().map(|(run, _)| *run).collect()))
+}
+
 pub(crate) struct Statements<'t> {
     enqueue: CachedStatement<'t>,
     pub(crate) dequeue: CachedStatement<'t>,

@@ -317,6 +317,13 @@ pub enum Write {
         /// The tag.
         tag: String,
     },
+    /// Delete a run that has ended, with its history, edges and logs; a flow run with its
+    /// task runs and subflow runs too. Refused when the run, or one of those, has not
+    /// ended (it would go on writing to a run that is gone), and when there is no such run.
+    DeleteRun {
+        /// The flow run or task run.
+        id: Uuid,
+    },
 }
 
 impl Write {
@@ -330,6 +337,7 @@ impl Write {
             Write::Log(l) => l.run_id,
             Write::Heartbeat(p) => p.id,
             Write::Enqueue(e) => e.run_id,
+            Write::DeleteRun { id } => *id,
             Write::PutToken(_)
             | Write::RevokeToken { .. }
             | Write::PutDeployment(_)
@@ -386,6 +394,7 @@ impl std::fmt::Display for Write {
             Write::PutPool(p) => write!(f, "the work pool '{}'", p.name),
             Write::PutLimit(l) => write!(f, "the concurrency limit of tag '{}'", l.tag),
             Write::DeleteLimit { tag } => write!(f, "the removal of the concurrency limit of tag '{tag}'"),
+            Write::DeleteRun { id } => write!(f, "the deletion of run {id}"),
         }
     }
 }
@@ -599,6 +608,10 @@ pub struct RunFilter {
     /// Flow runs called by this flow run (subflows); task runs of this flow run.
     #[serde(default)]
     pub parent: Option<Uuid>,
+    /// Only runs without a parent: flow runs that are not subflows, task runs called
+    /// outside any flow.
+    #[serde(default)]
+    pub top_level: bool,
     /// Created at or after this time.
     #[serde(default)]
     pub since: Option<Micros>,
@@ -634,6 +647,7 @@ impl RunFilter {
             name: None,
             tag: None,
             parent: None,
+            top_level: false,
             since: None,
             until: None,
             after: None,

@@ -29,6 +29,7 @@ macro_rules! store_suite {
             the_store_refuses_changes_from_another_state,
             racing_state_changes_have_one_winner,
             edges_logs_and_subflows,
+            a_deleted_run_takes_its_records_with_it,
             ids_resolve_exactly_by_prefix_and_by_tail,
             a_failed_write_is_reported_to_its_sender_and_loses_nothing_else,
             lists_newest_first_within_the_limit,
@@ -394,7 +395,114 @@ pub async fn edges_logs_and_subflows(store: &dyn Store) {
     assert_eq!(msgs(store.logs(cid).await.unwrap()), ["from the child"]);
 }
 
-/// Full ids, prefixes and tails; ambiguity and nonsense are errors that say so.
+/// Deleting a run: refused while it or one of its runs goes on, and for an id that is no
+/// run; then the flow run, its subflow runs and task runs, their histories, edges and logs
+/// are gone, and nothing else.
+pub async fn a_deleted_run_takes_its_records_with_it(store: &dyn Store) {
+    let report = Arc::new(Collect::default());
+    let parent = flow("parent", None);
+    let child = flow("child", Some(parent.id));
+    let (a, b) = (task("a", Some(parent.id)), task("b", Some(child.id)));
+    let other = flow("other", None);
+    let kept = task("kept", Some(other.id));
+    let alone = task("alone", None);
+    let ids @ [pid, cid, aid, bid, oid, kid, lid] = [parent.id, child.id, a.id, b.id, other.id, kept.id, alone.id];
+    send(
+        store,
+        &report,
+        [
+            Write::FlowRun(parent),
+            Write::FlowRun(child),
+            Write::FlowRun(other),
+            Write::TaskRun(a),
+            Write::TaskRun(b),
+            Write::TaskRun(kept),
+            Write::TaskRun(alone),
+            Write::Edge {
+                flow_run_id: Some(pid),
+                edge: Edge {
+                    upstream: aid,
+                    downstream: cid,
+                },
+            },
+        ],
+    );
+    for run in ids {
+        send(
+            store,
+            &report,
+            [Write::Log(LogRecord {
+                id: write_id(),
+                run_id: run,
+                flow_run_id: None,
+                timestamp: now_micros(),
+                level: "INFO".into(),
+                target: "suite".into(),
+                message: format!("from {run}"),
+            })],
+        );
+    }
+    store.flush().await.unwrap();
+    assert_eq!(report.problems(), Vec::<String>::new());
+    for (kind, id) in [
+        (RunKind::Flow, pid),
+        (RunKind::Task, aid),
+        (RunKind::Flow, oid),
+        (RunKind::Task, kid),
+        (RunKind::Task, lid),
+    ] {
+        walk(store, kind, id, Pending, &[(Running, 1, None), (Completed, 1, None)]).await;
+    }
+    walk(store, RunKind::Flow, cid, Pending, &[(Running, 1, None)]).await;
+    let refused = |o: Outcome, what: &str| match o {
+        Outcome::Failed(e) => assert!(e.to_string().contains(what), "{e}"),
+        other => panic!("expected a refusal ({what}), got {other:?}"),
+    };
+    // Its subflow still runs.
+    refused(
+        store.write(Write::DeleteRun { id: pid }).await.unwrap(),
+        "has not ended",
+    );
+    refused(
+        store.write(Write::DeleteRun { id: bid }).await.unwrap(),
+        "has not ended",
+    );
+    refused(
+        store.write(Write::DeleteRun { id: Uuid::now_v7() }).await.unwrap(),
+        "there is no run",
+    );
+    assert!(
+        store.flow_run(pid).await.unwrap().is_some(),
+        "nothing deleted when refused"
+    );
+    walk(store, RunKind::Flow, cid, Running, &[(Completed, 1, None)]).await;
+    walk(store, RunKind::Task, bid, Pending, &[(Cancelled, 0, None)]).await;
+    for id in [pid, lid] {
+        let o = store.write(Write::DeleteRun { id }).await.unwrap();
+        assert!(matches!(o, Outcome::Applied { .. }), "{o:?}");
+    }
+    for id in [pid, cid] {
+        assert!(store.flow_run(id).await.unwrap().is_none(), "flow run {id} deleted");
+    }
+    for id in [aid, bid, lid] {
+        assert!(store.task_run(id).await.unwrap().is_none(), "task run {id} deleted");
+    }
+    for id in [pid, cid, aid, bid, lid] {
+        assert!(store.states(id).await.unwrap().is_empty(), "history of {id} deleted");
+        assert!(store.logs(id).await.unwrap().is_empty(), "logs of {id} deleted");
+    }
+    assert!(store.edges(pid).await.unwrap().is_empty());
+    assert_eq!(store.flow_run(oid).await.unwrap().map(|f| f.state), Some(Completed));
+    assert_eq!(store.task_run(kid).await.unwrap().map(|t| t.state), Some(Completed));
+    assert_eq!(store.states(kid).await.unwrap().len(), 3);
+    assert_eq!(store.logs(oid).await.unwrap().len(), 1, "another run's logs stay");
+    refused(
+        store.write(Write::DeleteRun { id: pid }).await.unwrap(),
+        "there is no run",
+    );
+}
+
+/// Full ids, prefixes and tails; ambiguity and nonsense are errors that say so./// Full ids, prefixes and tails; ambiguity and nonsense are errors that say so.
 pub async fn ids_resolve_exactly_by_prefix_and_by_tail(store: &dyn Store) {
     let report = Arc::new(Collect::default());
     let f = flow("ids", None);
@@ -759,6 +867,16 @@ pub async fn flow_runs_filter_and_page(store: &dyn Store) {
         ..base.clone()
     };
     assert_eq!(list(children).await.0, [child_id]);
+    let top = list(RunFilter {
+        top_level: true,
+        ..base.clone()
+    })
+    .await
+    .0;
+    assert!(
+        !top.contains(&child_id) && top.contains(&ids[3]),
+        "a subflow run is not top-level"
+    );
     assert!(report.problems().is_empty(), "{:?}", report.problems());
 }
 
@@ -812,6 +930,11 @@ pub async fn task_runs_filter_and_page(store: &dyn Store) {
         ..base.clone()
     };
     assert_eq!(list(odd_early).await.0, [ids[1]]);
+    let outside_flows = RunFilter {
+        top_level: true,
+        ..base.clone()
+    };
+    assert_eq!(list(outside_flows).await.0, [ids[3]], "called outside any flow");
     let (first, next) = list(RunFilter {
         oldest_first: true,
         ..RunFilter::newest(4)

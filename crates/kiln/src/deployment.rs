@@ -472,11 +472,19 @@ pub async fn remove_deployment(store: &dyn Store, name: &str) -> Result<Vec<Uuid
 }
 
 /// Asks a run to stop: one not started yet is Cancelled at once; a running one goes to
-/// Cancelling and its worker stops it. Returns the state it is in after.
+/// Cancelling and its process (its worker, or the program that started a top-level flow
+/// run) stops it. Returns the state it is in after.
 pub async fn cancel(store: &dyn Store, run_id: Uuid) -> Result<StateType, Error> {
     use kiln_store::model::{RunKind, StateChange, write_id};
     for _ in 0..5 {
         let (kind, state, attempt) = match store.flow_run(run_id).await? {
+            Some(r) if r.parent_id.is_some() && !r.state.is_terminal() => {
+                let parent = r.parent_id.unwrap_or_default();
+                return Err(Error::Setup(format!(
+                    "flow run {run_id} is a subflow of flow run {parent}: cancel that one (`kiln runs cancel \
+                     {parent}`), which stops its subflows"
+                )));
+            }
             Some(r) => (RunKind::Flow, r.state, r.attempt),
             None => match store.task_run(run_id).await? {
                 Some(t) => (RunKind::Task, t.state, t.attempt),
@@ -486,24 +494,27 @@ pub async fn cancel(store: &dyn Store, run_id: Uuid) -> Result<StateType, Error>
         let to = match state {
             s if s.is_terminal() || s == StateType::Cancelling => return Ok(s),
             StateType::Running => {
-                // Only a worker watches for Cancelling: a deployment's flow run, or a queued task run.
-                let deployed = match kind {
-                    RunKind::Flow => store
-                        .flow_run(run_id)
-                        .await?
-                        .is_some_and(|r| r.tags.iter().any(|t| t.starts_with("deployment:"))),
-                    RunKind::Task => store
+                // A running flow run's process (a worker, or the program that started it)
+                // watches for Cancelling; a task run's only when a worker runs it.
+                if kind == RunKind::Task
+                    && !store
                         // The server pages at most 10,000 (the queue holds unfinished runs).
                         .queued_runs(None, 10_000)
                         .await?
                         .iter()
-                        .any(|q| q.entry.run_id == run_id),
-                };
-                if !deployed {
-                    return Err(Error::Setup(format!(
-                        "run {run_id} runs in a process that is not a worker: stop that process (Ctrl-C); \
-                         only runs of deployments can be cancelled from outside"
-                    )));
+                        .any(|q| q.entry.run_id == run_id)
+                {
+                    let flow = store.task_run(run_id).await?.and_then(|t| t.flow_run_id);
+                    return Err(Error::Setup(match flow {
+                        Some(flow) => format!(
+                            "task run {run_id} runs inside flow run {flow} in its program's process: cancel the \
+                             flow run (`kiln runs cancel {flow}`)"
+                        ),
+                        None => format!(
+                            "task run {run_id} runs outside any flow in its program's process: stop that \
+                             process (Ctrl-C)"
+                        ),
+                    }));
                 }
                 StateType::Cancelling
             }

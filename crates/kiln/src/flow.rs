@@ -97,7 +97,48 @@ async fn run_flow<F: Flow>(flow: F, args: F::Args) -> Result<F::Output, Failure<
         retry_of,
         process_id: Some(engine.process_id()),
     }))?;
-    drive(flow, args, tracker, options, parameters, parent, retry_of, None).await
+    // A top-level flow run can be cancelled from outside (`kiln runs cancel`): this
+    // process looks for Cancelling while it runs and stops it as a worker would. A subflow
+    // is stopped with its parent.
+    let runtime = tokio::runtime::Handle::try_current();
+    let Some(runtime) = runtime.ok().filter(|_| parent.is_none()) else {
+        return drive(flow, args, tracker, options, parameters, parent, retry_of, None).await;
+    };
+    let (stop, stopped) = futures::channel::oneshot::channel();
+    let watch = runtime.spawn(watch_for_cancel(engine.store().clone(), id, stop));
+    let outcome = drive(
+        flow,
+        args,
+        tracker,
+        options,
+        parameters,
+        parent,
+        retry_of,
+        Some(stopped),
+    )
+    .await;
+    watch.abort();
+    outcome
+}
+
+/// How often a process looks whether a user is cancelling one of its top-level flow runs.
+const CANCEL_LOOK: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Tells `stop` when flow run `id` enters Cancelling (or was cancelled outright).
+async fn watch_for_cancel(
+    store: Arc<dyn kiln_store::Store>,
+    id: uuid::Uuid,
+    stop: futures::channel::oneshot::Sender<crate::worker::Stop>,
+) {
+    loop {
+        tokio::time::sleep(CANCEL_LOOK).await;
+        if let Ok(Some(run)) = store.flow_run(id).await
+            && matches!(run.state, StateType::Cancelling | StateType::Cancelled)
+        {
+            let _ = stop.send(crate::worker::Stop::Cancel(run.state));
+            return;
+        }
+    }
 }
 
 /// Runs a flow run recorded before: the attempts, the children, and its final state.
@@ -110,7 +151,7 @@ async fn drive<F: Flow>(
     parameters: Arc<serde_json::Value>,
     parent: Option<Arc<FlowContext>>,
     retry_of: Option<uuid::Uuid>,
-    // A worker's run: stopped when this says the run is being cancelled.
+    // Stopped when this says the run is being cancelled (a worker's run, or a top-level one).
     cancel: Option<crate::__private::CancelReceiver>,
 ) -> Result<F::Output, Failure<F::Error>> {
     let engine = tracker.engine.clone();
@@ -133,10 +174,17 @@ async fn drive<F: Flow>(
         problems.clone(),
     );
     if let Some(earlier) = retry_of {
-        say(&|| {
-            tracing::info!("{label} retries flow run {earlier}: its completed results are loaded, not computed again")
-        });
-        ctx.preload_from(earlier).await;
+        // `kiln runs retry --refresh`: everything is computed again.
+        if std::env::var_os("KILN_RETRY_REFRESH").is_some_and(|v| v == "1") {
+            say(&|| tracing::info!("{label} retries flow run {earlier}, computing every task again"));
+        } else {
+            say(&|| {
+                tracing::info!(
+                    "{label} retries flow run {earlier}: its completed results are loaded, not computed again"
+                )
+            });
+            ctx.preload_from(earlier).await;
+        }
     }
     let parent_run = parent.as_ref().map(|p| (p.flow_run_id, &*p.flow_name));
     let planned = run::persist_plan(&flow, &engine, &options, &label, false, false)
@@ -185,7 +233,7 @@ async fn drive<F: Flow>(
                     if state == StateType::Cancelling {
                         tracker.to(
                             StateType::Cancelled,
-                            Some("cancelled by a user; its worker stopped it".into()),
+                            Some("cancelled by a user; its process stopped it".into()),
                         )?;
                     }
                     Err(Failure::Kiln(crate::Error::Cancelled {
@@ -322,7 +370,28 @@ fn command_line() -> String {
     let cwd = std::env::current_dir()
         .map(|d| d.to_string_lossy().into_owned())
         .unwrap_or_default();
-    serde_json::json!({ "argv": argv, "cwd": cwd }).to_string()
+    let mut command = serde_json::json!({ "argv": argv, "cwd": cwd });
+    // The binary, so that `kiln runs retry` can tell it was rebuilt since: its size and
+    // modification time (hashing a binary of 100 MB would add tens of milliseconds to
+    // every program's first flow run; any rebuild changes its modification time).
+    if let Some((exe, size, modified)) = exe_fingerprint() {
+        command["exe"] = exe.into();
+        command["exe_size"] = size.into();
+        command["exe_modified"] = modified.into();
+    }
+    command.to_string()
+}
+
+/// This process's binary: path, size and modification time (microseconds since the epoch).
+fn exe_fingerprint() -> Option<(String, u64, i64)> {
+    let exe = std::env::current_exe().ok()?;
+    let meta = std::fs::metadata(&exe).ok()?;
+    let modified = meta.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?;
+    Some((
+        exe.to_string_lossy().into_owned(),
+        meta.len(),
+        modified.as_micros() as i64,
+    ))
 }
 
 /// `KILN_RETRY_OF=<flow run id>`, taken by the first top-level flow run of the same name.

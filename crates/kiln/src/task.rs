@@ -85,7 +85,54 @@ pub struct UpstreamError {
     cause: Error,
 }
 
+/// How much of an argument's JSON a task run records (`kiln runs show` prints it).
+const PREVIEW_BYTES: usize = 256;
+
+/// `value` as JSON for a task run's record: whole when short (`{"value": ...}`), its first
+/// [`PREVIEW_BYTES`] otherwise (`{"value_start": "..."}`); a long value is not written out
+/// in full to find that out.
+pub(crate) fn preview<T: serde::Serialize + ?Sized>(value: &T) -> Option<serde_json::Value> {
+    struct Capped(Vec<u8>);
+    impl std::io::Write for Capped {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let room = PREVIEW_BYTES + 1 - self.0.len();
+            if buf.len() > room {
+                self.0.extend_from_slice(&buf[..room]);
+                return Err(std::io::Error::other("preview full"));
+            }
+            self.0.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut out = Capped(Vec::with_capacity(32));
+    match serde_json::to_writer(&mut out, value) {
+        Ok(()) => serde_json::from_slice::<serde_json::Value>(&out.0)
+            .ok()
+            .map(|v| serde_json::json!({ "value": v })),
+        Err(_) if out.0.len() > PREVIEW_BYTES => {
+            let mut start = String::from_utf8_lossy(&out.0[..PREVIEW_BYTES]).into_owned();
+            // A character cut in two is dropped.
+            while start.ends_with('\u{fffd}') {
+                start.pop();
+            }
+            Some(serde_json::json!({ "value_start": start }))
+        }
+        Err(_) => None,
+    }
+}
+
 impl<T: Send + 'static> Arg<T> {
+    /// The value, if given as one (not the future result of another run).
+    pub fn value(&self) -> Option<&T> {
+        match self {
+            Arg::Value(v) => Some(v),
+            Arg::Future(..) => None,
+        }
+    }
+
     fn upstream(&self) -> Option<&RunLabel> {
         match self {
             Arg::Value(_) => None,
@@ -176,6 +223,8 @@ impl_inputs!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11);
 pub struct TaskCall<T: Task> {
     task: T,
     inputs: T::Inputs,
+    /// The arguments given as values, as recorded (see [`preview`]), by position.
+    previews: Vec<Option<serde_json::Value>>,
 }
 
 impl<T: Task> std::fmt::Debug for TaskCall<T> {
@@ -189,14 +238,25 @@ impl<T: Task> std::fmt::Debug for TaskCall<T> {
 impl<T: Task> TaskCall<T> {
     #[doc(hidden)]
     pub fn new(task: T, inputs: T::Inputs) -> Self {
-        TaskCall { task, inputs }
+        TaskCall {
+            task,
+            inputs,
+            previews: Vec::new(),
+        }
+    }
+
+    /// The arguments' previews, by position, recorded with the run.
+    #[doc(hidden)]
+    pub fn with_previews(mut self, previews: Vec<Option<serde_json::Value>>) -> Self {
+        self.previews = previews;
+        self
     }
 
     /// Starts the task run concurrently and returns a future of its result.
     ///
     /// Inside a flow, the flow run waits for it before it ends even if nobody awaits it.
     pub fn submit(self) -> TaskFuture<T::Output> {
-        let prepared = match prepare(&self.task, &self.inputs) {
+        let prepared = match prepare(&self.task, &self.inputs, self.previews) {
             Ok(p) => p,
             Err(e) => return TaskFuture::failed(T::NAME, e),
         };
@@ -233,7 +293,7 @@ impl<T: Task> IntoFuture for TaskCall<T> {
 
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move {
-            let prepared = prepare(&self.task, &self.inputs).map_err(T::Error::from)?;
+            let prepared = prepare(&self.task, &self.inputs, self.previews).map_err(T::Error::from)?;
             execute::<T>(prepared, self.inputs)
                 .await
                 .map_err(Failure::into_declared)
@@ -252,8 +312,28 @@ struct Prepared<T: Task> {
     refresh: bool,
 }
 
+/// The inputs' description with each value's preview merged in.
+fn with_previews(
+    mut described: serde_json::Value,
+    names: &[&str],
+    previews: Vec<Option<serde_json::Value>>,
+) -> serde_json::Value {
+    for (name, preview) in names.iter().zip(previews) {
+        if let (Some(serde_json::Value::Object(preview)), Some(serde_json::Value::Object(input))) =
+            (preview, described.get_mut(*name))
+        {
+            input.extend(preview);
+        }
+    }
+    described
+}
+
 /// Creates the task run (Pending) and its edges; nothing waits here.
-fn prepare<T: Task>(task: &T, inputs: &T::Inputs) -> Result<Prepared<T>, Error> {
+fn prepare<T: Task>(
+    task: &T,
+    inputs: &T::Inputs,
+    previews: Vec<Option<serde_json::Value>>,
+) -> Result<Prepared<T>, Error> {
     let flow = context::current_flow();
     let engine = match &flow {
         Some(f) => f.engine.clone(),
@@ -271,7 +351,7 @@ fn prepare<T: Task>(task: &T, inputs: &T::Inputs) -> Result<Prepared<T>, Error> 
         flow_run_id,
         name: tracker.label.name.to_string(),
         task_key: T::KEY.to_owned(),
-        inputs: inputs.describe(T::ARG_NAMES),
+        inputs: with_previews(inputs.describe(T::ARG_NAMES), T::ARG_NAMES, previews),
         tags: tracker.slot_tags.clone(),
         created: now_micros(),
         initial_state: StateType::Pending,
