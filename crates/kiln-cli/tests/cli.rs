@@ -152,11 +152,17 @@ fn runs_logs_prints_captured_events() {
         .iter()
         .map(|l| l["message"].as_str().unwrap())
         .collect();
-    assert_eq!(messages.len(), 3, "{messages:?}");
+    assert_eq!(messages.len(), 4, "{messages:?}");
     assert!(messages[0].ends_with(&format!("({flow_id}) started")), "{messages:?}");
-    assert_eq!(messages[1], "making numbers n=5");
+    // The task run that failed once says so, and when it tries again.
     assert!(
-        messages[2].contains("finished in state Completed after"),
+        messages[1].starts_with("task run 'flaky' (")
+            && messages[1].ends_with(") attempt 1 of 2 failed: disk busy; retrying in 0s"),
+        "{messages:?}"
+    );
+    assert_eq!(messages[2], "making numbers n=5");
+    assert!(
+        messages[3].contains("finished in state Completed after"),
         "{messages:?}"
     );
 }

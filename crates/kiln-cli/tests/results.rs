@@ -169,6 +169,7 @@ fn storages_are_added_listed_tested_and_removed_without_showing_secrets() {
             "wJalrXUtnFEMI-SECRET",
             "--endpoint",
             "http://127.0.0.1:1",
+            "--no-test",
         ],
     ));
     let listed = ok(kiln(home.path(), &["storage", "ls"]));
@@ -197,4 +198,130 @@ fn storages_are_added_listed_tested_and_removed_without_showing_secrets() {
     ok(kiln(home.path(), &["storage", "rm", "lake"]));
     assert!(!ok(kiln(home.path(), &["storage", "ls"])).contains("lake"));
     assert_eq!(kiln(home.path(), &["storage", "rm", "lake"]).status.code(), Some(1));
+}
+
+#[test]
+fn storage_add_takes_secrets_out_of_sight_keeps_the_file_s_comments_and_refuses_foot_guns() {
+    let home = tempfile::tempdir().unwrap();
+    let file = home.path().join("kiln.toml");
+    std::fs::write(&file, "# written by hand\n[results]\ninline_max = 64 # bytes\n").unwrap();
+    let add = |args: &[&str], stdin: Option<&str>| -> Output {
+        use std::io::Write as _;
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        c.arg("--home")
+            .arg(home.path())
+            .args(["storage", "add"])
+            .args(args)
+            .env("LAKE_SECRET", "from-the-environment")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+        drop(input);
+        child.wait_with_output().unwrap()
+    };
+    let err = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    let s3 = [
+        "--kind",
+        "s3",
+        "--bucket",
+        "b",
+        "--endpoint",
+        "http://127.0.0.1:1",
+        "--no-test",
+    ];
+
+    let by_env = add(
+        &[&["lake"][..], &s3, &["--secret-access-key-env", "LAKE_SECRET"]].concat(),
+        None,
+    );
+    assert!(by_env.status.success(), "{}", err(&by_env));
+    assert!(!err(&by_env).contains("note:"), "{}", err(&by_env));
+    let by_stdin = add(
+        &[&["pond"][..], &s3, &["--secret-access-key-stdin"]].concat(),
+        Some("typed-in\n"),
+    );
+    assert!(by_stdin.status.success(), "{}", err(&by_stdin));
+    let by_flag = add(
+        &[&["sea"][..], &s3, &["--secret-access-key", "on-the-command-line"]].concat(),
+        None,
+    );
+    assert!(by_flag.status.success(), "{}", err(&by_flag));
+    assert!(err(&by_flag).contains("shows in `ps`"), "{}", err(&by_flag));
+    let missing = add(
+        &[&["bog"][..], &s3, &["--secret-access-key-env", "NOT_SET_ANYWHERE"]].concat(),
+        None,
+    );
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        err(&missing).contains("NOT_SET_ANYWHERE is not set"),
+        "{}",
+        err(&missing)
+    );
+
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        text.starts_with("# written by hand\n[results]\ninline_max = 64 # bytes\n"),
+        "{text}"
+    );
+    for secret in ["from-the-environment", "typed-in", "on-the-command-line"] {
+        assert!(text.contains(secret), "{text}");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "kiln.toml holds secrets: {mode:o}");
+    }
+
+    // Foot-guns: refused, and nothing saved.
+    let before = std::fs::read_to_string(&file).unwrap();
+    let blocker = home.path().join("a-file");
+    std::fs::write(&blocker, b"").unwrap();
+    let unwritable = blocker.join("results");
+    for (args, why) in [
+        (vec!["local", "--kind", "memory"], "stays a local folder"),
+        (
+            vec!["scratch", "--kind", "memory", "--bucket", "b"],
+            "--bucket does not apply to a storage of kind memory",
+        ),
+        (
+            vec!["box", "--kind", "local", "--region", "eu", "--prefix", "p"],
+            "--region, --prefix do not apply to a storage of kind local",
+        ),
+        (
+            vec!["archive", "--kind", "local", "--path", "relative/dir"],
+            "must be an absolute path",
+        ),
+        (
+            vec!["archive", "--kind", "local", "--path", unwritable.to_str().unwrap()],
+            "was not saved",
+        ),
+        (
+            vec![
+                "dead",
+                "--kind",
+                "s3",
+                "--bucket",
+                "b",
+                "--endpoint",
+                "http://127.0.0.1:1",
+            ],
+            "was not saved",
+        ),
+    ] {
+        let out = add(&args, None);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", err(&out));
+        assert!(err(&out).contains(why), "{args:?}: {}", err(&out));
+    }
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), before, "nothing saved");
+    // A folder it can write is tried and saved.
+    let folder = home.path().join("archive");
+    ok(add(
+        &["archive", "--kind", "local", "--path", folder.to_str().unwrap()],
+        None,
+    ));
+    assert!(std::fs::read_to_string(&file).unwrap().contains("[storage.archive]"));
 }

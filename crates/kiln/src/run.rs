@@ -169,6 +169,8 @@ pub(crate) struct Tracker {
     /// A task run's tags: before each attempt it waits for a slot of those that have a
     /// concurrency limit (see [`kiln_store::limit`]).
     pub(crate) slot_tags: Vec<String>,
+    /// When its latest attempt started (for the duration its lifecycle lines give).
+    started: Option<std::time::Instant>,
 }
 
 impl Tracker {
@@ -191,6 +193,7 @@ impl Tracker {
             problems,
             fence: None,
             slot_tags: Vec::new(),
+            started: None,
         }
     }
 
@@ -210,6 +213,7 @@ impl Tracker {
             problems,
             fence: Some(claim.fence),
             slot_tags: Vec::new(),
+            started: None,
         }
     }
 
@@ -237,8 +241,11 @@ impl Tracker {
         message: Option<String>,
         result: Option<&ResultRef>,
     ) -> Result<(), Error> {
-        tracing::debug!(run = %self.label, %state, message = message.as_deref().unwrap_or(""), "state");
         kiln_store::state::check_transition(self.state, state)?;
+        if state == StateType::Running {
+            self.started = Some(std::time::Instant::now());
+        }
+        self.tell(state, message.as_deref());
         let from = self.state.expect("checked above: a run being changed has a state");
         self.send(Write::State(StateChange {
             id: kiln_store::model::write_id(),
@@ -254,6 +261,41 @@ impl Tracker {
         }))?;
         self.state = Some(state);
         Ok(())
+    }
+}
+
+impl Tracker {
+    /// Says a task run's change of state on stderr and in the run's captured logs
+    /// (`kiln runs logs`): its failures, retries, crashes, cache hits and cancellation at
+    /// INFO and above, its start and completion at DEBUG (a line per run would cost
+    /// pipelines of many small tasks a log record each). A flow run says its start and end
+    /// itself, with their duration; only its retries are said here.
+    fn tell(&self, state: StateType, message: Option<&str>) {
+        use StateType::*;
+        let routine = matches!(state, Scheduled | Pending | Running | Completed);
+        if (self.label.kind == RunKind::Flow && state != AwaitingRetry)
+            || (routine && !tracing::enabled!(tracing::Level::DEBUG))
+        {
+            return;
+        }
+        let label = &self.label;
+        let took = self
+            .started
+            .map(|t| human(Duration::from_millis(t.elapsed().as_millis() as u64)))
+            .unwrap_or_else(|| "0s".into());
+        let why = message.unwrap_or("-");
+        let flow_run_id = crate::context::current_flow().map(|f| f.flow_run_id);
+        let scope = RunScope::new(label.id, flow_run_id, self.engine.clone());
+        crate::context::with_run(Some(scope), || match state {
+            Scheduled | Pending => tracing::debug!("{label} is {state}"),
+            Running => tracing::debug!("{label} started (attempt {})", self.attempt),
+            Completed => tracing::debug!("{label} completed after {took}"),
+            Cached => tracing::info!("{label} cached: {why}"),
+            AwaitingRetry => tracing::warn!("{label} {why}"),
+            Failed | Crashed | TimedOut => tracing::error!("{label} {state} after {took}: {why}"),
+            // Cancelled, rolled back, and any state added later.
+            _ => tracing::warn!("{label} {state} after {took}: {why}"),
+        });
     }
 }
 

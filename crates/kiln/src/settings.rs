@@ -196,18 +196,41 @@ impl Settings {
         all
     }
 
-    /// Adds or replaces a storage and writes the settings file (other content is kept).
+    /// Adds or replaces a storage and writes the settings file (its other content, comments
+    /// and layout are kept). Refused: replacing the built-in `local` storage with another
+    /// kind (every program falls back to it), and a local folder given as a relative path
+    /// (it would mean another folder in every program started elsewhere).
     pub fn put_storage(&mut self, name: &str, config: StorageConfig) -> Result<(), Error> {
         check_name(name)?;
+        if name == "local" && !matches!(config, StorageConfig::Local { .. }) {
+            return Err(Error::Setup(format!(
+                "the built-in storage 'local' stays a local folder (every program falls back to it); give this {} \
+                 storage another name",
+                config.kind()
+            )));
+        }
+        if let StorageConfig::Local { path: Some(path) } = &config
+            && !path.is_absolute()
+        {
+            return Err(Error::Setup(format!(
+                "the folder of storage '{name}' must be an absolute path, not '{}' (a relative one would mean \
+                 another folder for every program started elsewhere)",
+                path.display()
+            )));
+        }
+        let text = toml::to_string(&config).map_err(|e| Error::Setup(e.to_string()))?;
+        let entry: toml_edit::DocumentMut = text.parse().map_err(|e| Error::Setup(format!("{e}")))?;
         self.edit_file(|doc| {
             let storage = doc
                 .entry("storage")
-                .or_insert_with(|| toml::Value::Table(Default::default()));
-            let table = storage.as_table_mut().ok_or("[storage] is not a table")?;
-            table.insert(
-                name.to_owned(),
-                toml::Value::try_from(&config).map_err(|e| e.to_string())?,
-            );
+                .or_insert_with(|| {
+                    let mut t = toml_edit::Table::new();
+                    t.set_implicit(true);
+                    toml_edit::Item::Table(t)
+                })
+                .as_table_mut()
+                .ok_or("[storage] is not a table")?;
+            storage.insert(name, toml_edit::Item::Table(entry.as_table().clone()));
             Ok(())
         })?;
         self.storages.insert(name.to_owned(), config);
@@ -220,7 +243,7 @@ impl Settings {
             return Ok(false);
         }
         self.edit_file(|doc| {
-            if let Some(t) = doc.get_mut("storage").and_then(toml::Value::as_table_mut) {
+            if let Some(t) = doc.get_mut("storage").and_then(toml_edit::Item::as_table_like_mut) {
                 t.remove(name);
             }
             Ok(())
@@ -229,11 +252,13 @@ impl Settings {
         Ok(true)
     }
 
-    fn edit_file(&self, edit: impl FnOnce(&mut toml::Table) -> Result<(), String>) -> Result<(), Error> {
+    /// Applies `edit` to the settings file, keeping what it does not touch as written
+    /// (comments, order, layout).
+    fn edit_file(&self, edit: impl FnOnce(&mut toml_edit::DocumentMut) -> Result<(), String>) -> Result<(), Error> {
         let fail = |e: String| Error::Setup(format!("cannot update {}: {e}", self.file.display()));
-        let mut doc: toml::Table = match std::fs::read_to_string(&self.file) {
-            Ok(text) => text.parse().map_err(|e: toml::de::Error| fail(e.to_string()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => toml::Table::new(),
+        let mut doc: toml_edit::DocumentMut = match std::fs::read_to_string(&self.file) {
+            Ok(text) => text.parse().map_err(|e: toml_edit::TomlError| fail(e.to_string()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => toml_edit::DocumentMut::new(),
             Err(e) => return Err(fail(e.to_string())),
         };
         edit(&mut doc).map_err(fail)?;
@@ -243,7 +268,7 @@ impl Settings {
         // Write beside, then rename: a crash never leaves a half-written settings file. It
         // may hold secrets (storage keys): only its owner may read it.
         let tmp = self.file.with_extension("toml.tmp");
-        let text = toml::to_string_pretty(&doc).map_err(|e| fail(e.to_string()))?;
+        let text = doc.to_string();
         let mut options = std::fs::OpenOptions::new();
         options.write(true).create(true).truncate(true);
         #[cfg(unix)]
@@ -298,6 +323,50 @@ mod tests {
         assert!(again.remove_storage("lake").unwrap());
         assert!(!again.remove_storage("lake").unwrap());
         assert_eq!(Settings::load_file(dir.path(), &file).unwrap().storage("lake"), None);
+    }
+
+    #[test]
+    fn edits_keep_comments_and_layout_and_only_the_owner_reads_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kiln.toml");
+        let mine = "# my settings\n[results]   # results\ninline_max = 100 # bytes\n\n# the lake\n";
+        std::fs::write(&file, mine).unwrap();
+        let mut s = Settings::load_file(dir.path(), &file).unwrap();
+        s.put_storage("lake", StorageConfig::Memory).unwrap();
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(
+            text.starts_with("# my settings\n[results]   # results\ninline_max = 100 # bytes\n"),
+            "{text}"
+        );
+        assert!(text.contains("# the lake"), "{text}");
+        assert!(text.contains("[storage.lake]\nkind = \"memory\""), "{text}");
+        assert!(!text.contains("[storage]\n"), "no empty parent table: {text}");
+        assert!(s.remove_storage("lake").unwrap());
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), mine);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "it may hold secrets");
+        }
+    }
+
+    #[test]
+    fn foot_guns_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Settings::load_file(dir.path(), &dir.path().join("kiln.toml")).unwrap();
+        let err = s.put_storage("local", StorageConfig::Memory).unwrap_err().to_string();
+        assert!(err.contains("stays a local folder"), "{err}");
+        let relative = StorageConfig::Local {
+            path: Some("results".into()),
+        };
+        let err = s.put_storage("archive", relative).unwrap_err().to_string();
+        assert!(err.contains("must be an absolute path"), "{err}");
+        assert!(!dir.path().join("kiln.toml").exists(), "nothing written");
+        let absolute = StorageConfig::Local {
+            path: Some(dir.path().join("archive")),
+        };
+        s.put_storage("local", absolute).unwrap();
     }
 
     #[test]

@@ -138,3 +138,87 @@ async fn events_outside_runs_are_not_captured() {
     let all = home.store().logs(flow.id).await.unwrap();
     assert!(all.iter().all(|l| l.message != "outside any run"));
 }
+
+static FLAKY_CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+#[task(retries = 1, retry_delay = 0.01)]
+fn flaky() -> anyhow::Result<u32> {
+    if FLAKY_CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+        anyhow::bail!("the service said 503");
+    }
+    Ok(1)
+}
+
+#[task]
+fn broken() -> anyhow::Result<u32> {
+    Err(anyhow::anyhow!("disk on fire").context("cannot write the report"))
+}
+
+#[task(cache = inputs)]
+fn squared(x: u32) -> u32 {
+    x * x
+}
+
+#[flow]
+async fn eventful() -> anyhow::Result<u32> {
+    let a = flaky().await?;
+    let b = squared(3).await? + squared(3).await?;
+    let c = broken().await.unwrap_or(0);
+    Ok(a + b + c)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_runs_say_their_retries_failures_and_cache_hits() {
+    let home = support::home();
+    home.engine.scope(eventful()).await.unwrap();
+    let store = home.engine.store();
+    let flow = store.flow_runs(1).await.unwrap().remove(0);
+    let tasks = store.task_runs(flow.id).await.unwrap();
+    let lines = |i: usize| -> Vec<(String, String)> {
+        support::wait(store.logs(tasks[i].id))
+            .unwrap()
+            .into_iter()
+            .map(|l| (l.level, l.message))
+            .collect()
+    };
+    let label = |i: usize| format!("task run '{}' ({})", tasks[i].name, tasks[i].id);
+    let retried = lines(0);
+    assert_eq!(retried.len(), 1, "{retried:?}");
+    assert_eq!(retried[0].0, "WARN");
+    assert!(
+        retried[0].1.starts_with(&format!(
+            "{} attempt 1 of 2 failed: the service said 503; retrying in",
+            label(0)
+        )),
+        "{retried:?}"
+    );
+    assert!(
+        lines(1).is_empty(),
+        "a plain completion says nothing at INFO: {:?}",
+        lines(1)
+    );
+    let hit = lines(2);
+    assert_eq!(hit.len(), 1, "{hit:?}");
+    assert_eq!(hit[0].0, "INFO");
+    assert!(
+        hit[0].1.starts_with(&format!("{} cached: cache hit: loaded", label(2))),
+        "{hit:?}"
+    );
+    let failed = lines(3);
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0].0, "ERROR");
+    assert!(
+        failed[0].1.starts_with(&format!("{} Failed after ", label(3)))
+            && failed[0].1.contains("cannot write the report: disk on fire"),
+        "the error chain: {failed:?}"
+    );
+    // And in the flow run's logs, in order, with its own lines.
+    let all: Vec<String> = store
+        .logs(flow.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.message)
+        .collect();
+    assert_eq!(all.len(), 5, "{all:?}");
+}

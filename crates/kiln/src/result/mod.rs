@@ -115,8 +115,9 @@ pub enum ResultError {
     },
     /// The backend refused or could not be reached.
     #[error(
-        "storage '{storage}': cannot {op} '{key}': {message}; {}",
-        backend_advice(kind, storage)
+        "storage '{storage}': cannot {op} '{key}': {}; {}",
+        backend_cause(kind, message),
+        backend_advice(kind, storage, message)
     )]
     Backend {
         /// The storage.
@@ -197,13 +198,68 @@ pub enum ResultError {
     },
 }
 
-fn backend_advice(kind: &str, storage: &str) -> String {
+/// An object store's client, finding no credentials anywhere else, asks the cloud metadata
+/// service at this address for the machine's own; off a cloud machine the answer is a
+/// refusal that says nothing about the real cause.
+const METADATA_ADDRESS: &str = "169.254.169.254";
+
+/// What the backend said, or what it meant when what it said misleads.
+fn backend_cause<'a>(kind: &str, message: &'a str) -> std::borrow::Cow<'a, str> {
+    if kind != "local" && kind != "memory" && message.contains(METADATA_ADDRESS) {
+        return format!(
+            "no credentials: none in its settings, none in the environment (AWS_ACCESS_KEY_ID and \
+             AWS_SECRET_ACCESS_KEY for s3), and this machine gets none from a cloud metadata service \
+             ({METADATA_ADDRESS} refused)"
+        )
+        .into();
+    }
+    message.into()
+}
+
+/// What to do about a backend's failure, by the storage's kind and the cause.
+fn backend_advice(kind: &str, storage: &str, message: &str) -> String {
+    let said = |needles: &[&str]| needles.iter().any(|n| message.contains(n));
+    let test = format!("`kiln storage test {storage}` tries it again");
     match kind {
-        "local" => format!(
-            "check that its folder exists, is writable by this user and has free space (`kiln storage test {storage}`)"
-        ),
+        "local" if said(&["No space left", "os error 28", "Disk quota exceeded", "os error 122"]) => {
+            format!("its disk is full: free space there, or point the storage at another disk; {test}")
+        }
+        "local" if said(&["Read-only file system", "os error 30"]) => {
+            format!("its folder is on a read-only file system: point the storage at a writable folder; {test}")
+        }
+        "local" if said(&["Permission denied", "os error 13"]) => {
+            format!("this user may not write its folder: change the folder's owner or permissions; {test}")
+        }
+        "local" => format!("check that its folder exists, is writable by this user and has free space; {test}"),
         "memory" => "a memory storage lives in this process only".into(),
-        _ => format!("check its endpoint, bucket and credentials with `kiln storage test {storage}`"),
+        _ if message.contains(METADATA_ADDRESS) => format!(
+            "give it credentials (`kiln storage add {storage} ... --access-key-id ID --secret-access-key-env VAR`, \
+             or the environment variables); {test}"
+        ),
+        _ if said(&["NoSuchBucket", "bucket does not exist", "ContainerNotFound"]) => {
+            format!("its bucket (or container) does not exist: create it, or fix the name; {test}")
+        }
+        _ if said(&[
+            "403",
+            "AccessDenied",
+            "Forbidden",
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+        ]) =>
+        {
+            format!("its credentials were refused: check them and what they may do in the bucket; {test}")
+        }
+        _ if said(&[
+            "Connection refused",
+            "error sending request",
+            "dns error",
+            "timed out",
+            "connect",
+        ]) =>
+        {
+            format!("nothing answered at its endpoint: check the endpoint and that the server runs; {test}")
+        }
+        _ => format!("check its endpoint, bucket and credentials; {test}"),
     }
 }
 
@@ -228,22 +284,52 @@ mod tests {
 
     #[test]
     fn backend_errors_advise_by_kind() {
-        let error = |kind| {
+        let error = |kind, message: &str| {
             ResultError::Backend {
                 storage: "results".into(),
                 kind,
                 op: "write",
                 key: "a/b".into(),
-                message: "Is a directory (os error 21)".into(),
+                message: message.into(),
             }
             .to_string()
         };
-        let local = error("local");
+        let local = error("local", "Is a directory (os error 21)");
         assert!(
             local.contains("folder exists, is writable") && !local.contains("credentials"),
             "{local}"
         );
-        let s3 = error("s3");
+        let s3 = error("s3", "a reason nobody foresaw");
         assert!(s3.contains("endpoint, bucket and credentials"), "{s3}");
+        let full = error("local", "No space left on device (os error 28)");
+        assert!(
+            full.contains("its disk is full") && !full.contains("credentials"),
+            "{full}"
+        );
+        let read_only = error("local", "Read-only file system (os error 30)");
+        assert!(read_only.contains("read-only file system: point"), "{read_only}");
+        let anonymous = error(
+            "s3",
+            "Generic S3 error: Error performing PUT http://169.254.169.254/latest/api/token: 403 Forbidden",
+        );
+        assert!(
+            anonymous.contains("no credentials: none in its settings")
+                && anonymous.contains("give it credentials")
+                && !anonymous.contains("403"),
+            "{anonymous}"
+        );
+        let refused = error(
+            "s3",
+            "error sending request for url (http://127.0.0.1:1/b): Connection refused",
+        );
+        assert!(refused.contains("nothing answered at its endpoint"), "{refused}");
+        let missing = error("s3", "NoSuchBucket: The specified bucket does not exist");
+        assert!(
+            missing.contains("its bucket (or container) does not exist"),
+            "{missing}"
+        );
+        for e in [local, s3, full, read_only, anonymous, refused, missing] {
+            assert_eq!(e.matches("kiln storage test results").count(), 1, "said once: {e}");
+        }
     }
 }
