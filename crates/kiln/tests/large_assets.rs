@@ -57,9 +57,11 @@ async fn a_one_gib_asset_crosses_tasks_by_reference_in_bounded_memory() {
     let (_, peak) = support::rss();
     assert_eq!((asset.size, size), (SIZE, SIZE));
     assert_eq!(asset.uri(), "local:assets/big.bin");
+    // Streaming holds a few buffers; reading the asset whole would hold 1 GiB. The bound
+    // leaves room for a loaded machine's allocator arenas.
     let grown = peak.saturating_sub(before);
     assert!(
-        grown < 200 << 20,
+        grown < 400 << 20,
         "peak memory grew by {} MiB for a 1 GiB asset",
         grown >> 20
     );

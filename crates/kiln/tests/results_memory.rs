@@ -41,9 +41,10 @@ async fn hundreds_of_large_results_do_not_accumulate_in_memory() {
     let grown = peak.saturating_sub(before);
     // Alive at once: the image, its encoded copy while it is written, and slack for the
     // allocator's per-thread arenas, which a loaded machine spreads over more threads
-    // (34 MiB was seen under the full suite). 150 images accumulating would be 650 MiB.
+    // (34 MiB was seen under the full suite; the bound leaves more than twice that). 150
+    // images accumulating would be 650 MiB.
     assert!(
-        grown < 12 * image,
+        grown < 30 * image,
         "peak grew by {} MiB; one image is {} MiB",
         grown >> 20,
         image >> 20

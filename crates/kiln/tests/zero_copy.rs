@@ -60,10 +60,11 @@ async fn a_100_mb_buffer_crosses_ten_tasks_without_a_copy() {
         "the buffer was reallocated or cloned: {seen:x?}"
     );
 
-    // And memory grew by one copy, well under two.
+    // And memory grew by one copy, under two (a second copy would make it 200 MiB; the
+    // rest is room for a loaded machine's allocator arenas).
     let grown = peak.saturating_sub(before);
     assert!(
-        grown < SIZE as u64 * 3 / 2,
+        grown < SIZE as u64 * 7 / 4,
         "peak memory grew by {} MiB for a {} MiB buffer",
         grown >> 20,
         SIZE >> 20
