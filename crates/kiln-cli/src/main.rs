@@ -99,6 +99,15 @@ fn main() -> ExitCode {
             Err(e) => return fail(&e.into()),
         },
     };
+    // A home given that does not exist is a typo, not an empty home: commands that read
+    // runs and results say so (those that set one up, `storage add` and `server`, create it).
+    let reads = !matches!(cli.command, Command::Storage(_) | Command::Server(_));
+    if reads && home_given() && !home.exists() && std::env::var_os("KILN_API_URL").is_none() {
+        return fail(&anyhow::anyhow!(
+            "Kiln home {} does not exist (given with --home or KILN_HOME); check the path",
+            home.display()
+        ));
+    }
     let outcome = match cli.command {
         Command::Runs(cmd) => runs::run(&home, cmd),
         Command::Result(cmd) => result::run(&home, cmd),

@@ -172,6 +172,8 @@ fn token(home: &Path, cmd: TokenCommand) -> Result<()> {
 pub(crate) fn write(store: &dyn kiln::store::Store, write: kiln::store::model::Write) -> Result<()> {
     match crate::wait(store.write(write))? {
         kiln::store::Outcome::Applied { .. } => Ok(()),
+        // Refused with a reason for the user: said as is.
+        kiln::store::Outcome::Failed(e) if !e.is_retryable() => Err(anyhow::anyhow!("{}", e.reason())),
         kiln::store::Outcome::Failed(e) => Err(anyhow::anyhow!("{e}")),
         other => Err(anyhow::anyhow!("the store did not record it: {other:?}")),
     }

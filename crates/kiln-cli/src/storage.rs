@@ -263,7 +263,9 @@ pub(crate) fn run(home: &Path, cmd: StorageCommand) -> Result<()> {
                     .map_err(anyhow::Error::from)
                     .and_then(|storage| Ok(rt.block_on(storage.probe())?));
                 tried.map_err(|e| {
-                    anyhow::anyhow!("{e:#}\nstorage '{name}' was not saved (add --no-test to save it untried)")
+                    // Not saved, so not a storage `kiln storage test` knows: that advice goes.
+                    let why = format!("{e:#}").replace(&format!("; `kiln storage test {name}` tries it again"), "");
+                    anyhow::anyhow!("{why}\nstorage '{name}' was not saved (add --no-test to save it untried)")
                 })?;
             }
             settings.put_storage(&name, config)?;

@@ -315,6 +315,11 @@ fn storage_add_takes_secrets_out_of_sight_keeps_the_file_s_comments_and_refuses_
         let out = add(&args, None);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {}", err(&out));
         assert!(err(&out).contains(why), "{args:?}: {}", err(&out));
+        assert!(
+            !err(&out).contains("kiln storage test"),
+            "no advice to test a storage that was not saved: {}",
+            err(&out)
+        );
     }
     assert_eq!(std::fs::read_to_string(&file).unwrap(), before, "nothing saved");
     // A folder it can write is tried and saved.

@@ -93,6 +93,16 @@ impl StoreError {
         matches!(self, StoreError::Backend { retryable: true, .. })
     }
 
+    /// What went wrong, without the "state database:" a backend's error starts with: for a
+    /// write the backend refused with a reason meant for the user ("there is no deployment
+    /// named ...").
+    pub fn reason(&self) -> String {
+        match self {
+            StoreError::Backend { source, .. } => source.to_string(),
+            other => other.to_string(),
+        }
+    }
+
     /// A backend error (`retryable` says whether trying again may help).
     pub fn backend(source: impl Into<BoxError>, retryable: bool) -> StoreError {
         StoreError::Backend {

@@ -434,7 +434,7 @@ pub async fn remove_deployment(store: &dyn Store, name: &str) -> Result<Vec<Uuid
     use kiln_store::model::{RunKind, StateChange, write_id};
     match store.write(Write::DeleteDeployment { name: name.to_owned() }).await? {
         kiln_store::Outcome::Applied { .. } => {}
-        kiln_store::Outcome::Failed(e) if !e.is_retryable() => return Err(Error::NotFound(e.to_string())),
+        kiln_store::Outcome::Failed(e) if !e.is_retryable() => return Err(Error::NotFound(e.reason())),
         kiln_store::Outcome::Failed(e) => return Err(Error::Store(e)),
         kiln_store::Outcome::Rejected { .. } => {
             return Err(Error::Setup(format!("the removal of deployment '{name}' was refused")));
