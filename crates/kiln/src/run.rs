@@ -270,12 +270,18 @@ impl Tracker {
     /// INFO and above, its start and completion at DEBUG (a line per run would cost
     /// pipelines of many small tasks a log record each). A flow run says its start and end
     /// itself, with their duration; only its retries are said here.
+    ///
+    /// `KILN_TASK_LOG=info` says starts and completions at INFO too (captured with the run).
     fn tell(&self, state: StateType, message: Option<&str>) {
         use StateType::*;
         let routine = matches!(state, Scheduled | Pending | Running | Completed);
-        if (self.label.kind == RunKind::Flow && state != AwaitingRetry)
-            || (routine && !tracing::enabled!(tracing::Level::DEBUG))
-        {
+        let loud = routine && routine_at_info();
+        let wanted = if loud {
+            tracing::enabled!(tracing::Level::INFO)
+        } else {
+            !routine || tracing::enabled!(tracing::Level::DEBUG)
+        };
+        if (self.label.kind == RunKind::Flow && state != AwaitingRetry) || !wanted {
             return;
         }
         let label = &self.label;
@@ -287,8 +293,11 @@ impl Tracker {
         let flow_run_id = crate::context::current_flow().map(|f| f.flow_run_id);
         let scope = RunScope::new(label.id, flow_run_id, self.engine.clone());
         crate::context::with_run(Some(scope), || match state {
+            Scheduled | Pending if loud => tracing::info!("{label} is {state}"),
             Scheduled | Pending => tracing::debug!("{label} is {state}"),
+            Running if loud => tracing::info!("{label} started (attempt {})", self.attempt),
             Running => tracing::debug!("{label} started (attempt {})", self.attempt),
+            Completed if loud => tracing::info!("{label} completed after {took}"),
             Completed => tracing::debug!("{label} completed after {took}"),
             Cached => tracing::info!("{label} cached: {why}"),
             AwaitingRetry => tracing::warn!("{label} {why}"),
@@ -297,6 +306,14 @@ impl Tracker {
             _ => tracing::warn!("{label} {state} after {took}: {why}"),
         });
     }
+}
+
+/// `KILN_TASK_LOG=info`: task runs' starts and completions are INFO lines (printed and
+/// captured), as some users of other orchestrators expect; they cost a trivial task run
+/// about twice its time (docs/PERFORMANCE.md), so the default is DEBUG.
+fn routine_at_info() -> bool {
+    static AT_INFO: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AT_INFO.get_or_init(|| std::env::var("KILN_TASK_LOG").is_ok_and(|v| v.trim().eq_ignore_ascii_case("info")))
 }
 
 impl Drop for Tracker {

@@ -94,6 +94,35 @@ fn chatty_child() {
 /// `KILN_LOG=debug` shows DEBUG events on stderr, the program's own included; what is
 /// captured with the runs stays at INFO.
 #[test]
+fn kiln_task_log_info_says_every_task_run_s_start_and_end() {
+    let home = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "chatty_child", "--ignored", "--nocapture"])
+        .env("KILN_HOME", home.path())
+        .env("KILN_LOG", "info")
+        .env("KILN_TASK_LOG", "info")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let store = kiln::open_store(home.path(), None).unwrap();
+    let flow = support::wait(store.flow_runs(1)).unwrap().remove(0);
+    for task in support::wait(store.task_runs(flow.id)).unwrap() {
+        let label = format!("task run '{}' ({})", task.name, task.id);
+        let said: Vec<String> = support::wait(store.logs(task.id))
+            .unwrap()
+            .into_iter()
+            .filter(|l| l.level == "INFO" && l.message.starts_with(&label))
+            .map(|l| l.message)
+            .collect();
+        assert_eq!(said.len(), 2, "{said:?}");
+        assert_eq!(said[0], format!("{label} started (attempt 1)"));
+        assert!(said[1].starts_with(&format!("{label} completed after ")), "{said:?}");
+        assert!(stderr.contains(&said[1]), "on stderr too: {stderr}");
+    }
+}
+
+#[test]
 fn kiln_log_debug_shows_the_program_s_own_debug_events() {
     let home = tempfile::tempdir().unwrap();
     let run = |filter: &str| {
