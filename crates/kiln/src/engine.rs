@@ -164,7 +164,7 @@ impl Engine {
             name: name.to_owned(),
             known: settings.storages().into_keys().collect(),
         })?;
-        let storage = ResultStorage::build(name, &config, &self.inner.home)?;
+        let storage = ResultStorage::build(name, &config, &self.inner.home)?.with_fsync(settings.fsync);
         built.insert(name.to_owned(), storage.clone());
         Ok(storage)
     }

@@ -12,6 +12,7 @@
 //! | `KILN_DEFAULT_SERIALIZER` | `[results] default_serializer` | `msgpack` | `msgpack` or `json` for serde values |
 //! | `KILN_RESULTS_INLINE_MAX` | `[results] inline_max` | `4096` | bytes; records up to this size live in the state database, larger ones in a storage |
 //! | `KILN_RESULTS_MEMORY_CACHE_MAX` | `[results] memory_cache_max` | `268435456` | bytes of loaded records kept in memory (LRU) |
+//! | `KILN_RESULTS_FSYNC` | `[results] fsync` | `false` | flush each record of a `local` storage, and its folder, to the disk before its run completes |
 //! | `KILN_TASKS_DEFAULT_CACHE_POLICY` | `[tasks] default_cache_policy` | `none` | cache policy of tasks that name none (`inputs`, `inputs+task_source`, ...) |
 //! | `KILN_TASKS_REFRESH_CACHE` | `[tasks] refresh_cache` | `false` | run cached tasks anyway and overwrite their records |
 //! | `KILN_LOG` | – | `info` | filter of Kiln's stderr output |
@@ -44,6 +45,10 @@ pub struct Settings {
     pub inline_max: u64,
     /// Bytes of loaded records kept in memory for reuse (least recently used out).
     pub memory_cache_max: u64,
+    /// A record in a `local` storage, and its folder, are flushed to the disk (fsync) before
+    /// the write returns, so before its run's state says Completed: a power loss cannot then
+    /// leave a completed run pointing at an empty record.
+    pub fsync: bool,
     /// The cache policy of tasks that name none.
     pub default_cache_policy: crate::cache::CachePolicy,
     /// Run cached tasks anyway and overwrite their records.
@@ -92,6 +97,7 @@ struct ResultsSection {
     default_serializer: Option<String>,
     inline_max: Option<u64>,
     memory_cache_max: Option<u64>,
+    fsync: Option<bool>,
 }
 
 impl Settings {
@@ -134,6 +140,10 @@ impl Settings {
             })?,
             None => parsed.results.memory_cache_max.unwrap_or(256 * 1024 * 1024),
         };
+        let fsync = match env("KILN_RESULTS_FSYNC") {
+            Some(v) => parse_bool("KILN_RESULTS_FSYNC", &v)?,
+            None => parsed.results.fsync.unwrap_or(false),
+        };
         let default_cache_policy = match env("KILN_TASKS_DEFAULT_CACHE_POLICY").or(parsed.tasks.default_cache_policy) {
             Some(v) => crate::cache::CachePolicy::parse(&v)
                 .map_err(|e| Error::Setup(format!("KILN_TASKS_DEFAULT_CACHE_POLICY: {e}")))?,
@@ -163,6 +173,7 @@ impl Settings {
             default_serializer,
             inline_max,
             memory_cache_max,
+            fsync,
             default_cache_policy,
             refresh_cache,
             database_url: env("KILN_DATABASE_URL").or(parsed.database.url),
@@ -349,6 +360,15 @@ mod tests {
             let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "it may hold secrets");
         }
+    }
+
+    #[test]
+    fn fsync_is_off_unless_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kiln.toml");
+        assert!(!Settings::load_file(dir.path(), &file).unwrap().fsync);
+        std::fs::write(&file, "[results]\nfsync = true\n").unwrap();
+        assert!(Settings::load_file(dir.path(), &file).unwrap().fsync);
     }
 
     #[test]

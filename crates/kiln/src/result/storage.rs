@@ -241,6 +241,9 @@ pub struct ResultStorage {
     prefix: Option<String>,
     /// The folder of a `local` storage (its locks are file locks).
     local_root: Option<PathBuf>,
+    /// Records of a `local` storage are flushed to the disk, with their folder, before a
+    /// write returns (`KILN_RESULTS_FSYNC`).
+    fsync: bool,
 }
 
 impl fmt::Debug for ResultStorage {
@@ -504,6 +507,7 @@ impl ResultStorage {
             store,
             prefix,
             local_root: local_root_path,
+            fsync: false,
         })
     }
 
@@ -575,7 +579,43 @@ impl ResultStorage {
             .put_opts(&self.path(key), body, PutOptions::from(mode))
             .await
             .map(drop)
-            .map_err(|e| self.backend("write", key, e))
+            .map_err(|e| self.backend("write", key, e))?;
+        self.flush_to_disk(key).await
+    }
+
+    /// With [`with_fsync`](Self::with_fsync) on a `local` storage: the file at `key` and
+    /// its folder are flushed to the disk (its content, then the entry the rename made).
+    async fn flush_to_disk(&self, key: &StorageKey) -> Result<(), ResultError> {
+        let (true, Some(root)) = (self.fsync, &self.local_root) else {
+            return Ok(());
+        };
+        let file = self
+            .path(key)
+            .as_ref()
+            .split('/')
+            .fold(root.clone(), |p, part| p.join(part));
+        let flushed = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            std::fs::File::open(&file)?.sync_all()?;
+            if let Some(folder) = file.parent() {
+                std::fs::File::open(folder)?.sync_all()?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        flushed.map_err(|e| ResultError::Backend {
+            storage: self.name.to_string(),
+            kind: self.kind,
+            op: "flush to disk",
+            key: key.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Whether writes flush records to the disk before they return (`local` storages).
+    pub fn with_fsync(mut self, fsync: bool) -> ResultStorage {
+        self.fsync = fsync;
+        self
     }
 
     /// Reads a record and verifies its length and hash.
@@ -736,7 +776,8 @@ impl ResultStorage {
         self.store
             .rename(&self.path(from), &self.path(to))
             .await
-            .map_err(|e| self.backend("move", from, e))
+            .map_err(|e| self.backend("move", from, e))?;
+        self.flush_to_disk(to).await
     }
 
     /// Refuses a key this storage cannot hold, so that a task run fails before its body runs
