@@ -79,19 +79,10 @@ pub(crate) fn wait<F: std::future::Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
-/// Whether the home was given (`--home` or `KILN_HOME`) rather than the default.
-static HOME_GIVEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-pub(crate) fn home_given() -> bool {
-    HOME_GIVEN.load(std::sync::atomic::Ordering::Relaxed)
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    HOME_GIVEN.store(
-        cli.home.as_ref().is_some_and(|h| !h.as_os_str().is_empty()),
-        std::sync::atomic::Ordering::Relaxed,
-    );
+    // Given with `--home` or `KILN_HOME`, rather than the default.
+    let home_given = cli.home.as_ref().is_some_and(|h| !h.as_os_str().is_empty());
     let home = match cli.home.filter(|h| !h.as_os_str().is_empty()) {
         Some(home) => home,
         None => match kiln::home_dir() {
@@ -102,7 +93,7 @@ fn main() -> ExitCode {
     // A home given that does not exist is a typo, not an empty home: commands that read
     // runs and results say so (those that set one up, `storage add` and `server`, create it).
     let reads = !matches!(cli.command, Command::Storage(_) | Command::Server(_));
-    if reads && home_given() && !home.exists() && std::env::var_os("KILN_API_URL").is_none() {
+    if reads && home_given && !home.exists() && std::env::var_os("KILN_API_URL").is_none() {
         return fail(&anyhow::anyhow!(
             "Kiln home {} does not exist (given with --home or KILN_HOME); check the path",
             home.display()

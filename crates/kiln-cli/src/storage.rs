@@ -243,19 +243,8 @@ pub(crate) fn run(home: &Path, cmd: StorageCommand) -> Result<()> {
             let test = !args.no_test && !matches!(args.kind, Kind::Memory);
             let config = (*args).config()?;
             let location = config.location(&name, home);
-            if let StorageConfig::Local { path: Some(path) } = &config
-                && !path.is_absolute()
-            {
-                bail!(
-                    "--path must be an absolute path, not '{}' (a relative one would mean another folder for every \
-                     program started elsewhere); did you mean {}?",
-                    path.display(),
-                    std::env::current_dir()
-                        .map(|d| d.join(path))
-                        .unwrap_or_default()
-                        .display()
-                );
-            }
+            // Refused before anything is tried (a relative folder would be created first).
+            kiln::settings::check_storage(&name, &config)?;
             // Tried before it is saved: a storage that cannot hold results is not kept.
             if test {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

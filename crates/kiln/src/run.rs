@@ -276,10 +276,10 @@ impl Tracker {
         use StateType::*;
         let routine = matches!(state, Scheduled | Pending | Running | Completed);
         let loud = routine && routine_at_info();
-        let wanted = if loud {
-            tracing::enabled!(tracing::Level::INFO)
-        } else {
-            !routine || tracing::enabled!(tracing::Level::DEBUG)
+        let wanted = match (routine, loud) {
+            (false, _) => true,
+            (true, true) => tracing::enabled!(tracing::Level::INFO),
+            (true, false) => tracing::enabled!(tracing::Level::DEBUG),
         };
         if (self.label.kind == RunKind::Flow && state != AwaitingRetry) || !wanted {
             return;

@@ -212,23 +212,7 @@ impl Settings {
     /// kind (every program falls back to it), and a local folder given as a relative path
     /// (it would mean another folder in every program started elsewhere).
     pub fn put_storage(&mut self, name: &str, config: StorageConfig) -> Result<(), Error> {
-        check_name(name)?;
-        if name == "local" && !matches!(config, StorageConfig::Local { .. }) {
-            return Err(Error::Setup(format!(
-                "the built-in storage 'local' stays a local folder (every program falls back to it); give this {} \
-                 storage another name",
-                config.kind()
-            )));
-        }
-        if let StorageConfig::Local { path: Some(path) } = &config
-            && !path.is_absolute()
-        {
-            return Err(Error::Setup(format!(
-                "the folder of storage '{name}' must be an absolute path, not '{}' (a relative one would mean \
-                 another folder for every program started elsewhere)",
-                path.display()
-            )));
-        }
+        check_storage(name, &config)?;
         let text = toml::to_string(&config).map_err(|e| Error::Setup(e.to_string()))?;
         let entry: toml_edit::DocumentMut = text.parse().map_err(|e| Error::Setup(format!("{e}")))?;
         self.edit_file(|doc| {
@@ -301,6 +285,29 @@ fn parse_bool(name: &str, v: &str) -> Result<bool, Error> {
         "0" | "false" | "no" | "off" => Ok(false),
         _ => Err(Error::Setup(format!("{name} must be true or false, not '{v}'"))),
     }
+}
+
+/// Whether `config` may be saved as storage `name` (see [`Settings::put_storage`]): a valid
+/// name, `local` left a local folder, a local folder given as an absolute path.
+pub fn check_storage(name: &str, config: &StorageConfig) -> Result<(), Error> {
+    check_name(name)?;
+    if name == "local" && !matches!(config, StorageConfig::Local { .. }) {
+        return Err(Error::Setup(format!(
+            "the built-in storage 'local' stays a local folder (every program falls back to it); give this {} \
+             storage another name",
+            config.kind()
+        )));
+    }
+    if let StorageConfig::Local { path: Some(path) } = config
+        && !path.is_absolute()
+    {
+        return Err(Error::Setup(format!(
+            "the folder of storage '{name}' must be an absolute path, not '{}' (a relative one would mean \
+             another folder for every program started elsewhere)",
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 fn check_name(name: &str) -> Result<(), Error> {
