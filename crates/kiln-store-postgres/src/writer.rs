@@ -675,7 +675,7 @@ async fn insert_runs(
         let p2 = tasks.iter().map(|(_, t)| t.flow_run_id).collect::<Vec<_>>();
         let p3 = tasks.iter().map(|(_, t)| t.name.clone()).collect::<Vec<_>>();
         let p4 = tasks.iter().map(|(_, t)| t.task_key.clone()).collect::<Vec<_>>();
-        let p5 = tasks.iter().map(|(_, t)| t.inputs.to_string()).collect::<Vec<_>>();
+        let p5 = tasks.iter().map(|(_, t)| t.inputs.as_str()).collect::<Vec<_>>();
         let p6 = tasks.iter().map(|(_, t)| tags_json(&t.tags)).collect::<Vec<_>>();
         let p7 = tasks.iter().map(|(r, _)| r.run.state.as_str()).collect::<Vec<_>>();
         let p8 = tasks.iter().map(|(r, _)| r.run.seq as i32).collect::<Vec<_>>();

@@ -57,6 +57,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod history;
 mod limit;
 mod read;
 mod work;
@@ -90,6 +91,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0008_work_pools.sql"),
     include_str!("../migrations/0009_concurrency_limits.sql"),
     include_str!("../migrations/0010_open_cancelling.sql"),
+    include_str!("../migrations/0011_history_in_row.sql"),
 ];
 
 /// Writes queued ahead of the writer at most. A producer faster than SQLite waits for room

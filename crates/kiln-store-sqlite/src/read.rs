@@ -289,13 +289,33 @@ pub(crate) fn task_runs_in(c: &Connection, ids: &[Uuid], states: &[StateType]) -
     rows.collect::<rusqlite::Result<_>>().map_err(backend)
 }
 
+/// A run's history: the entries its row keeps (the batch that created it), then its rows of
+/// `states`, read in one transaction.
 pub(crate) fn states(c: &Connection, run_id: Uuid) -> Result<Vec<StateRecord>, StoreError> {
-    let mut st = c
+    let tx = c.unchecked_transaction().map_err(backend)?;
+    let kept: Option<Vec<u8>> = tx
+        .prepare_cached(
+            "SELECT history FROM task_runs WHERE id = ?1 UNION ALL SELECT history FROM flow_runs WHERE id = ?1",
+        )
+        .map_err(backend)?
+        .query_row([run_id], |r| r.get(0))
+        .optional()
+        .map_err(backend)?
+        .flatten();
+    let mut history: Vec<StateRecord> = match kept {
+        Some(kept) => crate::history::decode(run_id, &kept)
+            .map_err(StoreError::Corrupt)?
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect(),
+        None => Vec::new(),
+    };
+    let mut st = tx
         .prepare_cached(
             "SELECT run_id, seq, state, message, attempt, timestamp, result FROM states WHERE run_id = ?1 ORDER BY seq",
         )
         .map_err(backend)?;
-    collect(
+    let rows: Vec<StateRecord> = collect(
         st.query_map([run_id], |r| {
             Ok(StateRecord {
                 run_id: r.get(0)?,
@@ -308,7 +328,9 @@ pub(crate) fn states(c: &Connection, run_id: Uuid) -> Result<Vec<StateRecord>, S
             })
         })
         .map_err(backend)?,
-    )
+    )?;
+    history.extend(rows);
+    Ok(history)
 }
 
 pub(crate) fn edges(c: &Connection, flow_run_id: Uuid) -> Result<Vec<Edge>, StoreError> {

@@ -309,10 +309,26 @@ fn commit(conn: &mut Connection, batch: &[Write], known: &mut HashMap<Uuid, Curr
     }
 }
 
-/// A run created in this batch: its row is inserted once, with the state it ends the batch in.
+/// A run created in this batch: its row is inserted once, with the state it ends the batch
+/// in and the history that led there (kept in the row, not in `states`: see migration 0011).
 struct NewRow {
     index: usize,
+    created: Micros,
     run: RunState,
+    history: Vec<(StateRecord, Uuid)>,
+}
+
+/// The outcome of creating run `id` at `created` when it exists, created at `existing`:
+/// the same creation delivered again is acknowledged; anything else is an id already taken.
+fn created_again(id: Uuid, existing: Micros, created: Micros) -> Outcome {
+    if existing == created {
+        Outcome::Applied { seq: Some(0) }
+    } else {
+        Outcome::Failed(Arc::new(StoreError::backend(
+            format!("run id {id} is taken by another run; a new run needs a new id"),
+            false,
+        )))
+    }
 }
 
 /// One try at a batch inside one transaction. On success, `known` learns the new states.
@@ -355,18 +371,21 @@ fn attempt(
                     } else {
                         RunKind::Task
                     };
-                    let fresh = st
-                        .insert_created(&StateRecord::created(*id, *initial_state, *created))
-                        .map_err(|e| classify(e, i))?;
-                    if !fresh {
+                    let existing = match new_index.get(id) {
+                        Some(&n) => Some(new_rows[n].created),
+                        None => st.created_at(kind, *id).map_err(|e| classify(e, i))?,
+                    };
+                    if let Some(existing) = existing {
                         // This run exists: the same creation delivered again, or an id taken.
-                        outcomes.push(Some(st.created_again(kind, *id, *created).map_err(|e| classify(e, i))?));
+                        outcomes.push(Some(created_again(*id, existing, *created)));
                         continue;
                     }
                     new_index.insert(*id, new_rows.len());
                     new_rows.push(NewRow {
                         index: i,
+                        created: *created,
                         run: RunState::created(*initial_state),
+                        history: vec![(StateRecord::created(*id, *initial_state, *created), Uuid::nil())],
                     });
                     Outcome::Applied { seq: Some(0) }
                 }
@@ -422,7 +441,15 @@ fn attempt(
                         let seq = c.seq + 1;
                         let applied = match in_batch {
                             Some(n) => {
+                                // Checked here as `json()` checks it for `states`: a bad
+                                // result fails this change alone, not the run's row.
+                                if let Some(result) = &change.result {
+                                    serde_json::from_str::<serde::de::IgnoredAny>(result).map_err(|e| {
+                                        Stop::Write(i, rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+                                    })?;
+                                }
                                 new_rows[n].run.apply(change, seq);
+                                new_rows[n].history.push((RunState::record(change, seq), change.id));
                                 true
                             }
                             None => st.update_state(change, c, seq).map_err(|e| classify(e, i))?,
@@ -435,8 +462,10 @@ fn attempt(
                             looked_up = true;
                             continue;
                         }
-                        st.insert_state(&RunState::record(change, seq), change.id)
-                            .map_err(|e| classify(e, i))?;
+                        if in_batch.is_none() {
+                            st.insert_state(&RunState::record(change, seq), change.id)
+                                .map_err(|e| classify(e, i))?;
+                        }
                         if change.fence.is_some() && change.to.is_terminal() {
                             // Finished by its worker: out of the queue.
                             st.dequeue.execute([change.run_id]).map_err(|e| classify(e, i))?;
@@ -701,7 +730,8 @@ pub(crate) struct Statements<'t> {
     deployment: CachedStatement<'t>,
     pool: CachedStatement<'t>,
     state: CachedStatement<'t>,
-    created: CachedStatement<'t>,
+    flow_history: CachedStatement<'t>,
+    task_history: CachedStatement<'t>,
     applied: CachedStatement<'t>,
     flow_created: CachedStatement<'t>,
     task_created: CachedStatement<'t>,
@@ -748,24 +778,22 @@ impl<'t> Statements<'t> {
                 "INSERT INTO states (run_id, seq, state, message, attempt, timestamp, result, change_id)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, json(?7), ?8)",
             )?,
-            created: tx.prepare_cached(
-                "INSERT INTO states (run_id, seq, state, message, attempt, timestamp, result, change_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT DO NOTHING",
-            )?,
             applied: tx.prepare_cached("SELECT seq FROM states WHERE run_id = ?1 AND change_id = ?2")?,
+            flow_history: tx.prepare_cached("SELECT history FROM flow_runs WHERE id = ?1")?,
+            task_history: tx.prepare_cached("SELECT history FROM task_runs WHERE id = ?1")?,
             flow_created: tx.prepare_cached("SELECT created FROM flow_runs WHERE id = ?1")?,
             task_created: tx.prepare_cached("SELECT created FROM task_runs WHERE id = ?1")?,
             flow_run: tx.prepare_cached(
                 "INSERT INTO flow_runs (id, name, parent_id, parameters, tags, state, state_message, attempt,
                                         created, start_time, end_time, result, command, retry_of, state_seq,
-                                        process_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, json(?12), json(?13), ?14, ?15, ?16)",
+                                        process_id, history)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, json(?12), json(?13), ?14, ?15, ?16, ?17)",
             )?,
             task_run: tx.prepare_cached(
                 "INSERT INTO task_runs (id, flow_run_id, name, task_key, inputs, tags, state, state_message, attempt,
                                         created, start_time, end_time, result, call_key, state_seq,
-                                        process_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, json(?13), ?14, ?15, ?16)",
+                                        process_id, history)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, json(?13), ?14, ?15, ?16, ?17)",
             )?,
             flow_state: tx.prepare_cached(&update("flow_runs"))?,
             task_state: tx.prepare_cached(&update("task_runs"))?,
@@ -822,38 +850,41 @@ impl<'t> Statements<'t> {
         Ok(())
     }
 
-    /// Records a run's first state; false when the run has one already.
-    fn insert_created(&mut self, s: &StateRecord) -> rusqlite::Result<bool> {
-        Ok(put_state(&mut self.created, s, Uuid::nil())? == 1)
-    }
-
-    /// The outcome of creating run `id` (created at `created`) when it exists: the same
-    /// creation delivered again is acknowledged; anything else is an id already taken.
-    fn created_again(&mut self, kind: RunKind, id: Uuid, created: Micros) -> rusqlite::Result<Outcome> {
+    /// When run `id` was created, if it exists.
+    fn created_at(&mut self, kind: RunKind, id: Uuid) -> rusqlite::Result<Option<Micros>> {
         let stmt = match kind {
             RunKind::Flow => &mut self.flow_created,
             RunKind::Task => &mut self.task_created,
         };
-        let existing: Option<Micros> = stmt.query_row([id], |r| r.get(0)).optional()?;
-        Ok(if existing == Some(created) {
-            Outcome::Applied { seq: Some(0) }
-        } else {
-            Outcome::Failed(Arc::new(StoreError::backend(
-                format!("run id {id} is taken by another run; a new run needs a new id"),
-                false,
-            )))
-        })
+        stmt.query_row([id], |r| r.get(0)).optional()
     }
 
     /// The position `change` was given when it was applied before (it has an id and is in
-    /// the run's history).
+    /// the run's history: in `states`, or in the history its row keeps).
     fn applied_seq(&mut self, change: &StateChange) -> rusqlite::Result<Option<u32>> {
         if change.id.is_nil() {
             return Ok(None);
         }
-        self.applied
+        if let Some(seq) = self
+            .applied
             .query_row(params![change.run_id, change.id], |r| r.get(0))
-            .optional()
+            .optional()?
+        {
+            return Ok(Some(seq));
+        }
+        let stmt = match change.kind {
+            RunKind::Flow => &mut self.flow_history,
+            RunKind::Task => &mut self.task_history,
+        };
+        let Some(Some(kept)) = stmt
+            .query_row([change.run_id], |r| r.get::<_, Option<Vec<u8>>>(0))
+            .optional()?
+        else {
+            return Ok(None);
+        };
+        let entries = crate::history::decode(change.run_id, &kept)
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into()))?;
+        Ok(entries.iter().find(|(_, id)| *id == change.id).map(|(s, _)| s.seq))
     }
 
     /// Whether the row was still at `from` (and is now updated).
@@ -880,6 +911,7 @@ impl<'t> Statements<'t> {
     }
 
     fn insert_run(&mut self, w: &Write, row: &NewRow) -> rusqlite::Result<()> {
+        let history = crate::history::encode(&row.history);
         match w {
             Write::FlowRun(r) => self.flow_run.execute(params![
                 r.id,
@@ -897,14 +929,15 @@ impl<'t> Statements<'t> {
                 r.command,
                 r.retry_of,
                 row.run.seq,
-                r.process_id
+                r.process_id,
+                history
             ])?,
             Write::TaskRun(r) => self.task_run.execute(params![
                 r.id,
                 r.flow_run_id,
                 r.name,
                 r.task_key,
-                r.inputs.to_string(),
+                r.inputs.as_str(),
                 crate::read::tags_json(&r.tags),
                 row.run.state.as_str(),
                 row.run.message,
@@ -915,7 +948,8 @@ impl<'t> Statements<'t> {
                 row.run.result,
                 r.call_key,
                 row.run.seq,
-                r.process_id
+                r.process_id,
+                history
             ])?,
             _ => unreachable!("only run creations are kept as new rows"),
         };

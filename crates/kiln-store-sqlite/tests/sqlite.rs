@@ -156,7 +156,7 @@ fn a_refused_write_is_reported_with_the_database_reason() {
     let other = rusqlite::Connection::open(&path).unwrap();
     other
         .execute_batch(
-            "CREATE TRIGGER no_room BEFORE INSERT ON states BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END;",
+            "CREATE TRIGGER no_room BEFORE INSERT ON flow_runs BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END;",
         )
         .unwrap();
     let failures = Arc::new(Failures::default());

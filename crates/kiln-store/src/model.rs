@@ -52,6 +52,44 @@ pub struct NewFlowRun {
     pub process_id: Option<Uuid>,
 }
 
+/// JSON kept as text: stored as it is (no value tree built, walked and dropped on the way)
+/// and serialized as the JSON it holds, so an API sees an object, not a string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonText(String);
+
+impl JsonText {
+    /// Text its maker guarantees is valid JSON (written with `serde_json`); the stores that
+    /// check JSON refuse the write otherwise, the others fail when it is read back.
+    pub fn trusted(text: String) -> Self {
+        JsonText(text)
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<serde_json::Value> for JsonText {
+    fn from(value: serde_json::Value) -> Self {
+        JsonText(value.to_string())
+    }
+}
+
+impl Serialize for JsonText {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // Only writes sent to a server take this path: parsing here keeps the hot path free.
+        let value: serde_json::Value = serde_json::from_str(&self.0).map_err(serde::ser::Error::custom)?;
+        value.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for JsonText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde_json::Value::deserialize(d).map(JsonText::from)
+    }
+}
+
 /// A new task run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -65,7 +103,8 @@ pub struct NewTaskRun {
     /// Identifies the task's code (module path and function).
     pub task_key: String,
     /// A description of its inputs as JSON (values, or references to upstream runs).
-    pub inputs: serde_json::Value,
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub inputs: JsonText,
     /// User tags.
     pub tags: Vec<String>,
     /// Creation time.

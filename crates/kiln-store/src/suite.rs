@@ -135,7 +135,7 @@ pub fn task(name: &str, flow: Option<Uuid>) -> NewTaskRun {
         flow_run_id: flow,
         name: name.into(),
         task_key: format!("suite::{name}"),
-        inputs: serde_json::json!({ "x": { "type": "u64" } }),
+        inputs: serde_json::json!({ "x": { "type": "u64" } }).into(),
         tags: vec![],
         created: now_micros(),
         initial_state: Pending,

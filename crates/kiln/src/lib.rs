@@ -172,22 +172,22 @@ pub mod __private {
     /// Task arguments that implement `Serialize` are recorded with their run, cut short
     /// when long: `(&&Probe(&value)).kiln_preview()`.
     pub trait PreviewSerialize {
-        /// `{"value": <JSON>}` for a short value, `{"value_start": "<its first bytes>"}`
-        /// for a long one, `None` when it cannot be written as JSON.
-        fn kiln_preview(&self) -> Option<serde_json::Value>;
+        /// `"value":<JSON>` for a short value, `"value_start":"<its first bytes>"` for a
+        /// long one, `None` when it cannot be written as JSON.
+        fn kiln_preview(&self) -> Option<String>;
     }
     impl<T: serde::Serialize> PreviewSerialize for &Probe<'_, T> {
-        fn kiln_preview(&self) -> Option<serde_json::Value> {
+        fn kiln_preview(&self) -> Option<String> {
             crate::task::preview(self.0)
         }
     }
     /// Fallback of [`PreviewSerialize`]: nothing.
     pub trait PreviewNone {
         /// `None`.
-        fn kiln_preview(&self) -> Option<serde_json::Value>;
+        fn kiln_preview(&self) -> Option<String>;
     }
     impl<T> PreviewNone for Probe<'_, T> {
-        fn kiln_preview(&self) -> Option<serde_json::Value> {
+        fn kiln_preview(&self) -> Option<String> {
             None
         }
     }

@@ -4,7 +4,7 @@ use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use kiln_store::model::{Edge, NewTaskRun, RunKind, Write, now_micros};
+use kiln_store::model::{Edge, JsonText, NewTaskRun, RunKind, Write, now_micros};
 use kiln_store::state::StateType;
 use tokio::sync::{Mutex, oneshot};
 use tracing::Instrument;
@@ -88,14 +88,14 @@ pub struct UpstreamError {
 /// How much of an argument's JSON a task run records (`kiln runs show` prints it).
 const PREVIEW_BYTES: usize = 256;
 
-/// `value` as JSON for a task run's record: whole when short (`{"value": ...}`), its first
-/// [`PREVIEW_BYTES`] otherwise (`{"value_start": "..."}`); a long value is not written out
-/// in full to find that out.
-pub(crate) fn preview<T: serde::Serialize + ?Sized>(value: &T) -> Option<serde_json::Value> {
+/// `value` as JSON for a task run's record, as the fields to add to its input's object:
+/// whole when short (`"value":...`), its first [`PREVIEW_BYTES`] otherwise
+/// (`"value_start":"..."`); a long value is not written out in full to find that out.
+pub(crate) fn preview<T: serde::Serialize + ?Sized>(value: &T) -> Option<String> {
     struct Capped(Vec<u8>);
     impl std::io::Write for Capped {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            let room = PREVIEW_BYTES + 1 - self.0.len();
+            let room = PREVIEW_BYTES + 1 + VALUE_FIELD.len() - self.0.len();
             if buf.len() > room {
                 self.0.extend_from_slice(&buf[..room]);
                 return Err(std::io::Error::other("preview full"));
@@ -107,21 +107,28 @@ pub(crate) fn preview<T: serde::Serialize + ?Sized>(value: &T) -> Option<serde_j
             Ok(())
         }
     }
+    const VALUE_FIELD: &str = "\"value\":";
     let mut out = Capped(Vec::with_capacity(32));
+    out.0.extend_from_slice(VALUE_FIELD.as_bytes());
     match serde_json::to_writer(&mut out, value) {
-        Ok(()) => serde_json::from_slice::<serde_json::Value>(&out.0)
-            .ok()
-            .map(|v| serde_json::json!({ "value": v })),
-        Err(_) if out.0.len() > PREVIEW_BYTES => {
-            let mut start = String::from_utf8_lossy(&out.0[..PREVIEW_BYTES]).into_owned();
+        // serde_json writes UTF-8.
+        Ok(()) => String::from_utf8(out.0).ok(),
+        Err(_) if out.0.len() > PREVIEW_BYTES + VALUE_FIELD.len() => {
+            let cut = &out.0[VALUE_FIELD.len()..VALUE_FIELD.len() + PREVIEW_BYTES];
+            let mut start = String::from_utf8_lossy(cut).into_owned();
             // A character cut in two is dropped.
             while start.ends_with('\u{fffd}') {
                 start.pop();
             }
-            Some(serde_json::json!({ "value_start": start }))
+            Some(format!("\"value_start\":{}", serde_json::Value::String(start)))
         }
         Err(_) => None,
     }
+}
+
+/// Appends `text` as a JSON string.
+fn push_json_str(out: &mut Vec<u8>, text: &str) {
+    serde_json::to_writer(out, text).expect("a string is written as JSON");
 }
 
 impl<T: Send + 'static> Arg<T> {
@@ -152,15 +159,20 @@ impl<T: Send + 'static> Arg<T> {
         }
     }
 
-    fn describe(&self) -> serde_json::Value {
-        match self {
-            Arg::Value(_) => serde_json::json!({ "type": std::any::type_name::<T>() }),
-            Arg::Future(f, _) => serde_json::json!({
-                "type": std::any::type_name::<T>(),
-                "upstream": f.label.id.to_string(),
-                "upstream_name": &*f.label.name,
-            }),
+    /// Appends the input's JSON object: its type, the run it comes from, and `preview`.
+    fn describe(&self, out: &mut Vec<u8>, preview: Option<&str>) {
+        out.extend_from_slice(b"{\"type\":");
+        push_json_str(out, std::any::type_name::<T>());
+        if let Arg::Future(f, _) = self {
+            use std::io::Write as _;
+            let _ = write!(out, ",\"upstream\":\"{}\",\"upstream_name\":", f.label.id);
+            push_json_str(out, &f.label.name);
         }
+        if let Some(preview) = preview {
+            out.push(b',');
+            out.extend_from_slice(preview.as_bytes());
+        }
+        out.push(b'}');
     }
 }
 
@@ -173,8 +185,9 @@ pub trait Inputs: Send + 'static {
     fn upstreams(&self) -> Vec<&RunLabel>;
     /// Waits for the upstream runs and takes their values.
     fn resolve(self) -> impl Future<Output = Result<Self::Values, UpstreamError>> + Send;
-    /// A JSON description (types and upstream run ids), keyed by parameter name.
-    fn describe(&self, names: &[&str]) -> serde_json::Value;
+    /// A JSON description (types, upstream run ids, the values' `previews` by position),
+    /// keyed by parameter name.
+    fn describe(&self, names: &[&str], previews: &[Option<String>]) -> JsonText;
 }
 
 macro_rules! impl_inputs {
@@ -192,10 +205,19 @@ macro_rules! impl_inputs {
                 async move { Ok(($(self.$i.resolve().await?,)*)) }
             }
             #[allow(unused_variables, unused_mut)]
-            fn describe(&self, names: &[&str]) -> serde_json::Value {
-                let mut map = serde_json::Map::new();
-                $(map.insert(names.get($i).copied().unwrap_or("?").to_owned(), self.$i.describe());)*
-                serde_json::Value::Object(map)
+            fn describe(&self, names: &[&str], previews: &[Option<String>]) -> JsonText {
+                let mut out = Vec::with_capacity(64);
+                out.push(b'{');
+                $(
+                    if $i > 0 {
+                        out.push(b',');
+                    }
+                    push_json_str(&mut out, names.get($i).copied().unwrap_or("?"));
+                    out.push(b':');
+                    self.$i.describe(&mut out, previews.get($i).and_then(Option::as_deref));
+                )*
+                out.push(b'}');
+                JsonText::trusted(String::from_utf8(out).expect("JSON is UTF-8"))
             }
         }
     };
@@ -224,7 +246,7 @@ pub struct TaskCall<T: Task> {
     task: T,
     inputs: T::Inputs,
     /// The arguments given as values, as recorded (see [`preview`]), by position.
-    previews: Vec<Option<serde_json::Value>>,
+    previews: Vec<Option<String>>,
 }
 
 impl<T: Task> std::fmt::Debug for TaskCall<T> {
@@ -247,7 +269,7 @@ impl<T: Task> TaskCall<T> {
 
     /// The arguments' previews, by position, recorded with the run.
     #[doc(hidden)]
-    pub fn with_previews(mut self, previews: Vec<Option<serde_json::Value>>) -> Self {
+    pub fn with_previews(mut self, previews: Vec<Option<String>>) -> Self {
         self.previews = previews;
         self
     }
@@ -312,27 +334,11 @@ struct Prepared<T: Task> {
     refresh: bool,
 }
 
-/// The inputs' description with each value's preview merged in.
-fn with_previews(
-    mut described: serde_json::Value,
-    names: &[&str],
-    previews: Vec<Option<serde_json::Value>>,
-) -> serde_json::Value {
-    for (name, preview) in names.iter().zip(previews) {
-        if let (Some(serde_json::Value::Object(preview)), Some(serde_json::Value::Object(input))) =
-            (preview, described.get_mut(*name))
-        {
-            input.extend(preview);
-        }
-    }
-    described
-}
-
 /// Creates the task run (Pending) and its edges; nothing waits here.
 fn prepare<T: Task>(
     task: &T,
     inputs: &T::Inputs,
-    previews: Vec<Option<serde_json::Value>>,
+    previews: Vec<Option<String>>,
 ) -> Result<Prepared<T>, Error> {
     let flow = context::current_flow();
     let engine = match &flow {
@@ -351,7 +357,7 @@ fn prepare<T: Task>(
         flow_run_id,
         name: tracker.label.name.to_string(),
         task_key: T::KEY.to_owned(),
-        inputs: with_previews(inputs.describe(T::ARG_NAMES), T::ARG_NAMES, previews),
+        inputs: inputs.describe(T::ARG_NAMES, &previews),
         tags: tracker.slot_tags.clone(),
         created: now_micros(),
         initial_state: StateType::Pending,
@@ -841,4 +847,26 @@ impl<T: Clone + Send + 'static> IntoFuture for TaskFuture<T> {
 pub async fn join_all<T: Clone + Send + 'static>(futures: Vec<TaskFuture<T>>) -> Result<Vec<T>, Error> {
     let results = futures::future::join_all(futures.into_iter().map(IntoFuture::into_future)).await;
     results.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inputs_are_recorded_as_json_with_their_values_cut_when_long() {
+        let long = "é".repeat(200); // 400 bytes of UTF-8: cut, never in the middle of a character
+        let args = (Arg::Value(7u64), Arg::Value(long.clone()), Arg::Value(vec![0u8; 3]));
+        let previews = vec![preview(&7u64), preview(&long), None];
+        let text = args.describe(&["n", "quote \"s\"", "raw"], &previews);
+        let json: serde_json::Value = serde_json::from_str(text.as_str()).expect("valid JSON");
+        assert_eq!(json["n"], serde_json::json!({ "type": "u64", "value": 7 }));
+        let start = json["quote \"s\""]["value_start"].as_str().unwrap();
+        // The first bytes of the value's JSON: its opening quote, then the text.
+        let text = start.strip_prefix('"').unwrap();
+        assert!(long.starts_with(text) && start.len() > 200 && start.len() <= PREVIEW_BYTES, "{start}");
+        assert!(json["quote \"s\""].get("value").is_none());
+        assert_eq!(json["raw"], serde_json::json!({ "type": "alloc::vec::Vec<u8>" }));
+        assert_eq!(().describe(&[], &[]).as_str(), "{}");
+    }
 }
