@@ -25,25 +25,29 @@ struct Entry<'a> {
 /// The entries of a run's history kept in its row, with the id of the change behind each
 /// (nil for the state it was created in).
 pub(crate) fn encode(entries: &[(StateRecord, Uuid)]) -> Vec<u8> {
-    let entries: Vec<Entry<'_>> = entries
-        .iter()
-        .map(|(s, change)| Entry {
-            seq: s.seq,
-            state: s.state,
-            message: s.message.as_deref().map(Into::into),
-            attempt: s.attempt,
-            timestamp: s.timestamp,
-            result: s.result.as_deref().map(Into::into),
-            change: (!change.is_nil()).then_some(*change),
-        })
-        .collect();
-    rmp_serde::to_vec(&entries).expect("a history serializes")
+    struct Entries<'a>(&'a [(StateRecord, Uuid)]);
+    impl Serialize for Entries<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_seq(self.0.iter().map(|(r, change)| Entry {
+                seq: r.seq,
+                state: r.state,
+                message: r.message.as_deref().map(Into::into),
+                attempt: r.attempt,
+                timestamp: r.timestamp,
+                result: r.result.as_deref().map(Into::into),
+                change: (!change.is_nil()).then_some(*change),
+            }))
+        }
+    }
+    let mut out = Vec::with_capacity(48 * entries.len());
+    rmp_serde::encode::write(&mut out, &Entries(entries)).expect("a history serializes");
+    out
 }
 
 /// The entries of `run_id`'s history kept in its row.
 pub(crate) fn decode(run_id: Uuid, bytes: &[u8]) -> Result<Vec<(StateRecord, Uuid)>, String> {
-    let entries: Vec<Entry<'_>> =
-        rmp_serde::from_slice(bytes).map_err(|e| format!("the history kept in run {run_id}'s row is not valid: {e}"))?;
+    let entries: Vec<Entry<'_>> = rmp_serde::from_slice(bytes)
+        .map_err(|e| format!("the history kept in run {run_id}'s row is not valid: {e}"))?;
     Ok(entries
         .into_iter()
         .map(|e| {
@@ -76,15 +80,25 @@ mod tests {
         done.attempt = 1;
         done.message = Some("a \"quoted\" line\nand another".into());
         done.result = Some(r#"{"storage":"local","key":"k"}"#.into());
-        let written = vec![(StateRecord::created(run, StateType::Pending, 5), Uuid::nil()), (done, change)];
+        let written = vec![
+            (StateRecord::created(run, StateType::Pending, 5), Uuid::nil()),
+            (done, change),
+        ];
         let read = decode(run, &encode(&written)).unwrap();
         assert_eq!(read.len(), 2);
         for ((a, ca), (b, cb)) in written.iter().zip(&read) {
-            assert_eq!((a.seq, a.state, a.attempt, a.timestamp), (b.seq, b.state, b.attempt, b.timestamp));
+            assert_eq!(
+                (a.seq, a.state, a.attempt, a.timestamp),
+                (b.seq, b.state, b.attempt, b.timestamp)
+            );
             assert_eq!((&a.message, &a.result, ca), (&b.message, &b.result, cb));
         }
         let bytes = encode(&written);
         assert!(bytes.len() < 150, "{} bytes", bytes.len());
-        assert!(decode(run, &bytes[..bytes.len() - 3]).unwrap_err().contains(&run.to_string()));
+        assert!(
+            decode(run, &bytes[..bytes.len() - 3])
+                .unwrap_err()
+                .contains(&run.to_string())
+        );
     }
 }

@@ -92,7 +92,13 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0009_concurrency_limits.sql"),
     include_str!("../migrations/0010_open_cancelling.sql"),
     include_str!("../migrations/0011_history_in_row.sql"),
+    include_str!("../migrations/0012_open_without_in.sql"),
 ];
+
+/// The condition of a run that has not ended, as the `*_open` indexes spell it (migration
+/// 0012): a query that uses those indexes must say it the same way.
+pub(crate) const OPEN: &str =
+    "(state = 'Pending' OR state = 'Running' OR state = 'AwaitingRetry' OR state = 'Cancelling')";
 
 /// Writes queued ahead of the writer at most. A producer faster than SQLite waits for room
 /// (microseconds) instead of growing memory without bound: a flow of a million task runs

@@ -449,13 +449,14 @@ pub(crate) fn resolve(c: &Connection, id_or_prefix: &str) -> Result<RunRef, Stor
 
 pub(crate) fn processes(c: &Connection, since: Micros) -> Result<Vec<Process>, StoreError> {
     let mut st = c
-        .prepare_cached(
+        .prepare_cached(&format!(
             "SELECT id, host, pid, started, heartbeat FROM processes p WHERE heartbeat >= ?1
-                OR EXISTS (SELECT 1 FROM task_runs WHERE process_id = p.id AND state IN ('Pending', 'Running', 'AwaitingRetry', 'Cancelling'))
-                OR EXISTS (SELECT 1 FROM flow_runs WHERE process_id = p.id AND state IN ('Pending', 'Running', 'AwaitingRetry', 'Cancelling'))
+                OR EXISTS (SELECT 1 FROM task_runs WHERE process_id = p.id AND {OPEN})
+                OR EXISTS (SELECT 1 FROM flow_runs WHERE process_id = p.id AND {OPEN})
                 OR EXISTS (SELECT 1 FROM queue WHERE claimed_by = p.id)
              ORDER BY heartbeat DESC",
-        )
+            OPEN = crate::OPEN
+        ))
         .map_err(backend)?;
     collect(
         st.query_map([since], |r| {

@@ -137,8 +137,9 @@ fn reap(
                 "SELECT r.id, r.state, r.state_seq, r.attempt, p.pid, p.host, p.heartbeat,
                         hex(p.id) IN (SELECT value FROM json_each(?2))
                  FROM {table} r JOIN processes p ON p.id = r.process_id
-                 WHERE r.state IN ('Pending', 'Running', 'AwaitingRetry', 'Cancelling')
-                   AND (p.heartbeat < ?1 OR hex(p.id) IN (SELECT value FROM json_each(?2)))"
+                 WHERE {open}
+                   AND (p.heartbeat < ?1 OR hex(p.id) IN (SELECT value FROM json_each(?2)))",
+                open = crate::OPEN
             );
             let orphans: Vec<Orphan> = {
                 let mut q = tx.prepare(&sql).map_err(crate::backend)?;
@@ -208,6 +209,8 @@ enum Stop {
     Write(usize, rusqlite::Error),
     /// The database cannot take writes (disk full, I/O error, read-only file): the batch fails.
     Fatal(rusqlite::Error),
+    /// A run the batch created exists already (tried without looking): tried again, looking.
+    Exists,
 }
 
 fn classify(e: rusqlite::Error, index: usize) -> Stop {
@@ -270,8 +273,11 @@ fn commit(conn: &mut Connection, batch: &[Write], known: &mut HashMap<Uuid, Curr
     let started = Instant::now();
     let mut delay = Duration::from_millis(10);
     let mut warned = false;
+    // A batch is first tried assuming that the runs it creates are new (a lookup per run
+    // saved); a run that exists makes it try again, looking each up.
+    let mut careful = false;
     loop {
-        match attempt(conn, batch, &failed, known) {
+        match attempt(conn, batch, &failed, known, careful) {
             Ok(outcomes) => {
                 return outcomes
                     .into_iter()
@@ -285,6 +291,7 @@ fn commit(conn: &mut Connection, batch: &[Write], known: &mut HashMap<Uuid, Curr
             Err(Stop::Write(index, e)) => {
                 failed[index] = Some(backend(&path, e));
             }
+            Err(Stop::Exists) => careful = true,
             Err(Stop::Busy(e)) if started.elapsed() < BUSY_DEADLINE => {
                 if !warned && started.elapsed() > Duration::from_secs(5) {
                     tracing::warn!(
@@ -337,6 +344,7 @@ fn attempt(
     batch: &[Write],
     failed: &[Option<Arc<StoreError>>],
     known: &mut HashMap<Uuid, Current>,
+    careful: bool,
 ) -> Result<Vec<Option<Outcome>>, Stop> {
     // IMMEDIATE: take the write lock now, so a busy database shows here, not half-way.
     let tx = conn
@@ -373,7 +381,8 @@ fn attempt(
                     };
                     let existing = match new_index.get(id) {
                         Some(&n) => Some(new_rows[n].created),
-                        None => st.created_at(kind, *id).map_err(|e| classify(e, i))?,
+                        None if careful => st.created_at(kind, *id).map_err(|e| classify(e, i))?,
+                        None => None,
                     };
                     if let Some(existing) = existing {
                         // This run exists: the same creation delivered again, or an id taken.
@@ -613,7 +622,16 @@ fn attempt(
         }
         for row in &new_rows {
             let w = &batch[row.index];
-            st.insert_run(w, row).map_err(|e| classify(e, row.index))?;
+            st.insert_run(w, row).map_err(|e| {
+                if !careful
+                    && e.sqlite_error()
+                        .is_some_and(|e| e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
+                {
+                    Stop::Exists
+                } else {
+                    classify(e, row.index)
+                }
+            })?;
             learned.insert(
                 w.run_id(),
                 Current {

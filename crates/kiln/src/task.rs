@@ -335,11 +335,7 @@ struct Prepared<T: Task> {
 }
 
 /// Creates the task run (Pending) and its edges; nothing waits here.
-fn prepare<T: Task>(
-    task: &T,
-    inputs: &T::Inputs,
-    previews: Vec<Option<String>>,
-) -> Result<Prepared<T>, Error> {
+fn prepare<T: Task>(task: &T, inputs: &T::Inputs, previews: Vec<Option<String>>) -> Result<Prepared<T>, Error> {
     let flow = context::current_flow();
     let engine = match &flow {
         Some(f) => f.engine.clone(),
@@ -864,7 +860,10 @@ mod tests {
         let start = json["quote \"s\""]["value_start"].as_str().unwrap();
         // The first bytes of the value's JSON: its opening quote, then the text.
         let text = start.strip_prefix('"').unwrap();
-        assert!(long.starts_with(text) && start.len() > 200 && start.len() <= PREVIEW_BYTES, "{start}");
+        assert!(
+            long.starts_with(text) && start.len() > 200 && start.len() <= PREVIEW_BYTES,
+            "{start}"
+        );
         assert!(json["quote \"s\""].get("value").is_none());
         assert_eq!(json["raw"], serde_json::json!({ "type": "alloc::vec::Vec<u8>" }));
         assert_eq!(().describe(&[], &[]).as_str(), "{}");
