@@ -1,7 +1,7 @@
--- The history of a run created and moved on within one batch of writes (most task runs:
--- Pending, Running, Completed) is kept in its row (MessagePack, see src/history.rs), not
--- as rows of `states`: one B-tree insert per run instead of one per state. Later states of
--- the run go to `states` as before; a run's history is its row's entries, then its rows of
--- `states`.
+-- A run's history is kept in its row: one MessagePack array per state (see src/history.rs),
+-- appended as the run moves on, instead of one row of `states` per state. Creating a run is
+-- one B-tree insert whatever states it goes through in the same batch, and a later state
+-- change is one row update instead of an update and an insert. `states` keeps the states
+-- that runs recorded before this migration; readers put both together.
 ALTER TABLE flow_runs ADD COLUMN history BLOB;
 ALTER TABLE task_runs ADD COLUMN history BLOB;

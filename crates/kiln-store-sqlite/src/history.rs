@@ -1,7 +1,7 @@
-//! The history a run's row holds: the states it went through in the batch that created it
-//! (see migration 0011), as a MessagePack array of arrays (seq, state, message, attempt,
-//! timestamp, result, change id): about 40 bytes a state, encoded in well under a
-//! microsecond. Its later states are rows of `states`.
+//! A run's history, kept in its row (see migration 0011): one MessagePack array
+//! per state (seq, state, message, attempt, timestamp, result, change id), appended as the
+//! run moves on, about 40 bytes a state and encoded in well under a microsecond. Runs
+//! recorded before that migration have their earlier states as rows of `states`.
 
 use kiln_store::model::{Micros, StateRecord};
 use kiln_store::state::StateType;
@@ -22,49 +22,58 @@ struct Entry<'a> {
     change: Option<Uuid>,
 }
 
-/// The entries of a run's history kept in its row, with the id of the change behind each
-/// (nil for the state it was created in).
-pub(crate) fn encode(entries: &[(StateRecord, Uuid)]) -> Vec<u8> {
-    struct Entries<'a>(&'a [(StateRecord, Uuid)]);
-    impl Serialize for Entries<'_> {
-        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            s.collect_seq(self.0.iter().map(|(r, change)| Entry {
-                seq: r.seq,
-                state: r.state,
-                message: r.message.as_deref().map(Into::into),
-                attempt: r.attempt,
-                timestamp: r.timestamp,
-                result: r.result.as_deref().map(Into::into),
-                change: (!change.is_nil()).then_some(*change),
-            }))
-        }
-    }
-    let mut out = Vec::with_capacity(48 * entries.len());
-    rmp_serde::encode::write(&mut out, &Entries(entries)).expect("a history serializes");
+/// One entry of a history: `record`, made by change `change` (nil for the state a run was
+/// created in and for the store's own changes).
+pub(crate) fn entry(record: &StateRecord, change: Uuid) -> Vec<u8> {
+    let mut out = Vec::with_capacity(48);
+    push(&mut out, record, change);
     out
 }
 
-/// The entries of `run_id`'s history kept in its row.
+/// The entries of a history, made by the changes given with them.
+pub(crate) fn encode(entries: &[(StateRecord, Uuid)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(48 * entries.len());
+    for (record, change) in entries {
+        push(&mut out, record, *change);
+    }
+    out
+}
+
+fn push(out: &mut Vec<u8>, r: &StateRecord, change: Uuid) {
+    let entry = Entry {
+        seq: r.seq,
+        state: r.state,
+        message: r.message.as_deref().map(Into::into),
+        attempt: r.attempt,
+        timestamp: r.timestamp,
+        result: r.result.as_deref().map(Into::into),
+        change: (!change.is_nil()).then_some(change),
+    };
+    rmp_serde::encode::write(out, &entry).expect("a history entry serializes");
+}
+
+/// The entries of `run_id`'s history kept in its row, in order.
 pub(crate) fn decode(run_id: Uuid, bytes: &[u8]) -> Result<Vec<(StateRecord, Uuid)>, String> {
-    let entries: Vec<Entry<'_>> = rmp_serde::from_slice(bytes)
-        .map_err(|e| format!("the history kept in run {run_id}'s row is not valid: {e}"))?;
-    Ok(entries
-        .into_iter()
-        .map(|e| {
-            (
-                StateRecord {
-                    run_id,
-                    seq: e.seq,
-                    state: e.state,
-                    message: e.message.map(Into::into),
-                    attempt: e.attempt,
-                    timestamp: e.timestamp,
-                    result: e.result.map(Into::into),
-                },
-                e.change.unwrap_or_default(),
-            )
-        })
-        .collect())
+    let mut entries = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        // Reading from the slice moves it past the entry read.
+        let e: Entry<'_> = serde::Deserialize::deserialize(&mut rmp_serde::Deserializer::new(&mut rest))
+            .map_err(|e| format!("the history kept in run {run_id}'s row is not valid: {e}"))?;
+        entries.push((
+            StateRecord {
+                run_id,
+                seq: e.seq,
+                state: e.state,
+                message: e.message.map(Into::into),
+                attempt: e.attempt,
+                timestamp: e.timestamp,
+                result: e.result.map(Into::into),
+            },
+            e.change.unwrap_or_default(),
+        ));
+    }
+    Ok(entries)
 }
 
 #[cfg(test)]
@@ -93,7 +102,13 @@ mod tests {
             );
             assert_eq!((&a.message, &a.result, ca), (&b.message, &b.result, cb));
         }
-        let bytes = encode(&written);
+        let mut bytes = encode(&written[..1]);
+        bytes.extend(entry(&written[1].0, written[1].1));
+        assert_eq!(
+            bytes,
+            encode(&written),
+            "appending an entry is encoding it with the others"
+        );
         assert!(bytes.len() < 150, "{} bytes", bytes.len());
         assert!(
             decode(run, &bytes[..bytes.len() - 3])

@@ -289,8 +289,8 @@ pub(crate) fn task_runs_in(c: &Connection, ids: &[Uuid], states: &[StateType]) -
     rows.collect::<rusqlite::Result<_>>().map_err(backend)
 }
 
-/// A run's history: the entries its row keeps (the batch that created it), then its rows of
-/// `states`, read in one transaction.
+/// A run's history: the entries its row keeps, with the rows of `states` it has from before
+/// migration 0011, read in one transaction.
 pub(crate) fn states(c: &Connection, run_id: Uuid) -> Result<Vec<StateRecord>, StoreError> {
     let tx = c.unchecked_transaction().map_err(backend)?;
     let kept: Option<Vec<u8>> = tx
@@ -330,6 +330,7 @@ pub(crate) fn states(c: &Connection, run_id: Uuid) -> Result<Vec<StateRecord>, S
         .map_err(backend)?,
     )?;
     history.extend(rows);
+    history.sort_by_key(|s| s.seq);
     Ok(history)
 }
 

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use kiln_store::StoreError;
-use kiln_store::model::{Micros, RunKind, RunState, now_micros};
+use kiln_store::model::{Micros, RunKind, now_micros};
 use kiln_store::state::{FINAL_SQL, StateType};
 use kiln_store::work::{self, Claim, ClaimRequest, Deployment, Holder, QueueEntry, QueuedRun, TakeBack, WorkPool};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
@@ -190,9 +190,10 @@ pub(crate) fn claim(
             if state == StateType::Scheduled {
                 let change = work::claimed(c.entry.kind, c.entry.run_id, c.attempt, request.process_id);
                 let from = Current { state, seq: c.seq };
-                if st.update_state(&change, from, c.seq + 1).map_err(backend)? {
-                    st.insert_state(&RunState::record(&change, c.seq + 1), Uuid::nil())
-                        .map_err(backend)?;
+                if st
+                    .update_state(&change, from, c.seq + 1, Uuid::nil())
+                    .map_err(backend)?
+                {
                     forget(c.entry.run_id);
                     state_now = StateType::Pending;
                 }
@@ -316,9 +317,7 @@ pub(crate) fn take_back_claims(
         let rule = work::take_back(c.entry.kind, id, state, c.attempt, c.entry.max_attempts, &why);
         let mut apply = |change: &kiln_store::model::StateChange| -> Result<(), StoreError> {
             let from = Current { state, seq: c.seq };
-            if st.update_state(change, from, c.seq + 1).map_err(backend)? {
-                st.insert_state(&RunState::record(change, c.seq + 1), Uuid::nil())
-                    .map_err(backend)?;
+            if st.update_state(change, from, c.seq + 1, Uuid::nil()).map_err(backend)? {
                 changed.push((c.entry.kind, id));
             }
             Ok(())

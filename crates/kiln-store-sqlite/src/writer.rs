@@ -184,9 +184,10 @@ fn reap(
                     fence: None,
                 };
                 let current = Current { state: from, seq };
-                if st.update_state(&change, current, seq + 1).map_err(crate::backend)? {
-                    st.insert_state(&RunState::record(&change, seq + 1), Uuid::nil())
-                        .map_err(crate::backend)?;
+                if st
+                    .update_state(&change, current, seq + 1, Uuid::nil())
+                    .map_err(crate::backend)?
+                {
                     known.remove(&id);
                     crashed.push((kind, id));
                 }
@@ -317,7 +318,7 @@ fn commit(conn: &mut Connection, batch: &[Write], known: &mut HashMap<Uuid, Curr
 }
 
 /// A run created in this batch: its row is inserted once, with the state it ends the batch
-/// in and the history that led there (kept in the row, not in `states`: see migration 0011).
+/// in and the history that led there (see migration 0011).
 struct NewRow {
     index: usize,
     created: Micros,
@@ -461,7 +462,7 @@ fn attempt(
                                 new_rows[n].history.push((RunState::record(change, seq), change.id));
                                 true
                             }
-                            None => st.update_state(change, c, seq).map_err(|e| classify(e, i))?,
+                            None => st.update_state(change, c, seq, change.id).map_err(|e| classify(e, i))?,
                         };
                         if !applied {
                             // What this writer knew is stale (another process changed the
@@ -470,10 +471,6 @@ fn attempt(
                             current = st.current(change.kind, change.run_id).map_err(|e| classify(e, i))?;
                             looked_up = true;
                             continue;
-                        }
-                        if in_batch.is_none() {
-                            st.insert_state(&RunState::record(change, seq), change.id)
-                                .map_err(|e| classify(e, i))?;
                         }
                         if change.fence.is_some() && change.to.is_terminal() {
                             // Finished by its worker: out of the queue.
@@ -655,20 +652,6 @@ fn attempt(
     Ok(outcomes)
 }
 
-/// Inserts a history entry with `stmt`; the number of rows inserted.
-fn put_state(stmt: &mut CachedStatement<'_>, s: &StateRecord, change: Uuid) -> rusqlite::Result<usize> {
-    stmt.execute(params![
-        s.run_id,
-        s.seq,
-        s.state.as_str(),
-        s.message,
-        s.attempt,
-        s.timestamp,
-        s.result,
-        (!change.is_nil()).then_some(change)
-    ])
-}
-
 /// How a run kind is stored in the queue.
 pub(crate) fn kind_str(kind: RunKind) -> &'static str {
     match kind {
@@ -747,7 +730,6 @@ pub(crate) struct Statements<'t> {
     holds: CachedStatement<'t>,
     deployment: CachedStatement<'t>,
     pool: CachedStatement<'t>,
-    state: CachedStatement<'t>,
     flow_history: CachedStatement<'t>,
     task_history: CachedStatement<'t>,
     applied: CachedStatement<'t>,
@@ -774,7 +756,8 @@ impl<'t> Statements<'t> {
             format!(
                 "UPDATE {table} SET state = ?2, state_seq = ?3, state_message = ?4, attempt = ?5,
                  start_time = COALESCE(start_time, ?6), end_time = COALESCE(?7, end_time),
-                 result = COALESCE(json(?8), result) WHERE id = ?1 AND state = ?9 AND state_seq = ?10"
+                 result = COALESCE(json(?8), result), history = CAST(COALESCE(history, x'') || ?11 AS BLOB)
+                 WHERE id = ?1 AND state = ?9 AND state_seq = ?10"
             )
         };
         Ok(Statements {
@@ -792,10 +775,6 @@ impl<'t> Statements<'t> {
                  VALUES (?1, ?2, ?3, json(?4), json(?5), ?6, json(?7), ?8, ?9, ?10, ?11)",
             )?,
             pool: tx.prepare_cached("INSERT OR REPLACE INTO work_pools (name, concurrency) VALUES (?1, ?2)")?,
-            state: tx.prepare_cached(
-                "INSERT INTO states (run_id, seq, state, message, attempt, timestamp, result, change_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, json(?7), ?8)",
-            )?,
             applied: tx.prepare_cached("SELECT seq FROM states WHERE run_id = ?1 AND change_id = ?2")?,
             flow_history: tx.prepare_cached("SELECT history FROM flow_runs WHERE id = ?1")?,
             task_history: tx.prepare_cached("SELECT history FROM task_runs WHERE id = ?1")?,
@@ -863,11 +842,6 @@ impl<'t> Statements<'t> {
         .transpose()
     }
 
-    pub(crate) fn insert_state(&mut self, s: &StateRecord, change: Uuid) -> rusqlite::Result<()> {
-        put_state(&mut self.state, s, change)?;
-        Ok(())
-    }
-
     /// When run `id` was created, if it exists.
     fn created_at(&mut self, kind: RunKind, id: Uuid) -> rusqlite::Result<Option<Micros>> {
         let stmt = match kind {
@@ -878,7 +852,7 @@ impl<'t> Statements<'t> {
     }
 
     /// The position `change` was given when it was applied before (it has an id and is in
-    /// the run's history: in `states`, or in the history its row keeps).
+    /// the run's history: kept in its row, or in `states` from before migration 0011).
     fn applied_seq(&mut self, change: &StateChange) -> rusqlite::Result<Option<u32>> {
         if change.id.is_nil() {
             return Ok(None);
@@ -905,8 +879,15 @@ impl<'t> Statements<'t> {
         Ok(entries.iter().find(|(_, id)| *id == change.id).map(|(s, _)| s.seq))
     }
 
-    /// Whether the row was still at `from` (and is now updated).
-    pub(crate) fn update_state(&mut self, c: &StateChange, from: Current, seq: u32) -> rusqlite::Result<bool> {
+    /// Whether the row was still at `from` (and is now updated, its history one entry
+    /// longer: `c` as entry `seq`, made by change `change_id`).
+    pub(crate) fn update_state(
+        &mut self,
+        c: &StateChange,
+        from: Current,
+        seq: u32,
+        change_id: Uuid,
+    ) -> rusqlite::Result<bool> {
         let stmt = match c.kind {
             RunKind::Flow => &mut self.flow_state,
             RunKind::Task => &mut self.task_state,
@@ -923,7 +904,8 @@ impl<'t> Statements<'t> {
             end,
             c.result,
             from.state.as_str(),
-            from.seq
+            from.seq,
+            crate::history::entry(&RunState::record(c, seq), change_id)
         ])?;
         Ok(changed == 1)
     }

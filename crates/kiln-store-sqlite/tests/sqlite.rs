@@ -193,3 +193,40 @@ fn api_tokens_are_kept_as_hashes() {
     let (store, _dir) = sqlite();
     block_on(suite::api_tokens_are_kept_as_hashes(&store));
 }
+
+/// A run's history is kept in its row and appended to state by state, byte for byte; the
+/// states a run recorded in `states` before migration 0011 are read with it, in order.
+#[test]
+fn a_history_kept_in_the_row_reads_back_whole_with_older_rows_of_states() {
+    let (store, dir) = sqlite();
+    let t = suite::task("appended", None);
+    let id = t.id;
+    block_on(async {
+        store.send(Write::TaskRun(t), None).unwrap();
+        store.flush().await.unwrap();
+    });
+    // As a database from before migration 0011 holds it: the first state in `states`.
+    let conn = rusqlite::Connection::open(dir.path().join("nested/kiln.db")).unwrap();
+    conn.execute("UPDATE task_runs SET history = NULL WHERE id = ?1", [id])
+        .unwrap();
+    conn.execute(
+        "INSERT INTO states (run_id, seq, state, attempt, timestamp) VALUES (?1, 0, 'Pending', 0, 1)",
+        [id],
+    )
+    .unwrap();
+    let mut running = suite::change(RunKind::Task, id, Pending, Running, 1);
+    running.message = Some("nul \0 and é, \u{1b}[31m".into());
+    let mut done = suite::change(RunKind::Task, id, Running, Completed, 1);
+    done.result = Some(r#"{"key":"k","size":3}"#.into());
+    block_on(async {
+        for change in [running, done] {
+            // Each in its own batch: the second is appended to what the first wrote.
+            store.set_state(change).await.unwrap();
+        }
+        let history = store.states(id).await.unwrap();
+        let states: Vec<_> = history.iter().map(|s| (s.seq, s.state)).collect();
+        assert_eq!(states, [(0, Pending), (1, Running), (2, Completed)]);
+        assert_eq!(history[1].message.as_deref(), Some("nul \0 and é, \u{1b}[31m"));
+        assert_eq!(history[2].result.as_deref(), Some(r#"{"key":"k","size":3}"#));
+    });
+}
