@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use image::RgbImage;
 use kiln::prelude::*;
 use kiln::result::StorageConfig;
-use kiln::serializer::{Jpeg, Json, MsgPack, Png, Qoi, RawPixels, Serializer, Zstd};
+use kiln::serializer::{Jpeg, Json, MsgPack, Png, PngFilter, Qoi, RawPixels, Serializer, Zstd};
 use serde::{Deserialize, Serialize};
 
 fn photo(w: u32, h: u32) -> RgbImage {
@@ -25,6 +25,20 @@ fn photo(w: u32, h: u32) -> RgbImage {
             ((y * 255 / h) as u8).wrapping_add(n / 2),
             (((x + y) * 127 / (w + h)) as u8).wrapping_add(n),
         ])
+    })
+}
+
+/// A flat image, as screenshots and renders are: bands of one colour, a gradient, dark
+/// marks.
+fn flat(w: u32, h: u32) -> RgbImage {
+    RgbImage::from_fn(w, h, |x, y| {
+        if (x / 40 + y / 24) % 3 == 0 {
+            image::Rgb([250, 250, 250])
+        } else if (x * 7 + y * 13) % 97 < 9 {
+            image::Rgb([20, 20, 30])
+        } else {
+            image::Rgb([(x % 256) as u8, 90, 200])
+        }
     })
 }
 
@@ -174,38 +188,44 @@ fn main() {
     println!("| image | serializer | encode | decode | size (of raw) |");
     println!("|---|---|---|---|---|");
     for (label, w, runs) in [("512x512 RGB", 512u32, 15usize), ("4096x4096 RGB", 4096, 3)] {
-        let img = photo(w, w);
-        let raw = img.as_raw().len();
-        row(label, "png (fast, the default)", &Png::default(), &img, raw, runs);
-        row(
-            label,
-            "png (default level: Png::compact())",
-            &Png::compact(),
-            &img,
-            raw,
-            runs,
-        );
-        row(label, "qoi", &Qoi, &img, raw, runs);
-        row(label, "raw-pixels", &RawPixels, &img, raw, runs);
-        row(
-            label,
-            "zstd(raw-pixels), level 1",
-            &Zstd {
+        for (kind, img) in [("photo", photo(w, w)), ("flat", flat(w, w))] {
+            let label = format!("{label} {kind}");
+            let label = label.as_str();
+            let raw = img.as_raw().len();
+            row(
+                label,
+                "png, the default (fast level, Up filter)",
+                &Png::default(),
+                &img,
+                raw,
+                runs,
+            );
+            let paeth = Png::default().filter(PngFilter::Paeth);
+            row(label, "png, fast level, Paeth filter", &paeth, &img, raw, runs);
+            let adaptive = Png::default().filter(PngFilter::Adaptive);
+            row(label, "png, fast level, Adaptive filter", &adaptive, &img, raw, runs);
+            row(label, "png, Png::compact() (size)", &Png::compact(), &img, raw, runs);
+            row(label, "qoi", &Qoi, &img, raw, runs);
+            row(label, "raw-pixels", &RawPixels, &img, raw, runs);
+            let zstd = Zstd {
                 inner: RawPixels,
                 level: 1,
-            },
-            &img,
-            raw,
-            runs,
-        );
-        row(
-            label,
-            "jpeg (quality 90, lossy)",
-            &Jpeg { quality: 90 },
-            &img,
-            raw,
-            runs,
-        );
+            };
+            row(label, "zstd(raw-pixels), level 1", &zstd, &img, raw, runs);
+            if kind == "photo" {
+                row(
+                    label,
+                    "jpeg (quality 90, lossy)",
+                    &Jpeg { quality: 90 },
+                    &img,
+                    raw,
+                    runs,
+                );
+            }
+        }
+    }
+    if std::env::var("KILN_BENCH_ONLY").as_deref() == Ok("images") {
+        return;
     }
 
     println!("\n## The default binary serializer on a struct-heavy value (20,000 records)\n");

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use image::{DynamicImage, GrayImage, ImageBuffer, Luma, Rgb, RgbImage, Rgba, RgbaImage};
-use kiln::serializer::{Jpeg, Json, MsgPack, Png, PngCompression, Qoi, RawPixels, Serializer, Zstd};
+use kiln::serializer::{Jpeg, Json, MsgPack, Png, PngCompression, PngFilter, Qoi, RawPixels, Serializer, Zstd};
 use proptest::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -152,9 +152,11 @@ exact_suite!(
     rgba_images(),
     RgbaImage,
     Png::default(),
-    Png {
-        compression: PngCompression::Best
-    },
+    Png::default().compression(PngCompression::Best),
+    Png::default().filter(PngFilter::Paeth),
+    Png::default().filter(PngFilter::None),
+    Png::compact().filter(PngFilter::Sub),
+    Png::default().filter(PngFilter::Avg),
     Qoi
 );
 

@@ -188,7 +188,7 @@ impl<T: 'static, S: Serializer<T>> Serializer<T> for Zstd<S> {
 #[cfg(feature = "images")]
 mod images;
 #[cfg(feature = "images")]
-pub use images::{ImageValue, Jpeg, Png, PngCompression, Qoi, RawPixels};
+pub use images::{ImageValue, Jpeg, Png, PngCompression, PngFilter, Qoi, RawPixels};
 
 /// Decodes a record's payload without the Rust type, for tools (`kiln result get`):
 /// self-describing formats become JSON, images become PNG, anything else stays as it is.
