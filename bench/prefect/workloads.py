@@ -13,6 +13,9 @@ import os
 import sys
 
 from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "shared"))
+from images import digest, files_under, start_image, step_body  # noqa: E402
 from prefect import flow, task
 from prefect.cache_policies import INPUTS
 from prefect.serializers import Serializer
@@ -38,13 +41,6 @@ def inc(x: int) -> int:
     return x + 1
 
 
-def step_body(img: Image.Image) -> Image.Image:
-    # The same change as the Kiln workload: bump the first pixel's blue channel.
-    r, g, b = img.getpixel((0, 0))
-    img.putpixel((0, 0), (r, g, (b + 1) % 256))
-    return img
-
-
 @task
 def step(img: Image.Image) -> Image.Image:
     return step_body(img)
@@ -65,18 +61,6 @@ def step_cached(img: Image.Image, i: int) -> Image.Image:
     return step_body(img)
 
 
-def magenta() -> Image.Image:
-    return Image.new("RGB", (512, 512), (255, 0, 255))
-
-
-def digest(img: Image.Image) -> str:
-    out = os.environ.get("BENCH_OUT")
-    if out:
-        with open(os.path.join(out, "final.raw"), "wb") as f:
-            f.write(img.tobytes())
-    return "image"
-
-
 @flow
 def w1(n: int) -> int:
     v = 0
@@ -87,7 +71,7 @@ def w1(n: int) -> int:
 
 @flow
 def chain(n: int, kind: str) -> str:
-    img = magenta()
+    img = start_image()
     for i in range(n):
         if kind == "plain":
             img = step(img)
@@ -107,8 +91,7 @@ def w6(n: int) -> int:
 
 
 def records() -> int:
-    root = os.environ.get("PREFECT_LOCAL_STORAGE_PATH", "")
-    return sum(len(files) for _, _, files in os.walk(root)) if root and os.path.isdir(root) else 0
+    return files_under(os.environ.get("PREFECT_LOCAL_STORAGE_PATH", ""))
 
 
 def main() -> None:
