@@ -210,8 +210,9 @@ enum Stop {
     Write(usize, rusqlite::Error),
     /// The database cannot take writes (disk full, I/O error, read-only file): the batch fails.
     Fatal(rusqlite::Error),
-    /// A run the batch created exists already (tried without looking): tried again, looking.
-    Exists,
+    /// What the batch assumed without looking did not hold (a run it created exists, a run
+    /// it moved was moved by another process): tried again, looking each up.
+    Recheck,
 }
 
 fn classify(e: rusqlite::Error, index: usize) -> Stop {
@@ -275,7 +276,8 @@ fn commit(conn: &mut Connection, batch: &[Write], known: &mut HashMap<Uuid, Curr
     let mut delay = Duration::from_millis(10);
     let mut warned = false;
     // A batch is first tried assuming that the runs it creates are new (a lookup per run
-    // saved); a run that exists makes it try again, looking each up.
+    // saved) and with the state changes of each existing run written as one row update at
+    // its end; if a run exists, or another process moved one, it is tried again carefully.
     let mut careful = false;
     loop {
         match attempt(conn, batch, &failed, known, careful) {
@@ -292,7 +294,7 @@ fn commit(conn: &mut Connection, batch: &[Write], known: &mut HashMap<Uuid, Curr
             Err(Stop::Write(index, e)) => {
                 failed[index] = Some(backend(&path, e));
             }
-            Err(Stop::Exists) => careful = true,
+            Err(Stop::Recheck) => careful = true,
             Err(Stop::Busy(e)) if started.elapsed() < BUSY_DEADLINE => {
                 if !warned && started.elapsed() > Duration::from_secs(5) {
                     tracing::warn!(
@@ -326,6 +328,47 @@ struct NewRow {
     history: Vec<(StateRecord, Uuid)>,
 }
 
+/// An existing run that changes of this batch move: its row is updated once, at the end of
+/// the batch, from the state it was found in to the last one, its history appended.
+struct Touched {
+    index: usize,
+    kind: RunKind,
+    run_id: Uuid,
+    from: Current,
+    run: RunState,
+    history: Vec<(StateRecord, Uuid)>,
+}
+
+/// Updates the rows of the `touched` runs (and forgets them): each from the state it was
+/// found in, or the batch is tried again carefully if another process moved one since.
+fn write_touched(
+    st: &mut Statements<'_>,
+    touched: &mut Vec<Touched>,
+    touched_index: &mut HashMap<Uuid, usize>,
+    known: &mut HashMap<Uuid, Current>,
+) -> Result<(), Stop> {
+    for t in touched.drain(..) {
+        let history = crate::history::encode(&t.history);
+        if !st
+            .update_row(t.kind, t.run_id, &t.run, t.from, &history)
+            .map_err(|e| classify(e, t.index))?
+        {
+            known.remove(&t.run_id);
+            return Err(Stop::Recheck);
+        }
+    }
+    touched_index.clear();
+    Ok(())
+}
+
+/// The position `change` took among `history` (changes applied earlier in this batch).
+fn applied_in(history: &[(StateRecord, Uuid)], change: &StateChange) -> Option<u32> {
+    if change.id.is_nil() {
+        return None;
+    }
+    history.iter().find(|(_, id)| *id == change.id).map(|(s, _)| s.seq)
+}
+
 /// The outcome of creating run `id` at `created` when it exists, created at `existing`:
 /// the same creation delivered again is acknowledged; anything else is an id already taken.
 fn created_again(id: Uuid, existing: Micros, created: Micros) -> Outcome {
@@ -357,6 +400,8 @@ fn attempt(
         let mut st = Statements::prepare(&tx).map_err(|e| classify(e, usize::MAX))?;
         let mut new_rows: Vec<NewRow> = Vec::new();
         let mut new_index: HashMap<Uuid, usize> = HashMap::new();
+        let mut touched: Vec<Touched> = Vec::new();
+        let mut touched_index: HashMap<Uuid, usize> = HashMap::new();
         for (i, w) in batch.iter().enumerate() {
             if failed[i].is_some() {
                 outcomes.push(None);
@@ -400,10 +445,21 @@ fn attempt(
                     Outcome::Applied { seq: Some(0) }
                 }
                 Write::State(change) if change.fence.is_some() && !st.holds(change).map_err(|e| classify(e, i))? => {
-                    // Its claim has ended: refused, unless this very change was applied before.
-                    match st.applied_seq(change).map_err(|e| classify(e, i))? {
-                        Some(seq) => Outcome::Applied { seq: Some(seq) },
-                        None => Outcome::Rejected {
+                    // Its claim has ended: refused, unless this very change was applied before
+                    // (earlier in this batch, or in an earlier one).
+                    let here = match (new_index.get(&change.run_id), touched_index.get(&change.run_id)) {
+                        (Some(&n), _) => Some((&new_rows[n].history, new_rows[n].run.state)),
+                        (None, Some(&t)) => Some((&touched[t].history, touched[t].run.state)),
+                        (None, None) => None,
+                    };
+                    let earlier = match here.and_then(|(h, _)| applied_in(h, change)) {
+                        Some(seq) => Some(seq),
+                        None => st.applied_seq(change).map_err(|e| classify(e, i))?,
+                    };
+                    match (earlier, here) {
+                        (Some(seq), _) => Outcome::Applied { seq: Some(seq) },
+                        (None, Some((_, state))) => Outcome::Rejected { current: Some(state) },
+                        (None, None) => Outcome::Rejected {
                             current: st
                                 .current(change.kind, change.run_id)
                                 .map_err(|e| classify(e, i))?
@@ -413,16 +469,24 @@ fn attempt(
                 }
                 Write::State(change) => {
                     let in_batch = new_index.get(&change.run_id).copied();
+                    let was_touched = touched_index.get(&change.run_id).copied();
                     // A run of this batch, else what this writer last wrote (a hint), else the row.
-                    let (mut current, mut looked_up) = match in_batch {
-                        Some(n) => (
+                    let (mut current, mut looked_up) = match (in_batch, was_touched) {
+                        (Some(n), _) => (
                             Some(Current {
                                 state: new_rows[n].run.state,
                                 seq: new_rows[n].run.seq,
                             }),
                             true,
                         ),
-                        None => match learned.get(&change.run_id).or_else(|| known.get(&change.run_id)) {
+                        (None, Some(t)) => (
+                            Some(Current {
+                                state: touched[t].run.state,
+                                seq: touched[t].run.seq,
+                            }),
+                            true,
+                        ),
+                        (None, None) => match learned.get(&change.run_id).or_else(|| known.get(&change.run_id)) {
                             Some(c) => (Some(*c), false),
                             None => (
                                 st.current(change.kind, change.run_id).map_err(|e| classify(e, i))?,
@@ -440,8 +504,17 @@ fn attempt(
                                 looked_up = true;
                                 continue;
                             }
-                            // Refused, unless this very change was applied before (a resend).
-                            break match st.applied_seq(change).map_err(|e| classify(e, i))? {
+                            // Refused, unless this very change was applied before (a resend),
+                            // earlier in this batch or in an earlier one.
+                            let earlier = in_batch
+                                .map(|n| &new_rows[n].history)
+                                .or(was_touched.map(|t| &touched[t].history))
+                                .and_then(|h| applied_in(h, change));
+                            let earlier = match earlier {
+                                Some(seq) => Some(seq),
+                                None => st.applied_seq(change).map_err(|e| classify(e, i))?,
+                            };
+                            break match earlier {
                                 Some(seq) => Outcome::Applied { seq: Some(seq) },
                                 None => Outcome::Rejected {
                                     current: current.map(|c| c.state),
@@ -449,20 +522,45 @@ fn attempt(
                             };
                         };
                         let seq = c.seq + 1;
-                        let applied = match in_batch {
-                            Some(n) => {
-                                // Checked here as `json()` checks it for `states`: a bad
-                                // result fails this change alone, not the run's row.
-                                if let Some(result) = &change.result {
-                                    serde_json::from_str::<serde::de::IgnoredAny>(result).map_err(|e| {
-                                        Stop::Write(i, rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
-                                    })?;
-                                }
+                        let deferred = in_batch.is_some() || was_touched.is_some() || !careful;
+                        if deferred {
+                            // Checked here as `json()` checks it in the statement: a bad
+                            // result fails this change alone, not the run's row.
+                            if let Some(result) = &change.result {
+                                serde_json::from_str::<serde::de::IgnoredAny>(result).map_err(|e| {
+                                    Stop::Write(i, rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+                                })?;
+                            }
+                        }
+                        let applied = match (in_batch, was_touched) {
+                            (Some(n), _) => {
                                 new_rows[n].run.apply(change, seq);
                                 new_rows[n].history.push((RunState::record(change, seq), change.id));
                                 true
                             }
-                            None => st.update_state(change, c, seq, change.id).map_err(|e| classify(e, i))?,
+                            (None, Some(t)) => {
+                                touched[t].run.apply(change, seq);
+                                touched[t].history.push((RunState::record(change, seq), change.id));
+                                true
+                            }
+                            // Written once at the end of the batch, with the run's other
+                            // changes in it (see `Touched`).
+                            (None, None) if deferred => {
+                                touched_index.insert(change.run_id, touched.len());
+                                let mut run = RunState::created(c.state);
+                                run.seq = c.seq;
+                                run.apply(change, seq);
+                                touched.push(Touched {
+                                    index: i,
+                                    kind: change.kind,
+                                    run_id: change.run_id,
+                                    from: c,
+                                    run,
+                                    history: vec![(RunState::record(change, seq), change.id)],
+                                });
+                                true
+                            }
+                            (None, None) => st.update_state(change, c, seq, change.id).map_err(|e| classify(e, i))?,
                         };
                         if !applied {
                             // What this writer knew is stale (another process changed the
@@ -582,15 +680,19 @@ fn attempt(
                         Outcome::Applied { seq: None }
                     }
                 }
-                Write::DeleteRun { id } => match delete_run(&tx, *id).map_err(|e| classify(e, i))? {
-                    Ok(gone) => {
-                        for id in gone {
-                            known.remove(&id);
+                Write::DeleteRun { id } => {
+                    // The rows it reads first hold what this batch did to them.
+                    write_touched(&mut st, &mut touched, &mut touched_index, known)?;
+                    match delete_run(&tx, *id).map_err(|e| classify(e, i))? {
+                        Ok(gone) => {
+                            for id in gone {
+                                known.remove(&id);
+                            }
+                            Outcome::Applied { seq: None }
                         }
-                        Outcome::Applied { seq: None }
+                        Err(why) => Outcome::Failed(Arc::new(StoreError::backend(why, false))),
                     }
-                    Err(why) => Outcome::Failed(Arc::new(StoreError::backend(why, false))),
-                },
+                }
                 Write::Heartbeat(p) => {
                     st.heartbeat
                         .execute(params![p.id, p.host, p.pid, p.started as i64, p.heartbeat])
@@ -617,6 +719,7 @@ fn attempt(
             };
             outcomes.push(Some(outcome));
         }
+        write_touched(&mut st, &mut touched, &mut touched_index, known)?;
         for row in &new_rows {
             let w = &batch[row.index];
             st.insert_run(w, row).map_err(|e| {
@@ -624,7 +727,7 @@ fn attempt(
                     && e.sqlite_error()
                         .is_some_and(|e| e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
                 {
-                    Stop::Exists
+                    Stop::Recheck
                 } else {
                     classify(e, row.index)
                 }
@@ -888,24 +991,39 @@ impl<'t> Statements<'t> {
         seq: u32,
         change_id: Uuid,
     ) -> rusqlite::Result<bool> {
-        let stmt = match c.kind {
+        let mut run = RunState::created(from.state);
+        run.seq = from.seq;
+        run.apply(c, seq);
+        let entry = crate::history::entry(&RunState::record(c, seq), change_id);
+        self.update_row(c.kind, c.run_id, &run, from, &entry)
+    }
+
+    /// Whether the row of run `id` was still at `from` (and now holds `run`, with `entries`
+    /// appended to its history). The row update is the compare-and-set.
+    fn update_row(
+        &mut self,
+        kind: RunKind,
+        id: Uuid,
+        run: &RunState,
+        from: Current,
+        entries: &[u8],
+    ) -> rusqlite::Result<bool> {
+        let stmt = match kind {
             RunKind::Flow => &mut self.flow_state,
             RunKind::Task => &mut self.task_state,
         };
-        let start = (c.to == StateType::Running).then_some(c.timestamp);
-        let end = c.to.is_terminal().then_some(c.timestamp);
         let changed = stmt.execute(params![
-            c.run_id,
-            c.to.as_str(),
-            seq,
-            c.message,
-            c.attempt,
-            start,
-            end,
-            c.result,
+            id,
+            run.state.as_str(),
+            run.seq,
+            run.message,
+            run.attempt,
+            run.start_time,
+            run.end_time,
+            run.result,
             from.state.as_str(),
             from.seq,
-            crate::history::entry(&RunState::record(c, seq), change_id)
+            entries
         ])?;
         Ok(changed == 1)
     }

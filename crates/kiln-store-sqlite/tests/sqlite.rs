@@ -230,3 +230,62 @@ fn a_history_kept_in_the_row_reads_back_whole_with_older_rows_of_states() {
         assert_eq!(history[2].result.as_deref(), Some(r#"{"key":"k","size":3}"#));
     });
 }
+
+/// A batch writes the changes of an existing run as one row update, assuming what this
+/// writer last saw; when another process moved the run meanwhile, the batch is decided
+/// again on the database: a stale change is refused, the rest applied, nothing lost.
+#[test]
+fn changes_made_in_one_batch_hold_when_another_process_moved_the_run() {
+    let (store, dir) = sqlite();
+    let other = SqliteStore::open(dir.path().join("nested/kiln.db")).unwrap();
+    let (a, b) = (suite::task("moved", None), suite::task("still", None));
+    let (aid, bid) = (a.id, b.id);
+    let report = Arc::new(Collect::default());
+    let to_report = || Some(report.clone() as Arc<dyn Report>);
+    block_on(async {
+        store.send(Write::TaskRun(a), None).unwrap();
+        store.send(Write::TaskRun(b), None).unwrap();
+        store.flush().await.unwrap();
+        // This writer last saw both Pending; another process starts `a`.
+        other
+            .set_state(suite::change(RunKind::Task, aid, Pending, Running, 1))
+            .await
+            .unwrap();
+        let resent = suite::change(RunKind::Task, bid, Pending, Running, 1);
+        for change in [
+            suite::change(RunKind::Task, aid, Pending, Running, 1),
+            suite::change(RunKind::Task, aid, Running, Completed, 1),
+            resent.clone(),
+            suite::change(RunKind::Task, bid, Running, Completed, 1),
+            resent,
+        ] {
+            store.send(Write::State(change), to_report()).unwrap();
+        }
+        store.flush().await.unwrap();
+        let problems = report.problems();
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert!(
+            problems[0].contains(&format!("Pending -> Running of run {aid}")),
+            "{problems:#?}"
+        );
+        assert!(problems[0].contains("Running"), "{problems:#?}");
+        let store = &store;
+        let seqs = |id| async move {
+            let h = store.states(id).await.unwrap();
+            h.iter().map(|s| (s.seq, s.state)).collect::<Vec<_>>()
+        };
+        assert_eq!(seqs(aid).await, [(0, Pending), (1, Running), (2, Completed)]);
+        // The change sent twice is applied once, at one position.
+        assert_eq!(seqs(bid).await, [(0, Pending), (1, Running), (2, Completed)]);
+        let outcomes = report.outcomes();
+        let resends: Vec<_> = outcomes
+            .iter()
+            .filter(|o| o.contains(&format!("Pending -> Running of run {bid}")))
+            .collect();
+        assert_eq!(resends.len(), 2, "{outcomes:#?}");
+        assert!(resends.iter().all(|o| o.contains("seq: Some(1)")), "{outcomes:#?}");
+        let row = store.task_run(aid).await.unwrap().unwrap();
+        assert_eq!(row.state, Completed);
+        assert!(row.start_time.is_some() && row.end_time.is_some());
+    });
+}
