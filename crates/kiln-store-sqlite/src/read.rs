@@ -293,15 +293,18 @@ pub(crate) fn task_runs_in(c: &Connection, ids: &[Uuid], states: &[StateType]) -
 /// migration 0011, read in one transaction.
 pub(crate) fn states(c: &Connection, run_id: Uuid) -> Result<Vec<StateRecord>, StoreError> {
     let tx = c.unchecked_transaction().map_err(backend)?;
-    let kept: Option<Vec<u8>> = tx
-        .prepare_cached(
-            "SELECT history FROM task_runs WHERE id = ?1 UNION ALL SELECT history FROM flow_runs WHERE id = ?1",
-        )
-        .map_err(backend)?
-        .query_row([run_id], |r| r.get(0))
-        .optional()
-        .map_err(backend)?
-        .flatten();
+    let sql = "SELECT history FROM task_runs WHERE id = ?1 UNION ALL SELECT history FROM flow_runs WHERE id = ?1";
+    let kept: Option<Vec<u8>> = match tx.prepare_cached(sql) {
+        Ok(mut q) => q
+            .query_row([run_id], |r| r.get(0))
+            .optional()
+            .map_err(backend)?
+            .flatten(),
+        // A database from before migration 0011, opened read-only: its history is all in
+        // `states`.
+        Err(e) if e.to_string().contains("no such column: history") => None,
+        Err(e) => return Err(backend(e)),
+    };
     let mut history: Vec<StateRecord> = match kept {
         Some(kept) => crate::history::decode(run_id, &kept)
             .map_err(StoreError::Corrupt)?

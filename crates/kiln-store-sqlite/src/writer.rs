@@ -349,15 +349,55 @@ fn write_touched(
 ) -> Result<(), Stop> {
     for t in touched.drain(..) {
         let history = crate::history::encode(&t.history);
-        if !st
-            .update_row(t.kind, t.run_id, &t.run, t.from, &history)
-            .map_err(|e| classify(e, t.index))?
-        {
+        // A refused update is not blamed on the run's first change: the careful retry
+        // applies the changes one by one, and the one that fails is reported.
+        let updated =
+            st.update_row(t.kind, t.run_id, &t.run, t.from, &history)
+                .map_err(|e| match classify(e, t.index) {
+                    Stop::Write(..) => Stop::Recheck,
+                    other => other,
+                })?;
+        if !updated {
             known.remove(&t.run_id);
             return Err(Stop::Recheck);
         }
     }
     touched_index.clear();
+    Ok(())
+}
+
+/// Inserts the rows of the runs this batch created (and forgets them), each with the state
+/// it reached and its history. An optimistic batch that meets a run which exists already
+/// is tried again carefully.
+fn write_new_rows(
+    st: &mut Statements<'_>,
+    batch: &[Write],
+    new_rows: &mut Vec<NewRow>,
+    new_index: &mut HashMap<Uuid, usize>,
+    learned: &mut HashMap<Uuid, Current>,
+    careful: bool,
+) -> Result<(), Stop> {
+    for row in new_rows.drain(..) {
+        let w = &batch[row.index];
+        st.insert_run(w, &row).map_err(|e| {
+            if !careful
+                && e.sqlite_error()
+                    .is_some_and(|e| e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
+            {
+                Stop::Recheck
+            } else {
+                classify(e, row.index)
+            }
+        })?;
+        learned.insert(
+            w.run_id(),
+            Current {
+                state: row.run.state,
+                seq: row.run.seq,
+            },
+        );
+    }
+    new_index.clear();
     Ok(())
 }
 
@@ -430,6 +470,20 @@ fn attempt(
                         None if careful => st.created_at(kind, *id).map_err(|e| classify(e, i))?,
                         None => None,
                     };
+                    // Flow runs and task runs share one id space (a history, a `kiln runs`
+                    // argument, names one run): an id of the other kind is taken. Flow runs
+                    // are few, so a task run's look there is cheap; a flow run's is rare.
+                    let (other, other_name) = match kind {
+                        RunKind::Flow => (RunKind::Task, "task"),
+                        RunKind::Task => (RunKind::Flow, "flow"),
+                    };
+                    if existing.is_none() && st.created_at(other, *id).map_err(|e| classify(e, i))?.is_some() {
+                        outcomes.push(Some(Outcome::Failed(Arc::new(StoreError::backend(
+                            format!("run id {id} is taken by a {other_name} run; a new run needs a new id"),
+                            false,
+                        )))));
+                        continue;
+                    }
                     if let Some(existing) = existing {
                         // This run exists: the same creation delivered again, or an id taken.
                         outcomes.push(Some(created_again(*id, existing, *created)));
@@ -528,7 +582,13 @@ fn attempt(
                             // result fails this change alone, not the run's row.
                             if let Some(result) = &change.result {
                                 serde_json::from_str::<serde::de::IgnoredAny>(result).map_err(|e| {
-                                    Stop::Write(i, rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+                                    // Failed for good only once the state it was checked
+                                    // against comes from the database.
+                                    if careful {
+                                        Stop::Write(i, rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+                                    } else {
+                                        Stop::Recheck
+                                    }
                                 })?;
                             }
                         }
@@ -681,8 +741,10 @@ fn attempt(
                     }
                 }
                 Write::DeleteRun { id } => {
-                    // The rows it reads first hold what this batch did to them.
+                    // The rows it reads first hold what this batch did: the runs it
+                    // created (a flow run's task runs among them) and moved.
                     write_touched(&mut st, &mut touched, &mut touched_index, known)?;
+                    write_new_rows(&mut st, batch, &mut new_rows, &mut new_index, &mut learned, careful)?;
                     match delete_run(&tx, *id).map_err(|e| classify(e, i))? {
                         Ok(gone) => {
                             for id in gone {
@@ -720,26 +782,7 @@ fn attempt(
             outcomes.push(Some(outcome));
         }
         write_touched(&mut st, &mut touched, &mut touched_index, known)?;
-        for row in &new_rows {
-            let w = &batch[row.index];
-            st.insert_run(w, row).map_err(|e| {
-                if !careful
-                    && e.sqlite_error()
-                        .is_some_and(|e| e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
-                {
-                    Stop::Recheck
-                } else {
-                    classify(e, row.index)
-                }
-            })?;
-            learned.insert(
-                w.run_id(),
-                Current {
-                    state: row.run.state,
-                    seq: row.run.seq,
-                },
-            );
-        }
+        write_new_rows(&mut st, batch, &mut new_rows, &mut new_index, &mut learned, careful)?;
     }
     tx.commit().map_err(|e| classify(e, usize::MAX))?;
     if known.len() + learned.len() > KNOWN_MAX {

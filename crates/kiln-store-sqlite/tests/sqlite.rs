@@ -289,3 +289,90 @@ fn changes_made_in_one_batch_hold_when_another_process_moved_the_run() {
         assert!(row.start_time.is_some() && row.end_time.is_some());
     });
 }
+
+/// A database an older Kiln left (before the history moved into the rows), opened read-only
+/// without migrating it, still gives each run's history, from `states`.
+#[test]
+fn an_older_database_opened_read_only_reads_histories_from_states() {
+    let (store, dir) = sqlite();
+    let path = dir.path().join("nested/kiln.db");
+    let f = suite::flow("old", None);
+    let id = f.id;
+    block_on(async {
+        store.send(Write::FlowRun(f), None).unwrap();
+        store.flush().await.unwrap();
+    });
+    store.close().unwrap();
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "DROP INDEX flow_runs_open; DROP INDEX task_runs_open;
+         ALTER TABLE flow_runs DROP COLUMN history; ALTER TABLE task_runs DROP COLUMN history;
+         PRAGMA user_version = 10;",
+    )
+    .unwrap();
+    conn.execute(
+        "INSERT INTO states (run_id, seq, state, attempt, timestamp) VALUES (?1, 0, 'Pending', 0, 1)",
+        [id],
+    )
+    .unwrap();
+    drop(conn);
+    let ro = SqliteStore::open_read_only(&path).unwrap();
+    let history = block_on(ro.states(id)).unwrap();
+    assert_eq!(
+        history.iter().map(|s| (s.seq, s.state)).collect::<Vec<_>>(),
+        [(0, Pending)]
+    );
+}
+
+/// Flow runs and task runs share one id space: a run cannot take the id of one of the
+/// other kind.
+#[test]
+fn a_run_cannot_take_the_id_of_a_run_of_the_other_kind() {
+    let (store, _dir) = sqlite();
+    let f = suite::flow("first", None);
+    let mut t = suite::task("second", None);
+    t.id = f.id;
+    let report = Arc::new(Collect::default());
+    block_on(async {
+        store.send(Write::FlowRun(f), None).unwrap();
+        store.flush().await.unwrap();
+        store
+            .send(Write::TaskRun(t), Some(report.clone() as Arc<dyn Report>))
+            .unwrap();
+        store.flush().await.unwrap();
+    });
+    let problems = report.problems();
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert!(problems[0].contains("is taken by a flow run"), "{problems:#?}");
+}
+
+/// A deletion sees what its own batch did before it: runs created and finished in the same
+/// batch go with the flow run they belong to.
+#[test]
+fn a_deletion_takes_the_runs_its_own_batch_created() {
+    let (store, _dir) = sqlite();
+    let f = suite::flow("short-lived", None);
+    let t = suite::task("inside", Some(f.id));
+    let (fid, tid) = (f.id, t.id);
+    let report = Arc::new(Collect::default());
+    block_on(async {
+        for w in [
+            Write::FlowRun(f),
+            Write::TaskRun(t),
+            Write::State(suite::change(RunKind::Task, tid, Pending, Running, 1)),
+            Write::State(suite::change(RunKind::Task, tid, Running, Completed, 1)),
+            Write::State(suite::change(RunKind::Flow, fid, Pending, Running, 1)),
+            Write::State(suite::change(RunKind::Flow, fid, Running, Completed, 1)),
+            Write::DeleteRun { id: fid },
+        ] {
+            store.send(w, Some(report.clone() as Arc<dyn Report>)).unwrap();
+        }
+        store.flush().await.unwrap();
+        assert!(report.problems().is_empty(), "{:#?}", report.problems());
+        assert!(store.flow_run(fid).await.unwrap().is_none());
+        assert!(
+            store.task_run(tid).await.unwrap().is_none(),
+            "no task run left without its flow run"
+        );
+    });
+}
