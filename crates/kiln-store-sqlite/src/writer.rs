@@ -319,85 +319,76 @@ fn commit(conn: &mut Connection, batch: &[Write], known: &mut HashMap<Uuid, Curr
     }
 }
 
-/// A run created in this batch: its row is inserted once, with the state it ends the batch
-/// in and the history that led there (see migration 0011).
-struct NewRow {
+/// A run this batch creates or moves: its row is written once, when the batch ends (or
+/// before a deletion reads the rows), with the state it reached and the history that led
+/// there (see migration 0011).
+struct Pending {
+    /// The first write of the batch about it (the one blamed when its row is refused).
     index: usize,
-    created: Micros,
     run: RunState,
     history: Vec<(StateRecord, Uuid)>,
+    row: Row,
 }
 
-/// An existing run that changes of this batch move: its row is updated once, at the end of
-/// the batch, from the state it was found in to the last one, its history appended.
-struct Touched {
-    index: usize,
-    kind: RunKind,
-    run_id: Uuid,
-    from: Current,
-    run: RunState,
-    history: Vec<(StateRecord, Uuid)>,
+/// How a [`Pending`] run's row is written.
+enum Row {
+    /// Created by this batch: inserted.
+    New { created: Micros },
+    /// Existing, found at `from`: updated from there (compare-and-set).
+    Existing { kind: RunKind, run_id: Uuid, from: Current },
 }
 
-/// Updates the rows of the `touched` runs (and forgets them): each from the state it was
-/// found in, or the batch is tried again carefully if another process moved one since.
-fn write_touched(
-    st: &mut Statements<'_>,
-    touched: &mut Vec<Touched>,
-    touched_index: &mut HashMap<Uuid, usize>,
-    known: &mut HashMap<Uuid, Current>,
-) -> Result<(), Stop> {
-    for t in touched.drain(..) {
-        let history = crate::history::encode(&t.history);
-        // A refused update is not blamed on the run's first change: the careful retry
-        // applies the changes one by one, and the one that fails is reported.
-        let updated =
-            st.update_row(t.kind, t.run_id, &t.run, t.from, &history)
-                .map_err(|e| match classify(e, t.index) {
-                    Stop::Write(..) => Stop::Recheck,
-                    other => other,
-                })?;
-        if !updated {
-            known.remove(&t.run_id);
-            return Err(Stop::Recheck);
-        }
-    }
-    touched_index.clear();
-    Ok(())
-}
-
-/// Inserts the rows of the runs this batch created (and forgets them), each with the state
-/// it reached and its history. An optimistic batch that meets a run which exists already
-/// is tried again carefully.
-fn write_new_rows(
+/// Writes the rows of the `pending` runs (and forgets them). An optimistic batch that meets
+/// a run which exists already, or one that another process moved since this writer saw it,
+/// is tried again carefully; so is one whose row update is refused, so that the careful
+/// retry, applying changes one by one, reports the change that fails.
+fn write_pending(
     st: &mut Statements<'_>,
     batch: &[Write],
-    new_rows: &mut Vec<NewRow>,
-    new_index: &mut HashMap<Uuid, usize>,
+    pending: &mut Vec<Pending>,
+    pending_index: &mut HashMap<Uuid, usize>,
     learned: &mut HashMap<Uuid, Current>,
+    known: &mut HashMap<Uuid, Current>,
     careful: bool,
 ) -> Result<(), Stop> {
-    for row in new_rows.drain(..) {
-        let w = &batch[row.index];
-        st.insert_run(w, &row).map_err(|e| {
-            if !careful
-                && e.sqlite_error()
-                    .is_some_and(|e| e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
-            {
-                Stop::Recheck
-            } else {
-                classify(e, row.index)
+    for p in pending.drain(..) {
+        let history = crate::history::encode(&p.history);
+        match p.row {
+            Row::New { .. } => {
+                let w = &batch[p.index];
+                st.insert_run(w, &p.run, &history).map_err(|e| {
+                    if !careful
+                        && e.sqlite_error()
+                            .is_some_and(|e| e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
+                    {
+                        Stop::Recheck
+                    } else {
+                        classify(e, p.index)
+                    }
+                })?;
+                learned.insert(
+                    w.run_id(),
+                    Current {
+                        state: p.run.state,
+                        seq: p.run.seq,
+                    },
+                );
             }
-        })?;
-        learned.insert(
-            w.run_id(),
-            Current {
-                state: row.run.state,
-                seq: row.run.seq,
-            },
-        );
+            Row::Existing { kind, run_id, from } => {
+                let updated =
+                    st.update_row(kind, run_id, &p.run, from, &history)
+                        .map_err(|e| match classify(e, p.index) {
+                            Stop::Write(..) => Stop::Recheck,
+                            other => other,
+                        })?;
+                if !updated {
+                    known.remove(&run_id);
+                    return Err(Stop::Recheck);
+                }
+            }
+        }
     }
-    new_index.clear();
+    pending_index.clear();
     Ok(())
 }
 
@@ -438,10 +429,8 @@ fn attempt(
     let mut learned: HashMap<Uuid, Current> = HashMap::new();
     {
         let mut st = Statements::prepare(&tx).map_err(|e| classify(e, usize::MAX))?;
-        let mut new_rows: Vec<NewRow> = Vec::new();
-        let mut new_index: HashMap<Uuid, usize> = HashMap::new();
-        let mut touched: Vec<Touched> = Vec::new();
-        let mut touched_index: HashMap<Uuid, usize> = HashMap::new();
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut pending_index: HashMap<Uuid, usize> = HashMap::new();
         for (i, w) in batch.iter().enumerate() {
             if failed[i].is_some() {
                 outcomes.push(None);
@@ -465,10 +454,10 @@ fn attempt(
                     } else {
                         RunKind::Task
                     };
-                    let existing = match new_index.get(id) {
-                        Some(&n) => Some(new_rows[n].created),
-                        None if careful => st.created_at(kind, *id).map_err(|e| classify(e, i))?,
-                        None => None,
+                    let existing = match pending_index.get(id).map(|&p| &pending[p].row) {
+                        Some(Row::New { created }) => Some(*created),
+                        _ if careful => st.created_at(kind, *id).map_err(|e| classify(e, i))?,
+                        _ => None,
                     };
                     // Flow runs and task runs share one id space (a history, a `kiln runs`
                     // argument, names one run): an id of the other kind is taken. Flow runs
@@ -489,30 +478,28 @@ fn attempt(
                         outcomes.push(Some(created_again(*id, existing, *created)));
                         continue;
                     }
-                    new_index.insert(*id, new_rows.len());
-                    new_rows.push(NewRow {
+                    pending_index.insert(*id, pending.len());
+                    pending.push(Pending {
                         index: i,
-                        created: *created,
                         run: RunState::created(*initial_state),
                         history: vec![(StateRecord::created(*id, *initial_state, *created), Uuid::nil())],
+                        row: Row::New { created: *created },
                     });
                     Outcome::Applied { seq: Some(0) }
                 }
                 Write::State(change) if change.fence.is_some() && !st.holds(change).map_err(|e| classify(e, i))? => {
                     // Its claim has ended: refused, unless this very change was applied before
                     // (earlier in this batch, or in an earlier one).
-                    let here = match (new_index.get(&change.run_id), touched_index.get(&change.run_id)) {
-                        (Some(&n), _) => Some((&new_rows[n].history, new_rows[n].run.state)),
-                        (None, Some(&t)) => Some((&touched[t].history, touched[t].run.state)),
-                        (None, None) => None,
-                    };
-                    let earlier = match here.and_then(|(h, _)| applied_in(h, change)) {
+                    let here = pending_index.get(&change.run_id).map(|&p| &pending[p]);
+                    let earlier = match here.and_then(|p| applied_in(&p.history, change)) {
                         Some(seq) => Some(seq),
                         None => st.applied_seq(change).map_err(|e| classify(e, i))?,
                     };
                     match (earlier, here) {
                         (Some(seq), _) => Outcome::Applied { seq: Some(seq) },
-                        (None, Some((_, state))) => Outcome::Rejected { current: Some(state) },
+                        (None, Some(p)) => Outcome::Rejected {
+                            current: Some(p.run.state),
+                        },
                         (None, None) => Outcome::Rejected {
                             current: st
                                 .current(change.kind, change.run_id)
@@ -522,25 +509,18 @@ fn attempt(
                     }
                 }
                 Write::State(change) => {
-                    let in_batch = new_index.get(&change.run_id).copied();
-                    let was_touched = touched_index.get(&change.run_id).copied();
-                    // A run of this batch, else what this writer last wrote (a hint), else the row.
-                    let (mut current, mut looked_up) = match (in_batch, was_touched) {
-                        (Some(n), _) => (
+                    let here = pending_index.get(&change.run_id).copied();
+                    // A run this batch creates or moves, else what this writer last wrote (a
+                    // hint), else the row.
+                    let (mut current, mut looked_up) = match here {
+                        Some(p) => (
                             Some(Current {
-                                state: new_rows[n].run.state,
-                                seq: new_rows[n].run.seq,
+                                state: pending[p].run.state,
+                                seq: pending[p].run.seq,
                             }),
                             true,
                         ),
-                        (None, Some(t)) => (
-                            Some(Current {
-                                state: touched[t].run.state,
-                                seq: touched[t].run.seq,
-                            }),
-                            true,
-                        ),
-                        (None, None) => match learned.get(&change.run_id).or_else(|| known.get(&change.run_id)) {
+                        None => match learned.get(&change.run_id).or_else(|| known.get(&change.run_id)) {
                             Some(c) => (Some(*c), false),
                             None => (
                                 st.current(change.kind, change.run_id).map_err(|e| classify(e, i))?,
@@ -560,10 +540,7 @@ fn attempt(
                             }
                             // Refused, unless this very change was applied before (a resend),
                             // earlier in this batch or in an earlier one.
-                            let earlier = in_batch
-                                .map(|n| &new_rows[n].history)
-                                .or(was_touched.map(|t| &touched[t].history))
-                                .and_then(|h| applied_in(h, change));
+                            let earlier = here.and_then(|p| applied_in(&pending[p].history, change));
                             let earlier = match earlier {
                                 Some(seq) => Some(seq),
                                 None => st.applied_seq(change).map_err(|e| classify(e, i))?,
@@ -576,7 +553,7 @@ fn attempt(
                             };
                         };
                         let seq = c.seq + 1;
-                        let deferred = in_batch.is_some() || was_touched.is_some() || !careful;
+                        let deferred = here.is_some() || !careful;
                         if deferred {
                             // Checked here as `json()` checks it in the statement: a bad
                             // result fails this change alone, not the run's row.
@@ -592,35 +569,32 @@ fn attempt(
                                 })?;
                             }
                         }
-                        let applied = match (in_batch, was_touched) {
-                            (Some(n), _) => {
-                                new_rows[n].run.apply(change, seq);
-                                new_rows[n].history.push((RunState::record(change, seq), change.id));
-                                true
-                            }
-                            (None, Some(t)) => {
-                                touched[t].run.apply(change, seq);
-                                touched[t].history.push((RunState::record(change, seq), change.id));
+                        let applied = match here {
+                            Some(p) => {
+                                pending[p].run.apply(change, seq);
+                                pending[p].history.push((RunState::record(change, seq), change.id));
                                 true
                             }
                             // Written once at the end of the batch, with the run's other
-                            // changes in it (see `Touched`).
-                            (None, None) if deferred => {
-                                touched_index.insert(change.run_id, touched.len());
+                            // changes in it (see `Pending`).
+                            None if deferred => {
+                                pending_index.insert(change.run_id, pending.len());
                                 let mut run = RunState::created(c.state);
                                 run.seq = c.seq;
                                 run.apply(change, seq);
-                                touched.push(Touched {
+                                pending.push(Pending {
                                     index: i,
-                                    kind: change.kind,
-                                    run_id: change.run_id,
-                                    from: c,
                                     run,
                                     history: vec![(RunState::record(change, seq), change.id)],
+                                    row: Row::Existing {
+                                        kind: change.kind,
+                                        run_id: change.run_id,
+                                        from: c,
+                                    },
                                 });
                                 true
                             }
-                            (None, None) => st.update_state(change, c, seq, change.id).map_err(|e| classify(e, i))?,
+                            None => st.update_state(change, c, seq, change.id).map_err(|e| classify(e, i))?,
                         };
                         if !applied {
                             // What this writer knew is stale (another process changed the
@@ -743,8 +717,15 @@ fn attempt(
                 Write::DeleteRun { id } => {
                     // The rows it reads first hold what this batch did: the runs it
                     // created (a flow run's task runs among them) and moved.
-                    write_touched(&mut st, &mut touched, &mut touched_index, known)?;
-                    write_new_rows(&mut st, batch, &mut new_rows, &mut new_index, &mut learned, careful)?;
+                    write_pending(
+                        &mut st,
+                        batch,
+                        &mut pending,
+                        &mut pending_index,
+                        &mut learned,
+                        known,
+                        careful,
+                    )?;
                     match delete_run(&tx, *id).map_err(|e| classify(e, i))? {
                         Ok(gone) => {
                             for id in gone {
@@ -781,8 +762,15 @@ fn attempt(
             };
             outcomes.push(Some(outcome));
         }
-        write_touched(&mut st, &mut touched, &mut touched_index, known)?;
-        write_new_rows(&mut st, batch, &mut new_rows, &mut new_index, &mut learned, careful)?;
+        write_pending(
+            &mut st,
+            batch,
+            &mut pending,
+            &mut pending_index,
+            &mut learned,
+            known,
+            careful,
+        )?;
     }
     tx.commit().map_err(|e| classify(e, usize::MAX))?;
     if known.len() + learned.len() > KNOWN_MAX {
@@ -1071,8 +1059,7 @@ impl<'t> Statements<'t> {
         Ok(changed == 1)
     }
 
-    fn insert_run(&mut self, w: &Write, row: &NewRow) -> rusqlite::Result<()> {
-        let history = crate::history::encode(&row.history);
+    fn insert_run(&mut self, w: &Write, run: &RunState, history: &[u8]) -> rusqlite::Result<()> {
         match w {
             Write::FlowRun(r) => self.flow_run.execute(params![
                 r.id,
@@ -1080,16 +1067,16 @@ impl<'t> Statements<'t> {
                 r.parent_id,
                 r.parameters.to_string(),
                 crate::read::tags_json(&r.tags),
-                row.run.state.as_str(),
-                row.run.message,
-                row.run.attempt,
+                run.state.as_str(),
+                run.message,
+                run.attempt,
                 r.created,
-                row.run.start_time,
-                row.run.end_time,
-                row.run.result,
+                run.start_time,
+                run.end_time,
+                run.result,
                 r.command,
                 r.retry_of,
-                row.run.seq,
+                run.seq,
                 r.process_id,
                 history
             ])?,
@@ -1100,15 +1087,15 @@ impl<'t> Statements<'t> {
                 r.task_key,
                 r.inputs.as_str(),
                 crate::read::tags_json(&r.tags),
-                row.run.state.as_str(),
-                row.run.message,
-                row.run.attempt,
+                run.state.as_str(),
+                run.message,
+                run.attempt,
                 r.created,
-                row.run.start_time,
-                row.run.end_time,
-                row.run.result,
+                run.start_time,
+                run.end_time,
+                run.result,
                 r.call_key,
-                row.run.seq,
+                run.seq,
                 r.process_id,
                 history
             ])?,
