@@ -60,6 +60,11 @@ const MAX_BATCH: usize = 4096;
 /// Writes queued ahead of the writer at most (backpressure, as in the embedded store).
 const QUEUE: usize = 4 * MAX_BATCH;
 
+/// How long PostgreSQL lets one of the store's sessions sit idle inside a transaction before
+/// it ends the session, rolling the transaction back: only a stopped process does that, and
+/// its row locks would otherwise hold up every other process until it woke.
+pub(crate) const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(5);
+
 /// A key for the advisory lock that serialises migrations between processes.
 const MIGRATION_LOCK: i64 = 0x6b69_6c6e_7363_6d61; // "kilnscma"
 
@@ -178,10 +183,15 @@ impl PostgresStore {
         config.connect_timeout(Duration::from_secs(5));
         // No JIT: it compiles any query the planner costs high (a list of runs whose task
         // counts it overestimates), 5-30 ms each time, for queries that take 1 ms without.
-        let options = match config.get_options() {
-            Some(given) => format!("{given} -c jit=off"),
-            None => "-c jit=off".to_owned(),
-        };
+        // A session idle inside a transaction belongs to a process that stopped (SIGSTOP, a
+        // lost network) between two statements; PostgreSQL ends it, so that its row locks do
+        // not hold up the other processes. Kiln's transactions never wait on their client.
+        let mut options = config.get_options().unwrap_or_default().to_owned();
+        options.push_str(" -c jit=off");
+        if !options.contains("idle_in_transaction_session_timeout") {
+            let ms = IDLE_IN_TRANSACTION.as_millis();
+            options.push_str(&format!(" -c idle_in_transaction_session_timeout={ms}"));
+        }
         config.options(&options);
         let listener = std::sync::Arc::new(work::Listener::new(config.clone()));
         let manager = Manager::from_config(

@@ -36,3 +36,13 @@ pub fn fresh_database_blocking() -> Option<String> {
         .expect("a runtime")
         .block_on(fresh_database())
 }
+
+/// The value of the run-time setting `name` in the sessions `store` opens (`SHOW name`).
+pub async fn session_setting(store: &crate::PostgresStore, name: &str) -> String {
+    let client = store.pool.get().await.expect("a session of the store");
+    let row = client
+        .query_one(&format!("SHOW {name}"), &[])
+        .await
+        .expect("SHOW a setting");
+    row.get(0)
+}

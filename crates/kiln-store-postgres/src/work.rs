@@ -446,7 +446,7 @@ pub(crate) async fn take_back_claims(
             &tx.prepare_cached(&format!(
                 "SELECT {CANDIDATE_COLUMNS}, p.pid, p.host AS process_host, p.heartbeat AS beat, p.id = ANY($2) AS exited
                  FROM {CANDIDATE_FROM} JOIN processes p ON p.id = q.claimed_by
-                 WHERE p.heartbeat < $1 OR p.id = ANY($2) ORDER BY q.run_id FOR UPDATE OF q"
+                 WHERE p.heartbeat < $1 OR p.id = ANY($2) ORDER BY q.run_id FOR UPDATE OF q SKIP LOCKED"
             )).await?,
             &[&stale_before, &dead],
         )
@@ -455,6 +455,31 @@ pub(crate) async fn take_back_claims(
     for row in &rows {
         let c = candidate(row)?;
         let id = c.entry.run_id;
+        // The run's row too, without waiting (see `writer::reap`); a locked one is left for
+        // a later call. Its state is read again under the lock.
+        let table = match c.entry.kind {
+            RunKind::Flow => "flow_runs",
+            RunKind::Task => "task_runs",
+        };
+        let locked = tx
+            .query_opt(
+                &tx.prepare_cached(&format!(
+                    "SELECT state, state_seq, attempt FROM {table} WHERE id = $1 FOR UPDATE SKIP LOCKED"
+                ))
+                .await?,
+                &[&id],
+            )
+            .await?;
+        let c = match locked {
+            Some(run) => Candidate {
+                state: run.try_get::<_, String>("state")?.parse().ok(),
+                seq: run.try_get("state_seq")?,
+                attempt: run.try_get("attempt")?,
+                ..c
+            },
+            None if c.state.is_none() => c,
+            None => continue,
+        };
         let why = kiln_store::model::orphan_message(
             row.try_get::<_, i32>("pid")?.into(),
             &row.try_get::<_, String>("process_host")?,

@@ -834,6 +834,12 @@ async fn delete_run(tx: &Transaction<'_>, id: Uuid) -> Result<(), DbError> {
 }
 
 /// Marks Crashed the unfinished runs of processes in `dead` or silent since `stale_before`.
+///
+/// It never waits on a row lock: a run locked by another transaction is being changed right
+/// now, or is held by a process stopped inside a transaction, and waiting on that would stop
+/// the caller's heartbeats as well (it runs on their thread). Such runs are skipped and
+/// reaped on a later call, once PostgreSQL has ended the stalled session
+/// ([`IDLE_IN_TRANSACTION`](crate::IDLE_IN_TRANSACTION)).
 pub(crate) async fn reap(pool: &Pool, dead: &[Uuid], stale_before: Micros) -> Result<Vec<(RunKind, Uuid)>, DbError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
@@ -843,7 +849,7 @@ pub(crate) async fn reap(pool: &Pool, dead: &[Uuid], stale_before: Micros) -> Re
             "SELECT r.id, r.state, r.state_seq, r.attempt, p.pid, p.host, p.heartbeat, p.id = ANY($2) AS exited
              FROM {table} r JOIN processes p ON p.id = r.process_id
              WHERE r.state IN ('Pending', 'Running', 'AwaitingRetry', 'Cancelling') AND (p.heartbeat < $1 OR p.id = ANY($2))
-             ORDER BY r.id FOR UPDATE OF r"
+             ORDER BY r.id FOR UPDATE OF r SKIP LOCKED"
         );
         let rows = tx
             .query(&tx.prepare_cached(&sql).await?, &[&stale_before, &dead])

@@ -87,3 +87,117 @@ fn api_tokens_are_kept_as_hashes() {
         kiln_store::suite::api_tokens_are_kept_as_hashes(&store).await;
     });
 }
+
+/// A process stopped inside a transaction (SIGSTOP, a lost network) holds row locks until
+/// PostgreSQL ends its session. The reaper of the processes still alive must not wait on
+/// them: it runs on their heartbeat thread, and waiting would stop their heartbeats too,
+/// so that they would look dead in turn. The locked runs are reaped once the lock is gone.
+#[test]
+fn a_session_stalled_in_a_transaction_does_not_hold_up_the_reaper() {
+    use kiln_store::state::StateType::*;
+    use kiln_store::suite::{change, claim_request, queued, task};
+    kiln_store::suite::runtime().block_on(async {
+        let Some(url) = fresh_database().await else { return };
+        let store = PostgresStore::open(&url).unwrap();
+        let now = now_micros();
+        let silent = Process {
+            id: uuid::Uuid::now_v7(),
+            host: "stalled-host".into(),
+            pid: 77,
+            started: 7,
+            heartbeat: now,
+        };
+        store.write(Write::Heartbeat(silent.clone())).await.unwrap();
+        let owned = |name: &str| {
+            let mut t = task(name, None);
+            t.process_id = Some(silent.id);
+            t
+        };
+        let (locked, free) = (owned("locked"), owned("free"));
+        let [flow, entry] = queued("claimed", "pool", None, now - 1_000, 2);
+        let claimed = flow.run_id();
+        for w in [
+            Write::TaskRun(locked.clone()),
+            Write::TaskRun(free.clone()),
+            flow,
+            entry,
+        ] {
+            store.write(w).await.unwrap();
+        }
+        for id in [locked.id, free.id] {
+            store
+                .set_state(change(RunKind::Task, id, Pending, Running, 1))
+                .await
+                .unwrap();
+        }
+        let claim = store
+            .claim(&claim_request(silent.id, &["pool"], 1))
+            .await
+            .unwrap()
+            .remove(0);
+        let start = StateChange {
+            fence: Some(claim.fence),
+            ..change(RunKind::Flow, claimed, Pending, Running, 1)
+        };
+        store.set_state(start).await.unwrap();
+
+        // The stalled process: inside a transaction that locked one task run, and the
+        // claimed run's row (but not its queue entry).
+        let (stalled, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        stalled
+            .batch_execute(&format!(
+                "BEGIN; SELECT 1 FROM task_runs WHERE id = '{}' FOR UPDATE; \
+                 SELECT 1 FROM flow_runs WHERE id = '{claimed}' FOR UPDATE",
+                locked.id
+            ))
+            .await
+            .unwrap();
+        let later = now + 60_000_000;
+        let reap = || async {
+            let mut ids: Vec<uuid::Uuid> =
+                tokio::time::timeout(std::time::Duration::from_secs(30), store.crash_orphans(&[], later))
+                    .await
+                    .expect("the reaper waited on the stalled session's locks")
+                    .unwrap()
+                    .into_iter()
+                    .map(|(_, id)| id)
+                    .collect();
+            ids.sort();
+            ids
+        };
+        assert_eq!(reap().await, [free.id], "what is not locked is reaped at once");
+        assert_eq!(store.task_run(locked.id).await.unwrap().unwrap().state, Running);
+        // The session ends (PostgreSQL ends one of Kiln's that idles inside a transaction
+        // after a few seconds, see below): the rest follows.
+        stalled.batch_execute("ROLLBACK").await.unwrap();
+        let mut rest = vec![locked.id, claimed];
+        rest.sort();
+        assert_eq!(reap().await, rest);
+        assert_eq!(store.task_run(locked.id).await.unwrap().unwrap().state, Crashed);
+        assert_eq!(store.flow_run(claimed).await.unwrap().unwrap().state, AwaitingRetry);
+    });
+}
+
+/// The store's sessions carry a limit on idling inside a transaction, so that a stopped
+/// process's locks go with its session; one the URL sets is kept.
+#[test]
+fn the_store_s_sessions_end_when_idle_inside_a_transaction() {
+    use kiln_store_postgres::testing::session_setting;
+    kiln_store::suite::runtime().block_on(async {
+        let Some(url) = fresh_database().await else { return };
+        let store = PostgresStore::open(&url).unwrap();
+        assert_eq!(
+            session_setting(&store, "idle_in_transaction_session_timeout").await,
+            "5s"
+        );
+        assert_eq!(session_setting(&store, "jit").await, "off");
+        let own = format!("{url}?options=-c%20idle_in_transaction_session_timeout%3D1min");
+        let store = PostgresStore::open(&own).unwrap();
+        assert_eq!(
+            session_setting(&store, "idle_in_transaction_session_timeout").await,
+            "1min"
+        );
+        assert_eq!(session_setting(&store, "jit").await, "off");
+    });
+}

@@ -1157,7 +1157,7 @@ pub async fn counts_runs_by_state(store: &dyn Store) {
 }
 
 /// A flow run created Scheduled and queued in `pool` (of `deployment`), claimable from `at`.
-fn queued(name: &str, pool: &str, deployment: Option<&str>, at: Micros, max_attempts: u32) -> [Write; 2] {
+pub fn queued(name: &str, pool: &str, deployment: Option<&str>, at: Micros, max_attempts: u32) -> [Write; 2] {
     let mut run = flow(name, None);
     run.initial_state = Scheduled;
     let entry = crate::work::QueueEntry {
@@ -1191,7 +1191,8 @@ async fn live(store: &dyn Store) -> Uuid {
     id
 }
 
-fn claim_request(process: Uuid, pools: &[&str], limit: u32) -> crate::work::ClaimRequest {
+/// A claim for at most `limit` runs of `pools` by `process`, without waiting.
+pub fn claim_request(process: Uuid, pools: &[&str], limit: u32) -> crate::work::ClaimRequest {
     crate::work::ClaimRequest {
         process_id: process,
         pools: pools.iter().map(|p| (*p).to_owned()).collect(),
