@@ -547,10 +547,71 @@ fn a_cron_schedule_fires_once_per_slot_across_a_restart() {
 }
 
 #[test]
-fn task_runs_in_a_pool_run_on_the_worker_and_their_results_come_back() {
+fn task_runs_in_a_pool_run_on_the_worker_and_their_results_come_back_on_sqlite() {
+    task_runs_in_a_pool_run_on_the_worker_and_their_results_come_back(None);
+}
+
+#[test]
+fn task_runs_in_a_pool_run_on_the_worker_and_their_results_come_back_on_postgres() {
+    if let Some(url) = kiln_store_postgres::testing::fresh_database_blocking() {
+        task_runs_in_a_pool_run_on_the_worker_and_their_results_come_back(Some(&url));
+    }
+}
+
+/// A home whose `kiln.toml` names `database` (`None`: the home's SQLite file) and a
+/// `memory` storage `scratch`.
+fn home_on(database: Option<&str>) -> tempfile::TempDir {
     let home = tempfile::tempdir().unwrap();
-    std::fs::write(home.path().join("kiln.toml"), "[storage.scratch]\nkind = \"memory\"\n").unwrap();
-    let worker = Worker::start(home.path(), None);
+    let mut toml = String::from("[storage.scratch]\nkind = \"memory\"\n");
+    if let Some(url) = database {
+        toml.push_str(&format!("[database]\nurl = \"{url}\"\n"));
+    }
+    std::fs::write(home.path().join("kiln.toml"), toml).unwrap();
+    home
+}
+
+/// On PostgreSQL the waiting flow learns of its task runs' ends from notifications: losing
+/// the connection that receives them, again and again, loses no result.
+#[test]
+fn a_flow_waiting_on_workers_survives_losing_its_notifications() {
+    let Some(url) = kiln_store_postgres::testing::fresh_database_blocking() else {
+        return;
+    };
+    let home = home_on(Some(&url));
+    let worker = Worker::start(home.path(), Some(&url));
+    eventually(Duration::from_secs(60), "the worker to serve", || {
+        worker.said("serving")
+    });
+    let engine = kiln::Engine::open(home.path()).unwrap();
+    let n = 300;
+    let flow = std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(engine.scope(squares(n)))
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut cuts = 0;
+    while !flow.is_finished() {
+        rt.block_on(kiln_store_postgres::testing::execute(
+            &url,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+        ));
+        cuts += 1;
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    let total = flow.join().unwrap().unwrap();
+    assert_eq!(
+        total,
+        (0..n).map(|x| x * x).sum::<u64>(),
+        "{cuts} cuts\n{}",
+        worker.log()
+    );
+    worker.stop();
+}
+
+fn task_runs_in_a_pool_run_on_the_worker_and_their_results_come_back(database: Option<&str>) {
+    let home = home_on(database);
+    let worker = Worker::start(home.path(), database);
     eventually(Duration::from_secs(60), "the worker to serve", || {
         worker.said("serving")
     });

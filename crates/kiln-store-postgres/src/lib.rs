@@ -52,6 +52,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0007_concurrency_limits.sql"),
     include_str!("../migrations/0008_claim_cost.sql"),
     include_str!("../migrations/0009_open_cancelling.sql"),
+    include_str!("../migrations/0010_ended_notify.sql"),
 ];
 
 /// Most writes applied in one transaction.
@@ -474,6 +475,10 @@ impl Store for PostgresStore {
         let (pool, ids) = (self.pool.clone(), ids.to_vec());
         self.read(async move { work::holders(&pool, &ids).await.map_err(backend) })
             .await
+    }
+
+    fn ended_runs(&self) -> Option<tokio::sync::broadcast::Receiver<kiln_store::work::Ended>> {
+        Some(self.listener.subscribe(self.rt.get().handle()))
     }
 
     async fn crash_orphans(&self, dead: &[Uuid], stale_before: Micros) -> Result<Vec<(RunKind, Uuid)>, StoreError> {

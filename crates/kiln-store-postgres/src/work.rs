@@ -10,7 +10,9 @@ use deadpool_postgres::Transaction;
 use futures::StreamExt;
 use kiln_store::model::{Micros, RunKind, RunState, StateChange, now_micros};
 use kiln_store::state::{FINAL_SQL, StateType};
-use kiln_store::work::{self, Claim, ClaimRequest, Deployment, Holder, QueueEntry, QueuedRun, TakeBack, WorkPool};
+use kiln_store::work::{
+    self, Claim, ClaimRequest, Deployment, Ended, Holder, QueueEntry, QueuedRun, TakeBack, WorkPool,
+};
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 use uuid::Uuid;
 
@@ -347,14 +349,26 @@ impl Limits {
     }
 }
 
-/// Wakes waiting claims when PostgreSQL notifies `kiln_queue`: one connection per store,
-/// opened by the first claim that waits and opened again after it is lost.
+/// Wakes waiting claims when PostgreSQL notifies `kiln_queue`, and announces the runs that
+/// left the queue (`kiln_ended`) to those who subscribed: one connection per store, opened
+/// by the first claim that waits or the first subscriber, and opened again after it is lost.
 pub(crate) struct Listener {
     config: tokio_postgres::Config,
     wake: Arc<tokio::sync::Notify>,
-    /// The listening client, while its connection lives.
-    client: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+    /// The listening client while its connection lives, and whether it listens to
+    /// `kiln_ended` too.
+    client: tokio::sync::Mutex<Option<(tokio_postgres::Client, bool)>>,
+    /// Where `kiln_ended` notifications go.
+    ended: tokio::sync::broadcast::Sender<Ended>,
+    /// Someone subscribed to `ended`: the connection listens to `kiln_ended` as well and is
+    /// kept open.
+    announcing: std::sync::atomic::AtomicBool,
+    /// Told when the connection is lost.
+    lost: Arc<tokio::sync::Notify>,
 }
+
+/// How many announcements a subscriber may fall behind before it is told it lagged.
+const ENDED_BACKLOG: usize = 4096;
 
 impl Listener {
     pub(crate) fn new(config: tokio_postgres::Config) -> Listener {
@@ -362,36 +376,89 @@ impl Listener {
             config,
             wake: Arc::new(tokio::sync::Notify::new()),
             client: tokio::sync::Mutex::new(None),
+            ended: tokio::sync::broadcast::channel(ENDED_BACKLOG).0,
+            announcing: std::sync::atomic::AtomicBool::new(false),
+            lost: Arc::new(tokio::sync::Notify::new()),
         }
+    }
+
+    /// A receiver of the runs that leave the queue. The first one starts a task on `rt`
+    /// that keeps a connection listening from then on; each (re)connection first sends
+    /// [`Ended::Missed`], once it listens.
+    pub(crate) fn subscribe(self: &Arc<Self>, rt: &tokio::runtime::Handle) -> tokio::sync::broadcast::Receiver<Ended> {
+        let receiver = self.ended.subscribe();
+        if !self.announcing.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            let listener = Arc::downgrade(self);
+            rt.spawn(async move {
+                loop {
+                    let Some(me) = listener.upgrade() else { return };
+                    let lost = me.lost.clone();
+                    let listening = me.ensure().await;
+                    drop(me);
+                    if listening {
+                        lost.notified().await;
+                    } else {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            });
+        }
+        receiver
     }
 
     /// Makes sure a connection listens; false when it cannot (the caller then rechecks on a
     /// timer).
     async fn ensure(&self) -> bool {
+        let announcing = self.announcing.load(std::sync::atomic::Ordering::SeqCst);
         let mut client = self.client.lock().await;
-        if client.as_ref().is_some_and(|c| !c.is_closed()) {
+        if let Some((c, ended)) = client.as_mut()
+            && !c.is_closed()
+        {
+            if announcing && !*ended {
+                if c.batch_execute("LISTEN kiln_ended").await.is_err() {
+                    return false;
+                }
+                *ended = true;
+                let _ = self.ended.send(Ended::Missed);
+            }
             return true;
         }
         let Ok((new, mut connection)) = self.config.connect(NoTls).await else {
             return false;
         };
-        let wake = self.wake.clone();
+        let (wake, ended, lost) = (self.wake.clone(), self.ended.clone(), self.lost.clone());
         tokio::spawn(async move {
             let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
             while let Some(message) = messages.next().await {
                 match message {
+                    Ok(AsyncMessage::Notification(n)) if n.channel() == "kiln_ended" => {
+                        let ids: Vec<Uuid> = n.payload().split(' ').filter_map(|id| id.parse().ok()).collect();
+                        let _ = ended.send(Ended::Runs(ids.into()));
+                    }
                     Ok(AsyncMessage::Notification(_)) => wake.notify_waiters(),
                     Ok(_) => {}
                     Err(_) => break,
                 }
             }
-            // Lost: waiting claims look again, and the next one reconnects.
+            // Lost: waiting claims look again, and the next one reconnects; subscribers
+            // look up what they wait for, and are listened for again.
             wake.notify_waiters();
+            let _ = ended.send(Ended::Missed);
+            lost.notify_one();
         });
-        if new.batch_execute("LISTEN kiln_queue").await.is_err() {
+        let channels = if announcing {
+            "LISTEN kiln_queue; LISTEN kiln_ended"
+        } else {
+            "LISTEN kiln_queue"
+        };
+        if new.batch_execute(channels).await.is_err() {
             return false;
         }
-        *client = Some(new);
+        *client = Some((new, announcing));
+        if announcing {
+            // Runs that ended before LISTEN took effect were announced to no one.
+            let _ = self.ended.send(Ended::Missed);
+        }
         true
     }
 }

@@ -201,3 +201,83 @@ fn the_store_s_sessions_end_when_idle_inside_a_transaction() {
         assert_eq!(session_setting(&store, "jit").await, "off");
     });
 }
+
+async fn next(ended: &mut tokio::sync::broadcast::Receiver<kiln_store::work::Ended>) -> kiln_store::work::Ended {
+    tokio::time::timeout(std::time::Duration::from_secs(20), ended.recv())
+        .await
+        .expect("an announcement")
+        .unwrap()
+}
+
+/// Runs that leave the queue are announced to subscribers once committed (`kiln_ended`),
+/// and a lost listening connection is said (`Missed`) and opened again.
+#[test]
+fn runs_that_leave_the_queue_are_announced_and_a_lost_connection_is_said() {
+    use kiln_store::state::StateType::*;
+    use kiln_store::suite::{change, claim_request, queued};
+    use kiln_store::work::Ended;
+    kiln_store::suite::runtime().block_on(async {
+        let Some(url) = fresh_database().await else { return };
+        let store = PostgresStore::open(&url).unwrap();
+        let mut ended = store.ended_runs().expect("PostgreSQL announces ended runs");
+        assert_eq!(next(&mut ended).await, Ended::Missed, "listening from now on");
+        let worker = Process {
+            id: uuid::Uuid::now_v7(),
+            host: "announce-host".into(),
+            pid: 78,
+            started: 7,
+            heartbeat: now_micros(),
+        };
+        store.write(Write::Heartbeat(worker.clone())).await.unwrap();
+        let now = now_micros();
+        let mut runs = Vec::new();
+        for name in ["one", "two", "three"] {
+            let [run, entry] = queued(name, "pool", None, now - 1_000, 1);
+            runs.push(run.run_id());
+            store.write(run).await.unwrap();
+            store.write(entry).await.unwrap();
+        }
+        let claims = store.claim(&claim_request(worker.id, &["pool"], 3)).await.unwrap();
+        assert_eq!(claims.len(), 3);
+        let third = claims.iter().find(|c| c.run_id == runs[2]).unwrap().fence;
+        let start = StateChange {
+            fence: Some(third),
+            ..change(RunKind::Flow, runs[2], Pending, Running, 1)
+        };
+        store.set_state(start).await.unwrap();
+        let finish = |id: uuid::Uuid| {
+            let fence = claims.iter().find(|c| c.run_id == id).unwrap().fence;
+            let store = &store;
+            async move {
+                for (from, to) in [(Pending, Running), (Running, Completed)] {
+                    let c = StateChange {
+                        fence: Some(fence),
+                        ..change(RunKind::Flow, id, from, to, 1)
+                    };
+                    store.set_state(c).await.unwrap();
+                }
+            }
+        };
+        finish(runs[0]).await;
+        assert_eq!(next(&mut ended).await, Ended::Runs(vec![runs[0]].into()));
+
+        // The listening connection is lost: subscribers are told, and it listens again.
+        sql(
+            &url,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+        )
+        .await;
+        assert_eq!(next(&mut ended).await, Ended::Missed, "the connection was lost");
+        assert_eq!(next(&mut ended).await, Ended::Missed, "listening again");
+        finish(runs[1]).await;
+        assert_eq!(next(&mut ended).await, Ended::Runs(vec![runs[1]].into()));
+        // A claim taken back from a worker that exited, without attempts left, ends the run.
+        store
+            .crash_orphans(&[worker.id], now_micros() - 60_000_000)
+            .await
+            .unwrap();
+        assert_eq!(next(&mut ended).await, Ended::Runs(vec![runs[2]].into()));
+        assert_eq!(store.flow_run(runs[2]).await.unwrap().unwrap().state, Crashed);
+    });
+}

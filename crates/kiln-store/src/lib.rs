@@ -216,6 +216,16 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// learns that a claim it still runs was taken over.
     async fn holders(&self, ids: &[Uuid]) -> Result<Vec<work::Holder>, StoreError>;
 
+    /// Announcements of queued runs that left their queue (finished, cancelled, crashed
+    /// without attempts left, deleted), each sent once what made it is committed: how a
+    /// process that waits for runs on workers learns of their ends without looking every
+    /// waiting run up again and again. `None` when this backend makes none: callers look
+    /// their runs up on a timer. A receiver told [`Ended::Missed`](work::Ended::Missed), or
+    /// that lags behind the channel, may have lost some and looks up all it waits for.
+    fn ended_runs(&self) -> Option<tokio::sync::broadcast::Receiver<work::Ended>> {
+        None
+    }
+
     /// Grants `request.run_id` one slot of each of its limited tags, or none (see
     /// [`limit`]). Refused with [`StoreError::UnknownRun`] when the run is not recorded.
     async fn acquire_slots(&self, request: &limit::SlotRequest) -> Result<limit::Slots, StoreError>;

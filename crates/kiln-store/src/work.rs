@@ -274,6 +274,16 @@ pub struct QueuedRun {
     pub claimed_by: Option<Uuid>,
 }
 
+/// What [`Store::ended_runs`](crate::Store::ended_runs) announces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// These runs left their queue.
+    Runs(std::sync::Arc<[Uuid]>),
+    /// Announcements may have been lost (the connection that receives them was lost, or has
+    /// just been opened): what a receiver waits for must be looked up.
+    Missed,
+}
+
 /// Who holds a queued run, and under which fencing token ([`Store::holders`](crate::Store::holders)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

@@ -338,7 +338,7 @@ async fn wait_until_done(engine: &Engine, id: Uuid) -> Result<kiln_store::model:
             if let Ok(Some(run)) = answer.try_recv() {
                 return Ok(run);
             }
-            tokio::time::sleep(pause).await;
+            poll.idle(pause).await;
         }
     }
 }
@@ -357,16 +357,23 @@ impl Drop for Poller<'_> {
     }
 }
 
-/// The shortest and longest pause between two looks at the runs being waited for: a short
-/// task is seen within a few milliseconds; while nothing ends, looks slow down.
+/// The shortest and longest pause between two looks at the runs being waited for, when
+/// the store does not announce ended runs: a short task is seen within a few milliseconds;
+/// while nothing ends, looks slow down.
 const POLL_MIN: Duration = Duration::from_millis(1);
 const POLL_MAX: Duration = Duration::from_millis(100);
+
+/// When the store announces ended runs, the pause between two looks at every run waited
+/// for all the same (in case an announcement was lost without word).
+const SWEEP: Duration = Duration::from_secs(1);
 
 /// How many waiting runs the watcher looks up per second at most (see [`Poll::once`]).
 const LOOKUPS_PER_SECOND: f64 = 50_000.0;
 
 /// Follows the task runs this process waits for on workers with one query for all of them
-/// (however many thousands wait), rather than one per waiting call.
+/// (however many thousands wait), rather than one per waiting call; where the store
+/// announces the runs that end ([`Store::ended_runs`](kiln_store::Store::ended_runs)), it
+/// looks up those it is told of.
 #[derive(Default)]
 pub(crate) struct Watcher {
     /// Who waits for which run.
@@ -447,12 +454,19 @@ impl Waiters {
     }
 }
 
-/// When the last look happened, the pause until the next, and where the next look's turn
-/// through the runs waited for starts.
+/// When the last look at every waiting run happened, the pause until the next, where the
+/// next look's turn through the runs waited for starts, and the store's announcements of
+/// ended runs.
 struct Poll {
     last: Option<tokio::time::Instant>,
     pause: Duration,
     cursor: u64,
+    /// The store's announcements, once asked for (`Some(None)`: it makes none).
+    ended: Option<Option<tokio::sync::broadcast::Receiver<kiln_store::work::Ended>>>,
+    /// Runs announced and not looked up yet (of this process or not).
+    announced: Vec<Uuid>,
+    /// Every waiting run must be looked up at the next look: announcements may be lost.
+    sweep: bool,
 }
 
 impl Default for Poll {
@@ -461,30 +475,44 @@ impl Default for Poll {
             last: None,
             pause: POLL_MIN,
             cursor: 0,
+            ended: None,
+            announced: Vec::new(),
+            sweep: true,
         }
     }
 }
 
 impl Poll {
-    /// Looks up every waited-for run that has ended and hands each to its waiters, unless
-    /// the last look was less than a pause ago; the pause before the next look.
+    /// Looks up the waited-for runs that have ended and hands each to its waiters: those
+    /// announced since the last look, and every one when the last look at all of them was
+    /// a pause ago (or announcements were lost); the pause before the next look at all.
     async fn once(
         &mut self,
         watcher: &Watcher,
         store: &dyn kiln_store::Store,
     ) -> Result<Duration, kiln_store::StoreError> {
-        if let Some(last) = self.last {
-            let since = last.elapsed();
-            if since < self.pause {
-                return Ok(self.pause - since);
-            }
+        if self.ended.is_none() {
+            self.ended = Some(store.ended_runs());
         }
-        self.last = Some(tokio::time::Instant::now());
-        let ids = watcher
-            .waiting
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pick(&mut self.cursor);
+        self.drain();
+        let announcing = matches!(self.ended, Some(Some(_)));
+        let all = self.sweep || self.last.is_none_or(|last| last.elapsed() >= self.pause);
+        let ids = {
+            let waiting = watcher.waiting.lock().unwrap_or_else(|p| p.into_inner());
+            let mut ids: Vec<Uuid> = self
+                .announced
+                .drain(..)
+                .filter(|id| waiting.by_run.contains_key(id))
+                .collect();
+            if all {
+                ids.extend(waiting.pick(&mut self.cursor));
+            }
+            ids
+        };
+        if all {
+            self.last = Some(tokio::time::Instant::now());
+            self.sweep = false;
+        }
         let mut ended = 0;
         for chunk in ids.chunks(kiln_store::MAX_LOOKUP) {
             for run in store.task_runs_in(chunk, &kiln_store::state::FINAL).await? {
@@ -495,15 +523,57 @@ impl Poll {
                 ended += 1;
             }
         }
-        // A look costs the database one index lookup per waiting run: with thousands
-        // waiting, looks are spaced so that it does at most LOOKUPS_PER_SECOND of them.
-        let floor = POLL_MIN.max(Duration::from_secs_f64(ids.len() as f64 / LOOKUPS_PER_SECOND));
-        self.pause = if ended > 0 {
-            floor
-        } else {
-            (self.pause * 2).clamp(floor, POLL_MAX.max(floor))
+        if all {
+            // A look costs the database one index lookup per waiting run: with thousands
+            // waiting, looks are spaced so that it does at most LOOKUPS_PER_SECOND of them.
+            let floor = POLL_MIN.max(Duration::from_secs_f64(ids.len() as f64 / LOOKUPS_PER_SECOND));
+            self.pause = if announcing {
+                floor.max(SWEEP)
+            } else if ended > 0 {
+                floor
+            } else {
+                (self.pause * 2).clamp(floor, POLL_MAX.max(floor))
+            };
+        }
+        let since = self.last.map_or(Duration::ZERO, |last| last.elapsed());
+        Ok(self.pause.saturating_sub(since))
+    }
+
+    /// Takes in the announcements that have arrived, without waiting.
+    fn drain(&mut self) {
+        use tokio::sync::broadcast::error::TryRecvError;
+        let Some(Some(receiver)) = self.ended.as_mut() else {
+            return;
         };
-        Ok(self.pause)
+        loop {
+            match receiver.try_recv() {
+                Ok(kiln_store::work::Ended::Runs(ids)) => self.announced.extend(ids.iter()),
+                Ok(kiln_store::work::Ended::Missed) | Err(TryRecvError::Lagged(_)) => self.sweep = true,
+                Err(TryRecvError::Empty) => return,
+                Err(TryRecvError::Closed) => {
+                    self.ended = Some(None);
+                    self.sweep = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Waits `pause`, or less when the store announces that runs ended.
+    async fn idle(&mut self, pause: Duration) {
+        use tokio::sync::broadcast::error::RecvError;
+        let Some(Some(receiver)) = self.ended.as_mut() else {
+            return tokio::time::sleep(pause).await;
+        };
+        match tokio::time::timeout(pause, receiver.recv()).await {
+            Err(_) => {}
+            Ok(Ok(kiln_store::work::Ended::Runs(ids))) => self.announced.extend(ids.iter()),
+            Ok(Ok(kiln_store::work::Ended::Missed) | Err(RecvError::Lagged(_))) => self.sweep = true,
+            Ok(Err(RecvError::Closed)) => {
+                self.ended = Some(None);
+                self.sweep = true;
+            }
+        }
     }
 }
 
