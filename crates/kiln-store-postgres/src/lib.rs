@@ -53,6 +53,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0008_claim_cost.sql"),
     include_str!("../migrations/0009_open_cancelling.sql"),
     include_str!("../migrations/0010_ended_notify.sql"),
+    include_str!("../migrations/0011_history_in_row.sql"),
 ];
 
 /// Most writes applied in one transaction.

@@ -206,11 +206,23 @@ pub(crate) async fn task_runs_in(pool: &Pool, ids: &[Uuid], states: &[StateType]
     all(pool, &sql, &[&ids, &states], task_row).await
 }
 
+/// A run's history: the entries kept in its row, after the rows of `states` written before
+/// migration 0011 (both in one snapshot).
 pub(crate) async fn states(pool: &Pool, run_id: Uuid) -> Result<Vec<StateRecord>, StoreError> {
-    let sql = "SELECT run_id, seq, state, message, attempt, timestamp, result::text AS result
-               FROM states WHERE run_id = $1 ORDER BY seq";
-    all(pool, sql, &[&run_id], |r| {
-        Ok(StateRecord {
+    let sql = "SELECT run_id, seq, state, message, attempt, timestamp, result::text AS result, NULL::bytea AS history
+               FROM states WHERE run_id = $1
+               UNION ALL SELECT id, NULL, NULL, NULL, NULL, NULL, NULL, history FROM flow_runs WHERE id = $1
+               UNION ALL SELECT id, NULL, NULL, NULL, NULL, NULL, NULL, history FROM task_runs WHERE id = $1";
+    let parts = all(pool, sql, &[&run_id], |r| {
+        if let Some(kept) = get::<Option<Vec<u8>>>(r, "history")? {
+            let run_id = get(r, "run_id")?;
+            let entries = kiln_store::history::decode(run_id, &kept).map_err(StoreError::Corrupt)?;
+            return Ok(entries.into_iter().map(|(record, _)| record).collect());
+        }
+        if get::<Option<i32>>(r, "seq")?.is_none() {
+            return Ok(Vec::new());
+        }
+        Ok(vec![StateRecord {
             run_id: get(r, "run_id")?,
             seq: u32_col(r, "seq")?,
             state: state(r, "state")?,
@@ -218,9 +230,12 @@ pub(crate) async fn states(pool: &Pool, run_id: Uuid) -> Result<Vec<StateRecord>
             attempt: u32_col(r, "attempt")?,
             timestamp: get(r, "timestamp")?,
             result: get(r, "result")?,
-        })
+        }])
     })
-    .await
+    .await?;
+    let mut records: Vec<StateRecord> = parts.into_iter().flatten().collect();
+    records.sort_by_key(|r| r.seq);
+    Ok(records)
 }
 
 pub(crate) async fn edges(pool: &Pool, flow_run_id: Uuid) -> Result<Vec<Edge>, StoreError> {

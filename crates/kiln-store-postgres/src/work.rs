@@ -110,11 +110,13 @@ async fn apply(tx: &Transaction<'_>, c: &Candidate, change: &StateChange) -> Res
     };
     let seq = c.seq + 1;
     let end = change.to.is_terminal().then_some(change.timestamp);
+    let entry = kiln_store::history::entry(&RunState::record(change, seq as u32), change.id);
     let updated = tx
         .execute(
             &tx.prepare_cached(&format!(
                 "UPDATE {table} SET state = $2, state_seq = $3, state_message = $4,
-                     end_time = COALESCE(end_time, $5) WHERE id = $1 AND state = $6 AND state_seq = $7"
+                     end_time = COALESCE(end_time, $5), history = COALESCE(history, ''::bytea) || $8
+                 WHERE id = $1 AND state = $6 AND state_seq = $7"
             ))
             .await?,
             &[
@@ -125,29 +127,11 @@ async fn apply(tx: &Transaction<'_>, c: &Candidate, change: &StateChange) -> Res
                 &end,
                 &change.from.as_str(),
                 &c.seq,
+                &entry,
             ],
         )
         .await?;
-    if updated == 0 {
-        return Ok(false);
-    }
-    let r = RunState::record(change, seq as u32);
-    tx.execute(
-        &tx.prepare_cached(
-            "INSERT INTO states (run_id, seq, state, message, attempt, timestamp) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .await?,
-        &[
-            &r.run_id,
-            &seq,
-            &r.state.as_str(),
-            &r.message,
-            &(r.attempt as i32),
-            &r.timestamp,
-        ],
-    )
-    .await?;
-    Ok(true)
+    Ok(updated > 0)
 }
 
 /// One claim attempt (see `Store::claim`), in one transaction.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Pool, Transaction};
+use kiln_store::history;
 use kiln_store::model::*;
 use kiln_store::queue::Batches;
 use kiln_store::state::StateType;
@@ -140,32 +141,8 @@ struct RowState {
     /// Created in this batch (inserted) rather than updated.
     created_at: Option<usize>,
     changed: bool,
-}
-
-/// Columns of multi-row inserts, one vector per column.
-#[derive(Default)]
-struct History {
-    run_id: Vec<Uuid>,
-    seq: Vec<i32>,
-    state: Vec<&'static str>,
-    message: Vec<Option<String>>,
-    attempt: Vec<i32>,
-    timestamp: Vec<i64>,
-    result: Vec<Option<String>>,
-    change_id: Vec<Option<Uuid>>,
-}
-
-impl History {
-    fn push(&mut self, r: StateRecord, change: Uuid) {
-        self.change_id.push((!change.is_nil()).then_some(change));
-        self.run_id.push(r.run_id);
-        self.seq.push(r.seq as i32);
-        self.state.push(r.state.as_str());
-        self.message.push(r.message);
-        self.attempt.push(r.attempt as i32);
-        self.timestamp.push(r.timestamp);
-        self.result.push(r.result);
-    }
+    /// The entries this batch adds to the run's history (`kiln_store::history`).
+    history: Vec<u8>,
 }
 
 /// Columns of the log lines of a batch.
@@ -290,13 +267,13 @@ async fn attempt(
                     },
                     created_at: None,
                     changed: false,
+                    history: Vec::new(),
                 },
             );
         }
     }
 
     let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
-    let mut history = History::default();
     let mut edges: (Vec<Uuid>, Vec<Uuid>, Vec<Option<Uuid>>) = Default::default();
     let mut logs = Logs::default();
     let mut beats: Vec<&Process> = Vec::new();
@@ -335,7 +312,6 @@ async fn attempt(
                     });
                     continue;
                 }
-                history.push(StateRecord::created(*id, *initial_state, *created), Uuid::nil());
                 rows.insert(
                     (kind, *id),
                     RowState {
@@ -343,6 +319,7 @@ async fn attempt(
                         run: RunState::created(*initial_state),
                         created_at: Some(i),
                         changed: false,
+                        history: history::entry(&StateRecord::created(*id, *initial_state, *created), Uuid::nil()),
                     },
                 );
                 Outcome::Applied { seq: Some(0) }
@@ -354,7 +331,7 @@ async fn attempt(
                     let seq = row.run.seq + 1;
                     row.run.apply(c, seq);
                     row.changed = true;
-                    history.push(RunState::record(c, seq), c.id);
+                    row.history.extend(history::entry(&RunState::record(c, seq), c.id));
                     if c.fence.is_some() && c.to.is_terminal() {
                         // Finished by its worker: out of the queue.
                         fences.remove(&c.run_id);
@@ -409,29 +386,6 @@ async fn attempt(
 
     insert_runs(&tx, batch, &rows).await?;
     update_runs(&tx, &rows).await?;
-    if !history.run_id.is_empty() {
-        tx.execute(
-            &tx.prepare_cached(
-                "INSERT INTO states (run_id, seq, state, message, attempt, timestamp, result, change_id)
-             SELECT u.run_id, u.seq, u.state, u.message, u.attempt, u.ts, u.result::jsonb, u.change_id
-             FROM UNNEST($1::uuid[], $2::int[], $3::text[], $4::text[], $5::int[], $6::bigint[], $7::text[],
-                         $8::uuid[])
-                  AS u(run_id, seq, state, message, attempt, ts, result, change_id)",
-            )
-            .await?,
-            &[
-                &history.run_id,
-                &history.seq,
-                &history.state,
-                &history.message,
-                &history.attempt,
-                &history.timestamp,
-                &history.result,
-                &history.change_id,
-            ],
-        )
-        .await?;
-    }
     if !edges.0.is_empty() {
         tx.execute(
             &tx.prepare_cached(
@@ -600,10 +554,31 @@ async fn attempt(
 }
 
 /// The position `change` was given when it was applied before, if it was (it has an id and
-/// is in the run's history).
+/// is in the run's history: in its row, or among the rows of `states` written before
+/// migration 0011).
 async fn applied_seq(tx: &Transaction<'_>, change: &StateChange) -> Result<Option<u32>, DbError> {
     if change.id.is_nil() {
         return Ok(None);
+    }
+    let table = match change.kind {
+        RunKind::Flow => "flow_runs",
+        RunKind::Task => "task_runs",
+    };
+    let kept: Option<Vec<u8>> = tx
+        .query_opt(
+            &tx.prepare_cached(&format!("SELECT history FROM {table} WHERE id = $1"))
+                .await?,
+            &[&change.run_id],
+        )
+        .await?
+        .map(|row| row.try_get(0))
+        .transpose()?
+        .flatten();
+    if let Some(kept) = kept {
+        let entries = history::decode(change.run_id, &kept).map_err(DbError::Data)?;
+        if let Some((record, _)) = entries.iter().find(|(_, id)| *id == change.id) {
+            return Ok(Some(record.seq));
+        }
     }
     let row = tx
         .query_opt(
@@ -652,19 +627,20 @@ async fn insert_runs(
         let p14 = col(|(_, f)| f.command.clone());
         let p15 = flows.iter().map(|(_, f)| f.retry_of).collect::<Vec<_>>();
         let p16 = flows.iter().map(|(_, f)| f.process_id).collect::<Vec<_>>();
+        let p17 = flows.iter().map(|(r, _)| r.history.as_slice()).collect::<Vec<_>>();
         tx.execute(
             &tx.prepare_cached("INSERT INTO flow_runs (id, name, parent_id, parameters, tags, state, state_seq, state_message, attempt,
-                                    created, start_time, end_time, result, command, retry_of, process_id)
+                                    created, start_time, end_time, result, command, retry_of, process_id, history)
              SELECT u.id, u.name, u.parent_id, u.parameters::jsonb, u.tags::jsonb, u.state, u.seq, u.message,
                     u.attempt, u.created, u.start_time, u.end_time, u.result::jsonb, u.command::jsonb, u.retry_of,
-                    u.process_id
+                    u.process_id, u.history
              FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::int[],
                          $8::text[], $9::int[], $10::bigint[], $11::bigint[], $12::bigint[], $13::text[],
-                         $14::text[], $15::uuid[], $16::uuid[])
+                         $14::text[], $15::uuid[], $16::uuid[], $17::bytea[])
                   AS u(id, name, parent_id, parameters, tags, state, seq, message, attempt, created, start_time,
-                       end_time, result, command, retry_of, process_id)").await?,
+                       end_time, result, command, retry_of, process_id, history)").await?,
             &[
-                &p1, &p2, &p3, &p4, &p5, &p6, &p7, &p8, &p9, &p10, &p11, &p12, &p13, &p14, &p15, &p16,
+                &p1, &p2, &p3, &p4, &p5, &p6, &p7, &p8, &p9, &p10, &p11, &p12, &p13, &p14, &p15, &p16, &p17,
             ],
         )
         .await?;
@@ -687,22 +663,23 @@ async fn insert_runs(
         let p14 = col(|(r, _)| r.run.result.clone());
         let p15 = col(|(_, t)| t.call_key.clone());
         let p16 = tasks.iter().map(|(_, t)| t.process_id).collect::<Vec<_>>();
+        let p17 = tasks.iter().map(|(r, _)| r.history.as_slice()).collect::<Vec<_>>();
         tx.execute(
             &tx.prepare_cached(
                 "INSERT INTO task_runs (id, flow_run_id, name, task_key, inputs, tags, state, state_seq, state_message,
-                                    attempt, created, start_time, end_time, result, call_key, process_id)
+                                    attempt, created, start_time, end_time, result, call_key, process_id, history)
              SELECT u.id, u.flow_run_id, u.name, u.task_key, u.inputs::jsonb, u.tags::jsonb, u.state, u.seq,
                     u.message, u.attempt, u.created, u.start_time, u.end_time, u.result::jsonb, u.call_key,
-                    u.process_id
+                    u.process_id, u.history
              FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
                          $8::int[], $9::text[], $10::int[], $11::bigint[], $12::bigint[], $13::bigint[],
-                         $14::text[], $15::text[], $16::uuid[])
+                         $14::text[], $15::text[], $16::uuid[], $17::bytea[])
                   AS u(id, flow_run_id, name, task_key, inputs, tags, state, seq, message, attempt, created,
-                       start_time, end_time, result, call_key, process_id)",
+                       start_time, end_time, result, call_key, process_id, history)",
             )
             .await?,
             &[
-                &p1, &p2, &p3, &p4, &p5, &p6, &p7, &p8, &p9, &p10, &p11, &p12, &p13, &p14, &p15, &p16,
+                &p1, &p2, &p3, &p4, &p5, &p6, &p7, &p8, &p9, &p10, &p11, &p12, &p13, &p14, &p15, &p16, &p17,
             ],
         )
         .await?;
@@ -723,10 +700,11 @@ async fn update_runs(tx: &Transaction<'_>, rows: &HashMap<(RunKind, Uuid), RowSt
         }
         let sql = format!(
             "UPDATE {table} AS t SET state = u.state, state_seq = u.seq, state_message = u.message,
-                 attempt = u.attempt, start_time = u.start_time, end_time = u.end_time, result = u.result::jsonb
+                 attempt = u.attempt, start_time = u.start_time, end_time = u.end_time, result = u.result::jsonb,
+                 history = COALESCE(t.history, ''::bytea) || u.history
              FROM UNNEST($1::uuid[], $2::text[], $3::int[], $4::text[], $5::int[], $6::bigint[], $7::bigint[],
-                         $8::text[])
-                  AS u(id, state, seq, message, attempt, start_time, end_time, result)
+                         $8::text[], $9::bytea[])
+                  AS u(id, state, seq, message, attempt, start_time, end_time, result, history)
              WHERE t.id = u.id"
         );
         let p1 = changed.iter().map(|(id, _)| **id).collect::<Vec<_>>();
@@ -737,9 +715,10 @@ async fn update_runs(tx: &Transaction<'_>, rows: &HashMap<(RunKind, Uuid), RowSt
         let p6 = changed.iter().map(|(_, r)| r.run.start_time).collect::<Vec<_>>();
         let p7 = changed.iter().map(|(_, r)| r.run.end_time).collect::<Vec<_>>();
         let p8 = changed.iter().map(|(_, r)| r.run.result.clone()).collect::<Vec<_>>();
+        let p9 = changed.iter().map(|(_, r)| r.history.as_slice()).collect::<Vec<_>>();
         tx.execute(
             &tx.prepare_cached(&sql).await?,
-            &[&p1, &p2, &p3, &p4, &p5, &p6, &p7, &p8],
+            &[&p1, &p2, &p3, &p4, &p5, &p6, &p7, &p8, &p9],
         )
         .await?;
     }
@@ -880,24 +859,13 @@ pub(crate) async fn reap(pool: &Pool, dead: &[Uuid], stale_before: Micros) -> Re
             };
             let update = format!(
                 "UPDATE {table} SET state = 'Crashed', state_seq = $2, state_message = $3,
-                     end_time = COALESCE(end_time, $4) WHERE id = $1"
+                     end_time = COALESCE(end_time, $4), history = COALESCE(history, ''::bytea) || $5
+                 WHERE id = $1"
             );
+            let entry = history::entry(&RunState::record(&change, seq), Uuid::nil());
             tx.execute(
                 &tx.prepare_cached(&update).await?,
-                &[&id, &(seq as i32), &change.message, &change.timestamp],
-            )
-            .await?;
-            let r = RunState::record(&change, seq);
-            tx.execute(
-                &tx.prepare_cached("INSERT INTO states (run_id, seq, state, message, attempt, timestamp) VALUES ($1, $2, $3, $4, $5, $6)").await?,
-                &[
-                    &r.run_id,
-                    &(r.seq as i32),
-                    &r.state.as_str(),
-                    &r.message,
-                    &(r.attempt as i32),
-                    &r.timestamp,
-                ],
+                &[&id, &(seq as i32), &change.message, &change.timestamp, &entry],
             )
             .await?;
             crashed.push((kind, id));

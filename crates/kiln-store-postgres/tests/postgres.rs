@@ -281,3 +281,73 @@ fn runs_that_leave_the_queue_are_announced_and_a_lost_connection_is_said() {
         assert_eq!(store.flow_run(runs[2]).await.unwrap().unwrap().state, Crashed);
     });
 }
+
+/// A run's history is kept in its row; a database from before migration 0011 has the first
+/// states as rows of `states`: both read back as one history, in order, and a change
+/// recorded either way is recognised when delivered again.
+#[test]
+fn a_history_kept_in_the_row_reads_back_whole_with_older_rows_of_states() {
+    use kiln_store::state::StateType::*;
+    use kiln_store::suite::{change, task};
+    kiln_store::suite::runtime().block_on(async {
+        let Some(url) = fresh_database().await else { return };
+        let store = PostgresStore::open(&url).unwrap();
+        let t = task("appended", None);
+        let id = t.id;
+        store.write(Write::TaskRun(t)).await.unwrap();
+        let old = change(RunKind::Task, id, Pending, Running, 1);
+        // As a database from before migration 0011 holds it: the first states in `states`.
+        sql(
+            &url,
+            &format!(
+                "UPDATE task_runs SET history = NULL, state = 'Running', state_seq = 1, attempt = 1 WHERE id = '{id}';
+                 INSERT INTO states (run_id, seq, state, attempt, timestamp) VALUES ('{id}', 0, 'Pending', 0, 1);
+                 INSERT INTO states (run_id, seq, state, attempt, timestamp, change_id)
+                     VALUES ('{id}', 1, 'Running', 1, 2, '{}')",
+                old.id
+            ),
+        )
+        .await;
+        let mut retrying = change(RunKind::Task, id, Running, AwaitingRetry, 1);
+        retrying.message = Some("a \"quoted\" é, \u{1b}[31m".into());
+        let mut done = change(RunKind::Task, id, AwaitingRetry, Running, 2);
+        done.result = None;
+        let mut completed = change(RunKind::Task, id, Running, Completed, 2);
+        completed.result = Some(r#"{"key":"k","size":3}"#.into());
+        for c in [retrying.clone(), done, completed] {
+            // Each in its own batch: each is appended to what the one before wrote.
+            store.set_state(c).await.unwrap();
+        }
+        let history = store.states(id).await.unwrap();
+        let states: Vec<_> = history.iter().map(|s| (s.seq, s.state)).collect();
+        assert_eq!(
+            states,
+            [
+                (0, Pending),
+                (1, Running),
+                (2, AwaitingRetry),
+                (3, Running),
+                (4, Completed)
+            ]
+        );
+        assert_eq!(history[2].message.as_deref(), Some("a \"quoted\" é, \u{1b}[31m"));
+        assert_eq!(history[4].result.as_deref(), Some(r#"{"key":"k","size":3}"#));
+        // Delivered again: acknowledged at the place each has, from `states` or from the row.
+        for (again, seq) in [(old, 1), (retrying, 2)] {
+            let outcome = store.write(Write::State(again)).await.unwrap();
+            assert!(
+                matches!(outcome, Outcome::Applied { seq: Some(s) } if s == seq),
+                "{outcome:?}"
+            );
+        }
+        assert_eq!(store.states(id).await.unwrap().len(), 5);
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        let rows: i64 = client
+            .query_one("SELECT count(*) FROM states", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(rows, 2, "no more rows of `states` are written");
+    });
+}

@@ -57,7 +57,6 @@
 //! ```
 #![warn(missing_docs)]
 
-mod history;
 mod limit;
 mod read;
 mod work;

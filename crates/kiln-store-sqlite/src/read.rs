@@ -306,7 +306,7 @@ pub(crate) fn states(c: &Connection, run_id: Uuid) -> Result<Vec<StateRecord>, S
         Err(e) => return Err(backend(e)),
     };
     let mut history: Vec<StateRecord> = match kept {
-        Some(kept) => crate::history::decode(run_id, &kept)
+        Some(kept) => kiln_store::history::decode(run_id, &kept)
             .map_err(StoreError::Corrupt)?
             .into_iter()
             .map(|(s, _)| s)

@@ -352,7 +352,7 @@ fn write_pending(
     careful: bool,
 ) -> Result<(), Stop> {
     for p in pending.drain(..) {
-        let history = crate::history::encode(&p.history);
+        let history = kiln_store::history::encode(&p.history);
         match p.row {
             Row::New { .. } => {
                 let w = &batch[p.index];
@@ -1008,7 +1008,7 @@ impl<'t> Statements<'t> {
         else {
             return Ok(None);
         };
-        let entries = crate::history::decode(change.run_id, &kept)
+        let entries = kiln_store::history::decode(change.run_id, &kept)
             .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into()))?;
         Ok(entries.iter().find(|(_, id)| *id == change.id).map(|(s, _)| s.seq))
     }
@@ -1025,7 +1025,7 @@ impl<'t> Statements<'t> {
         let mut run = RunState::created(from.state);
         run.seq = from.seq;
         run.apply(c, seq);
-        let entry = crate::history::entry(&RunState::record(c, seq), change_id);
+        let entry = kiln_store::history::entry(&RunState::record(c, seq), change_id);
         self.update_row(c.kind, c.run_id, &run, from, &entry)
     }
 

@@ -47,6 +47,8 @@
 #![warn(missing_docs)]
 
 mod error;
+#[doc(hidden)]
+pub mod history;
 pub mod limit;
 pub mod model;
 pub mod queue;

@@ -1,10 +1,10 @@
-//! A run's history, kept in its row (see migration 0011): one MessagePack array
-//! per state (seq, state, message, attempt, timestamp, result, change id), appended as the
-//! run moves on, about 40 bytes a state and encoded in well under a microsecond. Runs
-//! recorded before that migration have their earlier states as rows of `states`.
+//! A run's history as the databases keep it in the run's row: one MessagePack array per
+//! state (seq, state, message, attempt, timestamp, result, change id), appended as the run
+//! moves on, about 40 bytes a state and encoded in well under a microsecond. (Runs recorded
+//! by older versions have their earlier states as rows of a `states` table.) For backends.
 
-use kiln_store::model::{Micros, StateRecord};
-use kiln_store::state::StateType;
+use crate::model::{Micros, StateRecord};
+use crate::state::StateType;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -24,14 +24,14 @@ struct Entry<'a> {
 
 /// One entry of a history: `record`, made by change `change` (nil for the state a run was
 /// created in and for the store's own changes).
-pub(crate) fn entry(record: &StateRecord, change: Uuid) -> Vec<u8> {
+pub fn entry(record: &StateRecord, change: Uuid) -> Vec<u8> {
     let mut out = Vec::with_capacity(48);
     push(&mut out, record, change);
     out
 }
 
 /// The entries of a history, made by the changes given with them.
-pub(crate) fn encode(entries: &[(StateRecord, Uuid)]) -> Vec<u8> {
+pub fn encode(entries: &[(StateRecord, Uuid)]) -> Vec<u8> {
     let mut out = Vec::with_capacity(48 * entries.len());
     for (record, change) in entries {
         push(&mut out, record, *change);
@@ -53,7 +53,7 @@ fn push(out: &mut Vec<u8>, r: &StateRecord, change: Uuid) {
 }
 
 /// The entries of `run_id`'s history kept in its row, in order.
-pub(crate) fn decode(run_id: Uuid, bytes: &[u8]) -> Result<Vec<(StateRecord, Uuid)>, String> {
+pub fn decode(run_id: Uuid, bytes: &[u8]) -> Result<Vec<(StateRecord, Uuid)>, String> {
     let mut entries = Vec::new();
     let mut rest = bytes;
     while !rest.is_empty() {
