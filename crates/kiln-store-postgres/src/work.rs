@@ -21,6 +21,11 @@ use crate::DbError;
 /// The longest a claim waits for work (its request may ask less).
 const MAX_WAIT: Duration = Duration::from_secs(60);
 
+/// The most rows of the queue one claim reads, and the largest page it reads them in (see
+/// `claim_once`): a claim behind thousands of runs held back by their limits stops there.
+const MAX_SCAN: i64 = 20_000;
+const MAX_PAGE: i64 = 2_000;
+
 /// A waiting claim looks again this often even without a notification (one lost while
 /// the listening connection reconnected, say).
 const RECHECK: Duration = Duration::from_secs(5);
@@ -150,32 +155,81 @@ async fn claim_once(pool: &Pool, request: &ClaimRequest) -> Result<Vec<Claim>, D
     }
     let limit = request.limit.max(1) as i64;
     let now = now_micros();
-    // Each pool's first rows in the order they are handed out, read from the index in that
-    // order and locked (rows locked by another claimer are skipped rather than waited for);
-    // only those are joined to their runs. Sorting the whole backlog first made a claim
-    // cost milliseconds per thousand queued runs.
-    let rows = tx
-        .query(
-            &tx.prepare_cached(&format!(
-                "WITH c AS MATERIALIZED (
-                   SELECT l.run_id FROM unnest($1::text[]) AS p(pool) CROSS JOIN LATERAL (
-                     SELECT run_id FROM queue WHERE claimed_by IS NULL AND pool = p.pool AND scheduled <= $2
-                       AND (cardinality($4::text[]) = 0 OR target = ANY($4))
-                       AND (host IS NULL OR host = $5)
-                     ORDER BY scheduled, run_id LIMIT $3 FOR UPDATE SKIP LOCKED) l)
-                 SELECT {CANDIDATE_COLUMNS} FROM c JOIN ({CANDIDATE_FROM}) ON q.run_id = c.run_id
-                 ORDER BY q.scheduled, q.run_id"
-            ))
-            .await?,
-            &[
-                &request.pools,
-                &now,
-                &(limit + limit / 4 + 16),
-                &request.targets,
-                &request.host,
-            ],
-        )
-        .await?;
+    // Pages of each pool's rows in the order they are handed out, read from the index in
+    // that order and locked (rows locked by another claimer are skipped rather than waited
+    // for); only those are joined to their runs. A page starts where the pool's last one
+    // ended: rows passed over (over a limit, or finished) do not stop the claim from
+    // reaching the rows behind them. Pages grow; the claim stops once it has `limit` runs,
+    // every pool is read to its end, or it read MAX_SCAN rows.
+    let mut admitted = Vec::new();
+    let mut limits = Limits::default();
+    let mut pools: Vec<(String, i64, Uuid)> = request
+        .pools
+        .iter()
+        .map(|p| (p.clone(), i64::MIN, Uuid::nil()))
+        .collect();
+    let mut page = limit + 2;
+    let mut scanned = 0;
+    while !pools.is_empty() {
+        let names: Vec<&str> = pools.iter().map(|(p, _, _)| p.as_str()).collect();
+        let after: Vec<i64> = pools.iter().map(|(_, s, _)| *s).collect();
+        let after_id: Vec<Uuid> = pools.iter().map(|(_, _, id)| *id).collect();
+        let rows = tx
+            .query(
+                &tx.prepare_cached(&format!(
+                    "WITH c AS MATERIALIZED (
+                       SELECT l.run_id FROM unnest($1::text[], $6::bigint[], $7::uuid[]) AS p(pool, s, r)
+                       CROSS JOIN LATERAL (
+                         SELECT run_id FROM queue WHERE claimed_by IS NULL AND pool = p.pool AND scheduled <= $2
+                           AND (scheduled, run_id) > (p.s, p.r)
+                           AND (cardinality($4::text[]) = 0 OR target = ANY($4))
+                           AND (host IS NULL OR host = $5)
+                         ORDER BY scheduled, run_id LIMIT $3 FOR UPDATE SKIP LOCKED) l)
+                     SELECT {CANDIDATE_COLUMNS} FROM c JOIN ({CANDIDATE_FROM}) ON q.run_id = c.run_id
+                     ORDER BY q.scheduled, q.run_id"
+                ))
+                .await?,
+                &[&names, &now, &page, &request.targets, &request.host, &after, &after_id],
+            )
+            .await?;
+        scanned += rows.len() as i64;
+        let mut read: std::collections::HashMap<String, (i64, i64, Uuid)> = std::collections::HashMap::new();
+        for row in &rows {
+            let c = candidate(row)?;
+            let last = read.entry(c.entry.pool.clone()).or_insert((0, i64::MIN, Uuid::nil()));
+            *last = (last.0 + 1, c.entry.scheduled, c.entry.run_id);
+            if admitted.len() as i64 >= limit {
+                continue;
+            }
+            let Some(state) = c.state.filter(|s| work::is_claimable(*s)) else {
+                if c.state.is_none_or(StateType::is_terminal) {
+                    tx.execute(
+                        &tx.prepare_cached("DELETE FROM queue WHERE run_id = $1").await?,
+                        &[&c.entry.run_id],
+                    )
+                    .await?;
+                }
+                continue;
+            };
+            if !limits.admit(&tx, &c.entry).await? {
+                continue;
+            }
+            admitted.push((c, state));
+        }
+        if admitted.len() as i64 >= limit || scanned >= MAX_SCAN {
+            break;
+        }
+        // A pool that gave less than a page is read to its end (as far as this claimer may
+        // see: rows locked by others are theirs).
+        pools.retain_mut(|(pool, s, id)| match read.get(pool.as_str()) {
+            Some(&(n, last_s, last_id)) if n >= page => {
+                (*s, *id) = (last_s, last_id);
+                true
+            }
+            _ => false,
+        });
+        page = (page * 4).min(MAX_PAGE);
+    }
     // Runs this process holds and has not started: an answer it may never have received.
     let mut held = Vec::new();
     let resent = if request.resend {
@@ -201,28 +255,6 @@ async fn claim_once(pool: &Pool, request: &ClaimRequest) -> Result<Vec<Claim>, D
         let (fence, state) = (c.fence as u64, c.state.unwrap_or(StateType::Pending));
         let parameters = c.parameters_json();
         held.push(c.entry.claimed(fence, state, c.attempt as u32, parameters, tags));
-    }
-    let mut admitted = Vec::new();
-    let mut limits = Limits::default();
-    for row in &rows {
-        if admitted.len() as i64 >= limit {
-            break;
-        }
-        let c = candidate(row)?;
-        let Some(state) = c.state.filter(|s| work::is_claimable(*s)) else {
-            if c.state.is_none_or(StateType::is_terminal) {
-                tx.execute(
-                    &tx.prepare_cached("DELETE FROM queue WHERE run_id = $1").await?,
-                    &[&c.entry.run_id],
-                )
-                .await?;
-            }
-            continue;
-        };
-        if !limits.admit(&tx, &c.entry).await? {
-            continue;
-        }
-        admitted.push((c, state));
     }
     // One statement claims them all, each with its next fencing token.
     let ids: Vec<Uuid> = admitted.iter().map(|(c, _)| c.entry.run_id).collect();

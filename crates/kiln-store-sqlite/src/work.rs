@@ -50,6 +50,11 @@ impl Candidate {
 }
 
 /// The runs' columns a claim needs, from whichever table holds the run.
+/// The most rows of the queue one claim reads, and the largest page it reads them in (see
+/// `claim`): a claim behind thousands of runs held back by their limits stops there.
+const MAX_SCAN: usize = 20_000;
+const MAX_PAGE: usize = 2_000;
+
 const CANDIDATE: &str = "SELECT q.run_id, q.kind, q.pool, q.deployment, q.target, q.scheduled, q.max_attempts, q.fence,
         COALESCE(f.state, t.state), COALESCE(f.state_seq, t.state_seq), COALESCE(f.attempt, t.attempt),
         f.parameters, COALESCE(f.tags, t.tags), q.host, q.payload
@@ -110,40 +115,6 @@ pub(crate) fn claim(
     let targets = serde_json::to_string(&request.targets).unwrap_or_else(|_| "[]".into());
     let now = now_micros();
     let limit = request.limit.max(1) as usize;
-    let candidates: Vec<Candidate> = {
-        // Read more than asked: finished runs and runs over a limit are passed over. Each
-        // pool's first rows come from its index in the order they are handed out (the
-        // index holds the key, `run_id`, after `scheduled`), so a deep backlog is not
-        // sorted; only the rows picked are joined to their runs.
-        let read = (limit + limit / 4 + 16) as i64;
-        let mut first: Vec<(Micros, Uuid)> = Vec::new();
-        let mut q = tx
-            .prepare_cached(
-                "SELECT scheduled, run_id FROM queue WHERE claimed_by IS NULL AND pool = ?1 AND scheduled <= ?2
-                   AND (?4 = '[]' OR target IN (SELECT value FROM json_each(?4)))
-                   AND (host IS NULL OR host = ?5)
-                 ORDER BY scheduled, run_id LIMIT ?3",
-            )
-            .map_err(backend)?;
-        for pool in &request.pools {
-            let rows = q
-                .query_map(params![pool, now, read, targets, request.host], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })
-                .map_err(backend)?;
-            first.extend(rows.collect::<rusqlite::Result<Vec<_>>>().map_err(backend)?);
-        }
-        first.sort_unstable();
-        first.truncate(read as usize);
-        let mut q = tx
-            .prepare_cached(&format!("{CANDIDATE} WHERE q.run_id = ?1"))
-            .map_err(backend)?;
-        let mut candidates = Vec::with_capacity(first.len());
-        for (_, id) in first {
-            candidates.extend(q.query_row(params![id], candidate).optional().map_err(backend)?);
-        }
-        candidates
-    };
     // Runs this process holds and has not started: an answer it may never have received.
     let mut held = Vec::new();
     if request.resend {
@@ -166,41 +137,95 @@ pub(crate) fn claim(
     {
         let mut st = Statements::prepare(&tx).map_err(backend)?;
         let mut limits = Limits::default();
-        for mut c in candidates {
-            if claims.len() >= limit {
-                break;
-            }
-            let Some(state) = c.state.filter(|s| work::is_claimable(*s)) else {
-                if c.state.is_none_or(StateType::is_terminal) {
-                    // Finished (cancelled before anyone claimed it), or its run is gone.
-                    st.dequeue.execute([c.entry.run_id]).map_err(backend)?;
-                }
-                continue;
-            };
-            if !limits.admit(&tx, &c.entry)? {
-                continue;
-            }
-            let fence = c.fence + 1;
-            tx.execute(
-                "UPDATE queue SET claimed_by = ?2, fence = ?3 WHERE run_id = ?1",
-                params![c.entry.run_id, request.process_id, fence],
-            )
-            .map_err(backend)?;
-            let mut state_now = state;
-            if state == StateType::Scheduled {
-                let change = work::claimed(c.entry.kind, c.entry.run_id, c.attempt, request.process_id);
-                let from = Current { state, seq: c.seq };
-                if st
-                    .update_state(&change, from, c.seq + 1, Uuid::nil())
+        // Pages of each pool's rows in the order they are handed out, each from its index
+        // (which holds the key, `run_id`, after `scheduled`, so a deep backlog is not
+        // sorted); only the rows picked are joined to their runs. A page starts where the
+        // pool's last one ended: rows passed over (over a limit, or finished) do not stop
+        // the claim from reaching the rows behind them. Pages grow; the claim stops once
+        // it has `limit` runs, every pool is read to its end, or it read MAX_SCAN rows.
+        let mut pools: Vec<(&String, Micros, Uuid)> =
+            request.pools.iter().map(|p| (p, Micros::MIN, Uuid::nil())).collect();
+        let mut page = limit + 2;
+        let mut scanned = 0;
+        while !pools.is_empty() && claims.len() < limit && scanned < MAX_SCAN {
+            let mut first: Vec<(Micros, Uuid)> = Vec::new();
+            let mut q = tx
+                .prepare_cached(
+                    "SELECT scheduled, run_id FROM queue WHERE claimed_by IS NULL AND pool = ?1 AND scheduled <= ?2
+                       AND (scheduled, run_id) > (?6, ?7)
+                       AND (?4 = '[]' OR target IN (SELECT value FROM json_each(?4)))
+                       AND (host IS NULL OR host = ?5)
+                     ORDER BY scheduled, run_id LIMIT ?3",
+                )
+                .map_err(backend)?;
+            let mut read_to_end = Vec::new();
+            for (i, (pool, after, after_id)) in pools.iter_mut().enumerate() {
+                let rows = q
+                    .query_map(
+                        params![*pool, now, page as i64, targets, request.host, *after, *after_id],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
                     .map_err(backend)?
-                {
-                    forget(c.entry.run_id);
-                    state_now = StateType::Pending;
+                    .collect::<rusqlite::Result<Vec<(Micros, Uuid)>>>()
+                    .map_err(backend)?;
+                // A pool that gave less than a page is read to its end.
+                if rows.len() < page {
+                    read_to_end.push(i);
                 }
+                if let Some(&(s, id)) = rows.last() {
+                    (*after, *after_id) = (s, id);
+                }
+                first.extend(rows);
             }
-            let parameters = c.parameters_json();
-            let tags = json_list(c.tags);
-            claims.push(c.entry.claimed(fence as u64, state_now, c.attempt, parameters, tags));
+            for i in read_to_end.into_iter().rev() {
+                pools.remove(i);
+            }
+            scanned += first.len();
+            first.sort_unstable();
+            let mut q = tx
+                .prepare_cached(&format!("{CANDIDATE} WHERE q.run_id = ?1"))
+                .map_err(backend)?;
+            let mut candidates = Vec::with_capacity(first.len());
+            for (_, id) in first {
+                candidates.extend(q.query_row(params![id], candidate).optional().map_err(backend)?);
+            }
+            page = (page * 4).min(MAX_PAGE);
+            for mut c in candidates {
+                if claims.len() >= limit {
+                    break;
+                }
+                let Some(state) = c.state.filter(|s| work::is_claimable(*s)) else {
+                    if c.state.is_none_or(StateType::is_terminal) {
+                        // Finished (cancelled before anyone claimed it), or its run is gone.
+                        st.dequeue.execute([c.entry.run_id]).map_err(backend)?;
+                    }
+                    continue;
+                };
+                if !limits.admit(&tx, &c.entry)? {
+                    continue;
+                }
+                let fence = c.fence + 1;
+                tx.execute(
+                    "UPDATE queue SET claimed_by = ?2, fence = ?3 WHERE run_id = ?1",
+                    params![c.entry.run_id, request.process_id, fence],
+                )
+                .map_err(backend)?;
+                let mut state_now = state;
+                if state == StateType::Scheduled {
+                    let change = work::claimed(c.entry.kind, c.entry.run_id, c.attempt, request.process_id);
+                    let from = Current { state, seq: c.seq };
+                    if st
+                        .update_state(&change, from, c.seq + 1, Uuid::nil())
+                        .map_err(backend)?
+                    {
+                        forget(c.entry.run_id);
+                        state_now = StateType::Pending;
+                    }
+                }
+                let parameters = c.parameters_json();
+                let tags = json_list(c.tags);
+                claims.push(c.entry.claimed(fence as u64, state_now, c.attempt, parameters, tags));
+            }
         }
     }
     tx.commit().map_err(backend)?;

@@ -44,6 +44,7 @@ macro_rules! store_suite {
             claims_hand_each_run_to_one_worker,
             claims_of_dead_processes_are_taken_back,
             claims_respect_concurrency_limits,
+            runs_held_back_by_a_limit_do_not_hold_up_the_others,
             queued_task_runs_carry_their_inputs_and_may_be_pinned_to_a_host,
             a_waiting_claim_wakes_when_work_arrives,
             tag_limits_grant_each_slot_once,
@@ -1521,6 +1522,72 @@ pub async fn claims_respect_concurrency_limits(store: &dyn Store) {
     let next = store.claim(&claim_request(w2, &["big"], 10)).await.unwrap();
     assert_eq!(next.len(), 1);
     assert_ne!(next[0].run_id, big[0].run_id);
+}
+
+/// Runs held back by their deployment's limit are passed over, however many are queued
+/// before the others: a run of another deployment in the same pool, or of the same pools
+/// queued later, is claimed all the same; each claim reads the queue only as far as it
+/// needs to.
+pub async fn runs_held_back_by_a_limit_do_not_hold_up_the_others(store: &dyn Store) {
+    let report = Arc::new(Collect::default());
+    let now = now_micros();
+    let deployment = |name: &str, concurrency| crate::work::Deployment {
+        name: name.into(),
+        flow: "etl".into(),
+        pool: "shared".into(),
+        parameters: serde_json::json!({}),
+        parameter_schema: serde_json::json!({ "type": "object" }),
+        tags: Vec::new(),
+        schedule: None,
+        catchup: false,
+        concurrency,
+        max_attempts: 1,
+        updated: now,
+    };
+    send(
+        store,
+        &report,
+        [
+            Write::PutDeployment(Box::new(deployment("one-at-a-time", Some(1)))),
+            Write::PutDeployment(Box::new(deployment("free", None))),
+        ],
+    );
+    // 300 runs of the limited deployment first, then three others, in two pools.
+    let mut writes = Vec::new();
+    for i in 0..300 {
+        writes.extend(queued("etl", "shared", Some("one-at-a-time"), now - 10_000 + i, 1));
+    }
+    let mut others = Vec::new();
+    for (i, (pool, deployment)) in [("shared", Some("free")), ("shared", None), ("side", None)]
+        .into_iter()
+        .enumerate()
+    {
+        let [run, entry] = queued("etl", pool, deployment, now - 5_000 + i as i64, 1);
+        others.push(run.run_id());
+        writes.extend([run, entry]);
+    }
+    send(store, &report, writes);
+    store.flush().await.unwrap();
+    assert_eq!(report.problems(), Vec::<String>::new());
+    let worker = live(store).await;
+    let first = store
+        .claim(&claim_request(worker, &["shared", "side"], 10))
+        .await
+        .unwrap();
+    let mut claimed: Vec<Uuid> = first.iter().map(|c| c.run_id).collect();
+    assert_eq!(claimed.len(), 4, "one of the limited deployment, and the three others");
+    claimed.retain(|id| others.contains(id));
+    claimed.sort();
+    others.sort();
+    assert_eq!(claimed, others);
+    // Nothing else may go: the limited deployment's run is still held.
+    assert!(
+        store
+            .claim(&claim_request(worker, &["shared", "side"], 10))
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 /// A claim that waits is answered as soon as a run is queued (without polling where the
