@@ -163,17 +163,20 @@ async fn claim_once(pool: &Pool, request: &ClaimRequest) -> Result<Vec<Claim>, D
     // every pool is read to its end, or it read MAX_SCAN rows.
     let mut admitted = Vec::new();
     let mut limits = Limits::default();
-    let mut pools: Vec<(String, i64, Uuid)> = request
-        .pools
-        .iter()
-        .map(|p| (p.clone(), i64::MIN, Uuid::nil()))
-        .collect();
+    let mut pools: Vec<(String, i64, Uuid)> = Vec::new();
+    for pool in &request.pools {
+        if !pools.iter().any(|(p, _, _)| p == pool) {
+            pools.push((pool.clone(), i64::MIN, Uuid::nil()));
+        }
+    }
     let mut page = limit + 2;
     let mut scanned = 0;
     while !pools.is_empty() {
         let names: Vec<&str> = pools.iter().map(|(p, _, _)| p.as_str()).collect();
         let after: Vec<i64> = pools.iter().map(|(_, s, _)| *s).collect();
         let after_id: Vec<Uuid> = pools.iter().map(|(_, _, id)| *id).collect();
+        // Runs of deployments found full are left unread (and unlocked) by later pages.
+        let full = limits.full(true);
         let rows = tx
             .query(
                 &tx.prepare_cached(&format!(
@@ -182,6 +185,7 @@ async fn claim_once(pool: &Pool, request: &ClaimRequest) -> Result<Vec<Claim>, D
                        CROSS JOIN LATERAL (
                          SELECT run_id FROM queue WHERE claimed_by IS NULL AND pool = p.pool AND scheduled <= $2
                            AND (scheduled, run_id) > (p.s, p.r)
+                           AND (deployment IS NULL OR deployment <> ALL($8))
                            AND (cardinality($4::text[]) = 0 OR target = ANY($4))
                            AND (host IS NULL OR host = $5)
                          ORDER BY scheduled, run_id LIMIT $3 FOR UPDATE SKIP LOCKED) l)
@@ -189,7 +193,16 @@ async fn claim_once(pool: &Pool, request: &ClaimRequest) -> Result<Vec<Claim>, D
                      ORDER BY q.scheduled, q.run_id"
                 ))
                 .await?,
-                &[&names, &now, &page, &request.targets, &request.host, &after, &after_id],
+                &[
+                    &names,
+                    &now,
+                    &page,
+                    &request.targets,
+                    &request.host,
+                    &after,
+                    &after_id,
+                    &full,
+                ],
             )
             .await?;
         scanned += rows.len() as i64;
@@ -220,8 +233,10 @@ async fn claim_once(pool: &Pool, request: &ClaimRequest) -> Result<Vec<Claim>, D
             break;
         }
         // A pool that gave less than a page is read to its end (as far as this claimer may
-        // see: rows locked by others are theirs).
+        // see: rows locked by others are theirs); one found full has nothing more to give.
+        let full_pools = limits.full(false);
         pools.retain_mut(|(pool, s, id)| match read.get(pool.as_str()) {
+            _ if full_pools.contains(pool) => false,
             Some(&(n, last_s, last_id)) if n >= page => {
                 (*s, *id) = (last_s, last_id);
                 true
@@ -347,6 +362,15 @@ impl Limits {
         Ok((limit, held))
     }
 
+    /// The deployments (`true`) or pools found full so far.
+    fn full(&self, deployment: bool) -> Vec<String> {
+        self.counted
+            .iter()
+            .filter(|((d, _), (limit, held))| *d == deployment && limit.is_some_and(|l| *held >= i64::from(l)))
+            .map(|((_, name), _)| name.clone())
+            .collect()
+    }
+
     async fn admit(&mut self, tx: &Transaction<'_>, entry: &QueueEntry) -> Result<bool, DbError> {
         let fits = |(limit, held): (Option<i32>, i64)| limit.is_none_or(|l| held < i64::from(l));
         let pool = self.count(tx, false, &entry.pool).await?;
@@ -387,7 +411,14 @@ pub(crate) struct Listener {
 const ENDED_BACKLOG: usize = 4096;
 
 impl Listener {
-    pub(crate) fn new(config: tokio_postgres::Config) -> Listener {
+    pub(crate) fn new(mut config: tokio_postgres::Config) -> Listener {
+        // A connection that dies without a word (a host or network gone) is noticed in
+        // about half a minute, not hours: until then, nothing would be announced.
+        config
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3)
+            .tcp_user_timeout(Duration::from_secs(30));
         Listener {
             config,
             wake: Arc::new(tokio::sync::Notify::new()),
@@ -457,7 +488,9 @@ impl Listener {
                 }
             }
             // Lost: waiting claims look again, and the next one reconnects; subscribers
-            // look up what they wait for, and are listened for again.
+            // look up what they wait for, and are listened for again. The connection goes
+            // first, so that its client says it is closed.
+            drop(messages);
             wake.notify_waiters();
             let _ = ended.send(Ended::Missed);
             lost.notify_one();

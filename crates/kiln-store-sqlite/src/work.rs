@@ -143,16 +143,26 @@ pub(crate) fn claim(
         // pool's last one ended: rows passed over (over a limit, or finished) do not stop
         // the claim from reaching the rows behind them. Pages grow; the claim stops once
         // it has `limit` runs, every pool is read to its end, or it read MAX_SCAN rows.
-        let mut pools: Vec<(&String, Micros, Uuid)> =
-            request.pools.iter().map(|p| (p, Micros::MIN, Uuid::nil())).collect();
+        let mut pools: Vec<(&String, Micros, Uuid)> = Vec::new();
+        for pool in &request.pools {
+            if !pools.iter().any(|(p, _, _)| *p == pool) {
+                pools.push((pool, Micros::MIN, Uuid::nil()));
+            }
+        }
         let mut page = limit + 2;
         let mut scanned = 0;
         while !pools.is_empty() && claims.len() < limit && scanned < MAX_SCAN {
             let mut first: Vec<(Micros, Uuid)> = Vec::new();
+            // Runs of deployments found full are left unread by later pages; a pool found
+            // full has nothing more to give.
+            let full = serde_json::to_string(&limits.full(true)).unwrap_or_else(|_| "[]".into());
+            let full_pools = limits.full(false);
+            pools.retain(|(pool, _, _)| !full_pools.contains(pool));
             let mut q = tx
                 .prepare_cached(
                     "SELECT scheduled, run_id FROM queue WHERE claimed_by IS NULL AND pool = ?1 AND scheduled <= ?2
                        AND (scheduled, run_id) > (?6, ?7)
+                       AND (deployment IS NULL OR deployment NOT IN (SELECT value FROM json_each(?8)))
                        AND (?4 = '[]' OR target IN (SELECT value FROM json_each(?4)))
                        AND (host IS NULL OR host = ?5)
                      ORDER BY scheduled, run_id LIMIT ?3",
@@ -162,7 +172,7 @@ pub(crate) fn claim(
             for (i, (pool, after, after_id)) in pools.iter_mut().enumerate() {
                 let rows = q
                     .query_map(
-                        params![*pool, now, page as i64, targets, request.host, *after, *after_id],
+                        params![*pool, now, page as i64, targets, request.host, *after, *after_id, full],
                         |r| Ok((r.get(0)?, r.get(1)?)),
                     )
                     .map_err(backend)?
@@ -252,6 +262,16 @@ struct Limits {
 
 impl Limits {
     /// Whether `entry` fits under its pool's and deployment's limits; counts it if so.
+    /// The deployments (`true`) or pools found full so far.
+    fn full(&self, deployment: bool) -> Vec<String> {
+        let counted = if deployment { &self.deployments } else { &self.pools };
+        counted
+            .iter()
+            .filter(|(_, (limit, held))| limit.is_some_and(|l| *held >= l))
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     fn admit(&mut self, tx: &rusqlite::Transaction<'_>, entry: &QueueEntry) -> Result<bool, StoreError> {
         let count = |column: &str, name: &str, table: &str| -> Result<(Option<u32>, u32), StoreError> {
             let limit: Option<u32> = tx

@@ -1570,12 +1570,16 @@ pub async fn runs_held_back_by_a_limit_do_not_hold_up_the_others(store: &dyn Sto
     store.flush().await.unwrap();
     assert_eq!(report.problems(), Vec::<String>::new());
     let worker = live(store).await;
+    // A pool named twice is read once.
     let first = store
-        .claim(&claim_request(worker, &["shared", "side"], 10))
+        .claim(&claim_request(worker, &["shared", "side", "shared"], 10))
         .await
         .unwrap();
     let mut claimed: Vec<Uuid> = first.iter().map(|c| c.run_id).collect();
     assert_eq!(claimed.len(), 4, "one of the limited deployment, and the three others");
+    claimed.sort();
+    claimed.dedup();
+    assert_eq!(claimed.len(), 4, "each run once");
     claimed.retain(|id| others.contains(id));
     claimed.sort();
     others.sort();

@@ -504,7 +504,10 @@ impl Poll {
                 .drain(..)
                 .filter(|id| waiting.by_run.contains_key(id))
                 .collect();
-            if all {
+            if announcing && self.sweep {
+                // Announcements may have been lost: every run waited for, at once.
+                ids.extend(waiting.order.values());
+            } else if all {
                 ids.extend(waiting.pick(&mut self.cursor));
             }
             ids
@@ -515,7 +518,15 @@ impl Poll {
         }
         let mut ended = 0;
         for chunk in ids.chunks(kiln_store::MAX_LOOKUP) {
-            for run in store.task_runs_in(chunk, &kiln_store::state::FINAL).await? {
+            let runs = match store.task_runs_in(chunk, &kiln_store::state::FINAL).await {
+                Ok(runs) => runs,
+                Err(e) => {
+                    // What this look was to find is looked for again, all of it.
+                    self.sweep = true;
+                    return Err(e);
+                }
+            };
+            for run in runs {
                 let waiters = watcher.waiting.lock().unwrap_or_else(|p| p.into_inner()).take(run.id);
                 for tx in waiters {
                     let _ = tx.send(run.clone());
