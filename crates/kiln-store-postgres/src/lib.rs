@@ -54,6 +54,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0009_open_cancelling.sql"),
     include_str!("../migrations/0010_ended_notify.sql"),
     include_str!("../migrations/0011_history_in_row.sql"),
+    include_str!("../migrations/0012_process_lease.sql"),
 ];
 
 /// Most writes applied in one transaction.

@@ -332,7 +332,7 @@ pub(crate) async fn resolve(pool: &Pool, id_or_prefix: &str) -> Result<RunRef, S
 }
 
 pub(crate) async fn processes(pool: &Pool, since: Micros) -> Result<Vec<Process>, StoreError> {
-    let sql = "SELECT id, host, pid, started, heartbeat FROM processes p WHERE heartbeat >= $1
+    let sql = "SELECT id, host, pid, started, heartbeat, lease FROM processes p WHERE heartbeat >= $1
                   OR EXISTS (SELECT 1 FROM task_runs WHERE process_id = p.id AND state IN ('Pending', 'Running', 'AwaitingRetry', 'Cancelling'))
                   OR EXISTS (SELECT 1 FROM flow_runs WHERE process_id = p.id AND state IN ('Pending', 'Running', 'AwaitingRetry', 'Cancelling'))
                   OR EXISTS (SELECT 1 FROM queue WHERE claimed_by = p.id)
@@ -344,6 +344,7 @@ pub(crate) async fn processes(pool: &Pool, since: Micros) -> Result<Vec<Process>
             pid: get::<i32>(r, "pid")? as u32,
             started: get::<i64>(r, "started")? as u64,
             heartbeat: get(r, "heartbeat")?,
+            lease: get(r, "lease")?,
         })
     })
     .await

@@ -556,15 +556,17 @@ pub(crate) async fn take_back_claims(
     tx: &Transaction<'_>,
     dead: &[Uuid],
     stale_before: Micros,
+    now: Micros,
 ) -> Result<Vec<(RunKind, Uuid)>, DbError> {
     let rows = tx
         .query(
             &tx.prepare_cached(&format!(
                 "SELECT {CANDIDATE_COLUMNS}, p.pid, p.host AS process_host, p.heartbeat AS beat, p.id = ANY($2) AS exited
                  FROM {CANDIDATE_FROM} JOIN processes p ON p.id = q.claimed_by
-                 WHERE p.heartbeat < $1 OR p.id = ANY($2) ORDER BY q.run_id FOR UPDATE OF q SKIP LOCKED"
+                 WHERE (p.heartbeat < $1 AND p.heartbeat + p.lease < $3) OR p.id = ANY($2)
+                 ORDER BY q.run_id FOR UPDATE OF q SKIP LOCKED"
             )).await?,
-            &[&stale_before, &dead],
+            &[&stale_before, &dead, &now],
         )
         .await?;
     let mut changed = Vec::new();

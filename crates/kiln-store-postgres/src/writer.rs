@@ -401,11 +401,19 @@ async fn attempt(
     for p in beats {
         tx.execute(
             &tx.prepare_cached(
-                "INSERT INTO processes (id, host, pid, started, heartbeat) VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (id) DO UPDATE SET heartbeat = GREATEST(processes.heartbeat, excluded.heartbeat)",
+                "INSERT INTO processes (id, host, pid, started, heartbeat, lease) VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (id) DO UPDATE SET heartbeat = GREATEST(processes.heartbeat, excluded.heartbeat),
+                 lease = excluded.lease",
             )
             .await?,
-            &[&p.id, &p.host, &(p.pid as i32), &(p.started as i64), &p.heartbeat],
+            &[
+                &p.id,
+                &p.host,
+                &(p.pid as i32),
+                &(p.started as i64),
+                &p.heartbeat,
+                &p.lease,
+            ],
         )
         .await?;
     }
@@ -820,6 +828,7 @@ async fn delete_run(tx: &Transaction<'_>, id: Uuid) -> Result<(), DbError> {
 /// reaped on a later call, once PostgreSQL has ended the stalled session
 /// ([`IDLE_IN_TRANSACTION`](crate::IDLE_IN_TRANSACTION)).
 pub(crate) async fn reap(pool: &Pool, dead: &[Uuid], stale_before: Micros) -> Result<Vec<(RunKind, Uuid)>, DbError> {
+    let now = now_micros();
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let mut crashed = Vec::new();
@@ -827,11 +836,12 @@ pub(crate) async fn reap(pool: &Pool, dead: &[Uuid], stale_before: Micros) -> Re
         let sql = format!(
             "SELECT r.id, r.state, r.state_seq, r.attempt, p.pid, p.host, p.heartbeat, p.id = ANY($2) AS exited
              FROM {table} r JOIN processes p ON p.id = r.process_id
-             WHERE r.state IN ('Pending', 'Running', 'AwaitingRetry', 'Cancelling') AND (p.heartbeat < $1 OR p.id = ANY($2))
+             WHERE r.state IN ('Pending', 'Running', 'AwaitingRetry', 'Cancelling')
+               AND ((p.heartbeat < $1 AND p.heartbeat + p.lease < $3) OR p.id = ANY($2))
              ORDER BY r.id FOR UPDATE OF r SKIP LOCKED"
         );
         let rows = tx
-            .query(&tx.prepare_cached(&sql).await?, &[&stale_before, &dead])
+            .query(&tx.prepare_cached(&sql).await?, &[&stale_before, &dead, &now])
             .await?;
         for row in rows {
             let id: Uuid = row.try_get("id")?;
@@ -871,7 +881,7 @@ pub(crate) async fn reap(pool: &Pool, dead: &[Uuid], stale_before: Micros) -> Re
             crashed.push((kind, id));
         }
     }
-    crashed.extend(crate::work::take_back_claims(&tx, dead, stale_before).await?);
+    crashed.extend(crate::work::take_back_claims(&tx, dead, stale_before, now).await?);
     tx.commit().await?;
     Ok(crashed)
 }

@@ -106,6 +106,7 @@ fn a_session_stalled_in_a_transaction_does_not_hold_up_the_reaper() {
             pid: 77,
             started: 7,
             heartbeat: now,
+            lease: 0,
         };
         store.write(Write::Heartbeat(silent.clone())).await.unwrap();
         let owned = |name: &str| {
@@ -227,6 +228,7 @@ fn runs_that_leave_the_queue_are_announced_and_a_lost_connection_is_said() {
             pid: 78,
             started: 7,
             heartbeat: now_micros(),
+            lease: 0,
         };
         store.write(Write::Heartbeat(worker.clone())).await.unwrap();
         let now = now_micros();

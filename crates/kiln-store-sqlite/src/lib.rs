@@ -92,6 +92,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0010_open_cancelling.sql"),
     include_str!("../migrations/0011_history_in_row.sql"),
     include_str!("../migrations/0012_open_without_in.sql"),
+    include_str!("../migrations/0013_process_lease.sql"),
 ];
 
 /// The condition of a run that has not ended, as the `*_open` indexes spell it (migration

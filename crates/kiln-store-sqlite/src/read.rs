@@ -454,7 +454,7 @@ pub(crate) fn resolve(c: &Connection, id_or_prefix: &str) -> Result<RunRef, Stor
 pub(crate) fn processes(c: &Connection, since: Micros) -> Result<Vec<Process>, StoreError> {
     let mut st = c
         .prepare_cached(&format!(
-            "SELECT id, host, pid, started, heartbeat FROM processes p WHERE heartbeat >= ?1
+            "SELECT id, host, pid, started, heartbeat, lease FROM processes p WHERE heartbeat >= ?1
                 OR EXISTS (SELECT 1 FROM task_runs WHERE process_id = p.id AND {OPEN})
                 OR EXISTS (SELECT 1 FROM flow_runs WHERE process_id = p.id AND {OPEN})
                 OR EXISTS (SELECT 1 FROM queue WHERE claimed_by = p.id)
@@ -470,6 +470,7 @@ pub(crate) fn processes(c: &Connection, since: Micros) -> Result<Vec<Process>, S
                 pid: r.get(2)?,
                 started: r.get::<_, i64>(3)? as u64,
                 heartbeat: r.get(4)?,
+                lease: r.get(5)?,
             })
         })
         .map_err(backend)?,

@@ -325,16 +325,17 @@ pub(crate) fn take_back_claims(
     tx: &rusqlite::Transaction<'_>,
     st: &mut Statements<'_>,
     stale_before: Micros,
+    now: Micros,
     dead_json: &str,
 ) -> Result<Vec<(RunKind, Uuid)>, StoreError> {
     let sql = format!(
         "{CANDIDATE}, processes p WHERE p.id = q.claimed_by
-           AND (p.heartbeat < ?1 OR hex(p.id) IN (SELECT value FROM json_each(?2)))"
+           AND ((p.heartbeat < ?1 AND p.heartbeat + p.lease < ?3) OR hex(p.id) IN (SELECT value FROM json_each(?2)))"
     );
     let held: Vec<Candidate> = {
         let mut q = tx.prepare(&sql).map_err(backend)?;
         let rows = q
-            .query_map(params![stale_before, dead_json], candidate)
+            .query_map(params![stale_before, dead_json, now], candidate)
             .map_err(backend)?;
         rows.collect::<rusqlite::Result<_>>().map_err(backend)?
     };

@@ -124,6 +124,7 @@ fn reap(
     stale_before: Micros,
     known: &mut HashMap<Uuid, Current>,
 ) -> Result<Vec<(RunKind, Uuid)>, StoreError> {
+    let now = kiln_store::model::now_micros();
     let dead_hex: Vec<String> = dead.iter().map(|d| d.simple().to_string().to_uppercase()).collect();
     let dead_json = serde_json::to_string(&dead_hex).unwrap_or_else(|_| "[]".into());
     let tx = conn
@@ -138,13 +139,14 @@ fn reap(
                         hex(p.id) IN (SELECT value FROM json_each(?2))
                  FROM {table} r JOIN processes p ON p.id = r.process_id
                  WHERE {open}
-                   AND (p.heartbeat < ?1 OR hex(p.id) IN (SELECT value FROM json_each(?2)))",
+                   AND ((p.heartbeat < ?1 AND p.heartbeat + p.lease < ?3)
+                        OR hex(p.id) IN (SELECT value FROM json_each(?2)))",
                 open = crate::OPEN
             );
             let orphans: Vec<Orphan> = {
                 let mut q = tx.prepare(&sql).map_err(crate::backend)?;
                 let rows = q
-                    .query_map(params![stale_before, dead_json], |r| {
+                    .query_map(params![stale_before, dead_json, now], |r| {
                         Ok(Orphan {
                             id: r.get(0)?,
                             state: r.get(1)?,
@@ -193,7 +195,7 @@ fn reap(
                 }
             }
         }
-        for (kind, id) in crate::work::take_back_claims(&tx, &mut st, stale_before, &dead_json)? {
+        for (kind, id) in crate::work::take_back_claims(&tx, &mut st, stale_before, now, &dead_json)? {
             known.remove(&id);
             crashed.push((kind, id));
         }
@@ -738,7 +740,7 @@ fn attempt(
                 }
                 Write::Heartbeat(p) => {
                     st.heartbeat
-                        .execute(params![p.id, p.host, p.pid, p.started as i64, p.heartbeat])
+                        .execute(params![p.id, p.host, p.pid, p.started as i64, p.heartbeat, p.lease])
                         .map_err(|e| classify(e, i))?;
                     Outcome::Applied { seq: None }
                 }
@@ -939,8 +941,8 @@ impl<'t> Statements<'t> {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
             )?,
             heartbeat: tx.prepare_cached(
-                "INSERT INTO processes (id, host, pid, started, heartbeat) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (id) DO UPDATE SET heartbeat = excluded.heartbeat",
+                "INSERT INTO processes (id, host, pid, started, heartbeat, lease) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (id) DO UPDATE SET heartbeat = excluded.heartbeat, lease = excluded.lease",
             )?,
             put_token: tx.prepare_cached(
                 "INSERT INTO api_tokens (name, hash, read_only, created, revoked) VALUES (?1, ?2, ?3, ?4, ?5)",

@@ -135,6 +135,11 @@ pub struct Process {
     pub started: u64,
     /// Its latest heartbeat.
     pub heartbeat: Micros,
+    /// How long it may stay silent before it counts as dead (three of its heartbeat
+    /// periods): a process that beats slowly is not judged by a faster one's lease. 0 when
+    /// unknown (recorded by an older version): the judge's own lease applies.
+    #[serde(default)]
+    pub lease: Micros,
 }
 
 /// An API token of the Kiln server. Only a hash of its secret is stored; the secret is shown

@@ -623,12 +623,19 @@ pub async fn dead_processes_have_their_runs_crashed(store: &dyn Store) {
         pid,
         started: 7,
         heartbeat,
+        lease: 0,
     };
     let (alive, silent, exited) = (process(101, now), process(102, now - 60_000_000), process(103, now));
+    // Silent as long, but it beats every 100 s: not dead by its own lease (300 s), though
+    // it is by the judge's (30 s below).
+    let patient = Process {
+        lease: 300_000_000,
+        ..process(104, now - 60_000_000)
+    };
     send(
         store,
         &report,
-        [alive.clone(), silent.clone(), exited.clone()].map(Write::Heartbeat),
+        [alive.clone(), silent.clone(), exited.clone(), patient.clone()].map(Write::Heartbeat),
     );
     let owned = |name: &str, p: &Process| {
         let mut t = task(name, None);
@@ -637,13 +644,14 @@ pub async fn dead_processes_have_their_runs_crashed(store: &dyn Store) {
     };
     let mut silent_flow = flow("silent", None);
     silent_flow.process_id = Some(silent.id);
-    let (a, b, c, done) = (
+    let (a, b, c, done, slow) = (
         owned("alive", &alive),
         owned("silent", &silent),
         owned("exited", &exited),
         owned("done", &silent),
+        owned("patient", &patient),
     );
-    let ids = [a.id, b.id, c.id, done.id, silent_flow.id];
+    let ids = [a.id, b.id, c.id, done.id, silent_flow.id, slow.id];
     send(
         store,
         &report,
@@ -653,9 +661,11 @@ pub async fn dead_processes_have_their_runs_crashed(store: &dyn Store) {
             Write::TaskRun(c),
             Write::TaskRun(done),
             Write::FlowRun(silent_flow),
+            Write::TaskRun(slow),
         ],
     );
     walk(store, RunKind::Task, ids[0], Pending, &[(Running, 1, None)]).await;
+    walk(store, RunKind::Task, ids[5], Pending, &[(Running, 1, None)]).await;
     walk(
         store,
         RunKind::Task,
@@ -687,6 +697,11 @@ pub async fn dead_processes_have_their_runs_crashed(store: &dyn Store) {
     let task_state = |id| async move { store.task_run(id).await.unwrap().unwrap() };
     assert_eq!(task_state(ids[0]).await.state, Running, "a live process keeps its runs");
     assert_eq!(task_state(ids[3]).await.state, Completed, "finished runs stay finished");
+    assert_eq!(
+        task_state(ids[5]).await.state,
+        Running,
+        "a process is judged by its own lease when longer"
+    );
     let silent_run = task_state(ids[1]).await;
     assert_eq!(silent_run.state, Crashed);
     let why = silent_run.state_message.unwrap();
@@ -1184,6 +1199,7 @@ async fn live(store: &dyn Store) -> Uuid {
         pid: 4242,
         started: 1,
         heartbeat: now_micros(),
+        lease: 0,
     };
     assert!(matches!(
         store.write(Write::Heartbeat(beat)).await.unwrap(),
@@ -1349,6 +1365,7 @@ pub async fn claims_of_dead_processes_are_taken_back(store: &dyn Store) {
         pid,
         started: 7,
         heartbeat,
+        lease: 0,
     };
     let (dead, alive) = (worker(201, now - 120_000_000), worker(202, now));
     send(

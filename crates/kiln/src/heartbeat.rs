@@ -61,6 +61,7 @@ fn this_process(id: Uuid) -> Process {
         pid: std::process::id(),
         started: start_ticks(std::process::id()).unwrap_or(0),
         heartbeat: now_micros(),
+        lease: lease().as_micros() as Micros,
     }
 }
 
