@@ -25,7 +25,9 @@ def now_ms():
 
 @task
 def noop(i: int, added: float) -> int:
-    print(f"start {now_ms() - added}", flush=True)
+    # One write per line: task runs print from several threads at once.
+    sys.stdout.write(f"start {now_ms() - added}\n")
+    sys.stdout.flush()
     return i
 
 
