@@ -139,6 +139,7 @@ pub(crate) fn run(home: &Path, cmd: DeploymentCommand) -> Result<()> {
                 parameters: serde_json::Value::Object(parameters),
                 tags: tag,
                 scheduled: None,
+                retry_of: None,
             };
             let id = crate::wait(kiln::deployment::run_deployment(&*store, &name, request))?;
             if !wait {

@@ -298,6 +298,7 @@ fn a_deployment_runs_on_a_worker_and_can_be_cancelled() {
     // Not started yet (scheduled in an hour): Cancelled at once, and never claimed.
     let request = kiln::deployment::RunRequest {
         scheduled: Some(kiln::store::model::now_micros() + 3_600_000_000),
+        retry_of: None,
         ..Default::default()
     };
     let later = block(kiln::deployment::run_deployment(&*store, "hang", request)).unwrap();

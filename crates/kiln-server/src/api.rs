@@ -93,16 +93,18 @@ pub(crate) fn router(app: App) -> Router {
                 async move { ([(header::CONTENT_TYPE, "application/json")], doc.as_str().to_owned()) }
             }),
         )
-        .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "no such endpoint; the API is under /api/v1") })
         // Inside the routes, so that requests are counted by their route, refused ones too.
-        .route_layer(axum::middleware::from_fn_with_state(auth, crate::auth::check))
+        .route_layer(axum::middleware::from_fn_with_state(auth.clone(), crate::auth::check))
         .route_layer(axum::middleware::from_fn_with_state(
             app.metrics.clone(),
             crate::metrics::track,
         ))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::map_response(too_large))
-        .with_state(app)
+        .with_state(app.clone())
+        // The web UI has its own gate (a session cookie, or a login page).
+        .merge(crate::ui::router(app, auth))
+        .fallback(crate::ui::fallback)
 }
 
 /// A body over the limit is refused by axum with plain text: say which limit, as a problem.

@@ -29,7 +29,7 @@ impl Auth {
         }
     }
 
-    async fn tokens(&self) -> Result<Arc<Vec<ApiToken>>, Problem> {
+    pub(crate) async fn tokens(&self) -> Result<Arc<Vec<ApiToken>>, Problem> {
         if let Some((at, tokens)) = &*self.tokens.lock().unwrap_or_else(|p| p.into_inner())
             && at.elapsed() < FRESH
         {
@@ -65,12 +65,17 @@ pub(crate) async fn check(State(auth): State<Arc<Auth>>, request: Request, next:
         // allows on a loopback address.
         return next.run(request).await;
     }
-    let presented = request
+    let bearer = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
+    // The web UI's session cookie stands for the token on reads only (its pictures and
+    // downloads): a request that changes something must name its token itself, so that no
+    // other site can make a logged-in browser send one.
+    let reading = matches!(*request.method(), Method::GET | Method::HEAD);
+    let presented = bearer.or_else(|| reading.then(|| crate::ui::session_secret(request.headers())).flatten());
     let Some(secret) = presented else {
         return refuse(
             StatusCode::UNAUTHORIZED,

@@ -6,6 +6,9 @@
 //! `kiln-store-http` client is a `Store` over it and passes the same conformance suite as
 //! the databases do. Errors are RFC 9457 problem details naming the cause.
 //!
+//! The same port serves the web UI (`/runs`, a flow run's graph and timeline, a task run's
+//! result previewed), rendered on the server from code and assets compiled into it.
+//!
 //! Once the database holds an API token (`kiln server token create`), every endpoint but
 //! `/api/health` requires `Authorization: Bearer <secret>`; read-only tokens may only read.
 //!
@@ -30,6 +33,7 @@ mod openapi;
 mod problem;
 mod results;
 mod storages;
+mod ui;
 mod work;
 
 use std::future::Future;

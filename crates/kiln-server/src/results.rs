@@ -393,6 +393,11 @@ fn replaced(r: &ResultRef, header: &RecordHeader) -> Result<(), Problem> {
 
 /// The whole payload, verified (for conversions).
 async fn payload(app: &App, r: &ResultRef) -> Result<Bytes, Problem> {
+    record(app, r).await.map(|(_, payload)| payload)
+}
+
+/// The whole record, its payload verified.
+async fn record(app: &App, r: &ResultRef) -> Result<(RecordHeader, Bytes), Problem> {
     if r.size > CONVERT_LIMIT {
         return Err(Problem::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -412,7 +417,7 @@ async fn payload(app: &App, r: &ResultRef) -> Result<Bytes, Problem> {
         }
     };
     replaced(r, &header)?;
-    Ok(payload)
+    Ok((header, payload))
 }
 
 /// Runs a conversion off the async threads; its error is the payload's fault (422).
@@ -474,4 +479,106 @@ fn file_response(body: Body, media: &str, filename: &str) -> Response {
     }
     headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     response
+}
+
+/// Results larger than this are not checked nor previewed by the UI (downloads still are
+/// verified as they stream).
+const PREVIEW_LIMIT: u64 = 64 * 1024 * 1024;
+
+/// JSON previews are cut after this many bytes.
+const PREVIEW_JSON: usize = 16 * 1024;
+
+/// Where a result is and what it is, for the UI.
+#[derive(Debug)]
+pub(crate) struct Reference {
+    pub(crate) serializer: String,
+    pub(crate) size: u64,
+    pub(crate) hash: String,
+    pub(crate) storage: String,
+    pub(crate) key: String,
+    /// When the record expires (from its header), if it does.
+    pub(crate) expires: Option<i64>,
+}
+
+/// What the UI shows of a result, after checking its hash.
+#[derive(Debug)]
+pub(crate) enum Preview {
+    /// An image (shown through `content?as=png`), its size in pixels.
+    Image { width: u32, height: u32 },
+    /// A serde value as pretty JSON, cut at [`PREVIEW_JSON`] bytes.
+    Json { text: String, truncated: bool },
+    /// A payload only its program can read.
+    Raw,
+    /// Too large to check here.
+    TooLarge,
+    /// The record is there but is not what the run recorded: why.
+    Corrupt(String),
+}
+
+/// A run's result for the UI: its reference, and a preview once its payload was read and its
+/// hash checked. A record that cannot be reached at all is an error.
+pub(crate) async fn preview(app: &App, id: Uuid) -> Result<(Reference, Preview), Problem> {
+    let r = reference(app, id).await?;
+    let mut reference = Reference {
+        serializer: r.serializer.clone(),
+        size: r.size,
+        hash: r.hash.clone(),
+        storage: r.storage.clone(),
+        key: r.key.clone(),
+        expires: None,
+    };
+    if r.size > PREVIEW_LIMIT {
+        return Ok((reference, Preview::TooLarge));
+    }
+    let payload = match record(app, &r).await {
+        Ok((header, payload)) => {
+            reference.expires = header.expires;
+            payload
+        }
+        Err(p) if p.status == StatusCode::CONFLICT.as_u16() => return Ok((reference, Preview::Corrupt(p.detail))),
+        Err(p) => return Err(p),
+    };
+    let serializer = r.serializer.clone();
+    let preview = blocking(move || {
+        if writes_images(&serializer) {
+            let png = kiln::serializer::image_as_png(&serializer, &payload)?;
+            let (width, height) = png_size(&png).ok_or("the image's PNG has no header")?;
+            return Ok(Preview::Image { width, height });
+        }
+        if writes_values(&serializer) {
+            return match render(&serializer, &payload)? {
+                Rendered::Json(v) => {
+                    let mut text = serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?;
+                    let truncated = text.len() > PREVIEW_JSON;
+                    if truncated {
+                        let mut cut = PREVIEW_JSON;
+                        while !text.is_char_boundary(cut) {
+                            cut -= 1;
+                        }
+                        text.truncate(cut);
+                        text.push_str("\n…");
+                    }
+                    Ok(Preview::Json { text, truncated })
+                }
+                _ => Ok(Preview::Raw),
+            };
+        }
+        Ok(Preview::Raw)
+    })
+    .await;
+    match preview {
+        Ok(p) => Ok((reference, p)),
+        // The hash matched, yet it does not decode: a record written by another serializer.
+        Err(p) => Ok((reference, Preview::Corrupt(p.detail))),
+    }
+}
+
+/// A PNG file's width and height, from its header chunk.
+fn png_size(png: &[u8]) -> Option<(u32, u32)> {
+    if png.len() < 24 || &png[12..16] != b"IHDR" {
+        return None;
+    }
+    let width = u32::from_be_bytes(png[16..20].try_into().ok()?);
+    let height = u32::from_be_bytes(png[20..24].try_into().ok()?);
+    Some((width, height))
 }

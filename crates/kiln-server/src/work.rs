@@ -223,6 +223,7 @@ pub(crate) async fn run(
         parameters: serde_json::Value::Object(req.parameters),
         tags: req.tags,
         scheduled: req.scheduled,
+        retry_of: None,
     };
     let id = kiln::deployment::run_deployment(&*store, &name, request).await?;
     Ok((

@@ -9,7 +9,8 @@
 //! cargo run --release --bin kiln -- result get <task-run-id> -o image.png
 //! ```
 //!
-//! The image is handed from `make_image` to `consume_image` in memory, without a copy; the
+//! The image is handed from `make_image` to `consume_image` in memory, without a copy (its
+//! future passed as the argument also records the dependency edge that the UI draws); the
 //! records are written beside, and the state database (`$KILN_HOME/kiln.db`, default
 //! `~/.kiln`) keeps only references to them.
 
@@ -32,8 +33,8 @@ async fn consume_image(mut img: RgbImage) -> anyhow::Result<RgbImage> {
 
 #[flow]
 async fn pipeline() -> anyhow::Result<u64> {
-    let img = make_image().await?; // runs as a tracked task run
-    let out = consume_image(img).await?; // value handed over in memory
+    let img = make_image.submit(); // a tracked task run, started at once
+    let out = consume_image.submit(img).await?; // waits for it; the value is handed over in memory, the edge recorded
     Ok(u64::from(out.width()) * u64::from(out.height()))
 }
 

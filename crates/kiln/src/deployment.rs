@@ -252,6 +252,9 @@ pub struct RunRequest {
     pub tags: Vec<String>,
     /// Not before this time (default: now).
     pub scheduled: Option<Micros>,
+    /// The run this one retries: the worker loads the task results it persisted instead of
+    /// computing them again.
+    pub retry_of: Option<Uuid>,
 }
 
 /// Creates a run of deployment `name` (state Scheduled, queued in its pool) once its
@@ -279,32 +282,24 @@ pub async fn run_deployment(store: &dyn Store, name: &str, request: RunRequest) 
         .map_err(|e| Error::InvalidParameters(format!("deployment '{name}': {e}")))?;
     let created = now_micros();
     let id = Uuid::now_v7();
-    create(
-        store,
-        deployment,
-        id,
-        parameters,
-        request.tags,
-        created,
-        request.scheduled.unwrap_or(created),
-    )
-    .await?;
+    create(store, deployment, id, parameters, request, created).await?;
     Ok(id)
 }
 
 /// Records a run of `deployment` and queues it, in one batch; fails when either write was
-/// not applied.
+/// not applied. `request` gives its extra tags, its time (default: `created`) and the run
+/// it retries; its parameters are `parameters`.
 async fn create(
     store: &dyn Store,
     deployment: &work::Deployment,
     id: Uuid,
     parameters: serde_json::Value,
-    extra_tags: Vec<String>,
+    request: RunRequest,
     created: Micros,
-    scheduled: Micros,
 ) -> Result<(), Error> {
+    let scheduled = request.scheduled.unwrap_or(created);
     let mut tags = deployment.tags.clone();
-    tags.extend(extra_tags);
+    tags.extend(request.tags);
     tags.push(deployment_tag(&deployment.name));
     let run = Write::FlowRun(NewFlowRun {
         id,
@@ -315,7 +310,7 @@ async fn create(
         created,
         initial_state: StateType::Scheduled,
         command: None,
-        retry_of: None,
+        retry_of: request.retry_of,
         process_id: None,
     });
     let entry = Write::Enqueue(QueueEntry {
@@ -411,16 +406,11 @@ pub async fn schedule_due(store: &dyn Store) -> Result<usize, Error> {
         };
         for slot in slots {
             let id = work::slot_run_id(&deployment.name, slot);
-            create(
-                store,
-                &deployment,
-                id,
-                deployment.parameters.clone(),
-                Vec::new(),
-                slot,
-                slot,
-            )
-            .await?;
+            let at = RunRequest {
+                scheduled: Some(slot),
+                ..RunRequest::default()
+            };
+            create(store, &deployment, id, deployment.parameters.clone(), at, slot).await?;
             written += 1;
         }
     }

@@ -305,8 +305,18 @@ pub(crate) async fn run_claimed<F: Flow>(
         }
     };
     let parameters = Arc::new(claim.parameters.clone());
-    // After a crashed worker's attempt, the task results it persisted are loaded, not computed again.
-    let earlier = (claim.attempt > 0).then_some(claim.run_id);
+    // After a crashed worker's attempt, the task results it persisted are loaded, not
+    // computed again; so are those of the run this one retries (a retry from the UI or API).
+    let earlier = match claim.attempt {
+        0 => engine
+            .store()
+            .flow_run(claim.run_id)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|run| run.retry_of),
+        _ => Some(claim.run_id),
+    };
     let outcome = engine
         .scope(drive(
             flow,

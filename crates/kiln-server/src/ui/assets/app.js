@@ -1,0 +1,54 @@
+// Kiln's web UI: live parts of a page follow the runs without a reload, and buttons that
+// change something ask first when they say so (data-confirm).
+"use strict";
+
+(function () {
+  const live = () => document.querySelectorAll("[data-live][id]");
+  let busy = false;
+  let again = false;
+
+  async function refresh() {
+    if (busy) { again = true; return; }
+    busy = true;
+    try {
+      const response = await fetch(location.href, { headers: { "X-Kiln-Live": "1" }, credentials: "same-origin" });
+      if (!response.ok) return;
+      const fresh = new DOMParser().parseFromString(await response.text(), "text/html");
+      for (const part of live()) {
+        const next = fresh.getElementById(part.id);
+        if (next && next.innerHTML !== part.innerHTML) {
+          // Keep open the subflows someone opened.
+          const open = new Set([...part.querySelectorAll("details[open] summary a")].map((a) => a.getAttribute("href")));
+          part.replaceWith(next);
+          for (const d of next.querySelectorAll("details")) {
+            const a = d.querySelector("summary a");
+            if (a && open.has(a.getAttribute("href"))) d.open = true;
+          }
+        }
+      }
+      document.dispatchEvent(new CustomEvent("kiln:refreshed"));
+    } catch (e) {
+      // The server may be restarting: the next event brings the page up to date.
+    } finally {
+      busy = false;
+      if (again) { again = false; setTimeout(refresh, 150); }
+    }
+  }
+
+  function listen() {
+    if (!live().length || !window.EventSource) return;
+    const events = new EventSource("/ui/events");
+    events.addEventListener("changed", refresh);
+    // After a lost connection the browser reconnects by itself; catch up then.
+    events.addEventListener("open", () => { if (listen.opened) refresh(); listen.opened = true; });
+  }
+
+  document.addEventListener("submit", (event) => {
+    const form = event.target;
+    const question = form.getAttribute("data-confirm");
+    if (question && !window.confirm(question)) event.preventDefault();
+  });
+
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", listen);
+  else listen();
+})();
