@@ -5,8 +5,10 @@
 //! The browser logs in with a token, clicks from the runs list to the pipeline's flow run
 //! (a graph of two nodes and one edge, logs) to `make_image` (its picture, 512 pixels
 //! wide), sees a flow started after the page opened appear and complete without a reload,
-//! cancels a running flow run, retries a failed deployment run, sees no buttons with a
-//! read-only token, and runs axe-core on every page. Screenshots go to the folder it prints.
+//! cancels a running flow run, retries a failed deployment run, runs a deployment from its
+//! parameters form, deletes a cached result, sees a damaged record reported in red and no
+//! buttons with a read-only token, and runs axe-core on every page. Screenshots of every
+//! page go to the folder it prints.
 
 mod common;
 
@@ -87,13 +89,33 @@ async fn flaky() -> anyhow::Result<u64> {
     Ok(1)
 }
 
+/// Its result is cached (the storages page lists it, and deletes it).
+#[task(cache = inputs)]
+fn shout(name: String) -> String {
+    name.to_uppercase()
+}
+
+/// Run from the deployment page's form.
+#[flow]
+async fn greet(name: String, times: u32) -> anyhow::Result<String> {
+    let loud = shout(name).await?;
+    Ok(vec![loud; times as usize].join(" "))
+}
+
 #[test]
-#[ignore = "a worker serving the deployment the browser retries"]
+#[ignore = "a worker serving the deployments the browser runs and retries"]
 fn worker() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         kiln::serve()
             .deployment(flaky.deploy("flaky").pool("ui"))
+            .deployment(
+                greet
+                    .deploy("greet")
+                    .pool("ui")
+                    .cron("0 3 * * *")
+                    .parameters(serde_json::json!({ "times": 2 })),
+            )
             .run()
             .await
             .unwrap();
@@ -141,6 +163,26 @@ fn newest(store: &dyn Store, name: &str) -> Option<FlowRun> {
         .max_by_key(|r| r.created)
 }
 
+/// Flips a byte near the end of the record whose file name holds `id`, below `folder`.
+fn damage_record(folder: &Path, id: &str) {
+    let mut stack = vec![folder.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().map(Result::unwrap) {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.to_string_lossy().contains(id) {
+                let mut bytes = std::fs::read(&path).unwrap();
+                let at = bytes.len() - 20;
+                bytes[at] ^= 0xff;
+                std::fs::write(&path, bytes).unwrap();
+                return;
+            }
+        }
+    }
+    panic!("no record of {id} below {}", folder.display());
+}
+
 fn token(home: &Path, name: &str, read_only: bool) -> String {
     let mut args = vec!["server", "token", "create", name];
     if read_only {
@@ -163,6 +205,15 @@ fn the_web_ui_in_a_browser() {
     let out = program(home, "pipeline_program").output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let pipeline_run = newest(&*store, "pipeline").expect("the pipeline's flow run");
+    // A second one whose consume_image record is then damaged on disk (same length).
+    let out = program(home, "pipeline_program").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let damaged = block(store.task_runs(newest(&*store, "pipeline").unwrap().id))
+        .unwrap()
+        .into_iter()
+        .find(|t| t.name == "consume_image")
+        .unwrap();
+    damage_record(&home.join("storage/my-results"), &damaged.id.to_string());
 
     // A deployment run that fails, on a worker that stays to run its retry.
     let worker = Proc::spawn(program(home, "worker"));
@@ -213,6 +264,7 @@ fn the_web_ui_in_a_browser() {
         .env("KILN_UI_PIPELINE", pipeline_run.id.to_string())
         .env("KILN_UI_SLOW", slow_run.id.to_string())
         .env("KILN_UI_FAILED", failed.to_string())
+        .env("KILN_UI_DAMAGED", damaged.id.to_string())
         .env("KILN_UI_SHOTS", &shots)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -92,14 +92,14 @@ impl crate::body::Shape for StorageBody {
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct StorageView {
     /// Its name.
-    name: String,
+    pub(crate) name: String,
     /// `local`, `memory`, `s3`, `gcs` or `azure`.
-    kind: String,
+    pub(crate) kind: String,
     /// Where it points.
-    location: String,
+    pub(crate) location: String,
     /// Its configuration, secrets masked.
     #[schema(value_type = Object)]
-    config: serde_json::Value,
+    pub(crate) config: serde_json::Value,
 }
 
 fn view(name: &str, config: &StorageConfig, home: &std::path::Path) -> StorageView {
@@ -356,39 +356,39 @@ pub(crate) async fn test(
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct CachedResult {
     /// Its key (`cache/<task>/<hash>`).
-    key: String,
+    pub(crate) key: String,
     /// The payload's size in bytes.
-    size: u64,
+    pub(crate) size: u64,
     /// When it was written (microseconds since the Unix epoch).
-    created: i64,
+    pub(crate) created: i64,
     /// When it stops being valid, if ever.
-    expires: Option<i64>,
+    pub(crate) expires: Option<i64>,
     /// The run that produced it.
-    run_id: Option<uuid::Uuid>,
+    pub(crate) run_id: Option<uuid::Uuid>,
     /// That run's name.
-    run_name: String,
+    pub(crate) run_name: String,
     /// The serializer that wrote it.
-    serializer: String,
+    pub(crate) serializer: String,
 }
 
 /// An object under `cache/` that is not a readable record.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct Unreadable {
     /// Its key.
-    key: String,
+    pub(crate) key: String,
     /// Why it cannot be read.
-    error: String,
+    pub(crate) error: String,
 }
 
 /// A storage's cached results.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct CacheListing {
     /// The storage.
-    storage: String,
+    pub(crate) storage: String,
     /// The cached results, by key.
-    entries: Vec<CachedResult>,
+    pub(crate) entries: Vec<CachedResult>,
     /// Objects under `cache/` that are not readable records.
-    unreadable: Vec<Unreadable>,
+    pub(crate) unreadable: Vec<Unreadable>,
 }
 
 fn storage_of(app: &App, name: &str) -> Result<ResultStorage, Problem> {
@@ -435,7 +435,7 @@ pub(crate) async fn cache(
 pub(crate) struct CacheKey {
     /// The key, as the listing gives it (`cache/<task>/<hash>`).
     #[param(pattern = "^cache/")]
-    key: String,
+    pub(crate) key: String,
 }
 
 /// Deletes one cached result (the next run of its task computes it again).

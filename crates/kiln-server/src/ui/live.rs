@@ -45,10 +45,16 @@ impl Pulse {
 
 /// Looks at the runs' counts until no page listens (the check and the exit happen under the
 /// lock a new listener takes, so none is left without a looker).
+///
+/// Nothing is lost between a page's rendering and its stream: a page fetches itself again
+/// when its stream opens, and a looker that starts tells its first listeners once it has
+/// read the counts it compares with (what changed before that, their fetch may have missed).
 async fn look(pulse: Arc<Pulse>, store: Arc<dyn Store>) {
     let mut last: Option<Vec<kiln_store::model::RunCount>> = None;
     loop {
-        tokio::time::sleep(LOOK_EVERY).await;
+        if last.is_some() {
+            tokio::time::sleep(LOOK_EVERY).await;
+        }
         {
             let mut looker = pulse.looker.lock().unwrap_or_else(|p| p.into_inner());
             if pulse.beats.receiver_count() == 0 {
@@ -57,10 +63,11 @@ async fn look(pulse: Arc<Pulse>, store: Arc<dyn Store>) {
             }
         }
         let Ok(mut counts) = store.run_counts().await else {
+            tokio::time::sleep(LOOK_EVERY).await;
             continue;
         };
         counts.sort_by_key(|c| (c.kind as u8, c.state as u8));
-        if last.as_ref().is_some_and(|l| *l != counts) {
+        if last.as_ref().is_none_or(|l| *l != counts) {
             pulse.beats.send_modify(|n| *n += 1);
         }
         last = Some(counts);

@@ -4,14 +4,20 @@
 //!
 //! Pages: `/runs` (filtered, paged, live), `/runs/{id}` (a flow run: graph, timeline, task
 //! runs, subflows, logs, retry and cancel), `/task-runs/{id}` (history, inputs, logs, the
-//! result checked against its hash and previewed), `/login`. Live parts of a page carry
+//! result checked against its hash and previewed), `/deployments` (schedules, next runs, a
+//! run form made from the flow's parameter schema), `/work-pools` (queues, processes and
+//! their heartbeats, tag limits), `/storages` (secrets masked; cached results, deletable),
+//! `/dashboard` (runs by state over time, failures, the slowest tasks), `/login`. Live parts of a page carry
 //! `data-live`; the script fetches the page again when `/ui/events` says runs changed and
 //! swaps those parts.
 
+mod dashboard;
+mod deployments;
 mod graph;
 mod live;
 mod pages;
 mod session;
+mod storages;
 
 use std::sync::Arc;
 
@@ -58,6 +64,14 @@ pub(crate) fn router(app: App, auth: Arc<Auth>) -> Router {
         .route("/runs/{id}/cancel", post(pages::cancel))
         .route("/runs/{id}/retry", post(pages::retry))
         .route("/task-runs/{id}", get(pages::task_run))
+        .route("/deployments", get(deployments::list))
+        .route("/deployments/{name}", get(deployments::show))
+        .route("/deployments/{name}/run", post(deployments::run))
+        .route("/work-pools", get(deployments::pools))
+        .route("/storages", get(storages::list))
+        .route("/storages/{name}/uncache", post(storages::uncache))
+        .route("/storages/{name}/prune", post(storages::prune))
+        .route("/dashboard", get(dashboard::show))
         .route("/login", get(pages::login).post(pages::log_in))
         .route("/logout", post(pages::log_out))
         .route("/ui/events", get(live::events))

@@ -33,7 +33,7 @@ const ATTEMPT_LOOKUPS: usize = 200;
 
 /// A page that could not be made: an HTML page saying why, with the problem's status.
 #[derive(Debug)]
-pub(crate) struct PageError(Problem);
+pub(super) struct PageError(pub(super) Problem);
 
 impl From<Problem> for PageError {
     fn from(p: Problem) -> Self {
@@ -53,9 +53,9 @@ impl IntoResponse for PageError {
     }
 }
 
-type PageResult = Result<Response, PageError>;
+pub(super) type PageResult = Result<Response, PageError>;
 
-fn bad_request(text: impl Into<String>) -> PageError {
+pub(super) fn bad_request(text: impl Into<String>) -> PageError {
     PageError(Problem::new(StatusCode::BAD_REQUEST, text))
 }
 
@@ -81,8 +81,14 @@ pub(crate) fn refusal(status: StatusCode, detail: &str) -> Response {
 }
 
 /// The frame around every page.
-fn layout(title: &str, viewer: Option<&Viewer>, current: &str, body: Markup) -> Markup {
-    let nav = [("/runs", "Runs")];
+pub(super) fn layout(title: &str, viewer: Option<&Viewer>, current: &str, body: Markup) -> Markup {
+    let nav = [
+        ("/dashboard", "Dashboard"),
+        ("/runs", "Runs"),
+        ("/deployments", "Deployments"),
+        ("/work-pools", "Work pools"),
+        ("/storages", "Storages"),
+    ];
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -126,8 +132,16 @@ fn layout(title: &str, viewer: Option<&Viewer>, current: &str, body: Markup) -> 
     }
 }
 
+/// A table's caption (for screen readers) and header row.
+pub(super) fn head(caption: &str, columns: &[&str]) -> Markup {
+    html! {
+        caption.visually-hidden { (caption) }
+        thead { tr { @for c in columns { th scope="col" { (c) } } } }
+    }
+}
+
 /// A state as a coloured label.
-fn badge(state: StateType) -> Markup {
+pub(super) fn badge(state: StateType) -> Markup {
     html! { span.state.(state_class(state)) { (state.as_str()) } }
 }
 
@@ -150,7 +164,7 @@ pub(crate) fn span(us: Micros) -> String {
     }
 }
 
-fn duration(start: Option<Micros>, end: Option<Micros>, now: Micros) -> String {
+pub(super) fn duration(start: Option<Micros>, end: Option<Micros>, now: Micros) -> String {
     match (start, end) {
         (Some(s), Some(e)) => span(e - s),
         (Some(s), None) => format!("{} so far", span(now - s)),
@@ -158,20 +172,23 @@ fn duration(start: Option<Micros>, end: Option<Micros>, now: Micros) -> String {
     }
 }
 
-fn short_id(id: Uuid) -> String {
-    id.simple().to_string()[..8].to_owned()
+/// The last 8 hex digits of an id: its random part (the first ones are its creation time,
+/// shared by runs made together); `kiln runs show` takes them too.
+pub(super) fn short_id(id: Uuid) -> String {
+    let hex = id.simple().to_string();
+    hex[hex.len() - 8..].to_owned()
 }
 
 /// The deployment a flow run belongs to (from its `deployment:NAME` tag).
-fn deployment_of(tags: &[String]) -> Option<&str> {
+pub(super) fn deployment_of(tags: &[String]) -> Option<&str> {
     tags.iter().find_map(|t| t.strip_prefix("deployment:"))
 }
 
-fn pretty(value: &serde_json::Value) -> String {
+pub(super) fn pretty(value: &serde_json::Value) -> String {
     serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
 }
 
-fn html_response(markup: Markup) -> Response {
+pub(super) fn html_response(markup: Markup) -> Response {
     let mut response = axum::response::Html(markup.into_string()).into_response();
     response
         .headers_mut()
@@ -179,7 +196,7 @@ fn html_response(markup: Markup) -> Response {
     response
 }
 
-fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, PageError> {
+pub(super) fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, PageError> {
     q.map(|Query(q)| q).map_err(|e| bad_request(e.body_text()))
 }
 
@@ -334,12 +351,7 @@ pub(crate) async fn runs(
                 p.empty { "No flow run matches." }
             } @else {
                 table.runs {
-                    caption.visually-hidden { "Flow runs, newest first" }
-                    thead { tr {
-                        th scope="col" { "Run" } th scope="col" { "Flow" } th scope="col" { "State" }
-                        th scope="col" { "Deployment" } th scope="col" { "Tags" } th scope="col" { "Start" }
-                        th scope="col" { "Duration" } th scope="col" { "Tasks" }
-                    } }
+                    (head("Flow runs, newest first", &["Run", "Flow", "State", "Deployment", "Tags", "Start", "Duration", "Tasks"]))
                     tbody {
                         @for r in &runs {
                             tr data-run=(r.id) data-state=(r.state.as_str()) {
@@ -503,11 +515,7 @@ pub(crate) async fn flow_run(
             }
             @if let Some(task) = &q.task { p { "Only task " code { (task) } ". " a href={ "/runs/" (id) "#task-runs" } { "All tasks" } } }
             table.task-runs {
-                caption.visually-hidden { "Task runs of this flow run" }
-                thead { tr {
-                    th scope="col" { "Task run" } th scope="col" { "State" } th scope="col" { "Attempts" }
-                    th scope="col" { "Start" } th scope="col" { "Duration" } th scope="col" { "Result" }
-                } }
+                (head("Task runs of this flow run", &["Task run", "State", "Attempts", "Start", "Duration", "Result"]))
                 tbody {
                     @for t in shown.iter().take(if all_tasks { usize::MAX } else { TASK_ROWS }) {
                         tr data-run=(t.id) {
@@ -596,8 +604,7 @@ fn logs_section(base: &str, q: &RunQuery, logs: &LogPage) -> Markup {
 fn history_table(states: &[StateRecord]) -> Markup {
     html! {
         table.history {
-            caption.visually-hidden { "State history" }
-            thead { tr { th scope="col" { "#" } th scope="col" { "State" } th scope="col" { "Attempt" } th scope="col" { "At" } th scope="col" { "Message" } } }
+            (head("State history", &["#", "State", "Attempt", "At", "Message"]))
             tbody {
                 @for s in states {
                     tr { td.num { (s.seq) } td { (badge(s.state)) } td.num { (s.attempt) } td { (when(s.timestamp)) } td { (s.message.as_deref().unwrap_or("")) } }
@@ -607,7 +614,7 @@ fn history_table(states: &[StateRecord]) -> Markup {
     }
 }
 
-fn run_id(text: &str) -> Result<Uuid, PageError> {
+pub(super) fn run_id(text: &str) -> Result<Uuid, PageError> {
     Uuid::parse_str(text).map_err(|_| {
         PageError(Problem::new(
             StatusCode::NOT_FOUND,
@@ -721,7 +728,7 @@ fn result_section(id: Uuid, r: &crate::results::Reference, preview: &Preview) ->
     }
 }
 
-fn bytes(n: u64) -> String {
+pub(super) fn bytes(n: u64) -> String {
     match n {
         0..1024 => format!("{n} B"),
         1024..1_048_576 => format!("{:.1} KiB", n as f64 / 1024.0),
@@ -735,13 +742,18 @@ fn bytes(n: u64) -> String {
 
 /// The CSRF field of a form that changes something.
 #[derive(Debug, Deserialize)]
-pub(crate) struct Action {
-    csrf: String,
+pub(super) struct Action {
+    pub(super) csrf: String,
 }
 
-fn checked(viewer: &Viewer, form: Result<Form<Action>, FormRejection>) -> Result<(), PageError> {
+pub(super) fn checked(viewer: &Viewer, form: Result<Form<Action>, FormRejection>) -> Result<(), PageError> {
     let Form(action) = form.map_err(|e| bad_request(e.body_text()))?;
-    if !viewer.csrf_ok(&action.csrf) {
+    guard(viewer, &action.csrf)
+}
+
+/// A change is allowed: the form's CSRF token is the session's, and the token may change things.
+pub(super) fn guard(viewer: &Viewer, csrf: &str) -> Result<(), PageError> {
+    if !viewer.csrf_ok(csrf) {
         return Err(PageError(Problem::new(
             StatusCode::FORBIDDEN,
             "this form is stale or came from elsewhere (its CSRF token does not match your session); reload the page and try again",

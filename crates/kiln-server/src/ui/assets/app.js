@@ -39,8 +39,9 @@
     if (!live().length || !window.EventSource) return;
     const events = new EventSource("/ui/events");
     events.addEventListener("changed", refresh);
-    // After a lost connection the browser reconnects by itself; catch up then.
-    events.addEventListener("open", () => { if (listen.opened) refresh(); listen.opened = true; });
+    // What changed between the page's rendering and the stream's start (or while the
+    // connection was lost: the browser reconnects by itself) is caught up on every open.
+    events.addEventListener("open", refresh);
   }
 
   document.addEventListener("submit", (event) => {
