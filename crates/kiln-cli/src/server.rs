@@ -71,6 +71,14 @@ pub(crate) fn run(home: &Path, cmd: ServerCommand) -> Result<()> {
             .with_context(|| format!("cannot listen on {host}:{port}; is another server running there?"))?;
         let addr = listener.local_addr()?;
         println!("kiln server listening on http://{addr} (KILN_API_URL=http://{addr})");
+        eprintln!(
+            "web UI: http://{addr}/runs{}",
+            if tokens.is_empty() {
+                ""
+            } else {
+                " (log in with an API token)"
+            }
+        );
         let shutdown = async {
             stopped().await;
             eprintln!("stopping: finishing the requests in flight");

@@ -28,6 +28,8 @@ const PAGE: usize = 50;
 const LOG_PAGE: usize = 300;
 /// Task runs listed on a flow run's page before "show all".
 const TASK_ROWS: usize = 500;
+/// Subflows whose graphs a flow run's page draws (each costs two reads); the others are listed.
+const SUBFLOW_GRAPHS: usize = 20;
 /// Retried task runs whose attempts the timeline draws (each costs a read).
 const ATTEMPT_LOOKUPS: usize = 200;
 
@@ -447,7 +449,7 @@ pub(crate) async fn flow_run(
         attempts.insert(r.id, store.states(r.id).await?);
     }
     let mut sub_graphs = Vec::new();
-    for s in &subflows {
+    for s in subflows.iter().take(SUBFLOW_GRAPHS) {
         let (runs, edges) = tokio::try_join!(store.task_runs(s.id), store.edges(s.id))?;
         sub_graphs.push((s, runs, edges));
     }
@@ -498,6 +500,11 @@ pub(crate) async fn flow_run(
                 details.subflow {
                     summary { "Subflow " a href={ "/runs/" (s.id) } { (s.name) } " " (badge(s.state)) " · " (runs.len()) " task runs" }
                     div.scroll { (graph_svg(runs, edges)) }
+                }
+            }
+            @if subflows.len() > SUBFLOW_GRAPHS {
+                p { "More subflows: "
+                    @for s in subflows.iter().skip(SUBFLOW_GRAPHS) { a href={ "/runs/" (s.id) } { (s.name) " " (short_id(s.id)) } " " (badge(s.state)) " " }
                 }
             }
         }
