@@ -55,6 +55,36 @@ fn pipeline_program() {
     assert_eq!(rt.block_on(engine.scope(pipeline())).unwrap(), 512 * 512);
 }
 
+/// Fails its first attempt: the timeline shows both.
+#[task(retries = 1, retry_delay = 0.01)]
+async fn wobbly() -> anyhow::Result<u64> {
+    static FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    if !FAILED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        anyhow::bail!("the first attempt fails on purpose");
+    }
+    Ok(7)
+}
+
+#[flow]
+async fn inner() -> Result<u64, kiln::Error> {
+    nap(5).await
+}
+
+/// A subflow and a retried task.
+#[flow]
+async fn outer() -> anyhow::Result<u64> {
+    Ok(inner().await? + wobbly().await?)
+}
+
+#[test]
+#[ignore = "a flow with a subflow and a retried task, run by the browser test"]
+fn nested_program() {
+    let engine = kiln::Engine::open(std::env::var("KILN_HOME").unwrap()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    assert_eq!(rt.block_on(engine.scope(outer())).unwrap(), 12);
+}
+
 #[task]
 async fn nap(ms: u64) -> u64 {
     tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -215,6 +245,10 @@ fn the_web_ui_in_a_browser() {
         .unwrap();
     damage_record(&home.join("storage/my-results"), &damaged.id.to_string());
 
+    let out = program(home, "nested_program").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let nested = newest(&*store, "outer").expect("the nested flow run");
+
     // A deployment run that fails, on a worker that stays to run its retry.
     let worker = Proc::spawn(program(home, "worker"));
     eventually(Duration::from_secs(60), "the worker to serve", || {
@@ -265,6 +299,7 @@ fn the_web_ui_in_a_browser() {
         .env("KILN_UI_SLOW", slow_run.id.to_string())
         .env("KILN_UI_FAILED", failed.to_string())
         .env("KILN_UI_DAMAGED", damaged.id.to_string())
+        .env("KILN_UI_NESTED", nested.id.to_string())
         .env("KILN_UI_SHOTS", &shots)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -541,8 +541,13 @@ pub(crate) async fn preview(app: &App, id: Uuid) -> Result<(Reference, Preview),
     let serializer = r.serializer.clone();
     let preview = blocking(move || {
         if writes_images(&serializer) {
-            let png = kiln::serializer::image_as_png(&serializer, &payload)?;
-            let (width, height) = png_size(&png).ok_or("the image's PNG has no header")?;
+            // A PNG says its size in its header; other formats are decoded (as the browser's
+            // `?as=png` will).
+            let size = match serializer.as_str() {
+                "png" => png_size(&payload),
+                _ => png_size(&kiln::serializer::image_as_png(&serializer, &payload)?),
+            };
+            let (width, height) = size.ok_or("the image has no PNG header")?;
             return Ok(Preview::Image { width, height });
         }
         if writes_values(&serializer) {

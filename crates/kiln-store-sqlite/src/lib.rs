@@ -295,30 +295,58 @@ pub(crate) fn connect(path: &Path, flags: OpenFlags) -> Result<Connection, Store
         }
         Ok(conn)
     };
-    open(flags).map_err(|e| open_error(path, e))
+    patiently(|| open(flags)).map_err(|e| open_error(path, e))
+}
+
+/// How long opening a database waits for other processes opening it at the same moment.
+const OPEN_PATIENCE: Duration = Duration::from_secs(20);
+
+/// `f`, tried again while SQLite answers busy. Its busy handler (`busy_timeout`) does not
+/// cover every case: switching a new file to WAL while another process opens it too answers
+/// busy at once (seen with twelve processes starting on one new home).
+fn patiently<T>(mut f: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(5);
+    loop {
+        match f() {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if matches!(e.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+                    && started.elapsed() < OPEN_PATIENCE =>
+            {
+                // Apart in time, so that the processes do not collide again in step.
+                let jitter = Duration::from_micros(u64::from(std::process::id() % 97) * 100);
+                std::thread::sleep(delay + jitter);
+                delay = (delay * 2).min(Duration::from_millis(200));
+            }
+            other => return other,
+        }
+    }
 }
 
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     let known = MIGRATIONS.len() as i64;
-    let tx = conn
-        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        .map_err(|e| open_error(path, e))?;
-    let version: i64 = tx
-        .pragma_query_value(None, "user_version", |r| r.get(0))
-        .map_err(|e| open_error(path, e))?;
-    if version > known {
+    // The version found, applied up to `known` unless it is newer.
+    let found = patiently(|| {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > known {
+            return Ok(version);
+        }
+        for sql in &MIGRATIONS[version as usize..] {
+            tx.execute_batch(sql)?;
+        }
+        tx.pragma_update(None, "user_version", known)?;
+        tx.commit()?;
+        Ok(version)
+    })
+    .map_err(|e| open_error(path, e))?;
+    if found > known {
         return Err(StoreError::TooNew {
             target: path.display().to_string(),
-            found: version,
+            found,
             known,
         });
     }
-    for sql in &MIGRATIONS[version as usize..] {
-        tx.execute_batch(sql).map_err(|e| open_error(path, e))?;
-    }
-    tx.pragma_update(None, "user_version", known)
-        .map_err(|e| open_error(path, e))?;
-    tx.commit().map_err(|e| open_error(path, e))?;
     Ok(())
 }
 

@@ -102,7 +102,17 @@ async fn run_flow<F: Flow>(flow: F, args: F::Args) -> Result<F::Output, Failure<
     // is stopped with its parent.
     let runtime = tokio::runtime::Handle::try_current();
     let Some(runtime) = runtime.ok().filter(|_| parent.is_none()) else {
-        return drive(flow, args, tracker, options, parameters, parent, retry_of, None).await;
+        return drive(
+            flow,
+            args,
+            tracker,
+            options,
+            parameters,
+            parent,
+            retry_of.into_iter().collect(),
+            None,
+        )
+        .await;
     };
     let (stop, stopped) = futures::channel::oneshot::channel();
     let watch = runtime.spawn(watch_for_cancel(engine.store().clone(), id, stop));
@@ -113,7 +123,7 @@ async fn run_flow<F: Flow>(flow: F, args: F::Args) -> Result<F::Output, Failure<
         options,
         parameters,
         parent,
-        retry_of,
+        retry_of.into_iter().collect(),
         Some(stopped),
     )
     .await;
@@ -150,7 +160,8 @@ async fn drive<F: Flow>(
     options: Arc<crate::Options<F::Error>>,
     parameters: Arc<serde_json::Value>,
     parent: Option<Arc<FlowContext>>,
-    retry_of: Option<uuid::Uuid>,
+    // The runs whose persisted task results this one loads (a later one's win).
+    earlier: Vec<uuid::Uuid>,
     // Stopped when this says the run is being cancelled (a worker's run, or a top-level one).
     cancel: Option<crate::__private::CancelReceiver>,
 ) -> Result<F::Output, Failure<F::Error>> {
@@ -173,7 +184,7 @@ async fn drive<F: Flow>(
         options.max_attempts() > 1,
         problems.clone(),
     );
-    if let Some(earlier) = retry_of {
+    for earlier in earlier {
         // `kiln runs retry --refresh`: everything is computed again.
         if std::env::var_os("KILN_RETRY_REFRESH").is_some_and(|v| v == "1") {
             say(&|| tracing::info!("{label} retries flow run {earlier}, computing every task again"));
@@ -305,18 +316,21 @@ pub(crate) async fn run_claimed<F: Flow>(
         }
     };
     let parameters = Arc::new(claim.parameters.clone());
-    // After a crashed worker's attempt, the task results it persisted are loaded, not
-    // computed again; so are those of the run this one retries (a retry from the UI or API).
-    let earlier = match claim.attempt {
-        0 => engine
-            .store()
-            .flow_run(claim.run_id)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|run| run.retry_of),
-        _ => Some(claim.run_id),
-    };
+    // The task results persisted by the run this one retries (a retry from the UI or the
+    // API) are loaded, not computed again; so are those of its own earlier attempts (a
+    // crashed worker's), which win.
+    let mut earlier: Vec<uuid::Uuid> = engine
+        .store()
+        .flow_run(claim.run_id)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|run| run.retry_of)
+        .into_iter()
+        .collect();
+    if claim.attempt > 0 {
+        earlier.push(claim.run_id);
+    }
     let outcome = engine
         .scope(drive(
             flow,

@@ -102,6 +102,19 @@ try {
   await shoot(page, "task-run");
   await accessible(page, "task run page");
 
+  // A subflow folds out; a retried task shows its attempts on the timeline.
+  await page.goto(`${base}/runs/${env("KILN_UI_NESTED")}`);
+  const subflow = page.locator("details.subflow");
+  check(await subflow.count() === 1, "the subflow is listed under the graph");
+  check(!(await subflow.locator("svg.graph").isVisible()), "the subflow is folded at first");
+  await subflow.locator("summary").click({ position: { x: 5, y: 5 } });
+  check(await subflow.locator("svg.graph .node").count() === 1 && await subflow.locator("svg.graph").isVisible(),
+    "the subflow folds out to its own graph");
+  check(await page.locator("svg.timeline rect.retried").count() === 1, "the failed attempt is drawn apart on the timeline");
+  check(await page.locator("svg.timeline g.row", { hasText: "wobbly" }).locator("rect.span").count() === 2,
+    "the retried task run's row shows its two attempts");
+  await shoot(page, "flow-run-nested");
+
   // A request that changes something without the session's CSRF token is refused.
   const forged = await page.request.post(`${base}/runs/${pipeline}/cancel`, { form: { csrf: "forged" } });
   check(forged.status() === 403, `a change without the CSRF token is refused (status ${forged.status()})`);

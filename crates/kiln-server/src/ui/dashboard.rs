@@ -66,7 +66,12 @@ pub(crate) async fn show(
         store.list_flow_runs(&failures_filter),
         store.list_task_runs(&tasks_filter)
     )?;
-    let mut slowest: Vec<&TaskRun> = tasks.runs.iter().filter(|t| t.end_time.is_some()).collect();
+    // Runs that never started (cached, cancelled while waiting) have no duration.
+    let mut slowest: Vec<&TaskRun> = tasks
+        .runs
+        .iter()
+        .filter(|t| t.start_time.is_some() && t.end_time.is_some())
+        .collect();
     slowest.sort_by_key(|t| std::cmp::Reverse(t.end_time.unwrap_or(0) - t.start_time.unwrap_or(0)));
     slowest.truncate(10);
     let totals = state_counts(runs.iter().map(|r| r.state));

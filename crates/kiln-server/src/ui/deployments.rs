@@ -19,7 +19,7 @@ use super::pages::{
     PageError, PageResult, bad_request, badge, duration, guard, head, html_response, layout, pretty, short_id, span,
     when,
 };
-use super::session::{Viewer, encode};
+use super::session::{Viewer, encode, segment};
 use crate::Problem;
 
 /// Next runs of a schedule shown.
@@ -64,7 +64,7 @@ pub(crate) async fn list(State(ui): State<Arc<Ui>>, Extension(viewer): Extension
                 tbody {
                     @for d in &deployments {
                         tr {
-                            td { a href={ "/deployments/" (encode(&d.name)) } { (d.name) } }
+                            td { a href={ "/deployments/" (segment(&d.name)) } { (d.name) } }
                             td { (d.flow) }
                             td { a href={ "/work-pools#pool-" (encode(&d.pool)) } { (d.pool) } }
                             td { (schedule_text(&d.schedule)) @if d.catchup { " · catches up" } }
@@ -104,29 +104,35 @@ fn parameter_fields(d: &Deployment, given: Option<&HashMap<String, String>>) -> 
             @let id = format!("p-{name}");
             @let default = &d.parameters[name.as_str()];
             @let kind = kind_of(schema);
-            @let given = given.and_then(|g| g.get(name)).cloned();
+            @let given = given.and_then(|g| g.get(&field(name))).cloned();
             @let value = given.unwrap_or_else(|| match default {
                 Value::Null => String::new(),
-                Value::String(s) => s.clone(),
+                // A JSON field shows JSON (a string quoted); the others the bare value.
+                Value::String(s) if kind != "JSON" => s.clone(),
                 v => v.to_string(),
             });
             div.field {
                 label for=(id) { code { (name) } " " span.dim { (kind) @if required.contains(&name.as_str()) && default.is_null() { ", required" } } }
                 @match kind {
-                    "integer" | "number" => input #(id) type="number" name=(name) value=(value) step=(if kind == "integer" { "1" } else { "any" });,
+                    "integer" | "number" => input #(id) type="number" name=(field(name)) value=(value) step=(if kind == "integer" { "1" } else { "any" });,
                     "boolean" => {
-                        select #(id) name=(name) {
+                        select #(id) name=(field(name)) {
                             option value="true" selected[value == "true"] { "true" }
                             option value="false" selected[value != "true"] { "false" }
                         }
                     },
-                    "string" => input #(id) type="text" name=(name) value=(value);,
-                    _ => textarea #(id) name=(name) rows="3" { (value) },
+                    "string" => input #(id) type="text" name=(field(name)) value=(value);,
+                    _ => textarea #(id) name=(field(name)) rows="3" { (value) },
                 }
                 @if let Some(description) = schema["description"].as_str() { p.note { (description) } }
             }
         }
     }
+}
+
+/// The form field of parameter `name` (prefixed: a parameter may be called `csrf`).
+fn field(name: &str) -> String {
+    format!("p.{name}")
 }
 
 /// A property's type, as the form treats it.
@@ -199,7 +205,7 @@ async fn page(
             h2 #run-h { "Run it" }
             @if let Some(e) = error { p.alert role="alert" { (e) } }
             @if viewer.can_change {
-                form.run method="post" action={ "/deployments/" (encode(&d.name)) "/run" } {
+                form.run method="post" action={ "/deployments/" (segment(&d.name)) "/run" } {
                     input type="hidden" name="csrf" value=(viewer.csrf);
                     (parameter_fields(d, given))
                     button type="submit" { "Run " (d.name) }
@@ -243,7 +249,7 @@ fn parameters(d: &Deployment, fields: &HashMap<String, String>) -> Result<Value,
         .unwrap_or_default();
     let mut out = serde_json::Map::new();
     for (name, schema) in &properties {
-        let Some(text) = fields.get(name).map(|t| t.trim()).filter(|t| !t.is_empty()) else {
+        let Some(text) = fields.get(&field(name)).map(|t| t.trim()).filter(|t| !t.is_empty()) else {
             continue;
         };
         let value = match kind_of(schema) {
@@ -319,7 +325,7 @@ pub(crate) async fn pools(State(ui): State<Arc<Ui>>, Extension(viewer): Extensio
                             td.num { @if let Some(c) = limit { (c) } @else { "no limit" } }
                             td.num { (waiting) }
                             td.num { (claimed) }
-                            td { @for d in deployments.iter().filter(|d| &d.pool == name) { a href={ "/deployments/" (encode(&d.name)) } { (d.name) } " " } }
+                            td { @for d in deployments.iter().filter(|d| &d.pool == name) { a href={ "/deployments/" (segment(&d.name)) } { (d.name) } " " } }
                         }
                     }
                 }

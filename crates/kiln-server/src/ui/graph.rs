@@ -43,14 +43,12 @@ pub(crate) struct Layout {
 pub(crate) fn layout(runs: &[TaskRun], edges: &[Edge]) -> Layout {
     let index: HashMap<Uuid, usize> = runs.iter().enumerate().map(|(i, r)| (r.id, i)).collect();
     let mut downstream: Vec<Vec<usize>> = vec![Vec::new(); runs.len()];
-    let mut upstream: Vec<Vec<usize>> = vec![Vec::new(); runs.len()];
     let mut incoming = vec![0usize; runs.len()];
     for e in edges {
         if let (Some(&u), Some(&d)) = (index.get(&e.upstream), index.get(&e.downstream))
             && u != d
         {
             downstream[u].push(d);
-            upstream[d].push(u);
             incoming[d] += 1;
         }
     }
@@ -113,8 +111,11 @@ pub(crate) fn layout(runs: &[TaskRun], edges: &[Edge]) -> Layout {
     for &(u, d) in &edge_set {
         node_upstream[d].push(u);
     }
-    for d in 0..=max_depth {
-        let mut column: Vec<usize> = (0..nodes.len()).filter(|&n| nodes[n].depth == d).collect();
+    let mut columns: Vec<Vec<usize>> = vec![Vec::new(); max_depth + 1];
+    for (n, node) in nodes.iter().enumerate() {
+        columns[node.depth].push(n);
+    }
+    for mut column in columns {
         let key = |n: usize| -> (f64, usize) {
             let ups = &node_upstream[n];
             let mean = if ups.is_empty() {
@@ -129,7 +130,6 @@ pub(crate) fn layout(runs: &[TaskRun], edges: &[Edge]) -> Layout {
             nodes[n].row = row;
         }
     }
-    let _ = upstream;
     Layout { nodes, edges: edge_set }
 }
 
@@ -142,9 +142,9 @@ fn short(name: &str, max: usize) -> String {
     }
 }
 
-/// The graph as SVG: each node a link to its task run (a group: to the task run table,
-/// filtered to that task), coloured by state.
-pub(crate) fn graph_svg(runs: &[TaskRun], edges: &[Edge]) -> Markup {
+/// The graph as SVG: each node a link to its task run (a group: to the task run table of
+/// the flow run at `page`, filtered to that task), coloured by state.
+pub(crate) fn graph_svg(runs: &[TaskRun], edges: &[Edge], page: &str) -> Markup {
     let layout = layout(runs, edges);
     if layout.nodes.is_empty() {
         return html! { p.empty { "No task runs yet." } };
@@ -193,7 +193,7 @@ pub(crate) fn graph_svg(runs: &[TaskRun], edges: &[Edge]) -> Markup {
                     }
                 } @else {
                     @let counts = state_counts(n.runs.iter().map(|&i| runs[i].state));
-                    a href={ "?task=" (maud_escape_attr(&n.name)) "#task-runs" } {
+                    a href={ (page) "?task=" (super::session::encode(&n.name)) "#task-runs" } {
                         g.node.group data-runs=(n.runs.len()) {
                             title { (n.name) " — " (n.runs.len()) " runs: " (summary(&counts)) }
                             rect x=(fmt(x)) y=(fmt(y)) width=(fmt(NODE_W)) height=(fmt(NODE_H)) rx="6" {}
@@ -205,10 +205,6 @@ pub(crate) fn graph_svg(runs: &[TaskRun], edges: &[Edge]) -> Markup {
             }
         }
     }
-}
-
-fn maud_escape_attr(text: &str) -> String {
-    super::session::encode(text)
 }
 
 fn fmt(v: f64) -> String {

@@ -36,7 +36,8 @@ impl Pulse {
     fn subscribe(self: &Arc<Self>, store: Arc<dyn Store>) -> watch::Receiver<u64> {
         let mut looker = self.looker.lock().unwrap_or_else(|p| p.into_inner());
         let receiver = self.beats.subscribe();
-        if looker.is_none() {
+        // A looker that ended (or died) is replaced.
+        if looker.as_ref().is_none_or(|l| l.is_finished()) {
             *looker = Some(tokio::spawn(look(self.clone(), store)));
         }
         receiver

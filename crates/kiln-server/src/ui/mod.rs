@@ -32,10 +32,19 @@ pub(crate) use session::session_secret;
 use crate::api::App;
 use crate::auth::Auth;
 
-/// Changes with the assets, so that browsers never keep an old one.
-const ASSETS_VERSION: &str = env!("CARGO_PKG_VERSION");
 const APP_CSS: &str = include_str!("assets/app.css");
 const APP_JS: &str = include_str!("assets/app.js");
+
+/// Changes with the assets' content, so that browsers never keep an old one (they are
+/// cached as immutable under it).
+fn assets_version() -> &'static str {
+    static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(APP_CSS.as_bytes()).update(APP_JS.as_bytes());
+        hasher.finalize().to_hex()[..12].to_owned()
+    });
+    &VERSION
+}
 
 /// What the pages reach: the API's state, its token checker, and the live pulse.
 pub(crate) struct Ui {

@@ -22,6 +22,10 @@ use super::session::{Viewer, encode};
 use crate::Problem;
 use crate::results::Preview;
 
+/// Pages read at most to fill a page filtered by a deployment and a tag.
+const TAG_READS: usize = 20;
+/// Parameters and inputs shown up to this many bytes.
+const JSON_SHOWN: usize = 16 * 1024;
 /// Runs per page of the runs list.
 const PAGE: usize = 50;
 /// Log lines per page.
@@ -98,8 +102,8 @@ pub(super) fn layout(title: &str, viewer: Option<&Viewer>, current: &str, body: 
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " · Kiln" }
-                link rel="stylesheet" href=(format!("/ui/assets/app.css?v={}", super::ASSETS_VERSION));
-                script src=(format!("/ui/assets/app.js?v={}", super::ASSETS_VERSION)) defer {}
+                link rel="stylesheet" href=(format!("/ui/assets/app.css?v={}", super::assets_version()));
+                script src=(format!("/ui/assets/app.js?v={}", super::assets_version())) defer {}
             }
             body {
                 a.skip href="#main" { "Skip to the content" }
@@ -149,7 +153,9 @@ pub(super) fn badge(state: StateType) -> Markup {
 
 /// A time as UTC, to the second.
 pub(crate) fn when(t: Micros) -> Markup {
-    let at = std::time::UNIX_EPOCH + std::time::Duration::from_micros(t.max(0) as u64);
+    // RFC 3339 ends at the year 9999 (a far expiry, a time written through the API).
+    const LAST: Micros = 253_402_300_799_000_000;
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_micros(t.clamp(0, LAST) as u64);
     let text = humantime::format_rfc3339_seconds(at).to_string();
     html! { time datetime=(text) { (text.replace('T', " ").trim_end_matches('Z')) " UTC" } }
 }
@@ -186,8 +192,18 @@ pub(super) fn deployment_of(tags: &[String]) -> Option<&str> {
     tags.iter().find_map(|t| t.strip_prefix("deployment:"))
 }
 
+/// Pretty JSON, cut after [`JSON_SHOWN`] bytes (the value can be downloaded whole from the API).
 pub(super) fn pretty(value: &serde_json::Value) -> String {
-    serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
+    let mut text = serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string());
+    if text.len() > JSON_SHOWN {
+        let mut cut = JSON_SHOWN;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str("\n… (cut: the whole value is in the API's JSON)");
+    }
+    text
 }
 
 pub(super) fn html_response(markup: Markup) -> Response {
@@ -305,12 +321,34 @@ pub(crate) async fn runs(
         after,
         ..RunFilter::newest(PAGE)
     };
-    let (page, counts) = tokio::try_join!(store.list_flow_runs(&filter), store.run_counts())?;
-    let mut runs = page.runs;
+    let (mut page, counts) = tokio::try_join!(store.list_flow_runs(&filter), store.run_counts())?;
+    let mut runs = std::mem::take(&mut page.runs);
+    // The store filters by one tag: with a deployment and a tag, the deployment's runs are
+    // read on until a page's worth carries the tag too (or a bound is reached).
     if deployment_tag.is_some()
         && let Some(tag) = &tag
     {
         runs.retain(|r| r.tags.contains(tag));
+        let mut reads = 1;
+        while runs.len() < PAGE && reads < TAG_READS {
+            let Some(next) = page.next else { break };
+            page = store
+                .list_flow_runs(&RunFilter {
+                    after: Some(next),
+                    ..filter.clone()
+                })
+                .await?;
+            reads += 1;
+            runs.extend(
+                std::mem::take(&mut page.runs)
+                    .into_iter()
+                    .filter(|r| r.tags.contains(tag)),
+            );
+        }
+        if runs.len() > PAGE {
+            runs.truncate(PAGE);
+            page.next = runs.last().map(|r| r.id);
+        }
     }
     let now = now_micros();
     let flow_counts: Vec<(StateType, u64)> = StateType::ALL
@@ -344,7 +382,7 @@ pub(crate) async fn runs(
             " " a href="/runs" { "Clear" }
         }
         section #runs-live data-live {
-            ul.chips aria-label="Flow runs by state (all time)" {
+            ul.chips aria-label="All flow runs by state, subflows included" {
                 @for (s, n) in &flow_counts {
                     li { a href=(q.with("state", Some(s.as_str()))) { (badge(*s)) " " (n) } }
                 }
@@ -444,10 +482,14 @@ pub(crate) async fn flow_run(
         store.subflow_runs(id),
         store.list_logs(id, &log_filter),
     )?;
-    let mut attempts: HashMap<Uuid, Vec<StateRecord>> = HashMap::new();
-    for r in task_runs.iter().filter(|r| r.attempt > 1).take(ATTEMPT_LOOKUPS) {
-        attempts.insert(r.id, store.states(r.id).await?);
-    }
+    let retried: Vec<Uuid> = task_runs
+        .iter()
+        .filter(|r| r.attempt > 1)
+        .take(ATTEMPT_LOOKUPS)
+        .map(|r| r.id)
+        .collect();
+    let histories = futures::future::try_join_all(retried.iter().map(|id| store.states(*id))).await?;
+    let attempts: HashMap<Uuid, Vec<StateRecord>> = retried.into_iter().zip(histories).collect();
     let mut sub_graphs = Vec::new();
     for s in subflows.iter().take(SUBFLOW_GRAPHS) {
         let (runs, edges) = tokio::try_join!(store.task_runs(s.id), store.edges(s.id))?;
@@ -495,11 +537,11 @@ pub(crate) async fn flow_run(
         }
         section #graph data-live aria-labelledby="graph-h" {
             h2 #graph-h { "Task graph" }
-            div.scroll { (graph_svg(&task_runs, &edges)) }
+            div.scroll { (graph_svg(&task_runs, &edges, &format!("/runs/{id}"))) }
             @for (s, runs, edges) in &sub_graphs {
                 details.subflow {
                     summary { "Subflow " a href={ "/runs/" (s.id) } { (s.name) } " " (badge(s.state)) " · " (runs.len()) " task runs" }
-                    div.scroll { (graph_svg(runs, edges)) }
+                    div.scroll { (graph_svg(runs, edges, &format!("/runs/{}", s.id))) }
                 }
             }
             @if subflows.len() > SUBFLOW_GRAPHS {
@@ -672,7 +714,7 @@ pub(crate) async fn task_run(
                 @if !run.tags.is_empty() { dt { "Tags" } dd { @for t in &run.tags { span.tag { (t) } " " } } }
             }
         }
-        section #result aria-labelledby="result-h" {
+        section #result data-live aria-labelledby="result-h" {
             h2 #result-h { "Result" }
             @match &result {
                 None => p.empty { "No persisted result (the task is not finished, or it does not persist its result)." },
@@ -901,9 +943,10 @@ pub(crate) async fn log_in(
     match super::session::token_for(&ui, &form.token).await? {
         Some(_) => {
             let mut response = Redirect::to(&next).into_response();
-            response
-                .headers_mut()
-                .insert(header::SET_COOKIE, super::session::cookie(Some(form.token.trim())));
+            response.headers_mut().insert(
+                header::SET_COOKIE,
+                super::session::cookie(Some(form.token.trim()), &headers),
+            );
             Ok(response)
         }
         None => Ok((
@@ -917,6 +960,7 @@ pub(crate) async fn log_in(
 /// `POST /logout`.
 pub(crate) async fn log_out(
     Extension(viewer): Extension<Viewer>,
+    headers: HeaderMap,
     form: Result<Form<Action>, FormRejection>,
 ) -> PageResult {
     let Form(action) = form.map_err(|e| bad_request(e.body_text()))?;
@@ -926,7 +970,7 @@ pub(crate) async fn log_out(
     let mut response = Redirect::to("/login").into_response();
     response
         .headers_mut()
-        .insert(header::SET_COOKIE, super::session::cookie(None));
+        .insert(header::SET_COOKIE, super::session::cookie(None, &headers));
     Ok(response)
 }
 

@@ -150,32 +150,132 @@ pub(crate) fn foreign_origin(headers: &HeaderMap) -> Option<Response> {
     })
 }
 
-/// The cookie that logs the browser in with `secret` (or out, with `None`).
-pub(crate) fn cookie(secret: Option<&str>) -> HeaderValue {
+/// The cookie that logs the browser in with `secret` (or out, with `None`); `Secure` when
+/// the page came over HTTPS (a proxy in front says so with `X-Forwarded-Proto`), so that
+/// the secret never travels in clear afterwards.
+pub(crate) fn cookie(secret: Option<&str>, headers: &HeaderMap) -> HeaderValue {
+    let secure = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("https"));
+    let flags = if secure {
+        "Path=/; HttpOnly; SameSite=Strict; Secure"
+    } else {
+        "Path=/; HttpOnly; SameSite=Strict"
+    };
     let value = match secret {
-        Some(secret) => format!("{COOKIE}={secret}; Path=/; HttpOnly; SameSite=Strict"),
-        None => format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
+        Some(secret) => format!("{COOKIE}={secret}; {flags}"),
+        None => format!("{COOKIE}=; {flags}; Max-Age=0"),
     };
     HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("kiln_session=; Max-Age=0"))
 }
 
-/// Where a login may send the browser next: a path of this server only.
+/// Where a login may send the browser next: a path of this server only. Browsers drop tabs
+/// and line breaks from URLs and read `\` as `/`, so `/\t/x` or `/\\x` would lead to
+/// another site: any control character, space or backslash is refused.
 pub(crate) fn safe_next(next: Option<&str>) -> String {
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_owned(),
+        Some(n)
+            if n.starts_with('/') && !n.starts_with("//") && n.bytes().all(|b| b > b' ' && b != 0x7f && b != b'\\') =>
+        {
+            n.to_owned()
+        }
         _ => "/runs".to_owned(),
     }
 }
 
-/// Percent-encodes a query value.
+/// Percent-encodes a query value (`/` kept).
 pub(crate) fn encode(text: &str) -> String {
+    escape(text, b"-_.~/")
+}
+
+/// Percent-encodes one segment of a path (`/` encoded too).
+pub(crate) fn segment(text: &str) -> String {
+    escape(text, b"-_.~")
+}
+
+fn escape(text: &str, keep: &[u8]) -> String {
     let mut out = String::with_capacity(text.len());
     for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) {
+        if b.is_ascii_alphanumeric() || keep.contains(&b) {
             out.push(b as char);
         } else {
             out.push_str(&format!("%{b:02X}"));
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_login_sends_the_browser_to_this_server_only() {
+        assert_eq!(
+            safe_next(Some("/runs/abc?level=info#logs")),
+            "/runs/abc?level=info#logs"
+        );
+        for bad in [
+            "//evil.example",
+            "/\\evil.example",
+            "/\t/evil.example",
+            "/\n/evil.example",
+            "https://evil.example",
+            "evil.example",
+            "/ /x",
+        ] {
+            assert_eq!(safe_next(Some(bad)), "/runs", "{bad:?}");
+        }
+        assert_eq!(safe_next(None), "/runs");
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn changes_from_another_site_are_refused() {
+        assert!(foreign_origin(&headers(&[("host", "127.0.0.1:4200")])).is_none());
+        let same = headers(&[("host", "127.0.0.1:4200"), ("origin", "http://127.0.0.1:4200")]);
+        assert!(foreign_origin(&same).is_none());
+        let other = headers(&[("host", "127.0.0.1:4200"), ("origin", "http://evil.example")]);
+        assert_eq!(foreign_origin(&other).unwrap().status(), StatusCode::FORBIDDEN);
+    }
+
+    #[test]
+    fn the_session_cookie_is_http_only_strict_and_secure_over_https() {
+        let plain = cookie(Some("s3cret"), &HeaderMap::new());
+        let plain = plain.to_str().unwrap();
+        assert!(
+            plain.starts_with("kiln_session=s3cret;")
+                && plain.contains("HttpOnly")
+                && plain.contains("SameSite=Strict")
+        );
+        assert!(!plain.contains("Secure"));
+        let https = cookie(Some("s3cret"), &headers(&[("x-forwarded-proto", "https")]));
+        assert!(https.to_str().unwrap().contains("Secure"));
+        assert!(cookie(None, &HeaderMap::new()).to_str().unwrap().contains("Max-Age=0"));
+        let read = headers(&[("cookie", "a=b; kiln_session=s3cret; c=d")]);
+        assert_eq!(session_secret(&read), Some("s3cret"));
+    }
+
+    #[test]
+    fn csrf_tokens_differ_per_token_and_are_checked() {
+        let token = |hash: &str| ApiToken {
+            name: "t".into(),
+            hash: hash.into(),
+            read_only: false,
+            created: 0,
+            revoked: None,
+        };
+        let (a, b) = (Viewer::of(&token("blake3:aa")), Viewer::of(&token("blake3:bb")));
+        assert_ne!(a.csrf, b.csrf);
+        assert!(a.csrf_ok(&a.csrf));
+        assert!(!a.csrf_ok(&b.csrf) && !a.csrf_ok(""));
+    }
 }

@@ -15,7 +15,7 @@ use super::Ui;
 use super::pages::{
     PageError, PageResult, bad_request, bytes, guard, head, html_response, layout, pretty, short_id, when,
 };
-use super::session::{Viewer, encode};
+use super::session::{Viewer, encode, segment};
 
 /// Cached results listed per storage.
 const CACHE_ROWS: usize = 200;
@@ -55,7 +55,7 @@ pub(crate) async fn list(State(ui): State<Arc<Ui>>, Extension(viewer): Extension
                         @let total: u64 = l.entries.iter().map(|e| e.size).sum();
                         p { (l.entries.len()) " cached results, " (bytes(total)) "." }
                         @if viewer.can_change {
-                            form method="post" action={ "/storages/" (encode(&s.name)) "/prune" } {
+                            form method="post" action={ "/storages/" (segment(&s.name)) "/prune" } {
                                 input type="hidden" name="csrf" value=(viewer.csrf);
                                 button type="submit" { "Delete the expired ones" }
                             }
@@ -78,7 +78,7 @@ pub(crate) async fn list(State(ui): State<Arc<Ui>>, Extension(viewer): Extension
                                         td { code { (e.serializer) } }
                                         @if viewer.can_change {
                                             td {
-                                                form method="post" action={ "/storages/" (encode(&s.name)) "/uncache" } {
+                                                form method="post" action={ "/storages/" (segment(&s.name)) "/uncache" } {
                                                     input type="hidden" name="csrf" value=(viewer.csrf);
                                                     input type="hidden" name="key" value=(e.key);
                                                     button.danger type="submit" aria-label={ "Delete " (e.key) } { "Delete" }

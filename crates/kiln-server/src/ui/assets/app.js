@@ -35,14 +35,23 @@
     }
   }
 
+  // A stream only while the tab is visible: browsers allow six connections to a server,
+  // and hidden tabs holding theirs would stall every other page.
+  let events = null;
   function listen() {
     if (!live().length || !window.EventSource) return;
-    const events = new EventSource("/ui/events");
+    if (document.hidden) {
+      if (events) { events.close(); events = null; }
+      return;
+    }
+    if (events) return;
+    events = new EventSource("/ui/events");
     events.addEventListener("changed", refresh);
     // What changed between the page's rendering and the stream's start (or while the
     // connection was lost: the browser reconnects by itself) is caught up on every open.
     events.addEventListener("open", refresh);
   }
+  document.addEventListener("visibilitychange", listen);
 
   document.addEventListener("submit", (event) => {
     const form = event.target;
