@@ -101,21 +101,14 @@ async fn run_flow<F: Flow>(flow: F, args: F::Args) -> Result<F::Output, Failure<
     // process looks for Cancelling while it runs and stops it as a worker would. A subflow
     // is stopped with its parent.
     let runtime = tokio::runtime::Handle::try_current();
-    let Some(runtime) = runtime.ok().filter(|_| parent.is_none()) else {
-        return drive(
-            flow,
-            args,
-            tracker,
-            options,
-            parameters,
-            parent,
-            retry_of.into_iter().collect(),
-            None,
-        )
-        .await;
+    let (cancel, watch) = match runtime.ok().filter(|_| parent.is_none()) {
+        Some(runtime) => {
+            let (stop, stopped) = futures::channel::oneshot::channel();
+            let watch = runtime.spawn(watch_for_cancel(engine.store().clone(), id, stop));
+            (Some(stopped), Some(watch))
+        }
+        None => (None, None),
     };
-    let (stop, stopped) = futures::channel::oneshot::channel();
-    let watch = runtime.spawn(watch_for_cancel(engine.store().clone(), id, stop));
     let outcome = drive(
         flow,
         args,
@@ -124,10 +117,12 @@ async fn run_flow<F: Flow>(flow: F, args: F::Args) -> Result<F::Output, Failure<
         parameters,
         parent,
         retry_of.into_iter().collect(),
-        Some(stopped),
+        cancel,
     )
     .await;
-    watch.abort();
+    if let Some(watch) = watch {
+        watch.abort();
+    }
     outcome
 }
 
