@@ -186,6 +186,14 @@ try {
     console.log("debug: after reload " + await page.locator("#run-head .state").textContent());
   }
   check(greeted, "the run started from the form completes on the worker");
+  // Its cached task's result is a serde value: shown as pretty JSON, its hash checked.
+  await page.click('table.task-runs a:text-is("shout")');
+  await page.waitForURL("**/task-runs/**");
+  const json = page.locator("#result pre.preview");
+  check(await json.count() === 1 && (await json.textContent()).includes('"ADA"'), "a serde result is shown as JSON");
+  check(await page.locator('#result a:text-is("Download as JSON")').count() === 1, "with a link to download it");
+  check((await page.locator("#result .verified").textContent()).includes("hash verified"), "its hash is checked");
+  await shoot(page, "task-run-json");
   await page.goto(`${base}/deployments/greet`);
   await shoot(page, "deployment");
   await accessible(page, "deployment page");
@@ -223,6 +231,16 @@ try {
   check((await reader.page.locator(".who").textContent()).includes("read-only"), "the page says the token is read-only");
   await shoot(reader.page, "read-only");
   await reader.context.close();
+} catch (e) {
+  // Say where it stopped, and keep a picture of it.
+  console.log(`FAILED: the browser test stopped: ${e.message.split("\n")[0]}`);
+  for (const context of browser.contexts()) {
+    for (const page of context.pages()) {
+      console.log(`  open page: ${page.url()}`);
+      await page.screenshot({ path: path.join(shots, "stopped.png"), fullPage: true }).catch(() => {});
+    }
+  }
+  failures++;
 } finally {
   await browser.close();
 }

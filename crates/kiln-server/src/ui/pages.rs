@@ -495,6 +495,7 @@ pub(crate) async fn flow_run(
         let (runs, edges) = tokio::try_join!(store.task_runs(s.id), store.edges(s.id))?;
         sub_graphs.push((s, runs, edges));
     }
+    let result = result_of(&ui, id, run.result.is_some()).await;
     let now = now_micros();
     let deployment = deployment_of(&run.tags).map(str::to_owned);
     let can_cancel = viewer.can_change && !run.state.is_terminal() && run.parent_id.is_none();
@@ -506,7 +507,7 @@ pub(crate) async fn flow_run(
     let all_tasks = q.tasks.as_deref() == Some("all");
     let title = format!("{} {}", run.name, short_id(id));
     let body = html! {
-        div #run-head data-live {
+        div #run-head data-live data-poll[!run.state.is_terminal()] {
             h1 { "Flow run " (run.name) " " (badge(run.state)) }
             @if let Some(m) = &run.state_message { p.message { (m) } }
             div.actions {
@@ -534,6 +535,12 @@ pub(crate) async fn flow_run(
         section aria-labelledby="params-h" {
             h2 #params-h { "Parameters" }
             pre.json { (pretty(&run.parameters)) }
+        }
+        @if result.is_some() {
+            section #result data-live aria-labelledby="result-h" {
+                h2 #result-h { "Result" }
+                (result_markup(id, &result, "the flow does not persist its result"))
+            }
         }
         section #graph data-live aria-labelledby="graph-h" {
             h2 #graph-h { "Task graph" }
@@ -690,14 +697,11 @@ pub(crate) async fn task_run(
     };
     let log_filter = q.log_filter()?;
     let (states, logs) = tokio::try_join!(store.states(id), store.list_logs(id, &log_filter))?;
-    let result = match &run.result {
-        Some(_) => Some(crate::results::preview(&ui.app, id).await),
-        None => None,
-    };
+    let result = result_of(&ui, id, run.result.is_some()).await;
     let now = now_micros();
     let can_cancel = viewer.can_change && !run.state.is_terminal();
     let body = html! {
-        div #run-head data-live {
+        div #run-head data-live data-poll[!run.state.is_terminal()] {
             h1 { "Task run " (run.name) " " (badge(run.state)) }
             @if let Some(m) = &run.state_message { p.message { (m) } }
             @if can_cancel {
@@ -716,11 +720,7 @@ pub(crate) async fn task_run(
         }
         section #result data-live aria-labelledby="result-h" {
             h2 #result-h { "Result" }
-            @match &result {
-                None => p.empty { "No persisted result (the task is not finished, or it does not persist its result)." },
-                Some(Err(problem)) => p.alert role="alert" { "This result cannot be read: " (problem.detail) },
-                Some(Ok((r, preview))) => (result_section(id, r, preview)),
-            }
+            (result_markup(id, &result, "the task is not finished, or it does not persist its result"))
         }
         section aria-labelledby="inputs-h" {
             h2 #inputs-h { "Inputs" }
@@ -734,6 +734,26 @@ pub(crate) async fn task_run(
     };
     let title = format!("{} {}", run.name, short_id(id));
     Ok(html_response(layout(&title, Some(&viewer), "/runs", body)))
+}
+
+type ResultView = Option<Result<(crate::results::Reference, Preview), Problem>>;
+
+/// The result of run `id` read and checked, if it has one.
+async fn result_of(ui: &Ui, id: Uuid, has_result: bool) -> ResultView {
+    match has_result {
+        true => Some(crate::results::preview(&ui.app, id).await),
+        false => None,
+    }
+}
+
+fn result_markup(id: Uuid, result: &ResultView, why_none: &str) -> Markup {
+    html! {
+        @match result {
+            None => p.empty { "No persisted result (" (why_none) ")." },
+            Some(Err(problem)) => p.alert role="alert" { "This result cannot be read: " (problem.detail) },
+            Some(Ok((r, preview))) => (result_section(id, r, preview)),
+        }
+    }
 }
 
 fn result_section(id: Uuid, r: &crate::results::Reference, preview: &Preview) -> Markup {

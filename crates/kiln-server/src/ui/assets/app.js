@@ -53,6 +53,12 @@
   }
   document.addEventListener("visibilitychange", listen);
 
+  // Log lines change no run's state: a page about a run that has not ended also looks
+  // again every few seconds while it is visible.
+  setInterval(() => {
+    if (!document.hidden && document.querySelector("[data-poll]")) refresh();
+  }, 3000);
+
   document.addEventListener("submit", (event) => {
     const form = event.target;
     const question = form.getAttribute("data-confirm");
