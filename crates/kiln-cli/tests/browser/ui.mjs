@@ -101,6 +101,11 @@ try {
   check((await page.locator(".result-meta").textContent()).includes("png"), "the result's serializer is shown");
   await shoot(page, "task-run");
   await accessible(page, "task run page");
+  // A live refresh of a finished run's page does not read its result again.
+  const again = await page.request.get(page.url(), { headers: { "X-Kiln-Live": "1", "X-Kiln-Final": "result" } });
+  const fresh = await page.request.get(page.url(), { headers: { "X-Kiln-Live": "1" } });
+  check(!(await again.text()).includes('id="result"') && (await fresh.text()).includes('id="result"'),
+    "a live refresh leaves out a finished result the page holds already");
 
   // A subflow folds out; a retried task shows its attempts on the timeline.
   await page.goto(`${base}/runs/${env("KILN_UI_NESTED")}`);

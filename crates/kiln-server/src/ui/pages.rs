@@ -465,6 +465,7 @@ async fn elsewhere(store: &dyn kiln_store::Store, id: Uuid, asked: RunKind) -> P
 pub(crate) async fn flow_run(
     State(ui): State<Arc<Ui>>,
     Extension(viewer): Extension<Viewer>,
+    headers: HeaderMap,
     Path(id): Path<String>,
     q: Result<Query<RunQuery>, QueryRejection>,
 ) -> PageResult {
@@ -495,7 +496,8 @@ pub(crate) async fn flow_run(
         let (runs, edges) = tokio::try_join!(store.task_runs(s.id), store.edges(s.id))?;
         sub_graphs.push((s, runs, edges));
     }
-    let result = result_of(&ui, id, run.result.is_some()).await;
+    let kept = shown_final(&headers, "result") && run.state.is_terminal();
+    let result = result_of(&ui, id, run.result.is_some() && !kept).await;
     let now = now_micros();
     let deployment = deployment_of(&run.tags).map(str::to_owned);
     let can_cancel = viewer.can_change && !run.state.is_terminal() && run.parent_id.is_none();
@@ -537,7 +539,7 @@ pub(crate) async fn flow_run(
             pre.json { (pretty(&run.parameters)) }
         }
         @if result.is_some() {
-            section #result data-live aria-labelledby="result-h" {
+            section #result data-live data-final[run.state.is_terminal()] aria-labelledby="result-h" {
                 h2 #result-h { "Result" }
                 (result_markup(id, &result, "the flow does not persist its result"))
             }
@@ -686,6 +688,7 @@ pub(super) fn run_id(text: &str) -> Result<Uuid, PageError> {
 pub(crate) async fn task_run(
     State(ui): State<Arc<Ui>>,
     Extension(viewer): Extension<Viewer>,
+    headers: HeaderMap,
     Path(id): Path<String>,
     q: Result<Query<RunQuery>, QueryRejection>,
 ) -> PageResult {
@@ -697,7 +700,8 @@ pub(crate) async fn task_run(
     };
     let log_filter = q.log_filter()?;
     let (states, logs) = tokio::try_join!(store.states(id), store.list_logs(id, &log_filter))?;
-    let result = result_of(&ui, id, run.result.is_some()).await;
+    let kept = shown_final(&headers, "result") && run.state.is_terminal();
+    let result = result_of(&ui, id, run.result.is_some() && !kept).await;
     let now = now_micros();
     let can_cancel = viewer.can_change && !run.state.is_terminal();
     let body = html! {
@@ -718,9 +722,11 @@ pub(crate) async fn task_run(
                 @if !run.tags.is_empty() { dt { "Tags" } dd { @for t in &run.tags { span.tag { (t) } " " } } }
             }
         }
-        section #result data-live aria-labelledby="result-h" {
-            h2 #result-h { "Result" }
-            (result_markup(id, &result, "the task is not finished, or it does not persist its result"))
+        @if !kept {
+            section #result data-live data-final[run.state.is_terminal()] aria-labelledby="result-h" {
+                h2 #result-h { "Result" }
+                (result_markup(id, &result, "the task is not finished, or it does not persist its result"))
+            }
         }
         section aria-labelledby="inputs-h" {
             h2 #inputs-h { "Inputs" }
@@ -734,6 +740,15 @@ pub(crate) async fn task_run(
     };
     let title = format!("{} {}", run.name, short_id(id));
     Ok(html_response(layout(&title, Some(&viewer), "/runs", body)))
+}
+
+/// Whether the page asking (a live refresh) holds the final version of its part `id`
+/// already (`X-Kiln-Final`): then it is neither computed nor sent again.
+fn shown_final(headers: &HeaderMap, id: &str) -> bool {
+    headers
+        .get("x-kiln-final")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|part| part.trim() == id))
 }
 
 type ResultView = Option<Result<(crate::results::Reference, Preview), Problem>>;

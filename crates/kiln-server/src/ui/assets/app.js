@@ -11,7 +11,12 @@
     if (busy) { again = true; return; }
     busy = true;
     try {
-      const response = await fetch(location.href, { headers: { "X-Kiln-Live": "1" }, credentials: "same-origin" });
+      // Parts already final (a finished run's result) are not computed and sent again.
+      const final = [...document.querySelectorAll("[data-live][data-final][id]")].map((e) => e.id).join(",");
+      const response = await fetch(location.href, {
+        headers: { "X-Kiln-Live": "1", "X-Kiln-Final": final },
+        credentials: "same-origin",
+      });
       if (!response.ok) return;
       const fresh = new DOMParser().parseFromString(await response.text(), "text/html");
       for (const part of live()) {
