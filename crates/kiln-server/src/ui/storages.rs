@@ -17,6 +17,8 @@ use super::pages::{
 };
 use super::session::{Viewer, encode, segment};
 
+/// How long the page waits for one storage's cache listing.
+const LISTING_TIME: std::time::Duration = std::time::Duration::from_secs(10);
 /// Cached results listed per storage.
 const CACHE_ROWS: usize = 200;
 
@@ -24,11 +26,27 @@ const CACHE_ROWS: usize = 200;
 pub(crate) async fn list(State(ui): State<Arc<Ui>>, Extension(viewer): Extension<Viewer>) -> PageResult {
     let axum::Json(storages) = crate::storages::list(State(ui.app.clone())).await?;
     let now = now_micros();
-    let mut sections = Vec::new();
-    for s in &storages {
-        let listing = crate::storages::cache(State(ui.app.clone()), Ok(Path(s.name.clone()))).await;
-        sections.push((s, listing));
-    }
+    // Every storage's cache at once, each given LISTING_TIME: one that cannot be reached
+    // does not hold up the page.
+    let listings = futures::future::join_all(storages.iter().map(|s| {
+        let app = ui.app.clone();
+        async move {
+            let listing = crate::storages::cache(State(app), Ok(Path(s.name.clone())));
+            match tokio::time::timeout(LISTING_TIME, listing).await {
+                Ok(listing) => listing,
+                Err(_) => Err(crate::Problem::new(
+                    axum::http::StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "it did not answer within {} s (`kiln cache ls --storage {}` lists it without a limit)",
+                        LISTING_TIME.as_secs(),
+                        s.name
+                    ),
+                )),
+            }
+        }
+    }))
+    .await;
+    let sections: Vec<_> = storages.iter().zip(listings).collect();
     let body = html! {
         h1 { "Storages" }
         p.note { "Where results are persisted; secrets are never shown. Add one with " code { "kiln storage add" } " or " code { "PUT /api/v1/storages/NAME" } "." }
