@@ -55,15 +55,7 @@ fn the_seed_pipeline_runs_across_two_workers_with_s3_and_postgresql() {
         .env("KILN_DATABASE_URL", &database)
         .env_remove("KILN_API_URL");
     let server = Proc::spawn(server);
-    eventually(Duration::from_secs(30), "the server to listen", || {
-        server.said("http://")
-    });
-    let api = server
-        .log()
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap()
-        .to_owned();
+    let api = common::listening_address(&server);
 
     // The storage both workers reach.
     let prefix = format!("distributed/{}", uuid::Uuid::now_v7().simple());

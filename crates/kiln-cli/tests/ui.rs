@@ -277,16 +277,7 @@ fn the_web_ui_in_a_browser() {
         .env_remove("KILN_API_URL")
         .env_remove("KILN_DATABASE_URL");
     let server = Proc::spawn(server);
-    eventually(Duration::from_secs(30), "the server to listen", || {
-        server.said("http://")
-    });
-    let url = server
-        .log()
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap()
-        .trim_end_matches(['.', ',', ')'])
-        .to_owned();
+    let url = common::listening_address(&server);
 
     let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ui-screenshots");
     let mut node = Command::new("node")

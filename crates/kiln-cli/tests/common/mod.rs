@@ -53,6 +53,20 @@ impl Drop for Proc {
     }
 }
 
+/// The address `kiln server start` (run as `server`) listens on, from its "listening on"
+/// line, once it said it (other lines name URLs too, such as the web UI's).
+pub fn listening_address(server: &Proc) -> String {
+    eventually(Duration::from_secs(30), "the server to listen", || {
+        server.said("listening on http://")
+    });
+    let log = server.log();
+    let line = log.lines().find(|l| l.contains("listening on http://")).unwrap();
+    line.split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap()
+        .to_owned()
+}
+
 /// `kiln --home HOME ARGS` on the database at `database` (`None`: the home's SQLite file).
 pub fn kiln_on(home: &std::path::Path, database: Option<&str>, args: &[&str]) -> std::process::Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
