@@ -554,15 +554,7 @@ pub(crate) async fn preview(app: &App, id: Uuid) -> Result<(Reference, Preview),
             return match render(&serializer, &payload)? {
                 Rendered::Json(v) => {
                     let mut text = serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?;
-                    let truncated = text.len() > PREVIEW_JSON;
-                    if truncated {
-                        let mut cut = PREVIEW_JSON;
-                        while !text.is_char_boundary(cut) {
-                            cut -= 1;
-                        }
-                        text.truncate(cut);
-                        text.push_str("\n…");
-                    }
+                    let truncated = cut_text(&mut text, PREVIEW_JSON, "\n…");
                     Ok(Preview::Json { text, truncated })
                 }
                 _ => Ok(Preview::Raw),
@@ -586,4 +578,19 @@ fn png_size(png: &[u8]) -> Option<(u32, u32)> {
     let width = u32::from_be_bytes(png[16..20].try_into().ok()?);
     let height = u32::from_be_bytes(png[20..24].try_into().ok()?);
     Some((width, height))
+}
+
+/// Cuts `text` to at most `limit` bytes (on a character boundary) and appends `mark`, when it
+/// is longer; whether it was cut.
+pub(crate) fn cut_text(text: &mut String, limit: usize, mark: &str) -> bool {
+    if text.len() <= limit {
+        return false;
+    }
+    let mut cut = limit;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    text.truncate(cut);
+    text.push_str(mark);
+    true
 }

@@ -195,14 +195,7 @@ pub(super) fn deployment_of(tags: &[String]) -> Option<&str> {
 /// Pretty JSON, cut after [`JSON_SHOWN`] bytes (the value can be downloaded whole from the API).
 pub(super) fn pretty(value: &serde_json::Value) -> String {
     let mut text = serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string());
-    if text.len() > JSON_SHOWN {
-        let mut cut = JSON_SHOWN;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
-        text.push_str("\n… (cut: the whole value is in the API's JSON)");
-    }
+    crate::results::cut_text(&mut text, JSON_SHOWN, "\n… (cut: the whole value is in the API's JSON)");
     text
 }
 
