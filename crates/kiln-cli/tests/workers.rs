@@ -334,10 +334,29 @@ fn a_sigkilled_worker_s_run_completes_on_the_other_worker() {
     let (id, holder, other) = one_of_two_claims(home.path(), &url, 30);
     let claimed = format!("claimed flow run {id}");
     let store = open(home.path(), Some(&url));
-    eventually(Duration::from_secs(30), "five steps to complete", || {
-        completed_steps(&*store, id) >= 5
-    });
+    // Kill it while a step has just started (steps take 100 ms), so that step is in progress.
+    let started = std::time::Instant::now();
+    loop {
+        let tasks = block(store.task_runs(id)).unwrap();
+        let done = tasks.iter().filter(|t| t.state == Completed).count();
+        let fresh = |t: &kiln::store::model::TaskRun| {
+            let age = kiln::store::model::now_micros() - t.start_time.unwrap_or(0);
+            t.state == Running && age < 40_000
+        };
+        if done >= 5 && tasks.iter().any(fresh) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "five steps to complete");
+        std::thread::sleep(Duration::from_millis(2));
+    }
     drop(holder); // SIGKILL
+    let in_progress: Vec<uuid::Uuid> = block(store.task_runs(id))
+        .unwrap()
+        .iter()
+        .filter(|t| t.state == Running)
+        .map(|t| t.id)
+        .collect();
+    assert!(!in_progress.is_empty(), "a step was running when the worker was killed");
     until_finished(&*store, id, &other);
     let run = block(store.flow_run(id)).unwrap().unwrap();
     assert_eq!(run.state, Completed, "{:?}\n{}", run.state_message, other.log());
@@ -362,10 +381,10 @@ fn a_sigkilled_worker_s_run_completes_on_the_other_worker() {
         "{:?}",
         tasks.iter().map(|t| t.state).collect::<Vec<_>>()
     );
-    assert!(
-        tasks.iter().any(|t| t.state == Crashed),
-        "the step in progress on the killed worker"
-    );
+    for running in &in_progress {
+        let crashed = tasks.iter().find(|t| t.id == *running).map(|t| t.state);
+        assert_eq!(crashed, Some(Crashed), "the step in progress on the killed worker");
+    }
     other.stop();
 }
 
