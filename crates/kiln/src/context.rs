@@ -169,6 +169,21 @@ pub(crate) fn scoped_engine() -> Option<Engine> {
         .or_else(|| ENGINE.try_with(Clone::clone).ok())
 }
 
+/// Spawns `job` on `handle` inside the current flow (which adopts it) or engine scope:
+/// generic, so the job goes into tokio's task without a box of its own first.
+fn spawn_here(handle: &tokio::runtime::Handle, job: impl Future<Output = ()> + Send + 'static) {
+    match current_flow() {
+        Some(flow) => {
+            let child = handle.spawn(FLOW.scope(flow.clone(), job));
+            flow.adopt(child);
+        }
+        None => match ENGINE.try_with(Clone::clone) {
+            Ok(engine) => drop(handle.spawn(ENGINE.scope(engine, job))),
+            Err(_) => drop(handle.spawn(job)),
+        },
+    }
+}
+
 /// The run whose code is executing on this thread (read by the log capture layer).
 #[derive(Debug)]
 pub(crate) struct RunScope {
@@ -344,19 +359,9 @@ pub(crate) fn spawn(job: impl Future<Output = ()> + Send + 'static) -> Result<()
         )
     })?;
     // A submitted run belongs to the caller's transaction, if any.
-    let job: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = match crate::transaction::current() {
-        Some(tx) => Box::pin(crate::transaction::TRANSACTION.scope(tx, job)),
-        None => Box::pin(job),
-    };
-    match current_flow() {
-        Some(flow) => {
-            let child = handle.spawn(FLOW.scope(flow.clone(), job));
-            flow.adopt(child);
-        }
-        None => match ENGINE.try_with(Clone::clone) {
-            Ok(engine) => drop(handle.spawn(ENGINE.scope(engine, job))),
-            Err(_) => drop(handle.spawn(job)),
-        },
+    match crate::transaction::current() {
+        Some(tx) => spawn_here(&handle, crate::transaction::TRANSACTION.scope(tx, job)),
+        None => spawn_here(&handle, job),
     }
     Ok(())
 }

@@ -171,6 +171,8 @@ pub(crate) struct Tracker {
     pub(crate) slot_tags: Vec<String>,
     /// When its latest attempt started (for the duration its lifecycle lines give).
     started: Option<std::time::Instant>,
+    /// Its creation and edges, held back until it starts (see [`Tracker::defer`]).
+    deferred: Vec<Write>,
 }
 
 impl Tracker {
@@ -194,6 +196,7 @@ impl Tracker {
             fence: None,
             slot_tags: Vec::new(),
             started: None,
+            deferred: Vec::new(),
         }
     }
 
@@ -214,11 +217,36 @@ impl Tracker {
             fence: Some(claim.fence),
             slot_tags: Vec::new(),
             started: None,
+            deferred: Vec::new(),
         }
     }
 
     pub(crate) fn id(&self) -> Uuid {
         self.label.id
+    }
+
+    /// Holds `write` (the run's creation, its edges) back until the run starts or changes
+    /// state: a submitted run that starts at once is then created, run and ended in one
+    /// batch of the store (one row written once) instead of created in one and moved in
+    /// another. A run dropped before it started still records its creation, then Cancelled.
+    pub(crate) fn defer(&mut self, write: Write) {
+        self.deferred.push(write);
+    }
+
+    /// Room for `n` writes held back, allocated once.
+    pub(crate) fn reserve_deferred(&mut self, n: usize) {
+        self.deferred.reserve_exact(n);
+    }
+
+    /// Sends the writes held back by [`defer`](Self::defer), in order.
+    pub(crate) fn send_deferred(&mut self) -> Result<(), Error> {
+        if self.deferred.is_empty() {
+            return Ok(());
+        }
+        for write in std::mem::take(&mut self.deferred) {
+            self.send(write)?;
+        }
+        Ok(())
     }
 
     /// Sends a write about this run, its outcome reported to the run's problems.
@@ -242,6 +270,7 @@ impl Tracker {
         result: Option<&ResultRef>,
     ) -> Result<(), Error> {
         kiln_store::state::check_transition(self.state, state)?;
+        self.send_deferred()?;
         if state == StateType::Running {
             self.started = Some(std::time::Instant::now());
         }

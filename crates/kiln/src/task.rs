@@ -334,7 +334,8 @@ struct Prepared<T: Task> {
     refresh: bool,
 }
 
-/// Creates the task run (Pending) and its edges; nothing waits here.
+/// Prepares the task run: its record (Pending) and edges, sent when it starts
+/// ([`Tracker::defer`]); nothing waits here.
 fn prepare<T: Task>(task: &T, inputs: &T::Inputs, previews: Vec<Option<String>>) -> Result<Prepared<T>, Error> {
     let flow = context::current_flow();
     let engine = match &flow {
@@ -345,10 +346,12 @@ fn prepare<T: Task>(task: &T, inputs: &T::Inputs, previews: Vec<Option<String>>)
     let name = options.name.clone().unwrap_or_else(|| Arc::from(T::NAME));
     let problems = flow.as_ref().map_or_else(Default::default, |f| f.problems.clone());
     let mut tracker = Tracker::new(RunKind::Task, name, engine, StateType::Pending, problems);
+    let upstreams = inputs.upstreams();
+    tracker.reserve_deferred(1 + upstreams.len());
     tracker.slot_tags = options.tag_list();
     let call_key = flow.as_ref().map(|f| f.next_call_key(T::KEY));
     let flow_run_id = flow.as_ref().map(|f| f.flow_run_id);
-    tracker.send(Write::TaskRun(NewTaskRun {
+    tracker.defer(Write::TaskRun(NewTaskRun {
         id: tracker.id(),
         flow_run_id,
         name: tracker.label.name.to_string(),
@@ -359,15 +362,15 @@ fn prepare<T: Task>(task: &T, inputs: &T::Inputs, previews: Vec<Option<String>>)
         initial_state: StateType::Pending,
         call_key,
         process_id: Some(tracker.engine.process_id()),
-    }))?;
-    for upstream in inputs.upstreams() {
-        tracker.send(Write::Edge {
+    }));
+    for upstream in upstreams {
+        tracker.defer(Write::Edge {
             flow_run_id,
             edge: Edge {
                 upstream: upstream.id,
                 downstream: tracker.id(),
             },
-        })?;
+        });
     }
     let (default_policy, default_refresh) = tracker.engine.cache_defaults();
     let mut policy = options
@@ -417,6 +420,9 @@ async fn execute<T: Task>(prepared: Prepared<T>, inputs: T::Inputs) -> Result<T:
     let flow_run_id = flow.as_ref().map(|f| f.flow_run_id);
     let tx = crate::transaction::current();
     let outcome = async {
+        // Recorded (Pending) when it starts: a submitted run waiting for its inputs or a
+        // slot shows as such meanwhile.
+        tracker.send_deferred()?;
         let args = match inputs.resolve().await {
             Ok(args) => args,
             Err(UpstreamError { upstream, cause }) => {

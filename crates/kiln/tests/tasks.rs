@@ -4,6 +4,7 @@ mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use kiln::StateType::*;
 use kiln::prelude::*;
@@ -270,4 +271,51 @@ async fn names_and_tags_come_from_options() {
         ]
     );
     assert!(tasks[0].task_key.ends_with("::resize"));
+}
+
+/// A submitted run is recorded when it starts: one waiting for its input shows as Pending
+/// meanwhile, and one dropped before it ever started is still recorded, Cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submitted_run_is_recorded_pending_while_it_waits_for_its_input() {
+    #[task]
+    async fn slow() -> u64 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        7
+    }
+    #[flow]
+    async fn waiting() -> Result<(uuid::Uuid, Vec<kiln::StateType>, u64), kiln::Error> {
+        let up = slow.submit();
+        let down = double.submit(&up);
+        let id = down.id();
+        let store = kiln::Engine::current()?.store().clone();
+        let started = std::time::Instant::now();
+        let mut seen = Vec::new();
+        while started.elapsed() < Duration::from_millis(300) {
+            if let Some(run) = store.task_run(id).await? {
+                seen.push(run.state);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok((id, seen, down.await?))
+    }
+    let home = support::home();
+    let (id, seen, value) = home.engine.scope(waiting()).await.unwrap();
+    assert_eq!(value, 14);
+    assert_eq!(seen, [Pending], "recorded while its input was still running");
+    assert_eq!(home.history(id), [(Pending, 0), (Running, 1), (Completed, 1)]);
+}
+
+#[test]
+fn a_submitted_run_dropped_before_it_started_is_recorded_cancelled() {
+    let home = support::home();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // The scope returns at once: a current-thread runtime never polls the submitted job.
+    let id = runtime.block_on(home.engine.scope(async { double.submit(4).id() }));
+    drop(runtime);
+    support::wait(home.engine.flush()).unwrap();
+    assert_eq!(home.history(id), [(Pending, 0), (Cancelled, 0)]);
 }
