@@ -155,6 +155,10 @@ impl<X: Send + 'static> Drop for WriteQueue<X> {
 
 fn write_loop<B: Batches>(rx: Receiver<Queued<B::Message>>, max_batch: usize, batches: &mut B, pending: &AtomicUsize) {
     let mut next = None;
+    // The batch: its writes, and what follows each (a reporter, or a flush to answer); kept
+    // from batch to batch, so a deep queue does not grow them again each time.
+    let mut writes: Vec<Write> = Vec::new();
+    let mut entries: Vec<Entry> = Vec::new();
     loop {
         let first = match next.take() {
             Some(m) => m,
@@ -167,25 +171,14 @@ fn write_loop<B: Batches>(rx: Receiver<Queued<B::Message>>, max_batch: usize, ba
             batches.handle(x);
             continue;
         }
-        // The batch: its writes, and what follows each (a reporter, or a flush to answer).
-        let mut writes = Vec::new();
-        let mut entries = Vec::new();
-        let mut take = |m: Queued<B::Message>, writes: &mut Vec<Write>| match m {
-            Queued::Write(w, r) => {
-                writes.push(w);
-                entries.push(Entry::Write(r));
-            }
-            Queued::Flush(done) => entries.push(Entry::Flush(done)),
-            Queued::Other(_) => unreachable!("backend messages end a batch"),
-        };
-        take(first, &mut writes);
+        take::<B>(first, &mut writes, &mut entries);
         while writes.len() < max_batch {
             match rx.try_recv() {
                 Ok(m @ Queued::Other(_)) => {
                     next = Some(m);
                     break;
                 }
-                Ok(m) => take(m, &mut writes),
+                Ok(m) => take::<B>(m, &mut writes, &mut entries),
                 Err(_) => break,
             }
         }
@@ -195,8 +188,8 @@ fn write_loop<B: Batches>(rx: Receiver<Queued<B::Message>>, max_batch: usize, ba
             batches.apply(&writes)
         };
         pending.fetch_sub(writes.len(), Ordering::Relaxed);
-        let (mut outcomes, mut writes) = (outcomes.into_iter(), writes.into_iter());
-        for entry in entries {
+        let (mut outcomes, mut writes) = (outcomes.into_iter(), writes.drain(..));
+        for entry in entries.drain(..) {
             match entry {
                 Entry::Flush(done) => done(Ok(())),
                 Entry::Write(reporter) => {
@@ -213,5 +206,17 @@ fn write_loop<B: Batches>(rx: Receiver<Queued<B::Message>>, max_batch: usize, ba
                 }
             }
         }
+    }
+}
+
+/// Adds a message of a batch to its writes and entries.
+fn take<B: Batches>(m: Queued<B::Message>, writes: &mut Vec<Write>, entries: &mut Vec<Entry>) {
+    match m {
+        Queued::Write(w, r) => {
+            writes.push(w);
+            entries.push(Entry::Write(r));
+        }
+        Queued::Flush(done) => entries.push(Entry::Flush(done)),
+        Queued::Other(_) => unreachable!("backend messages end a batch"),
     }
 }

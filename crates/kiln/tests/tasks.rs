@@ -319,3 +319,32 @@ fn a_submitted_run_dropped_before_it_started_is_recorded_cancelled() {
     support::wait(home.engine.flush()).unwrap();
     assert_eq!(home.history(id), [(Pending, 0), (Cancelled, 0)]);
 }
+
+/// `join_all` gives the values in order; with a failure, the first one in order, once every
+/// run has finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_all_gives_values_in_order_and_the_first_failure_after_all_finished() {
+    static FINISHED: AtomicUsize = AtomicUsize::new(0);
+    #[task]
+    async fn step(i: u64, fail: bool) -> anyhow::Result<u64> {
+        // Step 3 ends last, well after step 1 (the first failure) has.
+        tokio::time::sleep(Duration::from_millis(if i == 3 { 150 } else { 10 * i })).await;
+        FINISHED.fetch_add(1, Ordering::SeqCst);
+        anyhow::ensure!(!fail, "step {i} failed");
+        Ok(i * 10)
+    }
+    #[flow]
+    async fn joined() -> Result<(Vec<u64>, String, usize), kiln::Error> {
+        let ok = kiln::join_all((0..5).map(|i| step.submit(i, false)).collect()).await?;
+        FINISHED.store(0, Ordering::SeqCst);
+        let failures = [false, true, false, true, false];
+        let futures = (0..5).map(|i| step.submit(i, failures[i as usize])).collect();
+        let err = kiln::join_all(futures).await.unwrap_err();
+        Ok((ok, err.to_string(), FINISHED.load(Ordering::SeqCst)))
+    }
+    let home = support::home();
+    let (ok, err, finished) = home.engine.scope(joined()).await.unwrap();
+    assert_eq!(ok, [0, 10, 20, 30, 40]);
+    assert!(err.contains("step 1 failed"), "{err}");
+    assert_eq!(finished, 5, "every run had finished when join_all returned");
+}
