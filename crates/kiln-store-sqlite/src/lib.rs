@@ -288,6 +288,9 @@ pub(crate) fn connect(path: &Path, flags: OpenFlags) -> Result<Connection, Store
     let open = |flags| -> rusqlite::Result<Connection> {
         let conn = Connection::open_with_flags(path, flags)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        // The writer holds its 21 statements at once in every batch (`writer::Statements`):
+        // with rusqlite's default room for 16, a few were compiled again every batch.
+        conn.set_prepared_statement_cache_capacity(64);
         if !flags.contains(OpenFlags::SQLITE_OPEN_READ_ONLY) {
             // WAL: readers never block the writer; NORMAL: a commit survives a process crash.
             conn.pragma_update(None, "journal_mode", "WAL")?;

@@ -38,6 +38,7 @@ macro_rules! store_suite {
             flow_runs_filter_and_page,
             a_write_delivered_twice_is_applied_once,
             malformed_json_text_is_refused_alone,
+            many_task_runs_created_at_once_are_each_recorded,
             task_runs_filter_and_page,
             logs_filter_by_level_and_page,
             counts_runs_by_state,
@@ -1130,6 +1131,60 @@ pub async fn malformed_json_text_is_refused_alone(store: &dyn Store) {
         store.list_flow_runs(&RunFilter::newest(10)).await.unwrap().runs.len(),
         1
     );
+}
+
+/// Many task runs created at once (a backend may write several rows to a statement): each
+/// is recorded with its own fields and states; a creation delivered again is acknowledged;
+/// one whose state breaks a rule fails alone.
+pub async fn many_task_runs_created_at_once_are_each_recorded(store: &dyn Store) {
+    let f = flow("many", None);
+    let fid = f.id;
+    let tasks: Vec<NewTaskRun> = (0..150)
+        .map(|i| {
+            let mut t = task(&format!("step_{i}"), Some(fid));
+            t.tags = vec![format!("tag_{i}")];
+            t.call_key = Some(format!("many#{i}"));
+            t
+        })
+        .collect();
+    let report = Arc::new(Collect::default());
+    let mut first = vec![Write::FlowRun(f)];
+    first.extend(tasks[..40].iter().cloned().map(Write::TaskRun));
+    send(store, &report, first);
+    store.flush().await.unwrap();
+    // All of them now, the first 40 again; half of them run, one ends with a broken result.
+    let bad = tasks[97].id;
+    let mut writes = Vec::new();
+    for (i, t) in tasks.iter().enumerate() {
+        writes.push(Write::TaskRun(t.clone()));
+        if i % 2 == 1 {
+            writes.push(Write::State(change(RunKind::Task, t.id, Pending, Running, 1)));
+            let mut done = change(RunKind::Task, t.id, Running, Completed, 1);
+            if t.id == bad {
+                done.result = Some("{broken".into());
+            }
+            writes.push(Write::State(done));
+        }
+    }
+    send(store, &report, writes);
+    store.flush().await.unwrap();
+    let problems = report.problems();
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert!(problems[0].contains(&bad.to_string()) && problems[0].contains("Running -> Completed"));
+    let recorded = store.task_runs(fid).await.unwrap();
+    assert_eq!(recorded.len(), tasks.len());
+    for (i, t) in tasks.iter().enumerate() {
+        let r = recorded.iter().find(|r| r.id == t.id).expect("every task run recorded");
+        assert_eq!(r.name, format!("step_{i}"));
+        assert_eq!(r.tags, [format!("tag_{i}")]);
+        assert_eq!(r.call_key.as_deref(), Some(format!("many#{i}").as_str()));
+        let expected = match (i % 2, t.id == bad) {
+            (0, _) => Pending,
+            (_, true) => Running,
+            _ => Completed,
+        };
+        assert_eq!(r.state, expected, "step_{i}");
+    }
 }
 
 /// How many runs are in each state, and no write left pending once flushed.
