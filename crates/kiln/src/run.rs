@@ -240,9 +240,6 @@ impl Tracker {
 
     /// Sends the writes held back by [`defer`](Self::defer), in order.
     pub(crate) fn send_deferred(&mut self) -> Result<(), Error> {
-        if self.deferred.is_empty() {
-            return Ok(());
-        }
         for write in std::mem::take(&mut self.deferred) {
             self.send(write)?;
         }

@@ -748,9 +748,10 @@ type ResultView = Option<Result<(crate::results::Reference, Preview), Problem>>;
 
 /// The result of run `id` read and checked, if it has one.
 async fn result_of(ui: &Ui, id: Uuid, has_result: bool) -> ResultView {
-    match has_result {
-        true => Some(crate::results::preview(&ui.app, id).await),
-        false => None,
+    if has_result {
+        Some(crate::results::preview(&ui.app, id).await)
+    } else {
+        None
     }
 }
 
