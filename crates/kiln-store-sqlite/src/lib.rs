@@ -57,6 +57,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod checkpoint;
 mod limit;
 mod read;
 mod work;
@@ -119,6 +120,8 @@ const POLL: Duration = Duration::from_millis(200);
 pub struct SqliteStore {
     path: PathBuf,
     queue: WriteQueue<Job>,
+    /// Copies the log into the database file beside the writer; ends after it.
+    checkpointer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     reader: read::Reader,
     /// Woken when this process queues a run or takes a claim back; claims by other
     /// processes on the same file are seen by polling (see `claim`).
@@ -172,15 +175,17 @@ impl SqliteStore {
     }
 
     /// The store over `conn` (migrated), with its writer and reader threads started.
-    fn with_writer(path: PathBuf, conn: Connection) -> Result<Self, StoreError> {
+    fn with_writer(path: PathBuf, mut conn: Connection) -> Result<Self, StoreError> {
         let name = path.display().to_string();
         let work = Arc::new(tokio::sync::Notify::new());
+        let checkpointer = checkpoint::start(&path, &mut conn)?;
         let writer = Writer::new(conn, work.clone());
         let queue = WriteQueue::start(name, "kiln-store-writer", QUEUE, MAX_BATCH, writer)?;
         Ok(SqliteStore {
             reader: read::Reader::start(path.clone())?,
             path,
             queue,
+            checkpointer: std::sync::Mutex::new(Some(checkpointer)),
             work,
         })
     }
@@ -247,6 +252,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             reader: read::Reader::start(path.clone())?,
             queue: WriteQueue::closed(path.display().to_string()),
+            checkpointer: std::sync::Mutex::new(None),
             path,
             work: Arc::new(tokio::sync::Notify::new()),
         })
@@ -260,7 +266,14 @@ impl SqliteStore {
     /// Applies what is queued and stops the writer; later writes fail with
     /// [`StoreError::WriterGone`].
     pub fn close(&self) -> Result<(), StoreError> {
-        self.queue.close()
+        self.queue.close()?;
+        // The writer's connection is gone with its thread, and with it the checkpointer's signal.
+        let checkpointer = self.checkpointer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = checkpointer {
+            h.join()
+                .map_err(|_| StoreError::WriterGone("the checkpoint thread panicked".into()))?;
+        }
+        Ok(())
     }
 }
 

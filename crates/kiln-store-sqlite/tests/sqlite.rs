@@ -376,3 +376,48 @@ fn a_deletion_takes_the_runs_its_own_batch_created() {
         );
     });
 }
+
+/// The log is copied into the database file while the store stays open (by a thread beside
+/// the writer), and under a steady stream of writes it stays bounded: it starts again from its
+/// beginning instead of growing with everything written.
+#[test]
+fn the_log_is_copied_while_writes_go_on_and_stays_bounded() {
+    let (store, dir) = sqlite();
+    let path = dir.path().join("nested/kiln.db");
+    let wal = dir.path().join("nested/kiln.db-wal");
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let report = Arc::new(Collect::default());
+    let f = suite::flow("stream", None);
+    let fid = f.id;
+    store
+        .send(Write::FlowRun(f), Some(report.clone() as Arc<dyn Report>))
+        .unwrap();
+    // 24 MiB of rows in chunks of 2 MiB: more than the log may hold (16 MiB, plus a batch).
+    let padding = "x".repeat(2000);
+    let mut largest_log = 0;
+    for _ in 0..12 {
+        for _ in 0..1000 {
+            let mut t = suite::task("t", Some(fid));
+            t.inputs = serde_json::json!({ "x": { "type": "str", "value": padding } }).into();
+            store
+                .send(Write::TaskRun(t), Some(report.clone() as Arc<dyn Report>))
+                .unwrap();
+        }
+        block_on(store.flush()).unwrap();
+        largest_log = largest_log.max(size(&wal));
+    }
+    assert!(report.problems().is_empty(), "{:?}", report.problems());
+    assert!(largest_log < 20 << 20, "the log grew to {largest_log} bytes");
+    let copied = std::time::Instant::now();
+    while size(&path) < 16 << 20 {
+        assert!(
+            copied.elapsed() < std::time::Duration::from_secs(20),
+            "the database file holds {} bytes of 24 MiB written while open",
+            size(&path)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    store.close().unwrap();
+    let reopened = SqliteStore::open(&path).unwrap();
+    assert_eq!(block_on(reopened.task_runs(fid)).unwrap().len(), 12_000);
+}

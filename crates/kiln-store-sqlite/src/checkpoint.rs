@@ -1,0 +1,64 @@
+//! WAL checkpoints on a thread of their own.
+//!
+//! SQLite's automatic checkpoint runs in the connection that commits: the writer, which then
+//! copies a thousand pages into the database file and waits for two fsyncs between two
+//! batches while the writes queue up behind it. Here the writer's commits only signal a
+//! checkpointer thread, which copies the log on its own connection while the writer goes on.
+//!
+//! A checkpoint running beside the writer never catches the end of a log that keeps
+//! growing, and the log starts again from its beginning only after a checkpoint that copied
+//! all of it. So past a larger size the writer checkpoints itself, between two transactions
+//! (as SQLite would have), which lets its next transaction start the log again: the log stays
+//! bounded under any stream of writes.
+
+use std::os::raw::c_int;
+use std::path::Path;
+use std::sync::mpsc::sync_channel;
+use std::thread::JoinHandle;
+
+use kiln_store::StoreError;
+use rusqlite::hooks::Wal;
+use rusqlite::{Connection, OpenFlags};
+
+/// Pages in the log after which the checkpointer copies them (SQLite's own default for its
+/// automatic checkpoints).
+const CHECKPOINT_PAGES: c_int = 1000;
+
+/// Pages in the log after which the writer checkpoints itself (16 MiB of 4 KiB pages).
+const WRITER_CHECKPOINT_PAGES: c_int = 4 * CHECKPOINT_PAGES;
+
+/// Starts the checkpointer of the database at `path`, signalled by `writer`'s commits in
+/// place of SQLite's automatic checkpoints. It stops once `writer` is dropped.
+pub(crate) fn start(path: &Path, writer: &mut Connection) -> Result<JoinHandle<()>, StoreError> {
+    let conn = crate::connect(path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+    // One signal waiting at most: commits while a checkpoint runs need only one more.
+    let (signal, signals) = sync_channel::<()>(1);
+    let database = path.display().to_string();
+    // The hook runs after the commit: an error from it would report a committed transaction
+    // as failed. A checkpoint that cannot run now (the checkpointer holds the log) is asked
+    // for again by the next commit.
+    let hook = move |wal: &mut Wal, pages: c_int| {
+        if pages < WRITER_CHECKPOINT_PAGES {
+            if pages >= CHECKPOINT_PAGES {
+                let _ = signal.try_send(());
+            }
+        } else if let Err(e) = wal.checkpoint() {
+            tracing::debug!("{database}: the writer's checkpoint waits for the next commit ({e})");
+        }
+        Ok(())
+    };
+    writer.wal_hook(Some(hook)).map_err(crate::backend)?;
+    let database = path.display().to_string();
+    std::thread::Builder::new()
+        .name("kiln-store-checkpoint".into())
+        .spawn(move || {
+            while signals.recv().is_ok() {
+                // Passive: never waits for readers or the writer; what it cannot copy now
+                // waits for the next signal (or the writer's own checkpoint).
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::debug!("{database}: checkpoint not done ({e}); the next commit asks again");
+                }
+            }
+        })
+        .map_err(|e| StoreError::WriterGone(format!("cannot start the checkpoint thread: {e}")))
+}
