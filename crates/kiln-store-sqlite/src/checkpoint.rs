@@ -20,17 +20,22 @@ use kiln_store::StoreError;
 use rusqlite::hooks::Wal;
 use rusqlite::{Connection, OpenFlags};
 
-/// Pages in the log after which the checkpointer copies them (SQLite's own default for its
-/// automatic checkpoints).
-const CHECKPOINT_PAGES: c_int = 1000;
+/// Bytes in the log after which the checkpointer copies it (SQLite's own default for its
+/// automatic checkpoints is a thousand pages: 4 MiB of its default 4 KiB pages).
+const CHECKPOINT_BYTES: i64 = 4 << 20;
 
-/// Pages in the log after which the writer checkpoints itself (16 MiB of 4 KiB pages).
-const WRITER_CHECKPOINT_PAGES: c_int = 4 * CHECKPOINT_PAGES;
+/// Bytes in the log after which the writer checkpoints itself.
+const WRITER_CHECKPOINT_BYTES: i64 = 16 << 20;
 
 /// Starts the checkpointer of the database at `path`, signalled by `writer`'s commits in
 /// place of SQLite's automatic checkpoints. It stops once `writer` is dropped.
 pub(crate) fn start(path: &Path, writer: &mut Connection) -> Result<JoinHandle<()>, StoreError> {
     let conn = crate::connect(path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+    let page_size: i64 = writer
+        .pragma_query_value(None, "page_size", |r| r.get(0))
+        .map_err(crate::backend)?;
+    let pages = |bytes: i64| c_int::try_from(bytes / page_size.max(512)).unwrap_or(c_int::MAX);
+    let (checkpoint_pages, writer_checkpoint_pages) = (pages(CHECKPOINT_BYTES), pages(WRITER_CHECKPOINT_BYTES));
     // One signal waiting at most: commits while a checkpoint runs need only one more.
     let (signal, signals) = sync_channel::<()>(1);
     let database = path.display().to_string();
@@ -38,8 +43,8 @@ pub(crate) fn start(path: &Path, writer: &mut Connection) -> Result<JoinHandle<(
     // as failed. A checkpoint that cannot run now (the checkpointer holds the log) is asked
     // for again by the next commit.
     let hook = move |wal: &mut Wal, pages: c_int| {
-        if pages < WRITER_CHECKPOINT_PAGES {
-            if pages >= CHECKPOINT_PAGES {
+        if pages < writer_checkpoint_pages {
+            if pages >= checkpoint_pages {
                 let _ = signal.try_send(());
             }
         } else if let Err(e) = wal.checkpoint() {
