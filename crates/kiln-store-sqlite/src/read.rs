@@ -62,8 +62,11 @@ impl Reader {
     }
 }
 
-pub(crate) fn tags_json(tags: &[String]) -> String {
-    serde_json::to_string(tags).unwrap_or_else(|_| "[]".into())
+pub(crate) fn tags_json(tags: &[String]) -> std::borrow::Cow<'static, str> {
+    if tags.is_empty() {
+        return "[]".into();
+    }
+    serde_json::to_string(tags).unwrap_or_else(|_| "[]".into()).into()
 }
 
 fn json_col<T: serde::de::DeserializeOwned>(row: &Row<'_>, idx: usize) -> rusqlite::Result<T> {

@@ -30,13 +30,12 @@ pub fn entry(record: &StateRecord, change: Uuid) -> Vec<u8> {
     out
 }
 
-/// The entries of a history, made by the changes given with them.
-pub fn encode(entries: &[(StateRecord, Uuid)]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(48 * entries.len());
+/// The entries of a history, made by the changes given with them, appended to `out` (a
+/// writer keeps one buffer from row to row).
+pub fn encode(out: &mut Vec<u8>, entries: &[(StateRecord, Uuid)]) {
     for (record, change) in entries {
-        push(&mut out, record, *change);
+        push(out, record, *change);
     }
-    out
 }
 
 fn push(out: &mut Vec<u8>, r: &StateRecord, change: Uuid) {
@@ -93,7 +92,9 @@ mod tests {
             (StateRecord::created(run, StateType::Pending, 5), Uuid::nil()),
             (done, change),
         ];
-        let read = decode(run, &encode(&written)).unwrap();
+        let mut whole = Vec::new();
+        encode(&mut whole, &written);
+        let read = decode(run, &whole).unwrap();
         assert_eq!(read.len(), 2);
         for ((a, ca), (b, cb)) in written.iter().zip(&read) {
             assert_eq!(
@@ -102,13 +103,10 @@ mod tests {
             );
             assert_eq!((&a.message, &a.result, ca), (&b.message, &b.result, cb));
         }
-        let mut bytes = encode(&written[..1]);
+        let mut bytes = Vec::new();
+        encode(&mut bytes, &written[..1]);
         bytes.extend(entry(&written[1].0, written[1].1));
-        assert_eq!(
-            bytes,
-            encode(&written),
-            "appending an entry is encoding it with the others"
-        );
+        assert_eq!(bytes, whole, "appending an entry is encoding it with the others");
         assert!(bytes.len() < 150, "{} bytes", bytes.len());
         assert!(
             decode(run, &bytes[..bytes.len() - 3])

@@ -126,7 +126,12 @@ impl FlowContext {
         let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
         let n = calls.entry(task_key).or_insert(0);
         *n += 1;
-        format!("{task_key}#{}", *n - 1)
+        // One allocation of the right size (`format!` guesses, then grows).
+        let mut key = String::with_capacity(task_key.len() + 21);
+        key.push_str(task_key);
+        key.push('#');
+        let _ = std::fmt::Write::write_fmt(&mut key, format_args!("{}", *n - 1));
+        key
     }
 
     pub(crate) fn adopt(&self, child: JoinHandle<()>) {
