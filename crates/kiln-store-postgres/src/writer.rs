@@ -657,8 +657,8 @@ async fn insert_runs(
         let col = |f: fn(&(&RowState, &NewTaskRun)) -> Option<String>| tasks.iter().map(f).collect::<Vec<_>>();
         let p1 = tasks.iter().map(|(_, t)| t.id).collect::<Vec<_>>();
         let p2 = tasks.iter().map(|(_, t)| t.flow_run_id).collect::<Vec<_>>();
-        let p3 = tasks.iter().map(|(_, t)| t.name.clone()).collect::<Vec<_>>();
-        let p4 = tasks.iter().map(|(_, t)| t.task_key.clone()).collect::<Vec<_>>();
+        let p3 = tasks.iter().map(|(_, t)| t.name.to_string()).collect::<Vec<_>>();
+        let p4 = tasks.iter().map(|(_, t)| t.task_key.to_string()).collect::<Vec<_>>();
         let p5 = tasks.iter().map(|(_, t)| t.inputs.as_str()).collect::<Vec<_>>();
         let p6 = tasks.iter().map(|(_, t)| tags_json(&t.tags)).collect::<Vec<_>>();
         let p7 = tasks.iter().map(|(r, _)| r.run.state.as_str()).collect::<Vec<_>>();

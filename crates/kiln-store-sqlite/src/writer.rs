@@ -1092,8 +1092,8 @@ impl<'t> Statements<'t> {
             Write::TaskRun(r) => self.task_run.execute(params![
                 bytes(&r.id),
                 r.flow_run_id.as_ref().map(bytes),
-                r.name,
-                r.task_key,
+                &*r.name,
+                &*r.task_key,
                 r.inputs.as_str(),
                 crate::read::tags_json(&r.tags),
                 run.state.as_str(),

@@ -1,5 +1,8 @@
 //! What the store records: runs, states, edges and logs.
 
+use std::borrow::Cow;
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -98,10 +101,13 @@ pub struct NewTaskRun {
     pub id: Uuid,
     /// The flow run it belongs to; `None` for a task called outside any flow.
     pub flow_run_id: Option<Uuid>,
-    /// The task's name.
-    pub name: String,
-    /// Identifies the task's code (module path and function).
-    pub task_key: String,
+    /// The task's name (shared with the task's other runs, not copied for each).
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub name: Arc<str>,
+    /// Identifies the task's code (module path and function): the task's own static text
+    /// when made in this process.
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub task_key: Cow<'static, str>,
     /// A description of its inputs as JSON (values, or references to upstream runs).
     #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub inputs: JsonText,

@@ -136,7 +136,7 @@ pub fn task(name: &str, flow: Option<Uuid>) -> NewTaskRun {
         id: Uuid::now_v7(),
         flow_run_id: flow,
         name: name.into(),
-        task_key: format!("suite::{name}"),
+        task_key: format!("suite::{name}").into(),
         inputs: serde_json::json!({ "x": { "type": "u64" } }).into(),
         tags: vec![],
         created: now_micros(),

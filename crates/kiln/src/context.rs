@@ -272,15 +272,16 @@ pub(crate) fn with_run<R>(scope: Option<Arc<RunScope>>, f: impl FnOnce() -> R) -
 /// A future that is the current run on whichever thread polls it.
 pub(crate) struct InRun<F> {
     pub(crate) scope: Arc<RunScope>,
-    pub(crate) inner: Pin<Box<F>>,
+    /// The body, boxed already (a run's body is a `BoxFuture`).
+    pub(crate) inner: F,
 }
 
-impl<F: Future> Future for InRun<F> {
+impl<F: Future + Unpin> Future for InRun<F> {
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = &mut *self;
-        with_run(Some(this.scope.clone()), || this.inner.as_mut().poll(cx))
+        with_run(Some(this.scope.clone()), || Pin::new(&mut this.inner).poll(cx))
     }
 }
 

@@ -525,7 +525,7 @@ pub(crate) async fn attempts<B: Body>(
         };
         let body = InRun {
             scope: scope.clone(),
-            inner: Box::pin(wrap(B::run(attempt_args))),
+            inner: wrap(B::run(attempt_args)),
         };
         let mut guarded = std::pin::pin!(AssertUnwindSafe(body).catch_unwind());
         let outcome = match options.timeout {

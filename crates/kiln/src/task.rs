@@ -354,8 +354,8 @@ fn prepare<T: Task>(task: &T, inputs: &T::Inputs, previews: Vec<Option<String>>)
     tracker.defer(Write::TaskRun(NewTaskRun {
         id: tracker.id(),
         flow_run_id,
-        name: tracker.label.name.to_string(),
-        task_key: T::KEY.to_owned(),
+        name: tracker.label.name.clone(),
+        task_key: T::KEY.into(),
         inputs: inputs.describe(T::ARG_NAMES, &previews),
         tags: tracker.slot_tags.clone(),
         created: now_micros(),
