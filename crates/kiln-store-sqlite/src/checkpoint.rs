@@ -20,8 +20,8 @@ use kiln_store::StoreError;
 use rusqlite::hooks::Wal;
 use rusqlite::{Connection, OpenFlags};
 
-/// Bytes in the log after which the checkpointer copies it (SQLite's own default for its
-/// automatic checkpoints is a thousand pages: 4 MiB of its default 4 KiB pages).
+/// Bytes added to the log after which the checkpointer copies it (SQLite's own default for
+/// its automatic checkpoints is a thousand pages: 4 MiB of its default 4 KiB pages).
 const CHECKPOINT_BYTES: i64 = 4 << 20;
 
 /// Bytes in the log after which the writer checkpoints itself.
@@ -42,9 +42,19 @@ pub(crate) fn start(path: &Path, writer: &mut Connection) -> Result<JoinHandle<(
     // The hook runs after the commit: an error from it would report a committed transaction
     // as failed. A checkpoint that cannot run now (the checkpointer holds the log) is asked
     // for again by the next commit.
+    //
+    // The checkpointer is asked once per `checkpoint_pages` new pages, not at every commit
+    // past that size: a log that did not start again holds pages already copied, and a
+    // checkpoint per commit cost more CPU than the writer (and two fsyncs each).
+    let mut asked_at: c_int = 0;
     let hook = move |wal: &mut Wal, pages: c_int| {
+        if pages < asked_at {
+            // The log started again from its beginning.
+            asked_at = 0;
+        }
         if pages < writer_checkpoint_pages {
-            if pages >= checkpoint_pages {
+            if pages - asked_at >= checkpoint_pages {
+                asked_at = pages;
                 let _ = signal.try_send(());
             }
         } else if let Err(e) = wal.checkpoint() {

@@ -306,8 +306,6 @@ pub(crate) fn connect(path: &Path, flags: OpenFlags) -> Result<Connection, Store
         conn.set_prepared_statement_cache_capacity(64);
         if !flags.contains(OpenFlags::SQLITE_OPEN_READ_ONLY) {
             // WAL: readers never block the writer; NORMAL: a commit survives a process crash.
-            // Taken by a new database only (an existing one keeps its own).
-            conn.pragma_update(None, "page_size", PAGE_SIZE)?;
             conn.pragma_update(None, "journal_mode", "WAL")?;
             conn.pragma_update(None, "synchronous", "NORMAL")?;
         }
@@ -315,11 +313,6 @@ pub(crate) fn connect(path: &Path, flags: OpenFlags) -> Result<Connection, Store
     };
     patiently(|| open(flags)).map_err(|e| open_error(path, e))
 }
-
-/// Pages of a new database, in bytes. The writer appends runs in batches of thousands of
-/// rows: with 16 KiB pages it splits a quarter as many pages and walks shallower trees than
-/// with SQLite's 4 KiB (`bench/process` W1: 4.2 -> 3.7 µs per task run).
-const PAGE_SIZE: u32 = 16 * 1024;
 
 /// How long opening a database waits for other processes opening it at the same moment.
 const OPEN_PATIENCE: Duration = Duration::from_secs(20);
