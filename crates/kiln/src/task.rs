@@ -1,12 +1,12 @@
 //! Task runs: calling, submitting and mapping tasks, and the futures that carry their results.
 
 use std::future::{Future, IntoFuture};
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
+use std::task::{Poll, Waker};
 
 use futures::future::BoxFuture;
 use kiln_store::model::{Edge, JsonText, NewTaskRun, RunKind, Write, now_micros};
 use kiln_store::state::StateType;
-use tokio::sync::{Mutex, oneshot};
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -283,24 +283,22 @@ impl<T: Task> TaskCall<T> {
             Err(e) => return TaskFuture::failed(T::NAME, e),
         };
         let label = prepared.tracker.label.clone();
-        let (tx, rx) = oneshot::channel();
+        let slot = Arc::new(Shared::waiting());
         let inputs = self.inputs;
         let run_label = label.clone();
+        let report = Report(Some(slot.clone()));
         let job = async move {
             // Boxed when it starts: a submitted run still waiting for a worker holds only its
             // inputs and records, not the state machine of a running one (1.2 KB).
             let outcome = Box::pin(execute::<T>(prepared, inputs))
                 .await
                 .map_err(|f| f.into_kiln(&run_label));
-            let _ = tx.send(outcome);
+            report.send(outcome);
         };
         if let Err(e) = context::spawn(job) {
             return TaskFuture::failed(T::NAME, e);
         }
-        TaskFuture {
-            label,
-            slot: Arc::new(Mutex::new(Slot::Waiting(rx))),
-        }
+        TaskFuture { label, slot }
     }
 
     /// Runs the task run to completion, blocking this thread (for synchronous code).
@@ -740,10 +738,70 @@ async fn reload<T: Task>(
     }
 }
 
+/// A submitted run's outcome, shared by its handles: set once by the run, read by each.
+struct Shared<T> {
+    state: std::sync::Mutex<Slot<T>>,
+}
+
 enum Slot<T> {
-    Waiting(oneshot::Receiver<Result<T, Error>>),
+    /// Not in yet: the tasks to wake when it is.
+    Waiting(Vec<Waker>),
     Ready(Result<T, Error>),
+    /// Moved out by the last handle.
     Taken,
+}
+
+impl<T> Shared<T> {
+    fn waiting() -> Self {
+        Shared {
+            state: std::sync::Mutex::new(Slot::Waiting(Vec::new())),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Slot<T>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set(&self, outcome: Result<T, Error>) {
+        let before = std::mem::replace(&mut *self.lock(), Slot::Ready(outcome));
+        if let Slot::Waiting(wakers) = before {
+            wakers.into_iter().for_each(Waker::wake);
+        }
+    }
+
+    /// `read` of the outcome once it is in; until then the caller is woken when it comes.
+    fn poll_with<R>(&self, cx: &mut std::task::Context<'_>, read: impl FnOnce(&mut Slot<T>) -> R) -> Poll<R> {
+        let mut slot = self.lock();
+        if let Slot::Waiting(wakers) = &mut *slot {
+            if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                wakers.push(cx.waker().clone());
+            }
+            return Poll::Pending;
+        }
+        Poll::Ready(read(&mut slot))
+    }
+}
+
+/// The run's side of its [`Shared`] outcome: a run dropped before it reported (its runtime
+/// shut down) reports that instead, so no handle waits forever.
+struct Report<T>(Option<Arc<Shared<T>>>);
+
+impl<T> Report<T> {
+    fn send(mut self, outcome: Result<T, Error>) {
+        if let Some(shared) = self.0.take() {
+            shared.set(outcome);
+        }
+    }
+}
+
+impl<T> Drop for Report<T> {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.take() {
+            shared.set(Err(Error::Setup(
+                "a submitted task run ended without reporting (its runtime shut down)".into(),
+            )));
+        }
+    }
 }
 
 /// The result of a submitted task run, to await or to pass to other tasks.
@@ -753,7 +811,7 @@ enum Slot<T> {
 /// for awaiting; wrap values that are not `Clone` in an `Arc`).
 pub struct TaskFuture<T> {
     label: RunLabel,
-    slot: Arc<Mutex<Slot<T>>>,
+    slot: Arc<Shared<T>>,
 }
 
 impl<T> Clone for TaskFuture<T> {
@@ -782,7 +840,9 @@ impl<T: Send + 'static> TaskFuture<T> {
         };
         TaskFuture {
             label,
-            slot: Arc::new(Mutex::new(Slot::Ready(Err(error)))),
+            slot: Arc::new(Shared {
+                state: std::sync::Mutex::new(Slot::Ready(Err(error))),
+            }),
         }
     }
 
@@ -798,41 +858,33 @@ impl<T: Send + 'static> TaskFuture<T> {
 
     /// Waits for the run to finish, leaving its value in place for others.
     pub async fn wait(&self) -> Result<(), Error> {
-        let mut slot = self.slot.lock().await;
-        Self::settle(&mut slot).await;
-        match &*slot {
-            Slot::Ready(Ok(_)) | Slot::Taken => Ok(()),
-            Slot::Ready(Err(e)) => Err(e.clone()),
-            Slot::Waiting(_) => unreachable!("settled above"),
-        }
-    }
-
-    async fn settle(slot: &mut Slot<T>) {
-        if let Slot::Waiting(rx) = slot {
-            // Awaiting `&mut rx` is cancellation safe: the receiver stays in the slot.
-            let outcome = rx.await.unwrap_or_else(|_| {
-                Err(Error::Setup(
-                    "a submitted task run ended without reporting (its runtime shut down)".into(),
-                ))
-            });
-            *slot = Slot::Ready(outcome);
-        }
+        std::future::poll_fn(|cx| {
+            self.slot.poll_with(cx, |slot| match slot {
+                Slot::Ready(Ok(_)) | Slot::Taken => Ok(()),
+                Slot::Ready(Err(e)) => Err(e.clone()),
+                Slot::Waiting(_) => unreachable!("read once in"),
+            })
+        })
+        .await
     }
 
     async fn take_with(self, clone: fn(&T) -> T) -> Result<T, Error> {
-        let mut slot = self.slot.lock().await;
-        Self::settle(&mut slot).await;
-        // The last handle owns the value: move it out, no copy. Other handles copy it.
-        let last = Arc::strong_count(&self.slot) == 1;
-        match &*slot {
-            Slot::Ready(Ok(_)) if last => match std::mem::replace(&mut *slot, Slot::Taken) {
-                Slot::Ready(Ok(value)) => Ok(value),
-                _ => unreachable!("matched above"),
-            },
-            Slot::Ready(Ok(value)) => Ok(clone(value)),
-            Slot::Ready(Err(e)) => Err(e.clone()),
-            Slot::Taken | Slot::Waiting(_) => unreachable!("only the last handle takes the value"),
-        }
+        std::future::poll_fn(|cx| {
+            self.slot.poll_with(cx, |slot| {
+                // The last handle owns the value: move it out, no copy. Other handles copy it.
+                let last = Arc::strong_count(&self.slot) == 1;
+                match slot {
+                    Slot::Ready(Ok(_)) if last => match std::mem::replace(slot, Slot::Taken) {
+                        Slot::Ready(Ok(value)) => Ok(value),
+                        _ => unreachable!("matched above"),
+                    },
+                    Slot::Ready(Ok(value)) => Ok(clone(value)),
+                    Slot::Ready(Err(e)) => Err(e.clone()),
+                    Slot::Taken | Slot::Waiting(_) => unreachable!("only the last handle takes the value"),
+                }
+            })
+        })
+        .await
     }
 }
 

@@ -320,6 +320,25 @@ fn a_submitted_run_dropped_before_it_started_is_recorded_cancelled() {
     assert_eq!(home.history(id), [(Pending, 0), (Cancelled, 0)]);
 }
 
+/// The handles of a run that never reported (its runtime shut down first) get an error at
+/// once instead of waiting forever; so do the copies of a handle.
+#[test]
+fn the_handles_of_a_run_whose_runtime_shut_down_get_an_error() {
+    let home = support::home();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let handle = runtime.block_on(home.engine.scope(async { double.submit(4) }));
+    let copy = handle.clone();
+    drop(runtime);
+    let waited = support::wait(async { copy.wait().await }).unwrap_err();
+    let taken = support::wait(async { handle.await }).unwrap_err();
+    for err in [waited, taken] {
+        assert!(err.to_string().contains("ended without reporting"), "{err}");
+    }
+}
+
 /// `join_all` gives the values in order; with a failure, the first one in order, once every
 /// run has finished.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
