@@ -664,7 +664,8 @@ async fn succeeded<B: Body>(
         let key = tx.map_or_else(|| p.key.clone(), |tx| tx.staging_key(&p.key));
         let (id, name) = (tracker.id(), tracker.label.name.clone());
         let inline_max = (p.inline && tx.is_none()).then(|| tracker.engine.inline_max());
-        let persisted = persist::persist(
+        // Boxed: its state would otherwise make every run's future larger (see `execute`).
+        let persisted = Box::pin(persist::persist(
             &tracker.engine,
             &p.plan,
             key.clone(),
@@ -672,7 +673,7 @@ async fn succeeded<B: Body>(
             (id, &name),
             inline_max,
             value,
-        )
+        ))
         .await;
         let (v, mut r) = match persisted {
             Ok(done) => done,

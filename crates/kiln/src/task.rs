@@ -444,7 +444,17 @@ async fn execute<T: Task>(prepared: Prepared<T>, inputs: T::Inputs) -> Result<T:
                 }
             };
             let flow_run = flow.as_ref().map(|f| (f.flow_run_id, f.flow_name.clone()));
-            return crate::remote::call::<T>(&mut tracker, &options, flow_run, plan, args, &pool).await;
+            // Boxed, like every large future on a path most runs do not take: the state of
+            // `execute` (allocated per submitted run) is as large as its largest await.
+            return Box::pin(crate::remote::call::<T>(
+                &mut tracker,
+                &options,
+                flow_run,
+                plan,
+                args,
+                &pool,
+            ))
+            .await;
         }
         // Input hashes serve the call identity (reuse across retries) and the cache key.
         let wants_identity = flow.is_some() && matches!(plan, Ok(Some(_)));
@@ -480,7 +490,7 @@ async fn execute<T: Task>(prepared: Prepared<T>, inputs: T::Inputs) -> Result<T:
             let inputs = hashes.unwrap_or_default();
             let key = cache_key::<T>(&tracker, flow.as_deref(), policy, &args, inputs);
             match key {
-                Ok(Some(key)) => match lookup::<T>(&mut tracker, refresh, &options, p, key).await? {
+                Ok(Some(key)) => match Box::pin(lookup::<T>(&mut tracker, refresh, &options, p, key)).await? {
                     Lookup::Hit(value) => return Ok(Done::now(value)),
                     Lookup::Miss(held) => lock = held,
                 },
@@ -509,7 +519,7 @@ async fn execute<T: Task>(prepared: Prepared<T>, inputs: T::Inputs) -> Result<T:
         )
         .await;
         if let Some(lock) = lock {
-            lock.release().await;
+            Box::pin(lock.release()).await;
         }
         outcome
     }
@@ -533,7 +543,7 @@ async fn execute<T: Task>(prepared: Prepared<T>, inputs: T::Inputs) -> Result<T:
     if flow.is_none() {
         // A task run outside any flow is its own top-level run: durable when it returns,
         // and failed when its records are not.
-        problems.recorded(&engine, &label).await?;
+        Box::pin(problems.recorded(&engine, &label)).await?;
     }
     outcome
 }
@@ -715,12 +725,12 @@ async fn reload<T: Task>(
     let Some((earlier, reference)) = flow.previous_result(identity) else {
         return Ok(None);
     };
-    match persist::load(
+    match Box::pin(persist::load(
         &tracker.engine,
         &reference,
         plan.serializer.clone(),
         &tracker.label.to_string(),
-    )
+    ))
     .await
     {
         Ok(value) => {
