@@ -336,7 +336,7 @@ fn expand(kind: Kind, attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
                     ::kiln::__private::OnceLock::new();
                 match &self.__kiln_options {
                     ::core::option::Option::Some(__kiln_o) => ::core::clone::Clone::clone(__kiln_o),
-                    ::core::option::Option::None => ::kiln::__private::defaults(&__KILN_DEFAULTS, || #defaults),
+                    ::core::option::Option::None => ::kiln::__private::defaults(&__KILN_DEFAULTS, #run_name, || #defaults),
                 }
             }
 

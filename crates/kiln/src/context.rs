@@ -135,7 +135,13 @@ impl FlowContext {
     }
 
     pub(crate) fn adopt(&self, child: JoinHandle<()>) {
-        self.children.lock().unwrap_or_else(|p| p.into_inner()).push(child);
+        let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
+        // Finished children are let go before the list grows: the flow holds (and keeps the
+        // memory of) only the runs still going, at amortized constant cost per child.
+        if children.len() == children.capacity() {
+            children.retain(|c| !c.is_finished());
+        }
+        children.push(child);
     }
 
     /// Waits for every submitted task run, including ones submitted while waiting.
@@ -147,7 +153,10 @@ impl FlowContext {
             }
             for child in batch {
                 // A child's outcome is recorded by the child itself; a panic was caught there.
-                let _ = child.await;
+                // A finished one is only let go (its output is `()`).
+                if !child.is_finished() {
+                    let _ = child.await;
+                }
             }
         }
     }

@@ -386,14 +386,21 @@ pub mod __private {
         }
     }
 
-    /// The options given on the attribute, built once per function.
+    /// The options given on the attribute, built once per function, named `name` unless
+    /// they name it (so that its runs share one name instead of copying it each).
     pub fn defaults<E>(
         cell: &'static OnceLock<Arc<crate::Options<E>>>,
+        name: &'static str,
         make: fn() -> crate::Options<E>,
     ) -> Arc<crate::Options<E>>
     where
         E: 'static,
     {
-        cell.get_or_init(|| Arc::new(make())).clone()
+        cell.get_or_init(|| {
+            let mut options = make();
+            options.name.get_or_insert_with(|| Arc::from(name));
+            Arc::new(options)
+        })
+        .clone()
     }
 }
