@@ -34,31 +34,33 @@ pub(crate) fn start(path: &Path, writer: &mut Connection) -> Result<JoinHandle<(
     let page_size: i64 = writer
         .pragma_query_value(None, "page_size", |r| r.get(0))
         .map_err(crate::backend)?;
-    let pages = |bytes: i64| c_int::try_from(bytes / page_size.max(512)).unwrap_or(c_int::MAX);
-    let (checkpoint_pages, writer_checkpoint_pages) = (pages(CHECKPOINT_BYTES), pages(WRITER_CHECKPOINT_BYTES));
+    let in_pages = |bytes: i64| c_int::try_from(bytes / page_size.max(512)).unwrap_or(c_int::MAX);
+    let (checkpoint_pages, writer_checkpoint_pages) = (in_pages(CHECKPOINT_BYTES), in_pages(WRITER_CHECKPOINT_BYTES));
     // One signal waiting at most: commits while a checkpoint runs need only one more.
     let (signal, signals) = sync_channel::<()>(1);
     let database = path.display().to_string();
     // The hook runs after the commit: an error from it would report a committed transaction
-    // as failed. A checkpoint that cannot run now (the checkpointer holds the log) is asked
-    // for again by the next commit.
+    // as failed. A writer's checkpoint that cannot run now (the checkpointer holds the log)
+    // is tried again at its next commit.
     //
     // The checkpointer is asked once per `checkpoint_pages` new pages, not at every commit
     // past that size: a log that did not start again holds pages already copied, and a
     // checkpoint per commit cost more CPU than the writer (and two fsyncs each).
-    let mut asked_at: c_int = 0;
+    let (mut asked_at, mut last): (c_int, c_int) = (0, 0);
     let hook = move |wal: &mut Wal, pages: c_int| {
-        if pages < asked_at {
-            // The log started again from its beginning.
+        // The log only grows between two restarts: fewer pages than the last commit saw
+        // means it started again from its beginning.
+        if pages < last {
             asked_at = 0;
         }
+        last = pages;
         if pages < writer_checkpoint_pages {
             if pages - asked_at >= checkpoint_pages {
                 asked_at = pages;
                 let _ = signal.try_send(());
             }
         } else if let Err(e) = wal.checkpoint() {
-            tracing::debug!("{database}: the writer's checkpoint waits for the next commit ({e})");
+            tracing::debug!("{database}: the writer's checkpoint not done now ({e}); its next commit tries again");
         }
         Ok(())
     };
@@ -71,7 +73,7 @@ pub(crate) fn start(path: &Path, writer: &mut Connection) -> Result<JoinHandle<(
                 // Passive: never waits for readers or the writer; what it cannot copy now
                 // waits for the next signal (or the writer's own checkpoint).
                 if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    tracing::debug!("{database}: checkpoint not done ({e}); the next commit asks again");
+                    tracing::debug!("{database}: checkpoint not done ({e}); the next signal tries again");
                 }
             }
         })

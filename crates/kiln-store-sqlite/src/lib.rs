@@ -266,14 +266,14 @@ impl SqliteStore {
     /// Applies what is queued and stops the writer; later writes fail with
     /// [`StoreError::WriterGone`].
     pub fn close(&self) -> Result<(), StoreError> {
-        self.queue.close()?;
+        let closed = self.queue.close();
         // The writer's connection is gone with its thread, and with it the checkpointer's signal.
         let checkpointer = self.checkpointer.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(h) = checkpointer {
             h.join()
                 .map_err(|_| StoreError::WriterGone("the checkpoint thread panicked".into()))?;
         }
-        Ok(())
+        closed
     }
 }
 

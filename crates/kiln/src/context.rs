@@ -140,6 +140,11 @@ impl FlowContext {
         // memory of) only the runs still going, at amortized constant cost per child.
         if children.len() == children.capacity() {
             children.retain(|c| !c.is_finished());
+            // At least as many pushes again before the next look, even when few had finished.
+            let still_going = children.len();
+            if still_going > children.capacity() / 2 {
+                children.reserve(still_going);
+            }
         }
         children.push(child);
     }

@@ -754,7 +754,8 @@ struct Shared<T> {
 }
 
 enum Slot<T> {
-    /// Not in yet: the tasks to wake when it is.
+    /// Not in yet: the tasks to wake when it is (one per distinct waiter: a handle
+    /// dropped while waiting leaves its waker here until the outcome comes).
     Waiting(Vec<Waker>),
     Ready(Result<T, Error>),
     /// Moved out by the last handle.
@@ -772,8 +773,11 @@ impl<T> Shared<T> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn set(&self, outcome: Result<T, Error>) {
+    /// Sets the outcome, and lets go of the run's own reference before waking the handles:
+    /// the last handle then sees itself last and moves the value out instead of cloning it.
+    fn set(self: Arc<Self>, outcome: Result<T, Error>) {
         let before = std::mem::replace(&mut *self.lock(), Slot::Ready(outcome));
+        drop(self);
         if let Slot::Waiting(wakers) = before {
             wakers.into_iter().for_each(Waker::wake);
         }
