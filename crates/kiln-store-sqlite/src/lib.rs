@@ -94,6 +94,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0011_history_in_row.sql"),
     include_str!("../migrations/0012_open_without_in.sql"),
     include_str!("../migrations/0013_process_lease.sql"),
+    include_str!("../migrations/0014_task_runs_rowid.sql"),
 ];
 
 /// The condition of a run that has not ended, as the `*_open` indexes spell it (migration

@@ -421,3 +421,80 @@ fn the_log_is_copied_while_writes_go_on_and_stays_bounded() {
     let reopened = SqliteStore::open(&path).unwrap();
     assert_eq!(block_on(reopened.task_runs(fid)).unwrap().len(), 12_000);
 }
+
+/// Migration 0014 moves the task runs of an older database (a WITHOUT ROWID table) into a
+/// rowid table whole: every row, its history, its indexes, and runs still open move on.
+#[test]
+fn task_runs_recorded_before_the_rowid_table_survive_the_migration() {
+    let (store, dir) = sqlite();
+    let path = dir.path().join("nested/kiln.db");
+    let f = suite::flow("older", None);
+    let fid = f.id;
+    let tasks: Vec<_> = (0..3).map(|_| suite::task("t", Some(fid))).collect();
+    block_on(async {
+        store.send(Write::FlowRun(f), None).unwrap();
+        for t in &tasks {
+            store.send(Write::TaskRun(t.clone()), None).unwrap();
+            store
+                .send(
+                    Write::State(suite::change(RunKind::Task, t.id, Pending, Running, 1)),
+                    None,
+                )
+                .unwrap();
+        }
+        store
+            .send(
+                Write::State(suite::change(RunKind::Task, tasks[0].id, Running, Completed, 1)),
+                None,
+            )
+            .unwrap();
+        store.flush().await.unwrap();
+    });
+    store.close().unwrap();
+    // The table as migrations 0001-0013 left it.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let columns = "id, flow_run_id, name, task_key, inputs, tags, state, state_message, attempt, created, \
+                   start_time, end_time, result, call_key, state_seq, process_id, history";
+    conn.execute_batch(&format!(
+        "CREATE TABLE older (id BLOB PRIMARY KEY NOT NULL, flow_run_id BLOB, name TEXT NOT NULL,
+             task_key TEXT NOT NULL, inputs TEXT NOT NULL, tags TEXT NOT NULL, state TEXT NOT NULL,
+             state_message TEXT, attempt INTEGER NOT NULL DEFAULT 0, created INTEGER NOT NULL,
+             start_time INTEGER, end_time INTEGER, result TEXT, call_key TEXT,
+             state_seq INTEGER NOT NULL DEFAULT 0, process_id BLOB, history BLOB) WITHOUT ROWID;
+         INSERT INTO older ({columns}) SELECT {columns} FROM task_runs;
+         DROP TABLE task_runs;
+         ALTER TABLE older RENAME TO task_runs;
+         CREATE INDEX task_runs_flow ON task_runs (flow_run_id);
+         CREATE INDEX task_runs_open ON task_runs (process_id)
+             WHERE state = 'Pending' OR state = 'Running' OR state = 'AwaitingRetry' OR state = 'Cancelling';
+         PRAGMA user_version = 13;"
+    ))
+    .unwrap();
+    drop(conn);
+
+    let store = SqliteStore::open(&path).unwrap();
+    let table: String = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row("SELECT sql FROM sqlite_master WHERE name = 'task_runs'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert!(!table.contains("WITHOUT ROWID"), "{table}");
+    let runs = block_on(store.task_runs(fid)).unwrap();
+    assert_eq!(runs.len(), 3);
+    let states: Vec<_> = runs.iter().map(|r| (r.id, r.state)).collect();
+    assert!(states.contains(&(tasks[0].id, Completed)), "{states:?}");
+    assert_eq!(states.iter().filter(|(_, s)| *s == Running).count(), 2);
+    assert_eq!(block_on(store.states(tasks[0].id)).unwrap().len(), 3);
+    // A run left open before the migration moves on after it.
+    let report = Arc::new(Collect::default());
+    store
+        .send(
+            Write::State(suite::change(RunKind::Task, tasks[1].id, Running, Failed, 1)),
+            Some(report.clone() as Arc<dyn Report>),
+        )
+        .unwrap();
+    block_on(store.flush()).unwrap();
+    assert!(report.problems().is_empty(), "{:?}", report.problems());
+    assert_eq!(block_on(store.task_run(tasks[1].id)).unwrap().unwrap().state, Failed);
+}
