@@ -39,6 +39,7 @@ pub(crate) fn start(path: &Path, writer: &mut Connection) -> Result<JoinHandle<(
     // One signal waiting at most: commits while a checkpoint runs need only one more.
     let (signal, signals) = sync_channel::<()>(1);
     let database = path.display().to_string();
+    let hook_database = database.clone();
     // The hook runs after the commit: an error from it would report a committed transaction
     // as failed. A writer's checkpoint that cannot run now (the checkpointer holds the log)
     // is tried again at its next commit.
@@ -60,12 +61,11 @@ pub(crate) fn start(path: &Path, writer: &mut Connection) -> Result<JoinHandle<(
                 let _ = signal.try_send(());
             }
         } else if let Err(e) = wal.checkpoint() {
-            tracing::debug!("{database}: the writer's checkpoint not done now ({e}); its next commit tries again");
+            tracing::debug!("{hook_database}: the writer's checkpoint not done now ({e}); its next commit tries again");
         }
         Ok(())
     };
     writer.wal_hook(Some(hook)).map_err(crate::backend)?;
-    let database = path.display().to_string();
     std::thread::Builder::new()
         .name("kiln-store-checkpoint".into())
         .spawn(move || {

@@ -283,7 +283,7 @@ impl<T: Task> TaskCall<T> {
             Err(e) => return TaskFuture::failed(T::NAME, e),
         };
         let label = prepared.tracker.label.clone();
-        let slot = Arc::new(Shared::waiting());
+        let slot = Arc::new(Shared::new(Slot::Waiting(Vec::new())));
         let inputs = self.inputs;
         let run_label = label.clone();
         let report = Report(Some(slot.clone()));
@@ -763,9 +763,9 @@ enum Slot<T> {
 }
 
 impl<T> Shared<T> {
-    fn waiting() -> Self {
+    fn new(slot: Slot<T>) -> Self {
         Shared {
-            state: std::sync::Mutex::new(Slot::Waiting(Vec::new())),
+            state: std::sync::Mutex::new(slot),
         }
     }
 
@@ -854,9 +854,7 @@ impl<T: Send + 'static> TaskFuture<T> {
         };
         TaskFuture {
             label,
-            slot: Arc::new(Shared {
-                state: std::sync::Mutex::new(Slot::Ready(Err(error))),
-            }),
+            slot: Arc::new(Shared::new(Slot::Ready(Err(error)))),
         }
     }
 
