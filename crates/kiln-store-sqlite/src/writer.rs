@@ -2,14 +2,17 @@
 //! at all, and hands every write its outcome.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::fmt::Write as _;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use kiln_store::model::*;
 use kiln_store::queue::Batches;
 use kiln_store::state::{StateType, is_legal};
 use kiln_store::{Outcome, StoreError};
-use rusqlite::{CachedStatement, Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{
+    CachedStatement, Connection, ErrorCode, OptionalExtension, Statement, ToSql, TransactionBehavior, params,
+};
 use uuid::Uuid;
 
 /// Most writes applied in one transaction; bounds the latency of a flush behind a flood.
@@ -46,6 +49,15 @@ pub(crate) struct Reap {
 pub(crate) struct Current {
     pub(crate) state: StateType,
     pub(crate) seq: u32,
+}
+
+impl Current {
+    fn of(run: &RunState) -> Current {
+        Current {
+            state: run.state,
+            seq: run.seq,
+        }
+    }
 }
 
 /// The writer thread's state: its connection, and the runs whose state it knows.
@@ -354,45 +366,74 @@ fn write_pending(
     careful: bool,
 ) -> Result<(), Stop> {
     let mut history = Vec::new();
+    // New task runs are inserted many to a statement; a careful batch inserts each alone, so
+    // that a refused row blames its own write.
+    let mut together: Vec<Pending> = Vec::new();
     for p in pending.drain(..) {
-        history.clear();
-        kiln_store::history::encode(&mut history, &p.history);
-        match p.row {
-            Row::New { .. } => {
-                let w = &batch[p.index];
-                st.insert_run(w, &p.run, &history).map_err(|e| {
-                    if !careful
-                        && e.sqlite_error()
-                            .is_some_and(|e| e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
-                    {
-                        Stop::Recheck
-                    } else {
-                        classify(e, p.index)
-                    }
-                })?;
-                learned.insert(
-                    w.run_id(),
-                    Current {
-                        state: p.run.state,
-                        seq: p.run.seq,
-                    },
-                );
-            }
-            Row::Existing { kind, run_id, from } => {
-                let updated =
-                    st.update_row(kind, run_id, &p.run, from, &history)
-                        .map_err(|e| match classify(e, p.index) {
-                            Stop::Write(..) => Stop::Recheck,
-                            other => other,
-                        })?;
-                if !updated {
-                    known.remove(&run_id);
-                    return Err(Stop::Recheck);
+        if !careful && matches!(p.row, Row::New { .. }) && matches!(batch[p.index], Write::TaskRun(_)) {
+            together.push(p);
+            if together.len() == ROWS_PER_INSERT {
+                st.insert_task_runs(batch, &together, &mut history)
+                    .map_err(|e| match classify(e, 0) {
+                        // Which row was refused is for the careful retry to find out.
+                        Stop::Write(..) => Stop::Recheck,
+                        other => other,
+                    })?;
+                for p in together.drain(..) {
+                    learned.insert(batch[p.index].run_id(), Current::of(&p.run));
                 }
+            }
+            continue;
+        }
+        write_one(st, batch, p, &mut history, learned, known, careful)?;
+    }
+    for p in together {
+        write_one(st, batch, p, &mut history, learned, known, careful)?;
+    }
+    pending_index.clear();
+    Ok(())
+}
+
+/// Writes the row of one pending run (see [`write_pending`]).
+fn write_one(
+    st: &mut Statements<'_>,
+    batch: &[Write],
+    p: Pending,
+    history: &mut Vec<u8>,
+    learned: &mut HashMap<Uuid, Current>,
+    known: &mut HashMap<Uuid, Current>,
+    careful: bool,
+) -> Result<(), Stop> {
+    history.clear();
+    kiln_store::history::encode(history, &p.history);
+    match p.row {
+        Row::New { .. } => {
+            let w = &batch[p.index];
+            st.insert_run(w, &p.run, history).map_err(|e| {
+                if !careful
+                    && e.sqlite_error()
+                        .is_some_and(|e| e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
+                {
+                    Stop::Recheck
+                } else {
+                    classify(e, p.index)
+                }
+            })?;
+            learned.insert(w.run_id(), Current::of(&p.run));
+        }
+        Row::Existing { kind, run_id, from } => {
+            let updated =
+                st.update_row(kind, run_id, &p.run, from, history)
+                    .map_err(|e| match classify(e, p.index) {
+                        Stop::Write(..) => Stop::Recheck,
+                        other => other,
+                    })?;
+            if !updated {
+                known.remove(&run_id);
+                return Err(Stop::Recheck);
             }
         }
     }
-    pending_index.clear();
     Ok(())
 }
 
@@ -522,13 +563,7 @@ fn attempt(
                     // A run this batch creates or moves, else what this writer last wrote (a
                     // hint), else the row.
                     let (mut current, mut looked_up) = match here {
-                        Some(p) => (
-                            Some(Current {
-                                state: pending[p].run.state,
-                                seq: pending[p].run.seq,
-                            }),
-                            true,
-                        ),
+                        Some(p) => (Some(Current::of(&pending[p].run)), true),
                         None => match learned.get(&change.run_id).or_else(|| known.get(&change.run_id)) {
                             Some(c) => (Some(*c), false),
                             None => (
@@ -868,6 +903,8 @@ fn delete_run(tx: &rusqlite::Transaction<'_>, id: Uuid) -> rusqlite::Result<Resu
 }
 
 pub(crate) struct Statements<'t> {
+    /// The batch's transaction.
+    conn: &'t Connection,
     enqueue: CachedStatement<'t>,
     pub(crate) dequeue: CachedStatement<'t>,
     holds: CachedStatement<'t>,
@@ -880,6 +917,8 @@ pub(crate) struct Statements<'t> {
     task_created: CachedStatement<'t>,
     flow_run: CachedStatement<'t>,
     task_run: CachedStatement<'t>,
+    /// [`ROWS_PER_INSERT`] new task runs at once, prepared when a batch has that many.
+    task_runs: Option<CachedStatement<'t>>,
     flow_state: CachedStatement<'t>,
     task_state: CachedStatement<'t>,
     flow_current: CachedStatement<'t>,
@@ -904,6 +943,7 @@ impl<'t> Statements<'t> {
             )
         };
         Ok(Statements {
+            conn: tx,
             // Queued twice: the first entry stays.
             enqueue: tx.prepare_cached(
                 "INSERT INTO queue (run_id, kind, pool, deployment, target, scheduled, max_attempts, host, payload)
@@ -929,12 +969,8 @@ impl<'t> Statements<'t> {
                                         process_id, history)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, json(?12), json(?13), ?14, ?15, ?16, ?17)",
             )?,
-            task_run: tx.prepare_cached(
-                "INSERT INTO task_runs (id, flow_run_id, name, task_key, inputs, tags, state, state_message, attempt,
-                                        created, start_time, end_time, result, call_key, state_seq,
-                                        process_id, history)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, json(?13), ?14, ?15, ?16, ?17)",
-            )?,
+            task_run: tx.prepare_cached(&insert_task_runs(1))?,
+            task_runs: None,
             flow_state: tx.prepare_cached(&update("flow_runs"))?,
             task_state: tx.prepare_cached(&update("task_runs"))?,
             flow_current: tx.prepare_cached("SELECT state, state_seq FROM flow_runs WHERE id = ?1")?,
@@ -1068,6 +1104,32 @@ impl<'t> Statements<'t> {
         Ok(changed == 1)
     }
 
+    /// Inserts the rows of [`ROWS_PER_INSERT`] new task runs with one statement (SQLite's
+    /// cost per statement, a step with its cursors opened and closed, paid once for them).
+    fn insert_task_runs(&mut self, batch: &[Write], rows: &[Pending], histories: &mut Vec<u8>) -> rusqlite::Result<()> {
+        histories.clear();
+        let mut ends = [0; ROWS_PER_INSERT];
+        for (end, p) in ends.iter_mut().zip(rows) {
+            kiln_store::history::encode(histories, &p.history);
+            *end = histories.len();
+        }
+        if self.task_runs.is_none() {
+            static SQL: LazyLock<String> = LazyLock::new(|| insert_task_runs(ROWS_PER_INSERT));
+            self.task_runs = Some(self.conn.prepare_cached(&SQL)?);
+        }
+        let stmt = self.task_runs.as_mut().expect("prepared above");
+        let mut start = 0;
+        for (i, (p, &end)) in rows.iter().zip(&ends).enumerate() {
+            let Write::TaskRun(r) = &batch[p.index] else {
+                unreachable!("only new task runs are inserted together")
+            };
+            bind_task_run(stmt, i * TASK_RUN_COLUMNS.len(), r, &p.run, &histories[start..end])?;
+            start = end;
+        }
+        stmt.raw_execute()?;
+        Ok(())
+    }
+
     fn insert_run(&mut self, w: &Write, run: &RunState, history: &[u8]) -> rusqlite::Result<()> {
         match w {
             Write::FlowRun(r) => self.flow_run.execute(params![
@@ -1089,29 +1151,94 @@ impl<'t> Statements<'t> {
                 r.process_id,
                 history
             ])?,
-            Write::TaskRun(r) => self.task_run.execute(params![
-                bytes(&r.id),
-                r.flow_run_id.as_ref().map(bytes),
-                &*r.name,
-                &*r.task_key,
-                r.inputs.as_str(),
-                crate::read::tags_json(&r.tags),
-                run.state.as_str(),
-                run.message,
-                run.attempt,
-                r.created,
-                run.start_time,
-                run.end_time,
-                run.result,
-                r.call_key,
-                run.seq,
-                r.process_id.as_ref().map(bytes),
-                history
-            ])?,
+            Write::TaskRun(r) => {
+                bind_task_run(&mut self.task_run, 0, r, run, history)?;
+                self.task_run.raw_execute()?
+            }
             _ => unreachable!("only run creations are kept as new rows"),
         };
         Ok(())
     }
+}
+
+/// New task runs inserted by one statement when a batch creates many (the rest one by one).
+/// Measured with `bench/process` (paired runs, 20,000 task runs in a fresh process): 8, 32
+/// and 128 rows to a statement gave the same gain over one, 0.3 µs per task run.
+const ROWS_PER_INSERT: usize = 32;
+
+/// The columns of a new task run's row, in the order [`bind_task_run`] binds them.
+const TASK_RUN_COLUMNS: [&str; 17] = [
+    "id",
+    "flow_run_id",
+    "name",
+    "task_key",
+    "inputs",
+    "tags",
+    "state",
+    "state_message",
+    "attempt",
+    "created",
+    "start_time",
+    "end_time",
+    "result",
+    "call_key",
+    "state_seq",
+    "process_id",
+    "history",
+];
+
+/// `INSERT INTO task_runs` of `rows` rows, numbered parameters one row after the other.
+fn insert_task_runs(rows: usize) -> String {
+    let mut sql = format!("INSERT INTO task_runs ({}) VALUES ", TASK_RUN_COLUMNS.join(", "));
+    for row in 0..rows {
+        sql.push_str(if row == 0 { "(" } else { ", (" });
+        for (i, column) in TASK_RUN_COLUMNS.iter().enumerate() {
+            let n = row * TASK_RUN_COLUMNS.len() + i + 1;
+            let sep = if i == 0 { "" } else { ", " };
+            // A result reference is JSON text, checked as such.
+            match *column {
+                "result" => write!(sql, "{sep}json(?{n})"),
+                _ => write!(sql, "{sep}?{n}"),
+            }
+            .expect("writing to a String");
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+/// Binds the row of new task run `r` (at state `run`) to parameters `at + 1 ..`, in the
+/// order of [`TASK_RUN_COLUMNS`].
+fn bind_task_run(
+    stmt: &mut Statement<'_>,
+    at: usize,
+    r: &NewTaskRun,
+    run: &RunState,
+    history: &[u8],
+) -> rusqlite::Result<()> {
+    let values: [&dyn ToSql; TASK_RUN_COLUMNS.len()] = [
+        &bytes(&r.id),
+        &r.flow_run_id.as_ref().map(bytes),
+        &&*r.name,
+        &&*r.task_key,
+        &r.inputs.as_str(),
+        &crate::read::tags_json(&r.tags),
+        &run.state.as_str(),
+        &run.message,
+        &run.attempt,
+        &r.created,
+        &run.start_time,
+        &run.end_time,
+        &run.result,
+        &r.call_key,
+        &run.seq,
+        &r.process_id.as_ref().map(bytes),
+        &history,
+    ];
+    for (i, value) in values.into_iter().enumerate() {
+        stmt.raw_bind_parameter(at + i + 1, value)?;
+    }
+    Ok(())
 }
 
 /// A run id bound as its 16 bytes, borrowed (binding a [`Uuid`] itself copies them into a

@@ -1144,6 +1144,8 @@ pub async fn many_task_runs_created_at_once_are_each_recorded(store: &dyn Store)
             let mut t = task(&format!("step_{i}"), Some(fid));
             t.tags = vec![format!("tag_{i}")];
             t.call_key = Some(format!("many#{i}"));
+            t.inputs = serde_json::json!({ "i": i }).into();
+            t.created += i as Micros;
             t
         })
         .collect();
@@ -1178,12 +1180,17 @@ pub async fn many_task_runs_created_at_once_are_each_recorded(store: &dyn Store)
         assert_eq!(r.name, format!("step_{i}"));
         assert_eq!(r.tags, [format!("tag_{i}")]);
         assert_eq!(r.call_key.as_deref(), Some(format!("many#{i}").as_str()));
+        assert_eq!(r.task_key, format!("suite::step_{i}"));
+        assert_eq!(r.inputs, serde_json::json!({ "i": i }));
+        assert_eq!(r.created, t.created, "step_{i}");
         let expected = match (i % 2, t.id == bad) {
-            (0, _) => Pending,
-            (_, true) => Running,
-            _ => Completed,
+            (0, _) => vec![Pending],
+            (_, true) => vec![Pending, Running],
+            _ => vec![Pending, Running, Completed],
         };
-        assert_eq!(r.state, expected, "step_{i}");
+        assert_eq!(r.state, *expected.last().unwrap(), "step_{i}");
+        let history: Vec<StateType> = store.states(t.id).await.unwrap().iter().map(|s| s.state).collect();
+        assert_eq!(history, expected, "step_{i}'s history");
     }
 }
 
