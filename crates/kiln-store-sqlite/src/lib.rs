@@ -302,7 +302,7 @@ pub(crate) fn connect(path: &Path, flags: OpenFlags) -> Result<Connection, Store
     let open = |flags| -> rusqlite::Result<Connection> {
         let conn = Connection::open_with_flags(path, flags)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        // The writer holds its 21 statements at once in every batch (`writer::Statements`):
+        // The writer holds its 20-odd statements at once in every batch (`writer::Statements`):
         // with rusqlite's default room for 16, a few were compiled again every batch.
         conn.set_prepared_statement_cache_capacity(64);
         if !flags.contains(OpenFlags::SQLITE_OPEN_READ_ONLY) {

@@ -370,6 +370,9 @@ fn write_pending(
     known: &mut ById<Current>,
     careful: bool,
 ) -> Result<(), Stop> {
+    if !careful && new_task_run_takes_a_flow_id(st, batch, pending, pending_index)? {
+        return Err(Stop::Recheck);
+    }
     let mut history = Vec::new();
     // New task runs are inserted many to a statement; a careful batch inserts each alone, so
     // that a refused row blames its own write.
@@ -378,9 +381,9 @@ fn write_pending(
         if !careful && matches!(p.row, Row::New { .. }) && matches!(batch[p.index], Write::TaskRun(_)) {
             together.push(p);
             if together.len() == ROWS_PER_INSERT {
+                // Which row was refused is for the careful retry to find out.
                 st.insert_task_runs(batch, &together, &mut history)
                     .map_err(|e| match classify(e, 0) {
-                        // Which row was refused is for the careful retry to find out.
                         Stop::Write(..) => Stop::Recheck,
                         other => other,
                     })?;
@@ -397,6 +400,31 @@ fn write_pending(
     }
     pending_index.clear();
     Ok(())
+}
+
+/// Whether a task run the batch creates has the id of a flow run (one id space: see
+/// `attempt`, which looks each one up in a careful batch). An optimistic batch asks for the
+/// flow runs whose ids lie between its new task runs' smallest and largest: one query, and
+/// ids made in time order leave few there, if any.
+fn new_task_run_takes_a_flow_id(
+    st: &mut Statements<'_>,
+    batch: &[Write],
+    pending: &[Pending],
+    pending_index: &ById<usize>,
+) -> Result<bool, Stop> {
+    let is_new_task_run = |p: &Pending| matches!(p.row, Row::New { .. }) && matches!(batch[p.index], Write::TaskRun(_));
+    let mut ids = pending
+        .iter()
+        .filter(|p| is_new_task_run(p))
+        .map(|p| batch[p.index].run_id());
+    let Some(first) = ids.next() else {
+        return Ok(false);
+    };
+    let (low, high) = ids.fold((first, first), |(low, high), id| (low.min(id), high.max(id)));
+    let flow_ids = st.flow_ids_between(low, high).map_err(|e| classify(e, usize::MAX))?;
+    Ok(flow_ids
+        .iter()
+        .any(|id| pending_index.get(id).is_some_and(|&p| is_new_task_run(&pending[p]))))
 }
 
 /// Writes the row of one pending run (see [`write_pending`]).
@@ -516,7 +544,10 @@ fn attempt(
                         RunKind::Flow => (RunKind::Task, "task"),
                         RunKind::Task => (RunKind::Flow, "flow"),
                     };
-                    if existing.is_none() && st.created_at(other, *id).map_err(|e| classify(e, i))?.is_some() {
+                    // An optimistic batch looks for a task run's id among flow runs when it
+                    // writes the rows, several ids at once (`write_pending`).
+                    let look = careful || kind == RunKind::Flow;
+                    if existing.is_none() && look && st.created_at(other, *id).map_err(|e| classify(e, i))?.is_some() {
                         outcomes.push(Some(Outcome::Failed(Arc::new(StoreError::backend(
                             format!("run id {id} is taken by a {other_name} run; a new run needs a new id"),
                             false,
@@ -924,6 +955,7 @@ pub(crate) struct Statements<'t> {
     task_run: CachedStatement<'t>,
     /// [`ROWS_PER_INSERT`] new task runs at once, prepared when a batch has that many.
     task_runs: Option<CachedStatement<'t>>,
+    flow_ids: CachedStatement<'t>,
     flow_state: CachedStatement<'t>,
     task_state: CachedStatement<'t>,
     flow_current: CachedStatement<'t>,
@@ -976,6 +1008,7 @@ impl<'t> Statements<'t> {
             )?,
             task_run: tx.prepare_cached(&insert_task_runs(1))?,
             task_runs: None,
+            flow_ids: tx.prepare_cached("SELECT id FROM flow_runs WHERE id BETWEEN ?1 AND ?2")?,
             flow_state: tx.prepare_cached(&update("flow_runs"))?,
             task_state: tx.prepare_cached(&update("task_runs"))?,
             flow_current: tx.prepare_cached("SELECT state, state_seq FROM flow_runs WHERE id = ?1")?,
@@ -1135,6 +1168,13 @@ impl<'t> Statements<'t> {
         Ok(())
     }
 
+    /// The ids of the flow runs from `low` to `high`.
+    fn flow_ids_between(&mut self, low: Uuid, high: Uuid) -> rusqlite::Result<Vec<Uuid>> {
+        self.flow_ids
+            .query_map([bytes(&low), bytes(&high)], |r| r.get(0))?
+            .collect()
+    }
+
     fn insert_run(&mut self, w: &Write, run: &RunState, history: &[u8]) -> rusqlite::Result<()> {
         match w {
             Write::FlowRun(r) => self.flow_run.execute(params![
@@ -1167,9 +1207,12 @@ impl<'t> Statements<'t> {
 }
 
 /// New task runs inserted by one statement when a batch creates many (the rest one by one).
-/// Measured with `bench/process` (paired runs, 20,000 task runs in a fresh process): 8, 32
-/// and 128 rows to a statement gave the same gain over one, 0.3 µs per task run.
-const ROWS_PER_INSERT: usize = 32;
+/// The writer's CPU per task run (a flood of 10,000 runs into a new database, the better
+/// quarter of 15 floods, `examples`-style timing of its thread): 32 rows to a statement
+/// 2.75-2.85 µs, 8 rows 2.6 (the text and blob values of 8 rows fit in SQLite's lookaside
+/// memory of the connection; those of 32 go to malloc, under SQLite's memory mutex). One
+/// row to a statement was 3.1-3.2 µs before.
+const ROWS_PER_INSERT: usize = 8;
 
 /// The columns of a new task run's row, in the order [`bind_task_run`] binds them.
 const TASK_RUN_COLUMNS: [&str; 17] = [

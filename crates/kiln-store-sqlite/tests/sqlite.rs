@@ -344,6 +344,35 @@ fn a_run_cannot_take_the_id_of_a_run_of_the_other_kind() {
     let problems = report.problems();
     assert_eq!(problems.len(), 1, "{problems:#?}");
     assert!(problems[0].contains("is taken by a flow run"), "{problems:#?}");
+
+    // Among many task runs sent at once (a batch looks their ids up several at a time):
+    // the one with a flow run's id is refused, the others are recorded.
+    let f = suite::flow("third", None);
+    let mut tasks: Vec<_> = (0..200).map(|i| suite::task(&format!("many_{i}"), None)).collect();
+    tasks[101].id = f.id;
+    let report = Arc::new(Collect::default());
+    block_on(async {
+        store.send(Write::FlowRun(f.clone()), None).unwrap();
+        store.flush().await.unwrap();
+        for t in &tasks {
+            store
+                .send(Write::TaskRun(t.clone()), Some(report.clone() as Arc<dyn Report>))
+                .unwrap();
+        }
+        store.flush().await.unwrap();
+    });
+    let problems = report.problems();
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert!(
+        problems[0].contains(&format!("run id {} is taken by a flow run", f.id)),
+        "{problems:#?}"
+    );
+    for (i, t) in tasks.iter().enumerate().filter(|(i, _)| *i != 101) {
+        let run = block_on(store.task_run(t.id)).unwrap();
+        assert_eq!(run.map(|r| r.name), Some(format!("many_{i}")));
+    }
+    assert!(block_on(store.task_run(f.id)).unwrap().is_none());
+    assert_eq!(block_on(store.flow_run(f.id)).unwrap().unwrap().name, "third");
 }
 
 /// A deletion sees what its own batch did before it: runs created and finished in the same
