@@ -172,7 +172,16 @@ pub(crate) struct Tracker {
     /// When its latest attempt started (for the duration its lifecycle lines give).
     started: Option<std::time::Instant>,
     /// Its creation and edges, held back until it starts (see [`Tracker::defer`]).
-    deferred: Vec<Write>,
+    deferred: Held,
+}
+
+/// Writes held back: the first in place (a run's creation: most runs hold nothing else),
+/// the others in a list. A list for all of them was an allocation per task run made on the
+/// flow's thread and freed on a worker's, 4% of the CPU of 20,000 submitted runs.
+#[derive(Default)]
+struct Held {
+    first: Option<Write>,
+    rest: Vec<Write>,
 }
 
 impl Tracker {
@@ -196,7 +205,7 @@ impl Tracker {
             fence: None,
             slot_tags: Vec::new(),
             started: None,
-            deferred: Vec::new(),
+            deferred: Held::default(),
         }
     }
 
@@ -217,7 +226,7 @@ impl Tracker {
             fence: Some(claim.fence),
             slot_tags: Vec::new(),
             started: None,
-            deferred: Vec::new(),
+            deferred: Held::default(),
         }
     }
 
@@ -230,18 +239,27 @@ impl Tracker {
     /// batch of the store (one row written once) instead of created in one and moved in
     /// another. A run dropped before it started still records its creation, then Cancelled.
     pub(crate) fn defer(&mut self, write: Write) {
-        self.deferred.push(write);
+        let held = &mut self.deferred;
+        match held.first {
+            None if held.rest.is_empty() => held.first = Some(write),
+            _ => held.rest.push(write),
+        }
     }
 
     /// Room for `n` writes held back, allocated once.
     pub(crate) fn reserve_deferred(&mut self, n: usize) {
-        self.deferred.reserve_exact(n);
+        self.deferred.rest.reserve_exact(n.saturating_sub(1));
     }
 
     /// Sends the writes held back by [`defer`](Self::defer), in order.
     pub(crate) fn send_deferred(&mut self) -> Result<(), Error> {
-        for write in std::mem::take(&mut self.deferred) {
-            self.send(write)?;
+        if let Some(first) = self.deferred.first.take() {
+            self.send(first)?;
+        }
+        if !self.deferred.rest.is_empty() {
+            for write in std::mem::take(&mut self.deferred.rest) {
+                self.send(write)?;
+            }
         }
         Ok(())
     }
