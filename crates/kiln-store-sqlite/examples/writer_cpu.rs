@@ -23,7 +23,11 @@ fn writer_cpu_ns() -> u64 {
         let name = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
         if name.starts_with("kiln-store-writ") {
             let stat = std::fs::read_to_string(task.join("schedstat")).unwrap_or_default();
-            ns += stat.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+            ns += stat
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
         }
     }
     ns

@@ -20,12 +20,17 @@ use kiln_store::StoreError;
 use rusqlite::hooks::Wal;
 use rusqlite::{Connection, OpenFlags};
 
-/// Bytes added to the log after which the checkpointer copies it (SQLite's own default for
-/// its automatic checkpoints is a thousand pages: 4 MiB of its default 4 KiB pages).
-const CHECKPOINT_BYTES: i64 = 4 << 20;
+/// Bytes added to the log after which the checkpointer copies it. SQLite's own default for
+/// its automatic checkpoints is a thousand pages (4 MiB of its default 4 KiB pages); copying
+/// less often copies a page rewritten by many commits (the last leaf of each tree) fewer
+/// times, and a process that writes less than this leaves the copying to a later one.
+/// Measured against 4 MiB (and 16 MiB for the writer's own): 10,000 submitted task runs in a
+/// warm loop 4.7-5.0 -> 4.3-4.6 µs per run; `bench/process` W6 5.0 -> 4.7 µs.
+const CHECKPOINT_BYTES: i64 = 16 << 20;
 
-/// Bytes in the log after which the writer checkpoints itself.
-const WRITER_CHECKPOINT_BYTES: i64 = 16 << 20;
+/// Bytes in the log after which the writer checkpoints itself (the log on disk stays below
+/// this plus a batch).
+const WRITER_CHECKPOINT_BYTES: i64 = 64 << 20;
 
 /// Starts the checkpointer of the database at `path`, signalled by `writer`'s commits in
 /// place of SQLite's automatic checkpoints. It stops once `writer` is dropped.
