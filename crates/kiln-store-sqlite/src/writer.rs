@@ -376,7 +376,7 @@ fn write_pending(
     let mut history = Vec::new();
     // New task runs are inserted many to a statement; a careful batch inserts each alone, so
     // that a refused row blames its own write.
-    let mut together: Vec<Pending> = Vec::new();
+    let mut together: Vec<Pending> = Vec::with_capacity(ROWS_PER_INSERT);
     for p in pending.drain(..) {
         if !careful && matches!(p.row, Row::New { .. }) && matches!(batch[p.index], Write::TaskRun(_)) {
             together.push(p);
@@ -405,7 +405,9 @@ fn write_pending(
 /// Whether a task run the batch creates has the id of a flow run (one id space: see
 /// `attempt`, which looks each one up in a careful batch). An optimistic batch asks for the
 /// flow runs whose ids lie between its new task runs' smallest and largest: one query, and
-/// ids made in time order leave few there, if any.
+/// ids made in time order leave few there, if any. When many lie there (ids not made in time
+/// order, an old creation sent again), it looks each new task run's id up instead, as a
+/// careful batch would: the cost stays bounded by the batch, not the table.
 fn new_task_run_takes_a_flow_id(
     st: &mut Statements<'_>,
     batch: &[Write],
@@ -421,10 +423,24 @@ fn new_task_run_takes_a_flow_id(
         return Ok(false);
     };
     let (low, high) = ids.fold((first, first), |(low, high), id| (low.min(id), high.max(id)));
-    let flow_ids = st.flow_ids_between(low, high).map_err(|e| classify(e, usize::MAX))?;
-    Ok(flow_ids
-        .iter()
-        .any(|id| pending_index.get(id).is_some_and(|&p| is_new_task_run(&pending[p]))))
+    match st.flow_ids_between(low, high).map_err(|e| classify(e, usize::MAX))? {
+        Some(flow_ids) => Ok(flow_ids
+            .iter()
+            .any(|id| pending_index.get(id).is_some_and(|&p| is_new_task_run(&pending[p])))),
+        None => {
+            for p in pending.iter().filter(|p| is_new_task_run(p)) {
+                let id = batch[p.index].run_id();
+                if st
+                    .created_at(RunKind::Flow, id)
+                    .map_err(|e| classify(e, p.index))?
+                    .is_some()
+                {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        }
+    }
 }
 
 /// Writes the row of one pending run (see [`write_pending`]).
@@ -1008,7 +1024,10 @@ impl<'t> Statements<'t> {
             )?,
             task_run: tx.prepare_cached(&insert_task_runs(1))?,
             task_runs: None,
-            flow_ids: tx.prepare_cached("SELECT id FROM flow_runs WHERE id BETWEEN ?1 AND ?2")?,
+            flow_ids: tx.prepare_cached(&format!(
+                "SELECT id FROM flow_runs WHERE id BETWEEN ?1 AND ?2 LIMIT {}",
+                FLOW_IDS_IN_RANGE + 1
+            ))?,
             flow_state: tx.prepare_cached(&update("flow_runs"))?,
             task_state: tx.prepare_cached(&update("task_runs"))?,
             flow_current: tx.prepare_cached("SELECT state, state_seq FROM flow_runs WHERE id = ?1")?,
@@ -1168,11 +1187,20 @@ impl<'t> Statements<'t> {
         Ok(())
     }
 
-    /// The ids of the flow runs from `low` to `high`.
-    fn flow_ids_between(&mut self, low: Uuid, high: Uuid) -> rusqlite::Result<Vec<Uuid>> {
-        self.flow_ids
-            .query_map([bytes(&low), bytes(&high)], |r| r.get(0))?
-            .collect()
+    /// The ids of the flow runs from `low` to `high`, if there are at most
+    /// [`FLOW_IDS_IN_RANGE`] (a value that is not an id cannot be a task run's).
+    fn flow_ids_between(&mut self, low: Uuid, high: Uuid) -> rusqlite::Result<Option<Vec<Uuid>>> {
+        let mut ids = Vec::new();
+        let mut rows = self.flow_ids.query([bytes(&low), bytes(&high)])?;
+        while let Some(row) = rows.next()? {
+            if ids.len() == FLOW_IDS_IN_RANGE {
+                return Ok(None);
+            }
+            if let Ok(id) = Uuid::from_slice(row.get_ref(0)?.as_bytes().unwrap_or_default()) {
+                ids.push(id);
+            }
+        }
+        Ok(Some(ids))
     }
 
     fn insert_run(&mut self, w: &Write, run: &RunState, history: &[u8]) -> rusqlite::Result<()> {
@@ -1213,6 +1241,10 @@ impl<'t> Statements<'t> {
 /// memory of the connection; those of 32 go to malloc, under SQLite's memory mutex). One
 /// row to a statement was 3.1-3.2 µs before.
 const ROWS_PER_INSERT: usize = 8;
+
+/// Flow runs read at most for the id-space look of an optimistic batch (see
+/// `new_task_run_takes_a_flow_id`); past it, the batch looks its ids up one by one.
+const FLOW_IDS_IN_RANGE: usize = 64;
 
 /// The columns of a new task run's row, in the order [`bind_task_run`] binds them.
 const TASK_RUN_COLUMNS: [&str; 17] = [

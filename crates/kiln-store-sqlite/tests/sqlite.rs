@@ -345,34 +345,44 @@ fn a_run_cannot_take_the_id_of_a_run_of_the_other_kind() {
     assert_eq!(problems.len(), 1, "{problems:#?}");
     assert!(problems[0].contains("is taken by a flow run"), "{problems:#?}");
 
-    // Among many task runs sent at once (a batch looks their ids up several at a time):
-    // the one with a flow run's id is refused, the others are recorded.
-    let f = suite::flow("third", None);
+    // Among many task runs sent at once (a batch looks their ids up several at a time): the
+    // ones with a flow run's id, made before and after theirs (the low and the high end of
+    // their ids), are refused; the others are recorded.
+    let before = suite::flow("before", None);
     let mut tasks: Vec<_> = (0..200).map(|i| suite::task(&format!("many_{i}"), None)).collect();
-    tasks[101].id = f.id;
+    let after = suite::flow("after", None);
+    let taken = [(50, before.clone()), (150, after.clone())];
+    for (i, f) in &taken {
+        tasks[*i].id = f.id;
+    }
     let report = Arc::new(Collect::default());
     block_on(async {
-        store.send(Write::FlowRun(f.clone()), None).unwrap();
+        store.send(Write::FlowRun(before.clone()), None).unwrap();
+        store.send(Write::FlowRun(after.clone()), None).unwrap();
         store.flush().await.unwrap();
-        for t in &tasks {
-            store
-                .send(Write::TaskRun(t.clone()), Some(report.clone() as Arc<dyn Report>))
-                .unwrap();
+        // In two rounds: a batch that meets one taken id is retried carefully, which would
+        // find the other one too if both were in it.
+        for round in tasks.chunks(100) {
+            for t in round {
+                store
+                    .send(Write::TaskRun(t.clone()), Some(report.clone() as Arc<dyn Report>))
+                    .unwrap();
+            }
+            store.flush().await.unwrap();
         }
-        store.flush().await.unwrap();
     });
     let problems = report.problems();
-    assert_eq!(problems.len(), 1, "{problems:#?}");
-    assert!(
-        problems[0].contains(&format!("run id {} is taken by a flow run", f.id)),
-        "{problems:#?}"
-    );
-    for (i, t) in tasks.iter().enumerate().filter(|(i, _)| *i != 101) {
+    assert_eq!(problems.len(), 2, "{problems:#?}");
+    for (_, f) in &taken {
+        let refused = format!("run id {} is taken by a flow run", f.id);
+        assert!(problems.iter().any(|p| p.contains(&refused)), "{problems:#?}");
+        assert!(block_on(store.task_run(f.id)).unwrap().is_none());
+        assert_eq!(block_on(store.flow_run(f.id)).unwrap().unwrap().name, f.name);
+    }
+    for (i, t) in tasks.iter().enumerate().filter(|(i, _)| *i != 50 && *i != 150) {
         let run = block_on(store.task_run(t.id)).unwrap();
         assert_eq!(run.map(|r| r.name), Some(format!("many_{i}")));
     }
-    assert!(block_on(store.task_run(f.id)).unwrap().is_none());
-    assert_eq!(block_on(store.flow_run(f.id)).unwrap().unwrap().name, "third");
 }
 
 /// A deletion sees what its own batch did before it: runs created and finished in the same

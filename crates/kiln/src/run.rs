@@ -253,13 +253,11 @@ impl Tracker {
 
     /// Sends the writes held back by [`defer`](Self::defer), in order.
     pub(crate) fn send_deferred(&mut self) -> Result<(), Error> {
-        if let Some(first) = self.deferred.first.take() {
-            self.send(first)?;
-        }
-        if !self.deferred.rest.is_empty() {
-            for write in std::mem::take(&mut self.deferred.rest) {
-                self.send(write)?;
-            }
+        // Taken together: after a failed send, nothing held back is sent later (edges
+        // without the run's creation).
+        let (first, rest) = (self.deferred.first.take(), std::mem::take(&mut self.deferred.rest));
+        for write in first.into_iter().chain(rest) {
+            self.send(write)?;
         }
         Ok(())
     }
