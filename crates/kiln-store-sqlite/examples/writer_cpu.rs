@@ -8,8 +8,7 @@
 //! ```
 
 use kiln_store::Store;
-use kiln_store::model::{RunKind, Write};
-use kiln_store::state::StateType::{Completed, Pending, Running};
+use kiln_store::model::Write;
 use kiln_store::suite;
 use kiln_store_sqlite::SqliteStore;
 
@@ -44,17 +43,7 @@ fn main() {
         let flow_run_id = flow.id;
         store.send(Write::FlowRun(flow), None).expect("sent");
         rt.block_on(store.flush()).expect("the flow run is recorded");
-        let mut writes = Vec::with_capacity(3 * RUNS);
-        for i in 0..RUNS {
-            let mut t = suite::task("step", Some(flow_run_id));
-            t.inputs = serde_json::json!({ "x": { "type": "u64", "value": i } }).into();
-            t.call_key = Some(format!("suite::step#{i}"));
-            t.process_id = Some(flow_run_id);
-            let id = t.id;
-            writes.push(Write::TaskRun(t));
-            writes.push(Write::State(suite::change(RunKind::Task, id, Pending, Running, 1)));
-            writes.push(Write::State(suite::change(RunKind::Task, id, Running, Completed, 1)));
-        }
+        let writes = suite::task_run_flood(flow_run_id, RUNS);
         let before = writer_cpu_ns();
         for w in writes {
             store.send(w, None).expect("sent");

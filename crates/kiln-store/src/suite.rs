@@ -162,6 +162,24 @@ pub fn change(kind: RunKind, id: Uuid, from: StateType, to: StateType, attempt: 
     }
 }
 
+/// The writes of `runs` trivial task runs of flow run `flow_run_id`, as the engine sends
+/// them: each run's creation (Pending, with its inputs and call key), Running, Completed.
+/// What the SQLite writer's benchmarks flood a store with.
+pub fn task_run_flood(flow_run_id: Uuid, runs: usize) -> Vec<Write> {
+    let mut writes = Vec::with_capacity(3 * runs);
+    for i in 0..runs {
+        let mut t = task("step", Some(flow_run_id));
+        t.inputs = serde_json::json!({ "x": { "type": "u64", "value": i } }).into();
+        t.call_key = Some(format!("suite::step#{i}"));
+        t.process_id = Some(flow_run_id);
+        let id = t.id;
+        writes.push(Write::TaskRun(t));
+        writes.push(Write::State(change(RunKind::Task, id, Pending, Running, 1)));
+        writes.push(Write::State(change(RunKind::Task, id, Running, Completed, 1)));
+    }
+    writes
+}
+
 /// Moves a run through `states` from `from`, each change accepted.
 async fn walk(
     store: &dyn Store,
